@@ -220,3 +220,27 @@ class AttentionRecorder:
         lst.append(sel)
         if self.keep_last and len(lst) > self.keep_last:
             del lst[0]
+
+
+def attention_levels(model_patcher) -> list[int]:
+    """Levels of the down path that have cross-attention, from ComfyUI's unet_config."""
+    cfg = model_patcher.model.model_config.unet_config
+    depth, per_level = cfg["transformer_depth"], cfg["num_res_blocks"]
+    out, start = [], 0
+    for level, n in enumerate(per_level):
+        if any(depth[start : start + n]):
+            out.append(level)
+        start += n
+    return out
+
+
+def outer_sample_hook(model_patcher, before_sampling):
+    """Run ``before_sampling()`` at the start of every sampling with this model (e.g. to clear
+    a recorder), through ComfyUI's OUTER_SAMPLE wrapper."""
+    import comfy.patcher_extension
+
+    def wrapper(executor, *args, **kwargs):
+        before_sampling()
+        return executor(*args, **kwargs)
+
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "erasekit", wrapper)

@@ -142,3 +142,18 @@ def token_heatmap(maps: dict[str, list], token_indices, size: tuple[int, int], s
     lo = acc.amin(dim=(1, 2), keepdim=True)
     hi = acc.amax(dim=(1, 2), keepdim=True)
     return (acc - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def attention_levels(unet) -> list[int]:
+    """Levels (0 = full latent resolution) at which the down path has cross-attention."""
+    return [i for i, kind in enumerate(unet.config.down_block_types) if "CrossAttn" in kind]
+
+
+def coarse_levels(levels_with_attention) -> tuple[int, ...]:
+    """The two coarsest levels with cross-attention, where CAMs are read (DAG Sec. 3.1).
+
+    For SD1.5 at 512 px these are the 32x32 and 16x16 layers that the DAG paper uses; the
+    8x8 mid block is left out, as in OVAM's default hooks.
+    """
+    levels = sorted(levels_with_attention)
+    return tuple(levels[-2:])

@@ -1,0 +1,96 @@
+"""Nodes that show where the model puts each word: capture cross-attention, draw a heatmap."""
+
+from __future__ import annotations
+
+import re
+
+from .spec import Input, NodeSpec, Output, Result
+
+RECORDER_KEY = "erasekit_attention_recorder"
+
+
+def capture(model, layers: str):
+    from erasekit.attention import coarse_levels
+
+    from .comfy_bridge import AttentionRecorder, attention_levels, outer_sample_hook
+
+    levels = None if layers == "all" else coarse_levels(attention_levels(model))
+    rec = AttentionRecorder(levels=levels)
+    patched = rec.patch(model)
+    patched.model_options["transformer_options"][RECORDER_KEY] = rec
+    outer_sample_hook(patched, rec.clear)
+    return (patched,)
+
+
+def word_token_positions(clip, prompt: str, words: str) -> list[int]:
+    """Token positions (in the encoded sequence) of each whitespace word of ``words``
+    found in ``prompt``, using the CLIP's own tokenizer and word ids."""
+    chunks = clip.tokenize(prompt, return_word_ids=True)
+    rows = next(iter(chunks.values()))  # first encoder; chunks are concatenated in order
+    flat = [r for chunk in rows for r in chunk]
+    prompt_words = [re.sub(r"[^\w-]", "", w).lower() for w in prompt.split()]
+    wanted = {re.sub(r"[^\w-]", "", w).lower() for w in words.replace(",", " ").split()}
+    word_ids = {i + 1 for i, w in enumerate(prompt_words) if w in wanted}
+    positions = [pos for pos, r in enumerate(flat) if len(r) > 2 and r[2] in word_ids]
+    if not positions:
+        raise ValueError(f"None of the words '{words}' occurs in the prompt '{prompt}'; type words from the prompt.")
+    return positions
+
+
+def heatmap(model, image, clip, prompt: str, words: str, step: str):
+    import torch
+
+    from erasekit.attention import token_heatmap
+    from erasekit.visualize import heat_overlay
+
+    rec = model.model_options.get("transformer_options", {}).get(RECORDER_KEY)
+    if rec is None:
+        raise ValueError("This model carries no attention recorder: connect the MODEL output of 'Capture Cross-Attention' "
+                         "(the same one the sampler used).")
+    if not rec.maps:
+        raise ValueError("No attention was recorded yet: connect the sampler's decoded IMAGE to this node so it runs after sampling.")
+    positions = word_token_positions(clip, prompt, words)
+    size = tuple(image.shape[1:3])
+    if step == "mean over steps":
+        n = min(len(v) for v in rec.maps.values())
+        heat = sum(token_heatmap(rec.maps, positions, size, step=i) for i in range(n)) / n
+    else:
+        heat = token_heatmap(rec.maps, positions, size, step=-1)
+    heat = heat[: image.shape[0]] if heat.shape[0] >= image.shape[0] else heat.repeat(image.shape[0], 1, 1)
+    return (heat.float(), heat_overlay(image, heat.to(image.dtype)).to(torch.float32))
+
+
+SPECS = [
+    NodeSpec(
+        node_id="ErasekitCaptureAttention",
+        display_name="Capture Cross-Attention",
+        description="Records the cross-attention maps of the model while a sampler runs, so 'Cross-Attention Heatmap' "
+                    "can show where each word of the prompt went. The model's output is unchanged.",
+        inputs=[
+            Input("model", "MODEL"),
+            Input("layers", "COMBO", options=["coarse", "all"], default="coarse",
+                  tooltip="coarse: the two lowest-resolution levels with cross-attention (SD1.5: 32x32 and 16x16), "
+                          "where words localise best; all: every cross-attention layer."),
+        ],
+        outputs=[Output("MODEL", "model", "The same model, recording its cross-attention.")],
+        function=capture,
+        search_aliases=["attention map", "daam", "cam"],
+    ),
+    NodeSpec(
+        node_id="ErasekitAttentionHeatmap",
+        display_name="Cross-Attention Heatmap",
+        description="Shows where the model attended to the given words during the last sampling: a MASK in [0, 1] "
+                    "and the image with the heatmap over it.",
+        inputs=[
+            Input("model", "MODEL", tooltip="The MODEL from 'Capture Cross-Attention' that the sampler used."),
+            Input("image", "IMAGE", tooltip="The decoded image of that sampling (also makes this node run after it)."),
+            Input("clip", "CLIP", tooltip="The CLIP that encoded the prompt (to find the words' tokens)."),
+            Input("prompt", "STRING", multiline=True, tooltip="The positive prompt, exactly as encoded."),
+            Input("words", "STRING", default="", tooltip="Words of the prompt to show, separated by spaces or commas."),
+            Input("step", "COMBO", options=["last step", "mean over steps"], default="last step"),
+        ],
+        outputs=[Output("MASK", "mask", "Attention of the words, min-max normalised."),
+                 Output("IMAGE", "overlay", "The image with the heatmap over it.")],
+        function=heatmap,
+    ),
+]

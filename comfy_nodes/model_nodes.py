@@ -1,0 +1,56 @@
+"""Loading models ComfyUI's own loaders do not know (the bundled toy model, diffusers folders)."""
+
+from __future__ import annotations
+
+import os
+
+from .spec import Input, NodeSpec, Output
+
+PACK_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+def model_folders() -> dict[str, str]:
+    """{name shown in the list: path} of diffusers folders in the pack's models/ and ComfyUI's models/diffusers."""
+    roots = [PACK_MODELS]
+    try:
+        import folder_paths
+
+        roots += folder_paths.get_folder_paths("diffusers")
+    except Exception:  # outside ComfyUI or no such folder type
+        pass
+    found = {}
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if os.path.isfile(os.path.join(path, "model_index.json")):
+                found.setdefault(name, path)
+    return found
+
+
+def load_diffusers(model_name: str):
+    from erasekit import models
+
+    from .comfy_models import to_comfy
+
+    folders = model_folders()
+    if model_name not in folders:
+        raise ValueError(f"No diffusers model named '{model_name}' in {PACK_MODELS} or ComfyUI's models/diffusers; "
+                         f"available: {', '.join(folders) or 'none'}.")
+    return to_comfy(models.load(folders[model_name]))
+
+
+SPECS = [
+    NodeSpec(
+        node_id="ErasekitLoadDiffusersModel",
+        display_name="Load Diffusers Model (Erasekit)",
+        description="Loads a diffusers model folder as MODEL, CLIP and VAE: the bundled toy model (models/toy) "
+                    "or an SD1.x/2.x folder in ComfyUI's models/diffusers.",
+        inputs=[Input("model_name", "COMBO", options=lambda: list(model_folders()) or ["(no model found)"],
+                      tooltip="Folders with a model_index.json.")],
+        outputs=[Output("MODEL", "model"), Output("CLIP", "clip"), Output("VAE", "vae")],
+        function=load_diffusers,
+        search_aliases=["toy model", "diffusers loader"],
+    ),
+]

@@ -1,0 +1,9 @@
+"""Every node of the pack, in menu order."""
+
+from __future__ import annotations
+
+
+def all_specs():
+    from . import attention_nodes, model_nodes
+
+    return [*model_nodes.SPECS, *attention_nodes.SPECS]

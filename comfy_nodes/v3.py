@@ -1,0 +1,58 @@
+"""ComfyUI V3 node classes (``comfy_api.latest``) built from the pack's :class:`NodeSpec` list."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .registry import all_specs
+from .spec import Input, NodeSpec
+
+_SOCKETS = {
+    "MODEL": io.Model, "CLIP": io.Clip, "VAE": io.Vae, "IMAGE": io.Image, "MASK": io.Mask,
+    "LATENT": io.Latent, "CONDITIONING": io.Conditioning,
+}
+
+
+def _input(i: Input):
+    common = dict(tooltip=i.tooltip or None, optional=i.optional)
+    if i.type in _SOCKETS:
+        return _SOCKETS[i.type].Input(i.name, **common)
+    if i.type == "STRING":
+        return io.String.Input(i.name, default=i.default or "", multiline=i.multiline, **common)
+    if i.type == "INT":
+        return io.Int.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step, **common)
+    if i.type == "FLOAT":
+        return io.Float.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step, **common)
+    if i.type == "BOOLEAN":
+        return io.Boolean.Input(i.name, default=i.default, **common)
+    if i.type == "COMBO":
+        return io.Combo.Input(i.name, options=i.choices(), default=i.default, **common)
+    raise ValueError(f"unsupported input type {i.type}")
+
+
+def make_node(spec: NodeSpec) -> type[io.ComfyNode]:
+    def define_schema(cls):
+        return io.Schema(
+            node_id=spec.node_id, display_name=spec.display_name, category=spec.category,
+            description=spec.description, search_aliases=spec.search_aliases,
+            inputs=[_input(i) for i in spec.inputs],
+            outputs=[_SOCKETS[o.type].Output(display_name=o.name, tooltip=o.tooltip or None) for o in spec.outputs],
+            is_output_node=spec.output_node,
+        )
+
+    def execute(cls, **kwargs):
+        res = spec.run(**kwargs)
+        return io.NodeOutput(*res.values, ui=res.ui)
+
+    return type(spec.node_id, (io.ComfyNode,), {
+        "define_schema": classmethod(define_schema), "execute": classmethod(execute), "__doc__": spec.description,
+    })
+
+
+class ErasekitExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [make_node(s) for s in all_specs()]
+
+
+async def comfy_entrypoint() -> ErasekitExtension:
+    return ErasekitExtension()
