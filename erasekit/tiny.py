@@ -70,6 +70,6 @@ def build(layout: str, seed: int = 0) -> dict:
     ).eval()
     parts["scheduler"] = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="v_prediction" if layout == "sd_v2" else "epsilon",
+        prediction_type="v_prediction" if layout == "sd_v2" else "epsilon", steps_offset=1,
     )
     return parts

@@ -1,0 +1,57 @@
+"""The diffusers <-> ComfyUI bridge: same weights, same outputs, same attention maps."""
+
+import pytest
+import torch
+
+from erasekit import tiny
+from erasekit.attention import CrossAttentionCapture
+
+
+def _sdxl_y(text_embeds, time_ids):
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    return torch.cat([text_embeds, timestep_embedding(time_ids.flatten(), 8).reshape(time_ids.shape[0], -1)], 1)
+
+
+@pytest.mark.parametrize("layout", tiny.LAYOUTS)
+def test_comfy_unet_and_attention_match_diffusers(comfy, layout):
+    from comfy_nodes.comfy_bridge import AttentionRecorder, load_diffusers_unet
+
+    parts = tiny.build(layout, seed=3)
+    unet = parts["unet"]
+    patched = (rec := AttentionRecorder()).patch(load_diffusers_unet(unet, dict(parts["scheduler"].config)))
+    torch.manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 7, unet.config.cross_attention_dim)
+    kwargs, y = {}, None
+    if layout == "sdxl":
+        te, tid = torch.randn(2, tiny.TINY_WIDTH), torch.randn(2, 6)
+        kwargs, y = {"added_cond_kwargs": {"text_embeds": te, "time_ids": tid}}, _sdxl_y(te, tid)
+    with torch.no_grad(), CrossAttentionCapture(unet) as cap:
+        ref = unet(x, t, encoder_hidden_states=ctx, **kwargs).sample
+    options = dict(patched.model_options["transformer_options"], cond_or_uncond=[0])
+    with torch.no_grad():
+        out = patched.model.diffusion_model(x, timesteps=t, context=ctx, y=y, transformer_options=options)
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+    # every cross-attention layer, under the same diffusers name on both sides
+    assert set(cap.maps) == set(rec.maps) and len(cap.maps) >= 5
+    for name in cap.maps:
+        assert cap.maps[name][0].shape == rec.maps[name][0].shape
+        assert torch.allclose(cap.maps[name][0], rec.maps[name][0], atol=1e-5), name
+
+
+def test_recorder_keeps_only_conditional_entries_and_chosen_levels(comfy):
+    from comfy_nodes.comfy_bridge import AttentionRecorder, load_diffusers_unet
+
+    parts = tiny.build("sd_v1")
+    rec = AttentionRecorder(levels=(1, 2))
+    patched = rec.patch(load_diffusers_unet(parts["unet"], dict(parts["scheduler"].config)))
+    x, ctx = torch.randn(4, 4, 8, 8), torch.randn(4, 5, tiny.TINY_WIDTH)
+    options = dict(patched.model_options["transformer_options"], cond_or_uncond=[1, 0])  # uncond chunk first
+    with torch.no_grad():
+        patched.model.diffusion_model(x, timesteps=torch.full((4,), 10.0), context=ctx, transformer_options=options)
+    sizes = {m[0].shape[1] for m in rec.maps.values()}
+    assert sizes == {4, 2}  # 8x8 latent: level 1 = 4x4, level 2 = 2x2; level 0 and the 1x1 mid excluded
+    for maps in rec.maps.values():
+        assert maps[0].shape[0] == 2  # the two conditional entries only
+        assert torch.allclose(maps[0].sum(-1), torch.ones(()), atol=1e-5)  # probabilities over tokens

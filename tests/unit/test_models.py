@@ -1,0 +1,41 @@
+"""Loading model parts from a diffusers folder and from memory, and the errors on bad input."""
+
+import pytest
+import torch
+
+from erasekit import models, tiny
+from erasekit.errors import ModelFileError
+
+
+def test_from_modules_detects_each_layout():
+    for layout, name in [("sd_v1", "sd_v1"), ("sd_v2", "sd_v2"), ("sdxl", "sdxl_base_v1-0")]:
+        p = tiny.build(layout)
+        comps = models.from_modules(p["unet"], p["text_encoder"], None, p["vae"], p["scheduler"], p.get("text_encoder_2"))
+        assert comps.architecture.name == name
+        assert comps.architecture.context_dim == p["unet"].config.cross_attention_dim
+
+
+def test_diffusers_folder_round_trip(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    p = tiny.build("sd_v1", seed=5)
+    p["unet"].save_pretrained(tmp_path / "unet")
+    with pytest.raises(ModelFileError, match="no model_index.json"):
+        models.load(str(tmp_path))
+    back = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 3, tiny.TINY_WIDTH)
+    with torch.no_grad():
+        assert torch.equal(back(x, 1, c).sample, p["unet"](x, 1, c).sample)
+
+
+def test_single_file_without_config_folder_says_what_is_missing(tmp_path):
+    from erasekit import checkpoints
+
+    path = tmp_path / "sd15.safetensors"
+    checkpoints.save_file_atomic({
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(32, 32),
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.zeros(32, 32, 1, 1),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(32),
+    }, str(path))
+    with pytest.raises(ModelFileError, match=r"is a Stable Diffusion 1.x checkpoint, but the config folder"):
+        models.load(str(path), config=str(tmp_path / "nowhere"))
