@@ -32,3 +32,14 @@ def test_sd1_single_file_loads_offline_and_matches(tmp_path, comfy, sd1_tokenize
         assert torch.allclose(comps.unet(x, 3, c).sample, p["unet"](x, 3, c).sample, atol=1e-5)
         assert torch.allclose(comps.text_encoder(ids)[0], p["text_encoder"](ids)[0], atol=1e-5)
         assert torch.allclose(comps.vae.decode(x).sample, p["vae"].decode(x).sample, atol=1e-5)
+
+
+def test_diffusers_folder_loads_with_its_architecture(tmp_path, comfy, sd1_tokenizer):
+    from conftest import save_tiny_sd1
+
+    p = save_tiny_sd1(str(tmp_path / "tiny"), sd1_tokenizer, seed=2)
+    comps = models.load(str(tmp_path / "tiny"))
+    assert comps.architecture.name == "sd_v1" and comps.tokenizer is not None
+    x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 5, tiny.TINY_WIDTH)
+    with torch.no_grad():
+        assert torch.allclose(comps.unet(x, 3, c).sample, p["unet"](x, 3, c).sample, atol=1e-5)

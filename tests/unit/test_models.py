@@ -15,17 +15,10 @@ def test_from_modules_detects_each_layout():
         assert comps.architecture.context_dim == p["unet"].config.cross_attention_dim
 
 
-def test_diffusers_folder_round_trip(tmp_path):
-    from diffusers import UNet2DConditionModel
-
-    p = tiny.build("sd_v1", seed=5)
-    p["unet"].save_pretrained(tmp_path / "unet")
-    with pytest.raises(ModelFileError, match="no model_index.json"):
+def test_folder_without_model_index_is_refused(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelFileError, match="is not a diffusers model \\(no model_index.json\\)"):
         models.load(str(tmp_path))
-    back = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
-    x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 3, tiny.TINY_WIDTH)
-    with torch.no_grad():
-        assert torch.equal(back(x, 1, c).sample, p["unet"](x, 1, c).sample)
 
 
 def test_single_file_without_config_folder_says_what_is_missing(tmp_path):
