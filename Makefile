@@ -46,7 +46,7 @@ $(VENV)/.stamp-deps: $(VENV)/.stamp-torch requirements.txt requirements-dev.txt 
 	touch $@
 
 demo: setup
-	$(PY) -m erasekit.demo --out out/demo
+	$(PY) tools/demo.py --out out/demo
 
 test: setup
 	$(PY) -m pytest -q
@@ -55,14 +55,14 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 comfyui: setup
-	mkdir -p .cache/comfyui/custom_nodes
-	ln -sfn $(CURDIR) .cache/comfyui/custom_nodes/erasekit
+	mkdir -p .cache/comfyui/base/custom_nodes
+	ln -sfn $(CURDIR) .cache/comfyui/base/custom_nodes/erasekit
+	@echo "ComfyUI with Erasekit: open http://127.0.0.1:$(COMFYUI_PORT) (Ctrl+C stops it)"
 	$(PY) $(COMFY_DIR)/main.py --cpu --listen 127.0.0.1 --port $(COMFYUI_PORT) \
-	    --disable-auto-launch --base-directory $(abspath .cache/comfyui/base) \
-	    --extra-model-paths-config /dev/null
+	    --disable-auto-launch --base-directory $(abspath .cache/comfyui/base)
 
 bench: setup
-	$(PY) -m erasekit.bench startup
+	$(PY) -m erasekit.bench startup --json
 
 lint: setup
 	$(PY) -m ruff check .

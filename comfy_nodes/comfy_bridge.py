@@ -84,12 +84,12 @@ def _latent_format(channels: int, scale_factor: float):
     return fmt
 
 
-def load_diffusers_unet(unet, scheduler_config: dict | None = None, latent_scale: float = 0.18215):
+def load_diffusers_unet(unet, scheduler=None, latent_scale: float = 0.18215):
     """A ComfyUI ``ModelPatcher`` holding ComfyUI's UNetModel with ``unet``'s weights.
 
     Args:
         unet: a diffusers ``UNet2DConditionModel`` (its ``config`` and ``state_dict()`` are read).
-        scheduler_config: the diffusers scheduler config (beta schedule and range, prediction type).
+        scheduler: the diffusers scheduler it was trained with (its betas and prediction type).
         latent_scale: the VAE's ``scaling_factor``; ComfyUI multiplies latents by it on the way in.
     """
     import comfy.model_base
@@ -98,22 +98,22 @@ def load_diffusers_unet(unet, scheduler_config: dict | None = None, latent_scale
     import comfy.supported_models_base
     import comfy.utils
 
-    sched = dict(scheduler_config or {})
+    sched = dict(scheduler.config) if scheduler is not None else {}
     unet_config = comfy_unet_config(dict(unet.config))
     v_pred = sched.get("prediction_type") == "v_prediction"
 
     class ErasekitUNet(comfy.supported_models_base.BASE):
         unet_extra_config = {}  # BASE would force num_head_channels=64
-        sampling_settings = {
-            "beta_schedule": {"scaled_linear": "linear", "linear": "sqrt_linear"}.get(sched.get("beta_schedule", "scaled_linear"), sched.get("beta_schedule")),
-            "linear_start": sched.get("beta_start", 0.00085),
-            "linear_end": sched.get("beta_end", 0.012),
-            "zsnr": bool(sched.get("rescale_betas_zero_snr", False)),
-        }
+        # A plain schedule to construct with; the exact betas of the diffusers scheduler are
+        # registered below, so ComfyUI's sigmas equal diffusers' for any beta schedule.
+        sampling_settings = {"beta_schedule": "linear", "zsnr": bool(sched.get("rescale_betas_zero_snr", False))}
         supported_inference_dtypes = [torch.float32, torch.float16, torch.bfloat16]
 
         def model_type(self, state_dict, prefix=""):
             return comfy.model_base.ModelType.V_PREDICTION if v_pred else comfy.model_base.ModelType.EPS
+
+        def inpaint_model(self):  # BASE guesses "inpainting" from in_channels > 4; ours are plain latents
+            return False
 
         def get_model(self, state_dict, prefix="", device=None):
             if unet_config["adm_in_channels"]:
@@ -135,6 +135,9 @@ def load_diffusers_unet(unet, scheduler_config: dict | None = None, latent_scale
             f"UNet weights do not fit ComfyUI's UNetModel: unmapped {unmapped[:3]}, missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
+    if scheduler is not None and hasattr(scheduler, "betas"):
+        model.model_sampling._register_schedule(given_betas=scheduler.betas.double(),
+                                                zsnr=model.model_sampling.zsnr)
     patcher = comfy.model_patcher.ModelPatcher(
         model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device()
     )

@@ -145,7 +145,8 @@ class DiffusersVAE:
 
     @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode(samples.to(self.vae.dtype)).sample
+        dtype = next(self.vae.parameters(), samples).dtype  # the toy VAE has no parameters
+        x = self.vae.decode(samples.to(dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
 
     @torch.no_grad()
@@ -165,6 +166,6 @@ def to_comfy(components):
             "load SDXL checkpoints with ComfyUI's Load Checkpoint."
         )
     scale = getattr(components.vae.config, "scaling_factor", 0.18215)
-    model = load_diffusers_unet(components.unet, dict(components.scheduler.config), latent_scale=scale)
+    model = load_diffusers_unet(components.unet, components.scheduler, latent_scale=scale)
     clip = make_clip(components.text_encoder, components.tokenizer)
     return model, clip, DiffusersVAE(components.vae)

@@ -86,13 +86,15 @@ def _load_folder(path: str, torch_dtype) -> Components:
             "or a single .safetensors checkpoint."
         )
     with open(index) as f:
-        classes = json.load(f)
-    for name, spec in classes.items():  # custom component classes (the toy model) must import
-        if isinstance(spec, list) and spec[0] and spec[0].startswith("erasekit"):
-            __import__(spec[0])
-    from diffusers import DiffusionPipeline
+        pipeline_class = json.load(f).get("_class_name")
+    if pipeline_class == "ToyPipeline":  # the toy model's own components are not in diffusers
+        from .toyworld.model import load_toy_pipeline
 
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype)
+        pipe = load_toy_pipeline(path, torch_dtype=torch_dtype) if torch_dtype else load_toy_pipeline(path)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype)
     return _from_pipeline(pipe, path)
 
 

@@ -19,7 +19,7 @@ def test_comfy_unet_and_attention_match_diffusers(comfy, layout):
 
     parts = tiny.build(layout, seed=3)
     unet = parts["unet"]
-    patched = (rec := AttentionRecorder()).patch(load_diffusers_unet(unet, dict(parts["scheduler"].config)))
+    patched = (rec := AttentionRecorder()).patch(load_diffusers_unet(unet, parts["scheduler"]))
     torch.manual_seed(1)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0])
     ctx = torch.randn(2, 7, unet.config.cross_attention_dim)
@@ -45,7 +45,7 @@ def test_recorder_keeps_only_conditional_entries_and_chosen_levels(comfy):
 
     parts = tiny.build("sd_v1")
     rec = AttentionRecorder(levels=(1, 2))
-    patched = rec.patch(load_diffusers_unet(parts["unet"], dict(parts["scheduler"].config)))
+    patched = rec.patch(load_diffusers_unet(parts["unet"], parts["scheduler"]))
     x, ctx = torch.randn(4, 4, 8, 8), torch.randn(4, 5, tiny.TINY_WIDTH)
     options = dict(patched.model_options["transformer_options"], cond_or_uncond=[1, 0])  # uncond chunk first
     with torch.no_grad():

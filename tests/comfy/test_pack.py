@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from comfy_nodes.registry import all_specs
-from graphs import attention_graph
+from tools.graphs import attention_graph
 from tools.comfy_headless import REPO
 
 NODE_IDS = {s.node_id for s in all_specs()}
@@ -78,3 +78,18 @@ def test_loading_the_pack_imports_nothing_heavy(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_toy_architecture_runs_in_comfyui(comfy):
+    """The toy model's own parts (12-channel pixel latent, gated word-level CLIP) through the
+    loader node and ComfyUI's stock EmptyLatentImage / KSampler / VAEDecode."""
+    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+
+    save_toy_pipeline(build_toy_pipeline(seed=0, tiny=True), os.path.join(comfy.work_dir, "models", "diffusers", "toy-tiny"))
+    out = comfy.run(attention_graph("toy-tiny", "a red circle and a blue square", "red circle", size=128,
+                                    sampler="euler_ancestral"))
+    image = np.asarray(Image.open(comfy.output_path(out["9"]["images"][0])))
+    assert image.shape == (128, 128, 3)
+    # the toy VAE decodes a 32x32 scene shown at 4x: every 4x4 block is one colour
+    blocks = image.reshape(32, 4, 32, 4, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()

@@ -1,0 +1,62 @@
+"""Benchmarks. Each prints one JSON object per line; figures are ratios against a baseline
+measured in the same run, so they compare across machines.
+
+    python -m erasekit.bench startup [--repeats N]
+
+startup: seconds the pack adds to ComfyUI's node loading. ComfyUI is started in fresh
+processes alternately without and with the pack (the tools/comfy_headless.py runner), and the
+pack's own load time is timed around ComfyUI's ``load_custom_node``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _comfy_run(with_pack: bool) -> dict:
+    cmd = [sys.executable, os.path.join(REPO, "tools", "comfy_headless.py"), "--object-info"]
+    if not with_pack:
+        cmd.append("--no-pack")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_startup(repeats: int = 3) -> dict:
+    without, with_pack = [], []
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+        without.append(_comfy_run(False))
+        with_pack.append(_comfy_run(True))
+    base = statistics.median(r["builtin_seconds"] for r in without)
+    pack = statistics.median(r["pack_seconds"] for r in with_pack)
+    return {
+        "bench": "startup",
+        "repeats": repeats,
+        "comfyui_node_loading_seconds": round(base, 4),
+        "pack_seconds": round(pack, 4),
+        "pack_ratio": round(pack / base, 4),
+        "pack_nodes": len(with_pack[0]["nodes"]),
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m erasekit.bench", description="Erasekit benchmarks (JSON lines).")
+    sub = ap.add_subparsers(dest="which", required=True)
+    s = sub.add_parser("startup", help="seconds the pack adds to ComfyUI's node loading")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
+    a = ap.parse_args(argv)
+    if a.which == "startup":
+        print(json.dumps(bench_startup(a.repeats)))
+
+
+if __name__ == "__main__":
+    main()
