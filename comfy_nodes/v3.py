@@ -13,10 +13,15 @@ _SOCKETS = {
 }
 
 
+def _socket(type_name: str):
+    """ComfyUI's own socket class, or a custom one (e.g. ERASEKIT_GUIDELINE) for pack types."""
+    return _SOCKETS.get(type_name) or io.Custom(type_name)
+
+
 def _input(i: Input):
     common = dict(tooltip=i.tooltip or None, optional=i.optional)
-    if i.type in _SOCKETS:
-        return _SOCKETS[i.type].Input(i.name, **common)
+    if i.type in _SOCKETS or i.type.startswith("ERASEKIT_"):
+        return _socket(i.type).Input(i.name, **common)
     if i.type == "STRING":
         return io.String.Input(i.name, default=i.default or "", multiline=i.multiline, **common)
     if i.type == "INT":
@@ -36,7 +41,7 @@ def make_node(spec: NodeSpec) -> type[io.ComfyNode]:
             node_id=spec.node_id, display_name=spec.display_name, category=spec.category,
             description=spec.description, search_aliases=spec.search_aliases,
             inputs=[_input(i) for i in spec.inputs],
-            outputs=[_SOCKETS[o.type].Output(display_name=o.name, tooltip=o.tooltip or None) for o in spec.outputs],
+            outputs=[_socket(o.type).Output(display_name=o.name, tooltip=o.tooltip or None) for o in spec.outputs],
             is_output_node=spec.output_node,
         )
 

@@ -63,7 +63,7 @@ class HeadlessComfy:
             path = os.path.join(self.work_dir, kind)
             os.makedirs(path, exist_ok=True)
             getattr(folder_paths, f"set_{kind}_directory")(path)
-        for kind in ("loras", "checkpoints", "diffusers", "embeddings"):
+        for kind in ("loras", "checkpoints", "diffusers", "embeddings", "guideline"):
             path = os.path.join(self.work_dir, "models", kind)
             os.makedirs(path, exist_ok=True)
             folder_paths.add_model_folder_path(kind, path, is_default=True)

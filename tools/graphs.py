@@ -22,3 +22,34 @@ def attention_graph(model_name: str, prompt: str, words: str, size: int = 64, st
         "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "erasekit_image"}},
         "10": {"class_type": "SaveImage", "inputs": {"images": ["8", 1], "filename_prefix": "erasekit_heatmap"}},
     }
+
+
+def dag_graph(model_name: str, prompt: str, guideline: str, safety_text: str = "", size: int = 128, steps: int = 20,
+              sampler: str = "euler_ancestral", seed: int = 0, cfg: float = 5.0, mode: str = "DAG",
+              negative: str = "") -> dict:
+    """Side by side: the same prompt and seed sampled plainly and with Detect-and-Guide, plus the
+    detection-map overlay. Outputs: "9" plain image, "19" guided image, "21" detection overlay."""
+    g = {
+        "1": {"class_type": "ErasekitLoadDiffusersModel", "inputs": {"model_name": model_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "plain"}},
+        "11": {"class_type": "ErasekitLoadGuideline", "inputs": {"embedding_name": guideline}},
+        "12": {"class_type": "ErasekitDetectAndGuide", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "guideline": ["11", 0], "safety_text": safety_text, "mode": mode,
+            "strength": 1.0, "warmup": 0.1, "unsafe_threshold": 0.5, "edit_threshold": 0.01, "sld_preset": "medium"}},
+        "16": {"class_type": "KSampler", "inputs": {
+            "model": ["12", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0}},
+        "17": {"class_type": "VAEDecode", "inputs": {"samples": ["16", 0], "vae": ["1", 2]}},
+        "19": {"class_type": "SaveImage", "inputs": {"images": ["17", 0], "filename_prefix": "guided"}},
+        "20": {"class_type": "ErasekitDetectionMaps", "inputs": {"model": ["12", 0], "image": ["17", 0],
+                                                                 "which": "max over steps"}},
+        "21": {"class_type": "SaveImage", "inputs": {"images": ["20", 1], "filename_prefix": "detection"}},
+    }
+    return g

@@ -1,0 +1,145 @@
+"""Detect-and-Guide nodes: load a guideline embedding, patch a MODEL, show the detection maps."""
+
+from __future__ import annotations
+
+import os
+
+from .spec import Input, NodeSpec, Output
+
+PACK_GUIDELINES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "guideline")
+GUIDELINE = "ERASEKIT_GUIDELINE"
+
+
+def guideline_files() -> dict[str, str]:
+    """{name: path} of .safetensors guideline embeddings in the pack's models/guideline and
+    ComfyUI's models/guideline (registered as a model folder type on first use)."""
+    roots = [PACK_GUIDELINES]
+    try:
+        import folder_paths
+
+        if "guideline" not in folder_paths.folder_names_and_paths:
+            folder_paths.add_model_folder_path("guideline", os.path.join(folder_paths.models_dir, "guideline"))
+        roots += folder_paths.get_folder_paths("guideline")
+    except Exception:  # outside ComfyUI
+        pass
+    found = {}
+    for root in roots:
+        if os.path.isdir(root):
+            for name in sorted(os.listdir(root)):
+                if name.endswith(".safetensors"):
+                    found.setdefault(name, os.path.join(root, name))
+    return found
+
+
+def load_guideline(embedding_name: str):
+    from erasekit.dag.guideline import GuidelineEmbedding
+
+    files = guideline_files()
+    if embedding_name not in files:
+        raise ValueError(f"No guideline embedding named '{embedding_name}' in {PACK_GUIDELINES} or ComfyUI's "
+                         f"models/guideline; available: {', '.join(files) or 'none'}.")
+    return ([GuidelineEmbedding.load(files[embedding_name])],)
+
+
+def _check_fits(model, embeddings):
+    width = model.model.model_config.unet_config.get("context_dim")
+    for e in embeddings:
+        if e.width != width:
+            raise ValueError(f"The guideline embedding for '{e.concept}' has width {e.width} (made for {e.architecture}), "
+                             f"but this model's text width is {width}; load an embedding trained for this model.")
+
+
+def detect_and_guide(model, clip, guideline, safety_text: str, mode: str, strength: float, warmup: float,
+                     unsafe_threshold: float, edit_threshold: float, sld_preset: str, guideline_2=None):
+    from erasekit.dag.guidance import DagSettings, SegaSettings, SldSettings
+
+    from .comfy_bridge import attention_levels
+    from .dag_patch import install
+
+    embeddings = list(guideline) + list(guideline_2 or [])
+    _check_fits(model, embeddings)
+    text = safety_text.strip() or ", ".join(e.concept for e in embeddings)
+    safety_cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    dag = DagSettings(tau_high=unsafe_threshold, tau_low=edit_threshold, warmup_fraction=warmup, strength=strength)
+    from erasekit.attention import coarse_levels
+
+    levels = set(coarse_levels(attention_levels(model)))
+    return (install(model, embeddings, safety_cond, mode.lower(), dag, SldSettings.preset(sld_preset),
+                    SegaSettings(warmup_fraction=warmup), levels),)
+
+
+def detection_maps(model, image, which: str):
+    import torch
+
+    from erasekit.visualize import heat_overlay
+
+    state = model.model_options.get("transformer_options", {}).get("erasekit_dag_state")
+    if state is None:
+        raise ValueError("This model has no Detect-and-Guide patch: connect the MODEL output of 'Detect-and-Guide' "
+                         "(the one the sampler used).")
+    if not state.history:
+        raise ValueError("No detection maps yet: connect the sampler's decoded IMAGE so this node runs after sampling "
+                         "(and use mode DAG).")
+    maps = torch.stack(state.history)  # [steps, B, h, w]
+    heat = {"max over steps": maps.amax(0), "last step": maps[-1], "mean over steps": maps.mean(0)}[which]
+    if heat.shape[0] != image.shape[0]:
+        heat = heat[:1].repeat(image.shape[0], 1, 1)
+    import torch.nn.functional as F
+
+    mask = F.interpolate(heat[:, None].float(), size=tuple(image.shape[1:3]), mode="bilinear", align_corners=False)[:, 0]
+    return (mask.clamp(0, 1), heat_overlay(image, mask.to(image.dtype)).float())
+
+
+SPECS = [
+    NodeSpec(
+        node_id="ErasekitLoadGuideline",
+        display_name="Load Guideline Embedding",
+        description="Loads a guideline embedding (learned tokens that find one concept in the image while sampling) "
+                    "from the pack's models/guideline or ComfyUI's models/guideline.",
+        inputs=[Input("embedding_name", "COMBO", options=lambda: list(guideline_files()) or ["(none found)"],
+                      tooltip="A .safetensors guideline embedding made for the base model you sample with.")],
+        outputs=[Output(GUIDELINE, "guideline")],
+        function=load_guideline,
+    ),
+    NodeSpec(
+        node_id="ErasekitDetectAndGuide",
+        display_name="Detect-and-Guide",
+        description="Safe generation without retraining (DAG, CVPR 2025): while sampling, the guideline tokens find where "
+                    "the unsafe concept appears and a safety guidance edits only that region, scaled by its size and "
+                    "confidence. Nothing detected: the output is exactly plain CFG, at no extra cost. "
+                    "Put it between the model loader and the sampler.",
+        inputs=[
+            Input("model", "MODEL"),
+            Input("clip", "CLIP", tooltip="Encodes the safety concept text."),
+            Input("guideline", GUIDELINE, tooltip="From 'Load Guideline Embedding'."),
+            Input("safety_text", "STRING", default="", tooltip="The concept to steer away from; empty: the embedding's concept."),
+            Input("mode", "COMBO", options=["DAG", "SLD", "SEGA"], default="DAG",
+                  tooltip="DAG: region-limited, adaptive (the paper). SLD / SEGA: whole-image safety guidance, for comparison."),
+            Input("strength", "FLOAT", default=1.0, min=0.0, max=5.0, step=0.05, tooltip="Multiplies DAG's scale map (1 = paper)."),
+            Input("warmup", "FLOAT", default=0.1, min=0.0, max=1.0, step=0.01,
+                  tooltip="Fraction of the steps before guidance starts (paper: 5 of 50)."),
+            Input("unsafe_threshold", "FLOAT", default=0.5, min=0.0, max=1.0, step=0.01,
+                  tooltip="Detection map level that marks an unsafe region (AreaScaler, paper 0.5)."),
+            Input("edit_threshold", "FLOAT", default=0.01, min=0.0, max=1.0, step=0.005,
+                  tooltip="Detection map level where edits may happen (EditMask, paper 0.01)."),
+            Input("sld_preset", "COMBO", options=["weak", "medium", "strong", "max"], default="medium",
+                  tooltip="Only for mode SLD."),
+            Input("guideline_2", GUIDELINE, optional=True, tooltip="A second concept (maps combine by max)."),
+        ],
+        outputs=[Output("MODEL", "model", "The model with safe self-regulation; connect it to the sampler.")],
+        function=detect_and_guide,
+        search_aliases=["dag", "safe", "nsfw", "censor", "safety guidance", "sld", "sega"],
+    ),
+    NodeSpec(
+        node_id="ErasekitDetectionMaps",
+        display_name="Detection Maps (Detect-and-Guide)",
+        description="What Detect-and-Guide detected during the last sampling: a MASK and the image with the map over it.",
+        inputs=[
+            Input("model", "MODEL", tooltip="The MODEL from 'Detect-and-Guide' that the sampler used."),
+            Input("image", "IMAGE", tooltip="The decoded image (also makes this node run after the sampler)."),
+            Input("which", "COMBO", options=["max over steps", "last step", "mean over steps"], default="max over steps"),
+        ],
+        outputs=[Output("MASK", "mask"), Output("IMAGE", "overlay")],
+        function=detection_maps,
+    ),
+]

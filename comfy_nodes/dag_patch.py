@@ -1,0 +1,140 @@
+"""Detect-and-Guide inside ComfyUI's sampler: two patches on a cloned MODEL.
+
+1. An ``attn2_patch`` (called before every cross-attention with the normalised image states)
+   that, on the coarse layers and for the conditional batch entries only, computes the
+   layer's queries and their attention to the guideline keys: the CAMs. It returns its inputs
+   unchanged, so the attention ComfyUI computes is untouched.
+2. A ``sampler_post_cfg_function`` that turns this step's CAMs into A-hat. Where nothing is
+   detected (or during warm-up) it returns ComfyUI's own CFG result object as is; where
+   something is, it runs one extra pass for the safety condition (``calc_cond_batch``, as
+   ComfyUI's Perp-Neg does) and applies DAG's Eq. 4 in x0 space (``erasekit.dag.guidance``).
+SLD and SEGA modes run through the same post-CFG hook (always with the extra pass).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from erasekit.dag.guidance import (DagSettings, SegaSettings, SldSettings, SldState, dag_combine, dag_needs_guidance,
+                                   sega_combine, sld_combine)
+
+
+def _transformer_block(diffusion_model, block, index):
+    """The BasicTransformerBlock ComfyUI calls ``(block, index)`` (its patch coordinates)."""
+    kind, number = block
+    container = {"input": diffusion_model.input_blocks, "output": diffusion_model.output_blocks}.get(kind)
+    seq = diffusion_model.middle_block if kind == "middle" else container[number]
+    for layer in seq:
+        if hasattr(layer, "transformer_blocks"):
+            return layer.transformer_blocks[index]
+    raise KeyError(f"no transformer at {block}")
+
+
+class DagState:
+    """Per-sampling state: this step's CAMs, the maps of every step (for the Detection Maps node)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.cams: dict[tuple, torch.Tensor] = {}
+        self.history: list[torch.Tensor] = []
+        self.guided_steps = 0
+        self.extra_passes = 0
+        self.sld = SldState()
+
+
+def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings | None = None,
+            sld: SldSettings | None = None, sega: SegaSettings | None = None, levels=None):
+    """Return a clone of ``model`` (a ComfyUI ModelPatcher) with DAG / SLD / SEGA installed."""
+    import comfy.patcher_extension
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    from erasekit.dag.detect import combine_concepts, detection_map, guideline_cam, guideline_keys
+
+    dag, sega = dag or DagSettings(), sega or SegaSettings()
+    sld = sld or SldSettings.preset("medium")
+    m = model.clone()
+    state = DagState()
+    keys_cache: dict[tuple, list] = {}
+    safety = comfy.sampler_helpers.convert_cond(safety_cond)
+
+    def attn2_patch(n, context, value, extra_options):
+        if mode != "dag":
+            return n, context, value
+        H, W = extra_options["original_shape"][-2:]
+        level = round(math.log2(math.sqrt(H * W / n.shape[1])))
+        if level not in levels:
+            return n, context, value
+        chunks = extra_options.get("cond_or_uncond", [0])
+        per = n.shape[0] // len(chunks)
+        cond = [n[i * per : (i + 1) * per] for i, c in enumerate(chunks) if c == 0]
+        if not cond:
+            return n, context, value
+        where = (tuple(extra_options["block"]), extra_options.get("block_index", 0))
+        attn = _transformer_block(m.model.diffusion_model, *where).attn2
+        if where not in keys_cache:
+            with torch.no_grad():
+                keys_cache[where] = [guideline_keys(attn.to_k, e.sink.to(n.device), e.tokens.to(n.device))
+                                     for e in embeddings]
+        with torch.no_grad():
+            q = attn.to_q(torch.cat(cond))
+            h, w = math.ceil(H / 2**level), math.ceil(W / 2**level)
+            state.cams[where] = [guideline_cam(q, k, extra_options["n_heads"]).reshape(-1, h, w)
+                                 for k in keys_cache[where]]
+        return n, context, value
+
+    def step_index(sigma, model_options):
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sigmas is None:
+            return 0, 1
+        s = float(sigma.flatten()[0])
+        i = int(torch.argmin((sigmas.float() - s).abs()))
+        return i, max(len(sigmas) - 1, 1)
+
+    def extra_pass(args):
+        x, sigma = args["input"], args["sigma"]
+        mdl, opts = args["model"], args["model_options"]
+        processed = comfy.samplers.encode_model_conds(mdl.extra_conds, safety, x, x.device, "negative")
+        (x0_cs,) = comfy.samplers.calc_cond_batch(mdl, [processed], x, sigma, opts)
+        state.extra_passes += 1
+        return x0_cs
+
+    def post_cfg(args):
+        denoised, x0_u, x0_p = args["denoised"], args["uncond_denoised"], args["cond_denoised"]
+        cond_scale = args["cond_scale"]
+        i, n_steps = step_index(args["sigma"], args["model_options"])
+        if mode == "dag":
+            if not state.cams:
+                return denoised
+            latent_hw = denoised.shape[-2:]
+            per_concept = list(zip(*state.cams.values()))  # [concept][layer]
+            a_hat = combine_concepts([detection_map(list(layers), latent_hw) for layers in per_concept])
+            state.cams = {}
+            state.history.append(a_hat.cpu())
+            if i < round(dag.warmup_fraction * n_steps) or not dag_needs_guidance(a_hat, dag):
+                return denoised
+            state.guided_steps += 1
+            return dag_combine(denoised, x0_u, extra_pass(args), a_hat.to(denoised.device), cond_scale, dag)
+        if mode == "sega":
+            if i < round(sega.warmup_fraction * n_steps):
+                return denoised
+            return sega_combine(denoised, x0_u, extra_pass(args), cond_scale, sega)
+        sigma = args["sigma"].reshape(-1, *([1] * (denoised.dim() - 1))).to(denoised.dtype)
+        warm = SldSettings(round(sld.warmup_steps * n_steps / 50), sld.guidance_scale, sld.threshold,
+                           sld.momentum_scale, sld.mom_beta)
+        return sld_combine(x0_u, x0_p, extra_pass(args), sigma, cond_scale, i, warm, state.sld)
+
+    def outer_sample(executor, *args, **kwargs):
+        state.reset()
+        keys_cache.clear()  # weights may have been patched (LoRA) since the last run
+        return executor(*args, **kwargs)
+
+    m.set_model_attn2_patch(attn2_patch)
+    m.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "erasekit_dag", outer_sample)
+    m.model_options.setdefault("transformer_options", {})["erasekit_dag_state"] = state
+    return m

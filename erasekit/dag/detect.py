@@ -1,0 +1,69 @@
+"""Guideline detection (DAG Sec. 3.1): where in the image is the unsafe concept?
+
+A guideline embedding holds K token states c* in the text encoder's output space (the space a
+cross-attention layer's ``to_k`` reads). At a chosen layer, the image queries Q attend over
+keys [k_sink; to_k(c*)]. The *sink* is the state of the start token, identical for every
+prompt in a causal CLIP encoder, so it carries nothing about any concept: it gives a pixel
+somewhere to put its attention when the concept is not there. The CAM of a pixel is the
+probability mass its queries give the K guideline keys (softmax over the K + 1 keys, averaged
+over heads). This is OVAM's attribution map with one choice the papers leave open made
+explicit: with a lone guideline token a softmax over it alone is constant 1, and min-max
+normalisation would always "find" something; against the sink the map is an absolute
+probability, so "nothing detected" is a real outcome (and lazy DAG can skip the extra pass).
+
+A-hat is the mean over the chosen layers (the two coarsest levels) after bilinear upsampling;
+several concepts combine by a pixel-wise max.
+"""
+
+from __future__ import annotations
+
+
+def guideline_keys(to_k, sink, tokens):
+    """Keys ``[1 + K, inner]`` of [sink; tokens] through a layer's ``to_k`` (a Linear).
+
+    ``sink``: ``[D]``; ``tokens``: ``[K, D]``."""
+    import torch
+
+    states = torch.cat([sink[None], tokens], 0).to(to_k.weight.dtype)
+    return to_k(states)
+
+
+def guideline_cam(q, keys, heads: int):
+    """Per-pixel attention mass on the guideline tokens.
+
+    Args:
+        q: ``[B, N, heads * d]`` projected image queries of one cross-attention layer.
+        keys: ``[1 + K, heads * d]`` from :func:`guideline_keys` (sink first).
+    Returns:
+        ``[B, N]`` in [0, 1]: softmax over the 1 + K keys, guideline tokens summed, heads averaged.
+    """
+    b, n, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, n, heads, d).transpose(1, 2).float()  # [B, h, N, d]
+    kh = keys.reshape(-1, heads, d).transpose(0, 1).float()  # [h, 1+K, d]
+    probs = (qh @ kh.transpose(-1, -2) * d**-0.5).softmax(-1)  # [B, h, N, 1+K]
+    return probs[..., 1:].sum(-1).mean(1)
+
+
+def to_grid(cam, latent_hw):
+    """``[B, N]`` -> ``[B, h, w]`` for a layer whose resolution divides the latent ``(H, W)``."""
+    import math
+
+    H, W = latent_hw
+    ratio = math.sqrt(H * W / cam.shape[1])
+    return cam.reshape(cam.shape[0], math.ceil(H / ratio), math.ceil(W / ratio))
+
+
+def detection_map(layer_maps, size):
+    """A-hat ``[B, H, W]``: mean over layers of the ``[B, h, w]`` maps upsampled to ``size``."""
+    import torch.nn.functional as F
+
+    ups = [F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0] for m in layer_maps]
+    return sum(ups) / len(ups)
+
+
+def combine_concepts(maps):
+    """Multi-concept A-hat: pixel-wise max over the concepts' maps."""
+    import torch
+
+    return torch.stack(list(maps)).amax(0)

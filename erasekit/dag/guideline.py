@@ -1,0 +1,223 @@
+"""Guideline token embeddings: what they are, how they are stored, how they are learned.
+
+A :class:`GuidelineEmbedding` is K token states in the text encoder's *output* space (the
+space cross-attention ``to_k`` reads), plus the sink state (see ``detect.py``). It is learned
+by token optimisation (DAG Sec. 3.1, Eq. 2-3; OVAM): start from the encoding of a phrase
+("nude person"; "red circle" in the toy world), then lower the pixel-wise binary cross-entropy
+between the detection map A-hat of each training image and its ground-truth mask (zero masks
+for safe images), with SGD (lr 200, StepLR step 20, gamma 0.7, 100 x n_unsafe steps; Table 4),
+mini-batches of one unsafe and one safe image, a random timestep each.
+
+Choice left open by the paper: the hidden states of each training image are taken by noising
+the image to the sampled timestep (q(z_t | z_0)) rather than replaying its generation
+trajectory, so user-supplied images (with no trajectory) train the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from ..errors import ArchitectureError, ModelFileError
+
+FORMAT = "erasekit-guideline-embedding"
+VERSION = "1"
+
+
+@dataclass
+class GuidelineEmbedding:
+    tokens: object  # torch.Tensor [K, D]
+    sink: object  # torch.Tensor [D]
+    concept: str
+    architecture: str  # erasekit.checkpoints.Architecture.name
+    init_phrase: str = ""
+    levels: str = "coarse"
+    info: dict = field(default_factory=dict)  # training set size, steps, final loss, ...
+
+    @property
+    def width(self) -> int:
+        return int(self.tokens.shape[-1])
+
+    def save(self, path: str) -> str:
+        from ..checkpoints import save_file_atomic
+
+        meta = {
+            "erasekit.format": FORMAT, "erasekit.version": VERSION, "concept": self.concept,
+            "architecture": self.architecture, "text_width": str(self.width), "tokens": str(self.tokens.shape[0]),
+            "init_phrase": self.init_phrase, "levels": self.levels, "info": json.dumps(self.info),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        return save_file_atomic({"guideline.tokens": self.tokens.detach().float().cpu(),
+                                 "guideline.sink": self.sink.detach().float().cpu()}, path, meta)
+
+    @classmethod
+    def load(cls, path: str, architecture=None) -> GuidelineEmbedding:
+        """Load and, when ``architecture`` (an :class:`~erasekit.checkpoints.Architecture`) is
+        given, check it fits that model; errors name the file and what was expected."""
+        from ..checkpoints import load_file
+
+        tensors, meta = load_file(path, "guideline embedding")
+        if meta.get("erasekit.format") != FORMAT or "guideline.tokens" not in tensors:
+            raise ModelFileError(f"'{path}' is not an Erasekit guideline embedding (it has no guideline tokens); "
+                                 "pick a file made by the Erasekit trainer or shipped in models/guideline.")
+        emb = cls(tensors["guideline.tokens"], tensors["guideline.sink"], meta.get("concept", "?"),
+                  meta.get("architecture", "?"), meta.get("init_phrase", ""), meta.get("levels", "coarse"),
+                  json.loads(meta.get("info", "{}")))
+        if architecture is not None:
+            emb.check(architecture, path)
+        return emb
+
+    def check(self, architecture, source: str = "this guideline embedding") -> None:
+        if self.width != architecture.context_dim:
+            raise ArchitectureError(
+                f"'{source}' has guideline tokens of width {self.width} (made for {self.architecture}), but the model's "
+                f"text width is {architecture.context_dim} ({architecture.title}); use an embedding trained for this model.")
+        if self.architecture != architecture.name:
+            raise ArchitectureError(
+                f"'{source}' was trained for '{self.architecture}', but the model is {architecture.title}; "
+                "use an embedding trained for this model.")
+
+
+def encode_phrase(text_encoder, tokenizer, phrase: str):
+    """(sink ``[D]``, content token states ``[K, D]``) of a phrase: the encoder output rows of
+    its words (no start, end or padding tokens). This is the initialisation of c*."""
+    import torch
+
+    enc = tokenizer(phrase, padding="max_length", max_length=min(tokenizer.model_max_length, 77),
+                    truncation=True, return_tensors="pt")
+    ids = enc.input_ids.to(text_encoder.device)
+    with torch.no_grad():
+        states = text_encoder(ids)[0][0]
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    keep = [i for i, t in enumerate(ids[0].tolist()) if t not in special]
+    if not keep:
+        raise ValueError(f"The phrase '{phrase}' has no words the tokenizer knows; give the concept in words.")
+    return states[0].clone(), states[keep].clone()
+
+
+class _QueryTap:
+    """Attention processor for the chosen layers: normal attention, and keeps the queries."""
+
+    def __init__(self, name, store):
+        self.name, self.store = name, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        import torch.nn.functional as F
+
+        q = attn.to_q(hidden_states)
+        self.store[self.name] = q.detach()
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        k, v = attn.to_k(ctx), attn.to_v(ctx)
+        b, n, inner = q.shape
+        h = attn.heads
+        split = lambda t: t.view(b, -1, h, inner // h).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, inner)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def coarse_layers(unet) -> dict[str, object]:
+    """The cross-attention modules at the two coarsest down-path levels (and the up-path
+    layers at the same resolutions), where DAG reads its CAMs."""
+    from ..attention import attention_levels, coarse_levels, cross_attention_layers
+
+    levels = set(coarse_levels(attention_levels(unet)))
+    n = len(unet.config.down_block_types)
+    out = {}
+    for name, module in cross_attention_layers(unet).items():
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            level = int(parts[1])
+        elif parts[0] == "up_blocks":
+            level = n - 1 - int(parts[1])
+        else:
+            continue  # mid block: left out, as in OVAM's default hooks
+        if level in levels:
+            out[name] = module
+    return out
+
+
+def cache_queries(unet, scheduler, latents, conds, timesteps, seed: int = 0):
+    """Queries of the coarse layers for each (image, timestep): ``{(i, t): {layer: [1, N, inner]}}``.
+
+    ``latents``: ``[N, C, H, W]`` clean latents; ``conds``: ``[N, L, D]`` their prompts' states.
+    """
+    import torch
+
+    layers = coarse_layers(unet)
+    store, cache = {}, {}
+    saved = {n: m.processor for n, m in layers.items()}
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for n, m in layers.items():
+            m.set_processor(_QueryTap(n, store))
+        with torch.no_grad():
+            for t in timesteps:
+                noise = torch.randn(latents.shape, generator=gen).to(latents)
+                tt = torch.full((latents.shape[0],), int(t), dtype=torch.long, device=latents.device)
+                unet(scheduler.add_noise(latents, noise, tt), tt, encoder_hidden_states=conds)
+                for i in range(latents.shape[0]):
+                    cache[(i, int(t))] = {n: q[i : i + 1].clone() for n, q in store.items()}
+    finally:
+        for n, p in saved.items():
+            layers[n].set_processor(p)
+    return cache, layers
+
+
+def detection_from_queries(queries: dict, layers: dict, sink, tokens, latent_hw):
+    """A-hat ``[1, H, W]`` (latent resolution) from cached queries and guideline tokens."""
+    from .detect import detection_map, guideline_cam, guideline_keys, to_grid
+
+    maps = [to_grid(guideline_cam(q, guideline_keys(layers[n].to_k, sink, tokens), layers[n].heads), latent_hw)
+            for n, q in queries.items()]
+    return detection_map(maps, latent_hw)
+
+
+def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, init_tokens,
+                       steps: int | None = None, lr: float = 200.0, lr_step: int = 20, gamma: float = 0.7,
+                       n_timesteps: int = 20, seed: int = 0, callback=None):
+    """Token optimisation (Eq. 2-3). Returns (tokens ``[K, D]``, loss history).
+
+    Args:
+        latents, conds: ``[N, ...]`` training images (clean latents) and their prompts' states.
+        masks: ``[N, H, W]`` ground truth in [0, 1] at latent resolution (zeros for safe images).
+        unsafe: ``[N]`` bool, which images show the concept.
+        steps: default 100 x n_unsafe (Table 4).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    idx_unsafe = [i for i, u in enumerate(unsafe) if u]
+    idx_safe = [i for i, u in enumerate(unsafe) if not u]
+    if not idx_unsafe:
+        raise ValueError("Token optimisation needs at least one image that shows the concept (with its mask).")
+    steps = steps or 100 * len(idx_unsafe)
+    n_train = scheduler.config.num_train_timesteps
+    timesteps = torch.linspace(n_train * 0.02, n_train * 0.98, n_timesteps).round().long().tolist()
+    cache, layers = cache_queries(unet, scheduler, latents, conds, timesteps, seed)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    tokens = init_tokens.detach().clone().float().requires_grad_(True)
+    opt = torch.optim.SGD([tokens], lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=gamma)
+    gen = torch.Generator().manual_seed(seed)
+    hw = tuple(latents.shape[-2:])
+    history = []
+    for step in range(steps):
+        batch = [idx_unsafe[step % len(idx_unsafe)]]
+        if idx_safe:
+            batch.append(idx_safe[int(torch.randint(len(idx_safe), (1,), generator=gen))])
+        loss = 0.0
+        for i in batch:
+            t = timesteps[int(torch.randint(len(timesteps), (1,), generator=gen))]
+            a = detection_from_queries(cache[(i, t)], layers, sink, tokens, hw).clamp(1e-6, 1 - 1e-6)
+            loss = loss + F.binary_cross_entropy(a, masks[i : i + 1].float())
+        loss = loss / len(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(float(loss))
+        if callback:
+            callback(step, float(loss))
+    return tokens.detach(), history

@@ -1,0 +1,176 @@
+"""Sampling with a diffusers UNet under plain CFG, DAG, SLD or SEGA.
+
+One loop for the trainer, the benchmarks and diffusers users. The guidance maths comes from
+``guidance.py``; its functions are written in x0 space but are linear in the predictions, so
+here (noise space) they are applied to noise predictions directly (for SLD, whose thresholds
+live in noise units, sigma = -1 gives exactly SLD's noise-space update).
+
+Lazy DAG: the guideline CAMs are read from the conditional pass that runs anyway, through a
+forward hook on each coarse layer's ``to_q`` that only *reads* the queries, so the UNet's
+computation is untouched. The extra pass for the safety condition runs only on steps where
+something is detected; on a benign prompt the result is bit-identical to plain CFG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .guidance import (DagSettings, SegaSettings, SldSettings, SldState, dag_combine, dag_needs_guidance,
+                       sega_combine, sld_combine)
+
+MODES = ("cfg", "dag", "sld", "sega")
+
+
+@dataclass
+class SampleResult:
+    images: object  # torch [B, 3, H, W] in [0, 1]
+    unet_passes: int = 0  # batched UNet calls (the CFG pair counts as one)
+    extra_passes: int = 0  # safety-condition passes
+    detection_maps: list = field(default_factory=list)  # per step: [B, h, w] A-hat (DAG)
+    guided_steps: int = 0
+
+
+class GuidelineTap:
+    """Reads the queries of the coarse cross-attention layers and turns them into A-hat.
+
+    ``cond_slice`` selects the conditional entries of the batch (the second half under CFG).
+    Several embeddings combine by a pixel-wise max (multi-concept detection).
+    """
+
+    def __init__(self, unet, embeddings, cond_slice=slice(None)):
+        from .guideline import coarse_layers
+
+        self.layers = coarse_layers(unet)
+        self.embeddings = list(embeddings)
+        self.cond_slice = cond_slice
+        self.queries = {}
+        self._keys = None
+        self._hooks = []
+
+    def __enter__(self):
+        for name, attn in self.layers.items():
+            self._hooks.append(attn.to_q.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return False
+
+    def _hook(self, name):
+        def read(module, inputs, output):
+            self.queries[name] = output[self.cond_slice].detach()
+
+        return read
+
+    def keys(self):
+        """Guideline keys per embedding and layer, projected once by each layer's own to_k."""
+        import torch
+
+        from .detect import guideline_keys
+
+        if self._keys is None:
+            with torch.no_grad():
+                self._keys = [{n: guideline_keys(a.to_k, e.sink.to(a.to_k.weight.device), e.tokens.to(a.to_k.weight.device))
+                               for n, a in self.layers.items()} for e in self.embeddings]
+        return self._keys
+
+    def detection(self, latent_hw):
+        """A-hat ``[B, H, W]`` at latent resolution from the last forward's queries."""
+        from .detect import combine_concepts, detection_map, guideline_cam, to_grid
+
+        maps = []
+        for keys in self.keys():
+            layer_maps = [to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads), latent_hw)
+                          for n in self.layers]
+            maps.append(detection_map(layer_maps, latent_hw))
+        return combine_concepts(maps)
+
+
+def encode_prompts(text_encoder, tokenizer, prompts):
+    import torch
+
+    ids = tokenizer(list(prompts), padding="max_length", max_length=min(tokenizer.model_max_length, 77),
+                    truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str = "cfg", safety_text: str | None = None,
+           embeddings=(), dag: DagSettings | None = None, sld: SldSettings | str = "medium",
+           sega: SegaSettings | None = None, scheduler=None, eta: float = 1.0, keep_maps: bool = False) -> SampleResult:
+    """Generate one image per (prompt, seed) with the chosen guidance.
+
+    Args:
+        pipe: a diffusers StableDiffusionPipeline-like object (unet, text_encoder, tokenizer, vae, scheduler).
+        mode: "cfg" (plain), "dag", "sld" or "sega". DAG needs ``embeddings`` (GuidelineEmbedding) and
+            ``safety_text``; SLD/SEGA need ``safety_text``.
+        eta: DDIM's eta when the scheduler is DDIM (1 = ancestral-like, the toy model's default).
+    """
+    import inspect
+
+    import torch
+
+    if mode not in MODES:
+        raise ValueError(f"unknown guidance mode '{mode}'; choose one of {', '.join(MODES)}")
+    if mode != "cfg" and not safety_text:
+        raise ValueError(f"mode '{mode}' needs the safety concept as text (safety_text)")
+    if mode == "dag" and not embeddings:
+        raise ValueError("mode 'dag' needs at least one guideline embedding")
+    dag = dag or DagSettings()
+    sega = sega or SegaSettings()
+    sld = SldSettings.preset(sld) if isinstance(sld, str) else sld
+    unet, sched = pipe.unet, scheduler or pipe.scheduler
+    device = unet.device
+    b = len(prompts)
+    cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
+    uncond = encode_prompts(pipe.text_encoder, pipe.tokenizer, [""] * b)
+    safety = encode_prompts(pipe.text_encoder, pipe.tokenizer, [safety_text] * b) if safety_text else None
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
+    sched.set_timesteps(steps)
+    step_kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
+    step_gen = torch.Generator().manual_seed(int(seeds[0]) + 7919)
+    res = SampleResult(images=None)
+    sld_state = SldState()
+    tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None)) if mode == "dag" else None
+    hw = latents.shape[-2:]
+    with torch.no_grad(), (tap if tap is not None else _Null()):
+        for i, t in enumerate(sched.timesteps):
+            x = sched.scale_model_input(latents, t)
+            eps_u, eps_p = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            res.unet_passes += 1
+            eps = eps_u + cfg * (eps_p - eps_u)
+            if mode == "dag":
+                a_hat = tap.detection(hw)
+                if keep_maps:
+                    res.detection_maps.append(a_hat.cpu())
+                if i >= round(dag.warmup_fraction * steps) and dag_needs_guidance(a_hat, dag):
+                    eps_s = unet(x, t, encoder_hidden_states=safety).sample
+                    res.extra_passes += 1
+                    res.guided_steps += 1
+                    eps = dag_combine(eps, eps_u, eps_s, a_hat, cfg, dag)
+            elif mode == "sega" and i >= round(sega.warmup_fraction * steps):
+                eps_s = unet(x, t, encoder_hidden_states=safety).sample
+                res.extra_passes += 1
+                eps = sega_combine(eps, eps_u, eps_s, cfg, sega)
+            elif mode == "sld":
+                eps_s = unet(x, t, encoder_hidden_states=safety).sample
+                res.extra_passes += 1
+                warm = SldSettings(round(sld.warmup_steps * steps / 50), sld.guidance_scale, sld.threshold,
+                                   sld.momentum_scale, sld.mom_beta)
+                eps = sld_combine(eps_u, eps_p, eps_s, -1.0, cfg, i, warm, sld_state)
+            latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    res.images = ((images.float() + 1) / 2).clamp(0, 1).cpu()
+    return res
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
