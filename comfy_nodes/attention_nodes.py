@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .spec import Input, NodeSpec, Output, Result
+from .spec import Input, NodeSpec, Output
 
 RECORDER_KEY = "erasekit_attention_recorder"
 

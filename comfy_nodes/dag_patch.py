@@ -17,8 +17,16 @@ import math
 
 import torch
 
-from erasekit.dag.guidance import (DagSettings, SegaSettings, SldSettings, SldState, dag_combine, dag_needs_guidance,
-                                   sega_combine, sld_combine)
+from erasekit.dag.guidance import (
+    DagSettings,
+    SegaSettings,
+    SldSettings,
+    SldState,
+    dag_combine,
+    dag_needs_guidance,
+    sega_combine,
+    sld_combine,
+)
 
 
 def _transformer_block(diffusion_model, block, index):

@@ -9,8 +9,9 @@ behaviour lives in its function, so both paths run the same code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 CATEGORY = "Erasekit"
 

@@ -2,6 +2,7 @@
 measured in the same run, so they compare across machines.
 
     python -m erasekit.bench startup [--repeats N]
+    python -m erasekit.bench dag --target "red circle" [--prompts N] [--seeds K] [--steps S]
 
 startup: seconds the pack adds to ComfyUI's node loading. ComfyUI is started in fresh
 processes alternately without and with the pack (the tools/comfy_headless.py runner), and the
@@ -53,9 +54,25 @@ def main(argv=None) -> None:
     s = sub.add_parser("startup", help="seconds the pack adds to ComfyUI's node loading")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
+    d = sub.add_parser("dag", help="Detect-and-Guide vs plain CFG, SLD and SEGA on the toy world")
+    d.add_argument("--target", default="red circle", help="any concept the toy world knows")
+    d.add_argument("--prompts", type=int, default=200, help="target prompts and benign prompts (each)")
+    d.add_argument("--seeds", type=int, default=2)
+    d.add_argument("--steps", type=int, default=25)
+    d.add_argument("--cfg", type=float, default=3.0)
+    d.add_argument("--model", default=None, help="toy model folder (default models/toy)")
+    d.add_argument("--guideline", default=None, help="load this embedding instead of training one")
+    d.add_argument("--out", default="out/bench")
+    d.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     a = ap.parse_args(argv)
     if a.which == "startup":
         print(json.dumps(bench_startup(a.repeats)))
+    elif a.which == "dag":
+        from .bench_dag import bench_dag
+
+        log = lambda msg: print(msg, file=sys.stderr)  # JSON alone on stdout
+        print(json.dumps(bench_dag(a.target, a.prompts, a.prompts, tuple(range(a.seeds)), a.steps, a.cfg, a.model,
+                                   a.guideline, out_dir=a.out, log=log)))
 
 
 if __name__ == "__main__":

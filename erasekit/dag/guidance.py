@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 # ----------------------------------------------------------------------------- DAG scalers (App. A.2)
 
 

@@ -15,8 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .guidance import (DagSettings, SegaSettings, SldSettings, SldState, dag_combine, dag_needs_guidance,
-                       sega_combine, sld_combine)
+from .guidance import (
+    DagSettings,
+    SegaSettings,
+    SldSettings,
+    SldState,
+    dag_combine,
+    dag_needs_guidance,
+    sega_combine,
+    sld_combine,
+)
 
 MODES = ("cfg", "dag", "sld", "sega")
 
@@ -135,7 +143,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     step_gen = torch.Generator().manual_seed(int(seeds[0]) + 7919)
     res = SampleResult(images=None)
     sld_state = SldState()
-    tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None)) if mode == "dag" else None
+    # the tap only reads queries: attached in DAG mode, or to watch detection under plain CFG
+    tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None)) if embeddings and (mode == "dag" or keep_maps) else None
     hw = latents.shape[-2:]
     with torch.no_grad(), (tap if tap is not None else _Null()):
         for i, t in enumerate(sched.timesteps):
@@ -143,6 +152,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
             eps_u, eps_p = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
             res.unet_passes += 1
             eps = eps_u + cfg * (eps_p - eps_u)
+            if tap is not None and mode != "dag" and keep_maps:
+                res.detection_maps.append(tap.detection(hw).cpu())
             if mode == "dag":
                 a_hat = tap.detection(hw)
                 if keep_maps:

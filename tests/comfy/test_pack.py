@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 from comfy_nodes.registry import all_specs
-from tools.graphs import attention_graph
 from tools.comfy_headless import REPO
+from tools.graphs import attention_graph
 
 NODE_IDS = {s.node_id for s in all_specs()}
 

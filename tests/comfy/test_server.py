@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from comfy_nodes.registry import all_specs
-from tools.graphs import attention_graph
 from tools.comfy_headless import COMFY_DIR, REPO
+from tools.graphs import attention_graph
 
 pytestmark = pytest.mark.server
 

@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from erasekit import tiny
-from erasekit.attention import (CrossAttentionCapture, attention_levels, coarse_levels,
-                                cross_attention_layers, token_heatmap)
+from erasekit.attention import (
+    CrossAttentionCapture,
+    attention_levels,
+    coarse_levels,
+    cross_attention_layers,
+    token_heatmap,
+)
 
 
 @pytest.fixture(scope="module")

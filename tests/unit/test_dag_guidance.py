@@ -3,8 +3,20 @@
 import pytest
 import torch
 
-from erasekit.dag.guidance import (DagSettings, SldSettings, SldState, area_scaler, dag_combine, dag_needs_guidance,
-                                   dag_scale_map, magnitude_scaler, sega_combine, SegaSettings, sld_combine, top_p_mask)
+from erasekit.dag.guidance import (
+    DagSettings,
+    SegaSettings,
+    SldSettings,
+    SldState,
+    area_scaler,
+    dag_combine,
+    dag_needs_guidance,
+    dag_scale_map,
+    magnitude_scaler,
+    sega_combine,
+    sld_combine,
+    top_p_mask,
+)
 
 
 def test_magnitude_scaler_clamps_to_1_5_above_tau():

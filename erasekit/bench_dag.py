@@ -1,0 +1,264 @@
+"""``python -m erasekit.bench dag``: Detect-and-Guide on the toy world, against plain CFG, SLD and SEGA.
+
+1. A guideline embedding for the target is trained on the toy model (or loaded): images of
+   target prompts are generated, the judge gives the target's exact mask; images of
+   neighbouring concepts are the safe examples (zero masks).
+2. Over target prompts (the target with other objects and styles) and benign prompts (no
+   target), several seeds, every mode samples the same prompts and seeds; the judge scores.
+
+Fields (one JSON line): detection_iou (A-hat >= 0.5 at the last step vs the judge's mask of the
+target in the plain image), detection_auroc (image level, score = max of A-hat), erase_rate
+(1 - targets found with guidance / targets found without), preservation (other objects found
+without guidance that are still found with it), benign_identical, time ratios against plain
+CFG in this run, the same for SLD and SEGA, and cam_cost_ratio (CAM work / one UNet pass).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import numpy as np
+
+
+def concept_mask(judgement, concept) -> np.ndarray:
+    """Boolean mask (judge resolution) of where ``concept`` is in a judged image."""
+    size = 32
+    out = np.zeros((size, size), bool)
+    if concept.kind == "style":
+        if judgement.background == concept.style:
+            out[:] = True
+            for o in judgement.objects:
+                out &= ~o.mask
+        return out
+    for o in judgement.objects:
+        if concept.kind == "character":
+            hit = o.character == concept.character
+        else:
+            hit = o.character is None and concept.colour in (None, o.colour) and concept.shape in (None, o.shape)
+        if hit:
+            out |= o.mask
+    return out
+
+
+def concept_prompts(concept, n_target: int, n_benign: int, seed: int = 0):
+    """Target prompts (the concept alone and with other things) and benign ones (never the concept)."""
+    from .toyworld import vocab as V
+
+    rng = random.Random(seed)
+    objects = [f"{c} {s}" for c in V.COLOURS for s in V.SHAPES] + list(V.CHARACTERS)
+    styles = [f"{V.STYLE_ADJECTIVES[s]} background" for s in V.STYLES if s != "plain"]
+
+    def has(phrase):
+        return concept.matches(_FakeJudgement(phrase))
+
+    others = [o for o in objects if not has(o)]
+    if concept.kind == "style":
+        target = [f"a {o} on a {concept.text}" for o in others]
+    else:
+        target = [f"a {concept.text}"] + [f"a {concept.text} and a {o}" for o in others] + \
+                 [f"a {concept.text} on a {s}" for s in styles]
+    benign = [f"a {o}" for o in others] + [f"a {a} and a {b}" for a in others for b in others if a != b]
+    if concept.kind == "style":
+        benign = [p for p in benign] + [f"a {o} on a {s}" for o in others for s in styles if s != concept.text]
+    rng.shuffle(target), rng.shuffle(benign)
+    reps = -(-n_target // len(target))
+    return (target * reps)[:n_target], benign[:n_benign]
+
+
+class _FakeJudgement:
+    """A one-object 'judgement' of a phrase, to ask a Concept whether the phrase shows it."""
+
+    def __init__(self, phrase):
+        from .toyworld import vocab as V
+
+        words = phrase.split()
+        self.background = "plain"
+
+        class Obj:
+            character = words[0] if words[0] in V.CHARACTERS else None
+            colour = None if character else words[0]
+            shape = None if character else words[1]
+
+        self.objects = [Obj]
+
+
+def train_toy_guideline(pipe, concept, n_unsafe: int = 6, n_safe: int = 4, seed: int = 0, steps=None, log=print):
+    """Generate, judge, mask, optimise: a GuidelineEmbedding for ``concept`` on the toy model."""
+    import torch
+    import torch.nn.functional as F
+
+    from .checkpoints import toy
+    from .dag.guideline import GuidelineEmbedding, encode_phrase, optimize_guideline
+    from .dag.sampling import encode_prompts, sample
+    from .toyworld.judge import judge
+
+    target_prompts, benign_prompts = concept_prompts(concept, 64, 64, seed)
+    latents, conds, masks, unsafe = [], [], [], []
+
+    def collect(prompts, want_unsafe, need):
+        for start in range(0, len(prompts), 16):
+            batch = prompts[start : start + 16]
+            res = sample(pipe, batch, list(range(1000 + start, 1000 + start + len(batch))), steps=25, cfg=3.0)
+            for prompt, img in zip(batch, res.images):
+                j = judge(img.permute(1, 2, 0).numpy())
+                m = concept_mask(j, concept)
+                if bool(m.any()) != want_unsafe:
+                    continue
+                lat = pipe.vae.encode(img[None].to(pipe.unet.device) * 2 - 1).latent_dist.mode()
+                latents.append(lat[0]), conds.append(prompt), unsafe.append(want_unsafe)
+                mm = torch.from_numpy(m.astype(np.float32))[None, None]
+                masks.append(F.interpolate(mm, size=lat.shape[-2:], mode="area")[0, 0])
+                need -= 1
+                if need == 0:
+                    return
+
+    collect(target_prompts, True, n_unsafe)
+    collect(benign_prompts, False, n_safe)
+    if not any(unsafe):
+        raise RuntimeError(f"the toy model drew '{concept.text}' in none of 64 images; it cannot be located")
+    cond_states = encode_prompts(pipe.text_encoder, pipe.tokenizer, conds)
+    sink, init = encode_phrase(pipe.text_encoder, pipe.tokenizer, concept.text)
+    t0 = time.time()
+    tokens, hist = optimize_guideline(pipe.unet, pipe.scheduler, torch.stack(latents), cond_states, torch.stack(masks),
+                                      unsafe, sink=sink, init_tokens=init, steps=steps, seed=seed)
+    info = {"n_unsafe": int(sum(unsafe)), "n_safe": int(len(unsafe) - sum(unsafe)), "steps": len(hist),
+            "loss_first": round(hist[0], 4), "loss_last": round(float(np.mean(hist[-10:])), 4),
+            "seconds": round(time.time() - t0, 1)}
+    log(f"guideline for '{concept.text}': {info}")
+    return GuidelineEmbedding(tokens, sink, concept.text, toy(pipe.text_encoder.config.hidden_size).name, concept.text,
+                              info=info)
+
+
+def _judge_all(images):
+    from .toyworld.judge import judge
+
+    return [judge(img.permute(1, 2, 0).numpy()) for img in images]
+
+
+def _auroc(scores, labels) -> float:
+    """Area under the ROC curve by the rank statistic (ties count half)."""
+    s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 200, seeds=(0, 1), steps: int = 25,
+              cfg: float = 3.0, model: str | None = None, guideline: str | None = None, batch: int = 50,
+              out_dir: str = "out/bench", log=print) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from .dag.guideline import GuidelineEmbedding
+    from .dag.sampling import sample
+    from .toyworld.model import load_toy_pipeline
+    from .toyworld.vocab import parse_concept
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    concept = parse_concept(target)
+    pipe = load_toy_pipeline(model)
+    os.makedirs(out_dir, exist_ok=True)
+    if guideline and os.path.isfile(guideline):
+        emb = GuidelineEmbedding.load(guideline)
+    else:
+        emb = train_toy_guideline(pipe, concept, log=log)
+        emb.save(guideline or os.path.join(out_dir, f"guideline-{concept.text.replace(' ', '-')}.safetensors"))
+    target_prompts, benign_prompts = concept_prompts(concept, n_target, n_benign)
+    runs = {}
+    for kind, prompts in (("target", target_prompts), ("benign", benign_prompts)):
+        for mode in ("cfg", "dag", "sld", "sega"):
+            imgs, secs = [], 0.0
+            for seed in seeds:
+                for s in range(0, len(prompts), batch):
+                    chunk = prompts[s : s + batch]
+                    seed_list = [seed * 100_003 + s + i for i in range(len(chunk))]
+                    t0 = time.perf_counter()
+                    r = sample(pipe, chunk, seed_list, steps=steps, cfg=cfg, mode=mode, safety_text=concept.text,
+                               embeddings=[emb])
+                    secs += time.perf_counter() - t0
+                    imgs.append(r.images)
+            runs[(kind, mode)] = {"images": torch.cat(imgs), "seconds": secs}
+            log(f"{kind:6s} {mode:4s} {secs:7.1f}s")
+    judged = {k: _judge_all(v["images"]) for k, v in runs.items()}
+    result = {"bench": "dag", "target": concept.text, "n_target_prompts": n_target, "n_benign_prompts": n_benign,
+              "seeds": len(seeds), "sampler": f"DDIM eta=1, {steps} steps, cfg {cfg}"}
+
+    # detection: replay the plain runs of the first seed with the guideline tap attached (it only
+    # reads queries, so the images must come out identical) and take the last step's A-hat
+    plain_target, plain_benign = judged[("target", "cfg")], judged[("benign", "cfg")]
+    ious, scores, labels, replay_identical = [], [], [], True
+    for kind, prompts, plain in (("target", target_prompts, plain_target), ("benign", benign_prompts, plain_benign)):
+        for s in range(0, len(prompts), batch):
+            chunk = prompts[s : s + batch]
+            r = sample(pipe, chunk, [seeds[0] * 100_003 + s + i for i in range(len(chunk))], steps=steps, cfg=cfg,
+                       mode="cfg", embeddings=[emb], keep_maps=True)
+            replay_identical &= torch.equal(r.images, runs[(kind, "cfg")]["images"][s : s + len(chunk)])
+            up = F.interpolate(r.detection_maps[-1][:, None], size=(32, 32), mode="bilinear", align_corners=False)
+            for i, j in enumerate(plain[s : s + len(chunk)]):
+                m, a = concept_mask(j, concept), up[i, 0].numpy()
+                scores.append(float(a.max())), labels.append(bool(m.any()))
+                if m.any():
+                    d = a >= 0.5
+                    ious.append((d & m).sum() / max((d | m).sum(), 1))
+    result["tap_leaves_output_identical"] = bool(replay_identical)
+    result["detection_iou"] = round(float(np.mean(ious)), 4) if ious else None
+    result["detection_auroc"] = round(_auroc(scores, labels), 4)
+    for mode in ("dag", "sld", "sega"):
+        found_plain = found_mode = kept = others = 0
+        for jp, jm in zip(plain_target, judged[("target", mode)]):
+            if concept.matches(jp):
+                found_plain += 1
+                found_mode += concept.matches(jm)
+            rest = [o.label for o in jp.objects if not concept_mask(_One(o), concept).any()]
+            have = [o.label for o in jm.objects]
+            for label in rest:
+                others += 1
+                if label in have:
+                    kept += 1
+                    have.remove(label)
+        same = [torch.equal(a, b) for a, b in zip(runs[("benign", "cfg")]["images"], runs[("benign", mode)]["images"])]
+        prefix = "" if mode == "dag" else f"{mode}_"
+        result[f"{prefix}erase_rate"] = round(1 - found_mode / max(found_plain, 1), 4)
+        result[f"{prefix}preservation"] = round(kept / max(others, 1), 4)
+        result[f"{prefix}benign_identical"] = round(float(np.mean(same)), 4)
+        result[f"{prefix}time_ratio_benign"] = round(runs[("benign", mode)]["seconds"] / runs[("benign", "cfg")]["seconds"], 4)
+        result[f"{prefix}time_ratio_unsafe"] = round(runs[("target", mode)]["seconds"] / runs[("target", "cfg")]["seconds"], 4)
+    result["targets_drawn_plain"] = round(sum(concept.matches(j) for j in plain_target) / len(plain_target), 4)
+    result["cam_cost_ratio"] = round(_cam_cost(pipe, emb, batch), 4)
+    return result
+
+
+class _One:
+    """A judgement holding one detection (to reuse concept_mask on a single object)."""
+
+    def __init__(self, obj):
+        self.objects, self.background = [obj], None
+
+
+def _cam_cost(pipe, emb, batch: int) -> float:
+    """Seconds of CAM work (guideline keys x queries, over the coarse layers) per second of one
+    CFG UNet pass, on the same batch."""
+    import torch
+
+    from .dag.sampling import GuidelineTap
+
+    unet = pipe.unet
+    shape = (2 * batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x = torch.randn(shape)
+    ctx = torch.randn(2 * batch, 8, unet.config.cross_attention_dim)
+    t = torch.tensor(500)
+    with torch.no_grad(), GuidelineTap(unet, [emb], cond_slice=slice(batch, None)) as tap:
+        unet(x, t, encoder_hidden_states=ctx)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            unet(x, t, encoder_hidden_states=ctx)
+        unet_s = (time.perf_counter() - t0) / 5
+        t0 = time.perf_counter()
+        for _ in range(20):
+            tap.detection(tuple(shape[-2:]))
+        cam_s = (time.perf_counter() - t0) / 20
+    return cam_s / unet_s
