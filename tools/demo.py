@@ -1,9 +1,10 @@
-"""`make demo`: the pack in real ComfyUI on the bundled toy model, pictures in out/demo/.
+"""`make demo`: Detect-and-Guide in real ComfyUI on the bundled toy model, pictures in out/demo/.
 
-For each prompt, a ComfyUI graph (Load Diffusers Model -> Capture Cross-Attention -> KSampler ->
-VAE Decode -> Cross-Attention Heatmap) runs headless on the CPU; the demo then writes, per
-prompt, the image and the heatmap of the prompt's target words side by side, and one sheet
-with all of them (out/demo/demo.png). Detect-and-Guide joins this demo when it lands.
+For each prompt, one ComfyUI graph (the same as example_workflows/detect_and_guide_side_by_side.json)
+runs headless on the CPU: the prompt sampled plainly, the same prompt and seed sampled through
+Detect-and-Guide (target: the toy world's "red circle"), and the detection map DAG used. The demo
+writes, per prompt, plain | guided | detection side by side, and one sheet with all of them
+(out/demo/demo.png), and the toy judge's verdict on each image (out/demo/demo.json).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-PROMPTS = [  # (prompt, words whose attention is shown)
-    ("a red circle and a blue square", "red circle"),
-    ("a green star on a striped background", "green star"),
-    ("a yellow triangle and a purple ring", "purple ring"),
+PROMPTS = [  # target prompts (the red circle must go, the rest must stay) and a benign one
+    "a red circle and a blue square",
+    "a red circle and a yellow star",
+    "a red circle on a striped background",
+    "a green triangle and a purple ring",
 ]
+GUIDELINE = "toy-red-circle.safetensors"
 
 
 def main(argv=None) -> int:
@@ -32,41 +35,44 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
+    import numpy as np
     from PIL import Image
 
     from tools.comfy_headless import HeadlessComfy
-    from tools.graphs import attention_graph
+    from tools.graphs import dag_graph
 
     comfy = HeadlessComfy(os.path.join(a.out, "comfyui"))
-    model = "toy"
     if not os.path.isfile(os.path.join(REPO, "models", "toy", "model_index.json")):
-        from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+        print("models/toy is missing: train it with `python -m erasekit.toyworld train --out models/toy`.")
+        return 1
+    if not os.path.isfile(os.path.join(REPO, "models", "guideline", GUIDELINE)):
+        print(f"models/guideline/{GUIDELINE} is missing: `python -m erasekit.bench dag --guideline models/guideline/{GUIDELINE}` makes it.")
+        return 1
+    from erasekit.toyworld.judge import judge
 
-        print("models/toy is not there yet: running on a randomly initialised toy model (expect noise).")
-        model = "toy-untrained"
-        save_toy_pipeline(build_toy_pipeline(seed=0), os.path.join(comfy.work_dir, "models", "diffusers", model))
     rows, report = [], []
-    for i, (prompt, words) in enumerate(PROMPTS):
-        graph = attention_graph(model, prompt, words, size=128, steps=a.steps, sampler="euler_ancestral", seed=i, cfg=a.cfg)
-        out = comfy.run(graph)
-        image, heat = (Image.open(comfy.output_path(out[n]["images"][0])).convert("RGB") for n in ("9", "10"))
-        pair = Image.new("RGB", (image.width * 2 + 8, image.height), "white")
-        pair.paste(image, (0, 0)), pair.paste(heat, (image.width + 8, 0))
+    for i, prompt in enumerate(PROMPTS):
+        out = comfy.run(dag_graph("toy", prompt, GUIDELINE, size=128, steps=a.steps, seed=i, cfg=a.cfg))
+        plain, guided, det = (Image.open(comfy.output_path(out[n]["images"][0])).convert("RGB") for n in ("9", "19", "21"))
+        row = Image.new("RGB", (plain.width * 3 + 16, plain.height), "white")
+        for k, im in enumerate((plain, guided, det)):
+            row.paste(im, (k * (plain.width + 8), 0))
         path = os.path.join(a.out, f"prompt{i}.png")
-        pair.save(path)
-        rows.append(pair)
-        report.append({"prompt": prompt, "words": words, "file": path})
+        row.save(path)
+        rows.append(row)
+        verdict = {name: list(judge(np.asarray(im)).items()) for name, im in (("plain", plain), ("guided", guided))}
+        report.append({"prompt": prompt, "file": path, "judge": verdict})
     sheet = Image.new("RGB", (rows[0].width, sum(r.height + 8 for r in rows)), "white")
     for i, r in enumerate(rows):
         sheet.paste(r, (0, i * (r.height + 8)))
     sheet_path = os.path.join(a.out, "demo.png")
     sheet.save(sheet_path)
-    summary = {"model": model, "sampler": f"euler_ancestral, {a.steps} steps, cfg {a.cfg}", "images": report,
+    summary = {"model": "models/toy", "guideline": GUIDELINE, "sampler": f"euler_ancestral, {a.steps} steps, cfg {a.cfg}", "images": report,
                "sheet": sheet_path, "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(a.out, "demo.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
-    print(f"\nOpen {sheet_path}: left, the image ComfyUI sampled; right, where the model attended to the words.")
+    print(f"\nOpen {sheet_path}: per row, plain sampling | Detect-and-Guide | what DAG detected.")
     return 0
 
 

@@ -216,7 +216,7 @@ def judge(image, min_area: int = MIN_AREA, tol: float = TOL) -> Judgement:
     foreground = label >= 0
     regions, _ = ndimage.label(foreground, _EIGHT)
     objects = []
-    for i, box in enumerate(ndimage.find_objects(regions), start=1):
+    for i, _box in enumerate(ndimage.find_objects(regions), start=1):
         region = regions == i
         area = int(region.sum())
         if area < min_area:

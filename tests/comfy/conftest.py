@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -45,3 +46,23 @@ def tiny_sd1_in_comfy(comfy, sd1_tokenizer):
     """Name of a tiny SD1 diffusers folder registered in ComfyUI's models/diffusers."""
     save_tiny_sd1(os.path.join(comfy.work_dir, "models", "diffusers", "tiny-sd1"), sd1_tokenizer)
     return "tiny-sd1"
+
+
+@pytest.fixture(scope="session")
+def toy_in_comfy(comfy):
+    """A tiny random toy model in ComfyUI's models/diffusers and guideline embeddings for it."""
+    from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase
+    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+
+    pipe = build_toy_pipeline(seed=0, tiny=True)
+    save_toy_pipeline(pipe, os.path.join(comfy.work_dir, "models", "diffusers", "toy-dag"))
+    gdir = os.path.join(comfy.work_dir, "models", "guideline")
+    os.makedirs(gdir, exist_ok=True)
+    sink, tokens = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
+    GuidelineEmbedding(tokens, sink, "red circle", "toy", "red circle").save(os.path.join(gdir, "toy-red-circle.safetensors"))
+    # an embedding whose tokens ARE the sink: the CAM is K/(K+1) everywhere, i.e. >= 80% of the
+    # image is "edit region" and DAG must stand down (Alg. 1, line 6): a never-detecting control
+    GuidelineEmbedding(sink[None].repeat(2, 1), sink, "nothing", "toy").save(os.path.join(gdir, "toy-nothing.safetensors"))
+    wide = torch.zeros(2, 768)
+    GuidelineEmbedding(wide, torch.zeros(768), "nudity", "sd_v1").save(os.path.join(gdir, "sd15-nudity.safetensors"))
+    return "toy-dag"

@@ -1,33 +1,11 @@
 """Detect-and-Guide nodes in real ComfyUI graphs on the toy architecture."""
 
-import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tools.graphs import dag_graph
-
-
-@pytest.fixture(scope="module")
-def toy_in_comfy(comfy):
-    """A tiny random toy model in ComfyUI's models/diffusers and guideline embeddings for it."""
-    from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase
-    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
-
-    pipe = build_toy_pipeline(seed=0, tiny=True)
-    save_toy_pipeline(pipe, os.path.join(comfy.work_dir, "models", "diffusers", "toy-dag"))
-    gdir = os.path.join(comfy.work_dir, "models", "guideline")
-    os.makedirs(gdir, exist_ok=True)
-    sink, tokens = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
-    GuidelineEmbedding(tokens, sink, "red circle", "toy", "red circle").save(os.path.join(gdir, "toy-red-circle.safetensors"))
-    # an embedding whose tokens ARE the sink: the CAM is K/(K+1) everywhere, i.e. >= 80% of the
-    # image is "edit region" and DAG must stand down (Alg. 1, line 6): a never-detecting control
-    GuidelineEmbedding(sink[None].repeat(2, 1), sink, "nothing", "toy").save(os.path.join(gdir, "toy-nothing.safetensors"))
-    wide = torch.zeros(2, 768)
-    GuidelineEmbedding(wide, torch.zeros(768), "nudity", "sd_v1").save(os.path.join(gdir, "sd15-nudity.safetensors"))
-    return "toy-dag"
 
 
 def _img(comfy, out, node):

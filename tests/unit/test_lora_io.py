@@ -174,7 +174,7 @@ def test_apply_refuses_a_lora_for_another_layout(case):
 def test_svd_extraction_reconstructs_a_low_rank_update():
     torch.manual_seed(0)
     original = tiny.build("sd_v1")["unet"].state_dict()
-    keys = ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",  # linear [64, 32]
+    keys = ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",  # linear [32, 32]
             "mid_block.attentions.0.transformer_blocks.0.attn2.to_v.weight",
             "down_blocks.0.resnets.0.conv1.weight"]  # conv 3x3 [32, 32, 3, 3]
     tuned = {}
