@@ -11,6 +11,7 @@ import os
 import sys
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
+WEB_DIRECTORY = "./web"  # front-end extension: live Detect-and-Guide detection maps
 try:  # the core library: installed, or this folder (appended, so nothing of ComfyUI is shadowed)
     import erasekit  # noqa: F401
 except ImportError:

@@ -50,7 +50,7 @@ def _check_fits(model, embeddings):
 
 
 def detect_and_guide(model, clip, guideline, safety_text: str, mode: str, strength: float, warmup: float,
-                     unsafe_threshold: float, edit_threshold: float, sld_preset: str, guideline_2=None):
+                     unsafe_threshold: float, edit_threshold: float, sld_preset: str, guideline_2=None, node_id=None):
     from erasekit.dag.guidance import DagSettings, SegaSettings, SldSettings
 
     from .comfy_bridge import attention_levels
@@ -65,7 +65,38 @@ def detect_and_guide(model, clip, guideline, safety_text: str, mode: str, streng
 
     levels = set(coarse_levels(attention_levels(model)))
     return (install(model, embeddings, safety_cond, mode.lower(), dag, SldSettings.preset(sld_preset),
-                    SegaSettings(warmup_fraction=warmup), levels),)
+                    SegaSettings(warmup_fraction=warmup), levels, preview=_preview_sender(node_id)),)
+
+
+def _preview_sender(node_id):
+    """Live preview: send each step's detection map to the front end (web/erasekit.js draws it on
+    the Detect-and-Guide node). A small PNG, only while a browser is connected to the server."""
+    if node_id is None:
+        return None
+
+    def send(a_hat, step, n_steps):
+        try:
+            import base64
+            import io
+
+            import numpy as np
+            from PIL import Image
+            from server import PromptServer
+
+            from erasekit.visualize import colormap
+
+            server = PromptServer.instance
+            if server is None or not getattr(server, "sockets", None):
+                return
+            rgb = (colormap(a_hat[0].float().cpu()).numpy() * 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(rgb).resize((128, 128), Image.NEAREST).save(buf, format="PNG")
+            server.send_sync("erasekit.detection", {"node": str(node_id), "step": step, "steps": n_steps,
+                                                    "image": base64.b64encode(buf.getvalue()).decode()})
+        except Exception:  # a preview must never break sampling
+            pass
+
+    return send
 
 
 def detection_maps(model, image, which: str):
@@ -129,6 +160,7 @@ SPECS = [
         outputs=[Output("MODEL", "model", "The model with safe self-regulation; connect it to the sampler.")],
         function=detect_and_guide,
         search_aliases=["dag", "safe", "nsfw", "censor", "safety guidance", "sld", "sega"],
+        wants_node_id=True,
     ),
     NodeSpec(
         node_id="ErasekitDetectionMaps",

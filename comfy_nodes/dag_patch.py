@@ -55,7 +55,7 @@ class DagState:
 
 
 def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings | None = None,
-            sld: SldSettings | None = None, sega: SegaSettings | None = None, levels=None):
+            sld: SldSettings | None = None, sega: SegaSettings | None = None, levels=None, preview=None):
     """Return a clone of ``model`` (a ComfyUI ModelPatcher) with DAG / SLD / SEGA installed."""
     import comfy.patcher_extension
     import comfy.sampler_helpers
@@ -123,6 +123,8 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
             a_hat = combine_concepts([detection_map(list(layers), latent_hw) for layers in per_concept])
             state.cams = {}
             state.history.append(a_hat.cpu())
+            if preview is not None:
+                preview(a_hat, i, n_steps)
             if i < round(dag.warmup_fraction * n_steps) or not dag_needs_guidance(a_hat, dag):
                 return denoised
             state.guided_steps += 1

@@ -59,6 +59,7 @@ class NodeSpec:
     category: str = CATEGORY
     output_node: bool = False
     search_aliases: list[str] = field(default_factory=list)
+    wants_node_id: bool = False  # the function gets ``node_id`` (ComfyUI's UNIQUE_ID), e.g. to message the UI
 
     def run(self, **kwargs) -> Result:
         out = self.function(**kwargs)

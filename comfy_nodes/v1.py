@@ -26,7 +26,10 @@ def make_node(spec: NodeSpec) -> type:
     def INPUT_TYPES(cls):
         req = {i.name: _input(i) for i in spec.inputs if not i.optional}
         opt = {i.name: _input(i) for i in spec.inputs if i.optional}
-        return {"required": req, "optional": opt} if opt else {"required": req}
+        types = {"required": req, "optional": opt} if opt else {"required": req}
+        if spec.wants_node_id:
+            types["hidden"] = {"node_id": "UNIQUE_ID"}
+        return types
 
     def run(self, **kwargs):
         res = spec.run(**kwargs)

@@ -43,9 +43,12 @@ def make_node(spec: NodeSpec) -> type[io.ComfyNode]:
             inputs=[_input(i) for i in spec.inputs],
             outputs=[_socket(o.type).Output(display_name=o.name, tooltip=o.tooltip or None) for o in spec.outputs],
             is_output_node=spec.output_node,
+            hidden=[io.Hidden.unique_id] if spec.wants_node_id else [],
         )
 
     def execute(cls, **kwargs):
+        if spec.wants_node_id:
+            kwargs["node_id"] = cls.hidden.unique_id
         res = spec.run(**kwargs)
         return io.NodeOutput(*res.values, ui=res.ui)
 

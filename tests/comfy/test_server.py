@@ -1,5 +1,6 @@
 """The real ComfyUI server (main.py) with the pack installed: /object_info, /prompt, /history."""
 
+import contextlib
 import json
 import os
 import socket
@@ -28,14 +29,13 @@ def _get(url, timeout=10):
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, sd1_tokenizer):
-    from conftest import save_tiny_sd1
-
-    base = tmp_path_factory.mktemp("comfy-server")
-    (base / "custom_nodes").mkdir()
-    os.symlink(REPO, base / "custom_nodes" / "erasekit")
-    save_tiny_sd1(str(base / "models" / "diffusers" / "tiny-sd1"), sd1_tokenizer)
+@contextlib.contextmanager
+def start_server(base):
+    """ComfyUI's main.py on a free loopback port, with ``base`` as its base directory and the
+    pack linked into ``base/custom_nodes``; yields the URL, stops the server afterwards."""
+    (base / "custom_nodes").mkdir(exist_ok=True)
+    if not (base / "custom_nodes" / "erasekit").exists():
+        os.symlink(REPO, base / "custom_nodes" / "erasekit")
     port = _free_port()
     log = open(base / "server.log", "w")
     proc = subprocess.Popen(
@@ -57,11 +57,21 @@ def server(tmp_path_factory, sd1_tokenizer):
             pytest.fail("ComfyUI did not answer within 120 s")
         if proc.poll() is not None:
             pytest.fail("ComfyUI exited: " + (base / "server.log").read_text()[-3000:])
-        yield url, base
+        yield url
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sd1_tokenizer):
+    from conftest import save_tiny_sd1
+
+    base = tmp_path_factory.mktemp("comfy-server")
+    save_tiny_sd1(str(base / "models" / "diffusers" / "tiny-sd1"), sd1_tokenizer)
+    with start_server(base) as url:
+        yield url, base
 
 
 def test_object_info_lists_every_node_with_its_inputs(server):
