@@ -128,7 +128,6 @@ def token_heatmap(maps: dict[str, list], token_indices, size: tuple[int, int], s
     upsampling to ``size``, sums the chosen tokens' probabilities, then min-max normalises
     each image (as DAAM and OVAM do before thresholding).
     """
-    import torch
     import torch.nn.functional as F
 
     if not maps:
