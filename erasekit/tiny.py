@@ -11,7 +11,9 @@ a seed, never stored.
 from __future__ import annotations
 
 LAYOUTS = ("sd_v1", "sd_v2", "sdxl")
-TINY_WIDTH = 32  # text width of each tiny text encoder (SDXL concatenates two)
+TINY_WIDTH = 32  # text width of the (first) tiny text encoder
+TINY_WIDTH_2 = 48  # SDXL's second encoder: wider than the first, as in SDXL (768 vs 1280), so
+#                    loaders that tell the two apart by width (diffusers' single-file code) can
 
 
 def unet_config(layout: str) -> dict:
@@ -36,20 +38,20 @@ def unet_config(layout: str) -> dict:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 1, 2), attention_head_dim=2,
-            use_linear_projection=True, cross_attention_dim=2 * TINY_WIDTH,
+            use_linear_projection=True, cross_attention_dim=TINY_WIDTH + TINY_WIDTH_2,
             addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + TINY_WIDTH,
+            projection_class_embeddings_input_dim=6 * 8 + TINY_WIDTH_2,
         )
     raise ValueError(f"unknown layout '{layout}'; expected one of {LAYOUTS}")
 
 
-def text_encoder_config(vocab_size: int = 49408, projection: bool = False):
+def text_encoder_config(vocab_size: int = 49408, width: int = TINY_WIDTH, projection: bool = False):
     """A tiny ``CLIPTextConfig`` (SD's encoders are CLIP text transformers)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=TINY_WIDTH, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=TINY_WIDTH if projection else 512,
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=width if projection else 512,
     )
 
 
@@ -63,7 +65,8 @@ def build(layout: str, seed: int = 0) -> dict:
     parts = {"unet": UNet2DConditionModel(**unet_config(layout)).eval()}
     parts["text_encoder"] = CLIPTextModel(text_encoder_config()).eval()
     if layout == "sdxl":
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(text_encoder_config(projection=True)).eval()
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(
+            text_encoder_config(width=TINY_WIDTH_2, projection=True)).eval()
     parts["vae"] = AutoencoderKL(
         block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,

@@ -51,6 +51,9 @@ def test_live_detection_map_on_the_node(browser, ui_server):
     graph = dag_graph("toy-ui", "a red circle and a blue square", "g.safetensors", steps=8, seed=1)
     node_classes = {name: _V1Shim(defn) for name, defn in info.items()}
     workflow = api_to_ui(graph, node_classes)
+    from selenium.webdriver.common.keys import Keys
+
+    browser.find_element("tag name", "body").send_keys(Keys.ESCAPE)  # the Templates dialog of a first visit
     browser.execute_script("return window.app.loadGraphData(arguments[0])", workflow)
     time.sleep(2)
     body = json.dumps({"prompt": graph, "client_id": browser.execute_script("return window.app.api?.clientId || null")})

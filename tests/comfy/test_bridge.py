@@ -25,7 +25,7 @@ def test_comfy_unet_and_attention_match_diffusers(comfy, layout):
     ctx = torch.randn(2, 7, unet.config.cross_attention_dim)
     kwargs, y = {}, None
     if layout == "sdxl":
-        te, tid = torch.randn(2, tiny.TINY_WIDTH), torch.randn(2, 6)
+        te, tid = torch.randn(2, tiny.TINY_WIDTH_2), torch.randn(2, 6)
         kwargs, y = {"added_cond_kwargs": {"text_embeds": te, "time_ids": tid}}, _sdxl_y(te, tid)
     with torch.no_grad(), CrossAttentionCapture(unet) as cap:
         ref = unet(x, t, encoder_hidden_states=ctx, **kwargs).sample
