@@ -167,5 +167,7 @@ def to_comfy(components):
         )
     scale = getattr(components.vae.config, "scaling_factor", 0.18215)
     model = load_diffusers_unet(components.unet, components.scheduler, latent_scale=scale)
+    # the base model's family, for the LoRA and guideline-embedding checks of later nodes
+    model.model_options["transformer_options"]["erasekit_architecture"] = components.architecture
     clip = make_clip(components.text_encoder, components.tokenizer)
     return model, clip, DiffusersVAE(components.vae)

@@ -15,7 +15,8 @@ _SOCKETS = {
 
 def _socket(type_name: str):
     """ComfyUI's own socket class, or a custom one (e.g. ERASEKIT_GUIDELINE) for pack types."""
-    return _SOCKETS.get(type_name) or io.Custom(type_name)
+    return _SOCKETS.get(type_name) or {"STRING": io.String, "INT": io.Int, "FLOAT": io.Float}.get(type_name) \
+        or io.Custom(type_name)
 
 
 def _input(i: Input):

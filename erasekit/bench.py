@@ -3,6 +3,7 @@ measured in the same run, so they compare across machines.
 
     python -m erasekit.bench startup [--repeats N]
     python -m erasekit.bench dag --target "red circle" [--prompts N] [--seeds K] [--steps S]
+    python -m erasekit.bench lora-roundtrip
 
 startup: seconds the pack adds to ComfyUI's node loading. ComfyUI is started in fresh
 processes alternately without and with the pack (the tools/comfy_headless.py runner), and the
@@ -64,7 +65,13 @@ def main(argv=None) -> None:
     d.add_argument("--guideline", default=None, help="load this embedding instead of training one")
     d.add_argument("--out", default="out/bench")
     d.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
+    r = sub.add_parser("lora-roundtrip", help="a LoRA exported here, loaded by real ComfyUI and by diffusers")
+    r.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     a = ap.parse_args(argv)
+    if a.which == "lora-roundtrip":
+        from .bench_lora import bench_lora_roundtrip
+
+        print(json.dumps(bench_lora_roundtrip()))
     if a.which == "startup":
         print(json.dumps(bench_startup(a.repeats)))
     elif a.which == "dag":

@@ -1,0 +1,104 @@
+"""Load Erasure LoRA: apply a LoRA made by the Erasekit trainer (or any kohya LoRA), after
+checking it was made for this base model, and show what it erases."""
+
+from __future__ import annotations
+
+import json
+
+from .spec import Input, NodeSpec, Output
+
+ARCH_KEY = "erasekit_architecture"
+
+
+def lora_names() -> list[str]:
+    try:
+        import folder_paths
+
+        return folder_paths.get_filename_list("loras")
+    except Exception:
+        return []
+
+
+def model_architecture(model):
+    """The :class:`erasekit.checkpoints.Architecture` of a ComfyUI MODEL."""
+    from erasekit import checkpoints
+
+    known = model.model_options.get("transformer_options", {}).get(ARCH_KEY)
+    if known is not None:
+        return known
+    cfg = model.model.model_config
+    name = type(cfg).__name__
+    context = cfg.unet_config.get("context_dim")
+    if name.startswith("SDXL"):
+        return checkpoints.sdxl()
+    if name.startswith("SD2") or context == 1024:
+        return checkpoints.sd_v2(context)
+    return checkpoints.sd_v1(context)
+
+
+def describe(meta: dict) -> str:
+    """One line a person reads: what the LoRA erases, how, for which model."""
+    concept = meta.get("erasekit.erased_concept") or meta.get("modelspec.trigger_phrase") or "?"
+    parts = [f"erases: {concept}"]
+    if meta.get("erasekit.method"):
+        parts.append(f"method: {meta['erasekit.method']}")
+    base = meta.get("ss_base_model_version") or meta.get("modelspec.architecture")
+    if base:
+        parts.append(f"base: {base}")
+    preserved = meta.get("erasekit.preserved")
+    if preserved:
+        try:
+            parts.append("keeps: " + ", ".join(json.loads(preserved))[:120])
+        except ValueError:
+            pass
+    return "; ".join(parts)
+
+
+def load_erasure_lora(model, lora_name: str, strength_model: float, strength_clip: float, clip=None, node_id=None):
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    from erasekit import checkpoints, lora_io
+
+    path = folder_paths.get_full_path("loras", lora_name)
+    if path is None:
+        raise ValueError(f"No LoRA named '{lora_name}' in ComfyUI's models/loras; refresh the list or copy the file there.")
+    lora_io.check_compatible(path, model_architecture(model))
+    _, meta = checkpoints.read_header(path, "LoRA file")
+    info = describe(meta)
+    tensors, _ = checkpoints.load_file(path, "LoRA file")
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
+    _show_on_node(node_id, info)
+    return (new_model, new_clip, info)
+
+
+def _show_on_node(node_id, text: str) -> None:
+    try:
+        from server import PromptServer
+
+        if node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # the text is a courtesy; never fail the graph for it
+        pass
+
+
+SPECS = [
+    NodeSpec(
+        node_id="ErasekitLoadErasureLoRA",
+        display_name="Load Erasure LoRA",
+        description="Applies an erasure LoRA (made by the Erasekit trainer, or any kohya-format LoRA) to MODEL and CLIP. "
+                    "Refuses a LoRA made for another base model and shows what the LoRA erases.",
+        inputs=[
+            Input("model", "MODEL"),
+            Input("lora_name", "COMBO", options=lora_names, tooltip="Files in ComfyUI's models/loras."),
+            Input("strength_model", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.01),
+            Input("strength_clip", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.01),
+            Input("clip", "CLIP", optional=True, tooltip="Also patch the text encoder when the LoRA has text-encoder weights."),
+        ],
+        outputs=[Output("MODEL", "model"), Output("CLIP", "clip"), Output("STRING", "info", "What the LoRA erases.")],
+        function=load_erasure_lora,
+        wants_node_id=True,
+        search_aliases=["erasure lora", "unlearning", "safe lora"],
+    ),
+]

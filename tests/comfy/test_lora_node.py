@@ -1,0 +1,59 @@
+"""Load Erasure LoRA in real ComfyUI graphs: applies a LoRA exported by Erasekit, refuses one for
+another base model with one sentence."""
+
+import shutil
+
+import pytest
+
+from comfy_nodes.lora_nodes import describe
+
+
+def _graph(model_name, lora_name):
+    return {
+        "1": {"class_type": "ErasekitLoadDiffusersModel", "inputs": {"model_name": model_name}},
+        "30": {"class_type": "ErasekitLoadErasureLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name, "strength_model": 1.0, "strength_clip": 1.0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cat", "clip": ["30", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["30", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["30", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["5", 0], "seed": 0, "steps": 3, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "lora"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def loras(comfy, tmp_path_factory):
+    import os
+
+    import torch
+
+    from erasekit import checkpoints
+    from erasekit.bench_lora import export_case, roundtrip_case
+
+    folder = os.path.join(comfy.work_dir, "models", "loras")
+    path = export_case(roundtrip_case(seed=1), str(tmp_path_factory.mktemp("lora")))
+    shutil.copy(path, os.path.join(folder, "erase-tiny.safetensors"))
+    checkpoints.save_file_atomic({"lora_unet_x.lora_down.weight": torch.zeros(4, 2048),
+                                  "lora_unet_x.lora_up.weight": torch.zeros(8, 4)},
+                                 os.path.join(folder, "xl-style.safetensors"), {"ss_base_model_version": "sdxl_base_v1-0"})
+    return folder
+
+
+def test_erasure_lora_applies_in_a_graph(comfy, tiny_sd1_in_comfy, loras):
+    out = comfy.run(_graph(tiny_sd1_in_comfy, "erase-tiny.safetensors"))
+    assert "9" in out
+
+
+def test_lora_for_another_model_is_refused(comfy, tiny_sd1_in_comfy, loras):
+    with pytest.raises(RuntimeError, match="'xl-style.safetensors' is a LoRA for Stable Diffusion XL, but the model is "
+                                           "Stable Diffusion 1.x; pick a LoRA made for Stable Diffusion 1.x."):
+        comfy.run(_graph(tiny_sd1_in_comfy, "xl-style.safetensors"))
+
+
+def test_description_line():
+    meta = {"erasekit.erased_concept": "red circle", "erasekit.method": "inpo", "ss_base_model_version": "toy",
+            "erasekit.preserved": '["green circle", "red square"]'}
+    assert describe(meta) == "erases: red circle; method: inpo; base: toy; keeps: green circle, red square"
