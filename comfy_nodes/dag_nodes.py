@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import os
 
+from .folders import PACK_MODELS, find, missing
 from .spec import Input, NodeSpec, Output
 
-PACK_GUIDELINES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "guideline")
+PACK_GUIDELINES = os.path.join(PACK_MODELS, "guideline")
 GUIDELINE = "ERASEKIT_GUIDELINE"
 
 
 def guideline_files() -> dict[str, str]:
     """{name: path} of .safetensors guideline embeddings in the pack's models/guideline and
-    ComfyUI's models/guideline (registered as a model folder type on first use)."""
-    roots = [PACK_GUIDELINES]
-    try:
-        import folder_paths
-
-        if "guideline" not in folder_paths.folder_names_and_paths:
-            folder_paths.add_model_folder_path("guideline", os.path.join(folder_paths.models_dir, "guideline"))
-        roots += folder_paths.get_folder_paths("guideline")
-    except Exception:  # outside ComfyUI
-        pass
-    found = {}
-    for root in roots:
-        if os.path.isdir(root):
-            for name in sorted(os.listdir(root)):
-                if name.endswith(".safetensors"):
-                    found.setdefault(name, os.path.join(root, name))
-    return found
+    ComfyUI's models/guideline."""
+    return find("guideline", "guideline", lambda p: p.endswith(".safetensors") and os.path.isfile(p))
 
 
 def load_guideline(embedding_name: str):
@@ -36,8 +22,7 @@ def load_guideline(embedding_name: str):
 
     files = guideline_files()
     if embedding_name not in files:
-        raise ValueError(f"No guideline embedding named '{embedding_name}' in {PACK_GUIDELINES} or ComfyUI's "
-                         f"models/guideline; available: {', '.join(files) or 'none'}.")
+        raise missing("guideline embedding", embedding_name, f"{PACK_GUIDELINES} or ComfyUI's models/guideline", files)
     return ([GuidelineEmbedding.load(files[embedding_name])],)
 
 

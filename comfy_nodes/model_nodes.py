@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import os
 
+from .folders import PACK_MODELS, find, missing
 from .spec import Input, NodeSpec, Output
-
-PACK_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
 def model_folders() -> dict[str, str]:
     """{name shown in the list: path} of diffusers folders in the pack's models/ and ComfyUI's models/diffusers."""
-    roots = [PACK_MODELS]
-    try:
-        import folder_paths
-
-        roots += folder_paths.get_folder_paths("diffusers")
-    except Exception:  # outside ComfyUI or no such folder type
-        pass
-    found = {}
-    for root in roots:
-        if not os.path.isdir(root):
-            continue
-        for name in sorted(os.listdir(root)):
-            path = os.path.join(root, name)
-            if os.path.isfile(os.path.join(path, "model_index.json")):
-                found.setdefault(name, path)
-    return found
+    return find("", "diffusers", lambda p: os.path.isfile(os.path.join(p, "model_index.json")))
 
 
 def load_diffusers(model_name: str):
@@ -36,8 +20,7 @@ def load_diffusers(model_name: str):
 
     folders = model_folders()
     if model_name not in folders:
-        raise ValueError(f"No diffusers model named '{model_name}' in {PACK_MODELS} or ComfyUI's models/diffusers; "
-                         f"available: {', '.join(folders) or 'none'}.")
+        raise missing("diffusers model", model_name, f"{PACK_MODELS} or ComfyUI's models/diffusers", folders)
     return to_comfy(models.load(folders[model_name]))
 
 
