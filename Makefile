@@ -62,11 +62,12 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 comfyui: setup
-	mkdir -p .cache/comfyui/base/custom_nodes
+	mkdir -p .cache/comfyui/base/custom_nodes .cache/comfyui/base/user .cache/comfyui/base/models
 	ln -sfn $(CURDIR) .cache/comfyui/base/custom_nodes/erasekit
 	@echo "ComfyUI with Erasekit: open http://127.0.0.1:$(COMFYUI_PORT) (Ctrl+C stops it)"
 	$(PY) $(COMFY_DIR)/main.py --cpu --listen 127.0.0.1 --port $(COMFYUI_PORT) \
-	    --disable-auto-launch --base-directory $(abspath .cache/comfyui/base)
+	    --disable-auto-launch --base-directory $(abspath .cache/comfyui/base) \
+	    --database-url sqlite:///$(abspath .cache/comfyui/base/user)/comfyui.db
 
 bench: setup
 	$(PY) -m erasekit.bench startup --json

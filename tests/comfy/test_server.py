@@ -40,7 +40,8 @@ def start_server(base):
     log = open(base / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, os.path.join(COMFY_DIR, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--disable-auto-launch", "--base-directory", str(base)],
+         "--disable-auto-launch", "--base-directory", str(base),
+         "--database-url", f"sqlite:///{base}/comfyui.db"],
         stdout=log, stderr=subprocess.STDOUT, cwd=str(base),
     )
     url = f"http://127.0.0.1:{port}"
