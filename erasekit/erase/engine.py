@@ -1,0 +1,628 @@
+"""The training engine every erasure method runs on (INPO now; NCD and ResAlign next).
+
+A run is a folder:
+
+    <out>/config.toml                the resolved configuration: [train], [<method>], [data]
+    <out>/metrics.jsonl              one line per optimizer step: step, lr, seconds, loss terms
+    <out>/checkpoints/checkpoint-000100/weights.safetensors   the trainable weights (peft names)
+                                      /state.safetensors     optimizer tensors, RNG; JSON metadata
+    <out>/samples/step-000100.png    previews: one row per prompt, one column per fixed seed
+    <out>/tensorboard/               SummaryWriter logs (the same terms, and the previews)
+    <out>/<name>.safetensors         the exported LoRA (kohya keys + metadata, :mod:`erasekit.lora_io`)
+
+:func:`train` reads top to bottom like diffusers' ``train_text_to_image_lora.py``: models ->
+LoRA adapters (or all UNet weights) -> optimizer and schedule -> resume -> loop -> export.
+Nothing is pickled: checkpoints are safetensors files, the optimizer's non-tensor state and the
+LR schedule are JSON in their metadata, and a checkpoint folder is written under a temporary
+name, synced, then renamed, so a run killed at any moment keeps its last good checkpoint.
+
+For the methods (:class:`Objective`):
+- ``loss(batch, unet, reference_ctx, ctx)`` returns named terms, ``"loss"`` the one minimised.
+- The reference model is the *same* UNet with its adapters disabled (``with reference_ctx() as
+  ref:``), so LoRA mode holds no second copy; full-parameter mode keeps one frozen copy.
+- ``ctx`` draws noise and timesteps from a generator seeded by (seed, step, micro-step,
+  process): reruns are identical and a resumed run continues exactly. Several candidates of one
+  sample share a noise draw by broadcasting it (NCD: draw for ``latents[:, 0]``).
+- ``ctx.trainable`` names the optimised parameters, for methods that take gradients themselves
+  (ResAlign's inner loop and Hessian-vector products through ``torch.autograd.grad(...,
+  create_graph=True)`` inside ``ctx.double_backward()``); such a method returns a surrogate
+  ``"loss"`` whose gradient is the one to apply, e.g. ``sum((p * g.detach()).sum() for ...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import ErasekitError
+
+# peft target_modules. A string is a regex matched against the full module name.
+TARGET_PRESETS = {
+    "cross-attention": r".*attn2\.(to_q|to_k|to_v|to_out\.0)$",  # text -> image attention only
+    "attention": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",  # self- and cross-attention (ResAlign)
+    "all": None,  # every Linear and Conv2d of the down / mid / up blocks, listed from the model
+}
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the engine needs; written to ``config.toml`` as ``[train]``."""
+
+    out: str = "runs/erase"
+    target: str = ""  # the erased concept, as text (metadata, default preview prompt)
+    base: str = ""  # where the base model came from (metadata only)
+    name: str = ""  # file name of the exported LoRA; default erase-<target>-<method>
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 1  # per set (forget and preserve) and per micro-step
+    grad_accum: int = 1
+    mode: str = "lora"  # "lora" | "full"
+    rank: int = 4
+    alpha: float | None = None  # LoRA alpha; default = rank (scale 1)
+    targets: str = "attention"  # a TARGET_PRESETS name, or module-name suffixes "to_k,to_v"
+    train_text_encoder: bool = False
+    optimizer: str = "adamw"  # adamw | adafactor | sgd
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    momentum: float = 0.9  # SGD only
+    lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # 0: no previews
+    sample_prompts: list = field(default_factory=list)
+    sample_seeds: list = field(default_factory=lambda: [0, 1])
+    sample_steps: int = 20
+    sample_cfg: float = 3.0
+    tensorboard: bool = True
+    export: bool = True
+    resume: bool = False
+    cpu: bool = False  # force the CPU even where an accelerator is present
+
+
+@dataclass
+class StepContext:
+    """What an objective gets besides the batch, for one micro-step."""
+
+    step: int  # optimizer steps already done
+    generator: object  # torch.Generator (CPU), seeded by (seed, step, micro-step, process)
+    noise_scheduler: object  # diffusers DDPMScheduler with the base model's betas
+    device: object
+    trainable: dict  # {name: Parameter}: what the optimizer updates
+    text_encoder: object = None  # the trained text encoder, when it is trained
+
+    def noise_and_timesteps(self, latents):
+        """Gaussian noise like ``latents`` [B, ...] and timesteps [B], uniform over the schedule."""
+        import torch
+
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
+        n = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, n, (latents.shape[0],), generator=self.generator).to(self.device)
+        return noise, t
+
+    def add_noise(self, latents, noise, t):
+        """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, shapes as ``latents``."""
+        return self.noise_scheduler.add_noise(latents, noise, t)
+
+    def target(self, latents, noise, t):
+        """What the UNet predicts: eps (epsilon models) or v (v-prediction models)."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, t)
+        raise ErasekitError(f"The base model predicts '{kind}', but erasure training supports epsilon and v-prediction models only.")
+
+    @staticmethod
+    def double_backward():
+        """A context in which the UNet has second derivatives (Hessian-vector products with
+        ``create_graph=True``): PyTorch's flash and memory-efficient attention kernels have none
+        (measured: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
+        not implemented"), its math kernel has; gradient checkpointing works inside it."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+
+    def text(self, part):
+        """Text conditioning [B, L, D] of the model being trained: the cached base embeddings, or
+        ``part["ids"]`` through the text encoder when it is trained (the reference always uses
+        ``part["embeds"]``, which are the base encoder's own output)."""
+        return part["embeds"] if self.text_encoder is None else self.text_encoder(part["ids"])[0]
+
+
+class Objective:
+    """An erasure method's loss. Subclasses set ``name`` and ``config`` (a dataclass, written
+    to ``config.toml`` as ``[<name>]``) and implement :meth:`loss`."""
+
+    name = "objective"
+    config = None
+
+    def loss(self, batch: dict, unet, reference_ctx, ctx: StepContext) -> dict:
+        """Named loss terms (scalar tensors) of one micro-batch; ``"loss"`` is minimised.
+
+        batch: ``{"forget": part, "preserve": part}`` (see ``EraseData.sample``), each part with
+            ``latents`` [B, C, h, w], ``embeds`` [B, L, D], ``ids`` [B, L] and, for the forget
+            set, ``masks`` [B, 1, h, w] in [0, 1].
+        unet: the model being trained (maybe wrapped by accelerate): ``unet(x_t, t,
+            encoder_hidden_states=c).sample``.
+        reference_ctx: ``with reference_ctx() as ref: ref(x_t, t, encoder_hidden_states=c)`` runs
+            the frozen base model, without gradients.
+        """
+        raise NotImplementedError
+
+
+@dataclass
+class RunResult:
+    status: str  # "done" or "cancelled"
+    step: int
+    run_dir: Path
+    checkpoint: Path | None
+    lora: Path | None
+    last: dict  # the last step's loss terms
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def config_from_dict(cls, values: dict, where: str):
+    """A ``cls`` dataclass from ``values``; an unknown key is refused naming ``where`` it came from."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ErasekitError(f"Unknown setting '{unknown[0]}' in {where}; known settings: {', '.join(sorted(known))}.")
+    return cls(**values)
+
+
+def read_config(path) -> dict:
+    """The tables of a TOML file: ``{"train": {...}, "inpo": {...}, "data": {...}}``."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ErasekitError(f"The config file '{path}' does not exist; check the path.") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ErasekitError(f"The config file '{path}' is not valid TOML ({err}).") from None
+
+
+def write_config(run_dir, sections: dict) -> Path:
+    """Write ``sections`` ({table: dict or dataclass}) to ``<run_dir>/config.toml`` atomically
+    (None values are left out: TOML has no null, and they mean "the default")."""
+    import tomli_w
+
+    tables = {name: {k: v for k, v in (asdict(s) if hasattr(s, "__dataclass_fields__") else s).items() if v is not None}
+              for name, s in sections.items()}
+    path = Path(run_dir) / "config.toml"
+    _write_text_atomic(path, tomli_w.dumps(tables))
+    return path
+
+
+def unet_lora_targets(unet, targets: str):
+    """peft ``target_modules`` for a preset name (:data:`TARGET_PRESETS`) or a comma-separated
+    list of module-name suffixes ("to_k,to_v")."""
+    import torch.nn as nn
+
+    if TARGET_PRESETS.get(targets):
+        return TARGET_PRESETS[targets]
+    if targets == "all":
+        return [n for n, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)
+                and n.startswith(("down_blocks.", "mid_block.", "up_blocks."))]
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise ErasekitError(f"No LoRA target modules in '{targets}'; use {', '.join(TARGET_PRESETS)} or names like 'to_k,to_v'.")
+    return names
+
+
+def _check(config: TrainConfig) -> None:
+    choices = {"mode": ("lora", "full"), "optimizer": OPTIMIZERS, "mixed_precision": ("no", "fp16", "bf16")}
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise ErasekitError(f"Setting {key} = '{getattr(config, key)}' is not one of {', '.join(allowed)}.")
+    for key in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every", "keep_checkpoints"):
+        if int(getattr(config, key)) < 1:
+            raise ErasekitError(f"Setting {key} = {getattr(config, key)} must be at least 1.")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The complete checkpoint folder with the highest step (temporary folders are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else ())
+             if (m := _CHECKPOINT.match(d.name)) and (d / "weights.safetensors").is_file() and (d / "state.safetensors").is_file()]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(run_dir, step: int, trainable: dict, optimizer, lr_scheduler, keep: int = 2) -> Path:
+    """Write ``checkpoints/checkpoint-<step>/`` (weights + state) atomically; keep the newest ``keep``."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"checkpoint-{step:06d}"
+    if final.exists():
+        return final
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
+    opt_tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
+    rng = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"format": "erasekit.train_state/1", "step": str(step), "optimizer": json.dumps(opt_json),
+            "lr_scheduler": json.dumps(lr_scheduler.state_dict())}
+    save_file(weights, str(tmp / "weights.safetensors"), metadata={"step": str(step)})
+    save_file({**opt_tensors, **rng}, str(tmp / "state.safetensors"), metadata=meta)
+    for f in tmp.iterdir():  # on disk before the rename makes the folder count
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    steps = sorted(d for d in root.iterdir() if _CHECKPOINT.match(d.name))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path, trainable: dict, optimizer=None, lr_scheduler=None) -> int:
+    """Restore weights (and optimizer, schedule, RNG when given) from a checkpoint; return its step."""
+    import torch
+    from safetensors import safe_open
+
+    from ..checkpoints import load_file
+
+    path = Path(path)
+    weights, _ = load_file(str(path / "weights.safetensors"), "checkpoint")
+    differ = sorted(set(weights) ^ set(trainable))
+    if differ:
+        raise ErasekitError(f"The checkpoint '{path}' does not fit this run's model ({len(differ)} weights differ, e.g. "
+                            f"'{differ[0]}'); resume with the rank, targets and mode it was made with, or use a new --out folder.")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name])
+    with safe_open(str(path / "state.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if optimizer is not None:
+        optimizer.load_state_dict(_unflatten_optimizer(json.loads(meta["optimizer"]), tensors))
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(json.loads(meta["lr_scheduler"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return int(meta["step"])
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    """A torch optimizer state dict -> ({key: tensor}, JSON-able dict naming those keys)."""
+    import torch
+
+    tensors, state = {}, {}
+    for idx, entry in state_dict["state"].items():
+        state[str(idx)] = {}
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                key = f"optimizer.{idx}.{k}"
+                tensors[key] = v.detach().cpu().contiguous()
+                v = {"tensor": key}
+            state[str(idx)][k] = v
+    return tensors, {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def _unflatten_optimizer(js: dict, tensors: dict) -> dict:
+    def value(v):
+        return tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+
+    state = {int(i): {k: value(v) for k, v in entry.items()} for i, entry in js["state"].items()}
+    return {"state": state, "param_groups": js["param_groups"]}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step``: a resumed run writes those steps again."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        _write_text_atomic(path, "".join(ln + "\n" for ln in lines))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, objective: Objective, data, components, *, progress=None, cancel=None,
+          sections: dict | None = None) -> RunResult:
+    """Fine-tune ``components`` (an :class:`erasekit.models.Components`) with ``objective`` on ``data``.
+
+    Args:
+        data: an ``EraseData`` (or anything with ``sample(generator, batch_size)`` and ``preserved``).
+        progress: called after every optimizer step as ``progress(step, total, terms)``.
+        cancel: a ``threading.Event`` or a callable; checked between steps. A cancelled run
+            writes a checkpoint and returns with ``status == "cancelled"`` (resume continues it).
+        sections: more tables for ``config.toml`` (e.g. ``{"data": DataConfig(...)}``).
+    Raises:
+        ErasekitError: a bad setting, a checkpoint that does not fit, or a loss that is not
+        finite (the last good checkpoint is kept and named in the message).
+    """
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    _check(config)
+    _reset_accelerate_state()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                              cpu=config.cpu)
+    device, main = accelerator.device, accelerator.is_main_process
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    run_dir = Path(config.out)
+
+    # 1. The run folder. A fresh run refuses a folder that already holds one.
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None and not config.resume:
+        raise ErasekitError(f"The folder '{run_dir}' already holds a run (last checkpoint '{resume_from.name}'); "
+                            "resume it with --resume or pick another --out folder.")
+    if main:
+        write_config(run_dir, {"train": config, objective.name: objective.config or {}, **(sections or {})})
+        for stale in (run_dir / "checkpoints").glob("*.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # 2. Models: everything frozen, then LoRA adapters (or all UNet weights) made trainable.
+    unet, text_encoder = components.unet, components.text_encoder
+    if getattr(unet.config, "addition_embed_type", None):
+        raise ErasekitError("Erasure training supports SD1.x, SD2.x and the toy model for now; this UNet needs SDXL's extra conditioning.")
+    unet.requires_grad_(False)
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False)
+    train_te = config.train_text_encoder and text_encoder is not None
+    torch.manual_seed(config.seed)  # LoRA's A matrices are random (B starts at zero)
+    reference, te_original = None, None
+    if config.mode == "lora":
+        from peft import LoraConfig
+
+        if getattr(unet, "peft_config", None):
+            raise ErasekitError("This UNet already carries a LoRA adapter; load a clean base model to train a new erasure.")
+        alpha = config.alpha or config.rank
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                    target_modules=unet_lora_targets(unet, config.targets)))
+        if train_te:
+            text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                target_modules=TEXT_ENCODER_TARGETS))
+        unet.to(device)
+        if weight_dtype != torch.float32:
+            unet.to(dtype=weight_dtype)  # frozen base weights in the compute dtype ...
+    else:  # full parameters: the reference is a frozen copy (the only mode that needs one)
+        reference = copy.deepcopy(unet).eval().to(device)
+        if weight_dtype != torch.float32:
+            reference.to(dtype=weight_dtype)
+        unet.requires_grad_(True).to(device)
+        if train_te:
+            te_original = {k: v.detach().cpu().clone() for k, v in text_encoder.state_dict().items()}
+            text_encoder.requires_grad_(True)
+    if text_encoder is not None:
+        text_encoder.to(device, dtype=weight_dtype if not train_te or config.mode == "lora" else torch.float32)
+    trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    if train_te:
+        trainable.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
+    for p in trainable.values():  # ... and the trained weights in float32
+        p.data = p.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+
+    # 3. Optimizer and learning-rate schedule.
+    optimizer = _make_optimizer(config, list(trainable.values()))
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.steps)
+    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+
+    # 4. Resume: weights, optimizer moments, schedule and RNG from the last complete checkpoint.
+    step = 0
+    if resume_from is not None:
+        step = load_checkpoint(resume_from, trainable, optimizer, lr_scheduler)
+        if main:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
+    if train_te:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    base_unet = accelerator.unwrap_model(unet)
+    trained = [unet, text_encoder] if train_te else [unet]
+
+    @contextmanager
+    def reference_ctx():
+        """The frozen base model, without gradients: the same UNet with its adapters disabled."""
+        with torch.no_grad():
+            if reference is not None:
+                yield reference
+                return
+            base_unet.disable_adapters()
+            try:
+                yield base_unet
+            finally:
+                base_unet.enable_adapters()
+
+    # 5. Logs: metrics.jsonl, TensorBoard, a preview of the base model before the first step.
+    writer = None
+    if main and config.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+    metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+    prompts = config.sample_prompts or ([config.target] if config.target else [])
+    if main and config.sample_every and prompts and step == 0:
+        _preview(components, config, prompts, 0, run_dir, writer, accelerator)
+
+    # 6. The loop: one optimizer step = grad_accum micro-steps.
+    status, terms, last_ckpt = "done", {}, resume_from
+    t_start = time.time()
+    unet.train()
+    try:
+        while step < config.steps:
+            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+                status = "cancelled"
+                break
+            sums = {}
+            for micro in range(config.grad_accum):
+                seed = np.random.SeedSequence([config.seed, step, micro, accelerator.process_index]).generate_state(2)
+                g = torch.Generator().manual_seed(int(seed[0]) << 31 | int(seed[1]) >> 1)
+                batch = _to_device(data.sample(g, config.batch_size), device)
+                ctx = StepContext(step, g, noise_scheduler, device, trainable, text_encoder if train_te else None)
+                with accelerator.accumulate(*trained):
+                    with accelerator.autocast():
+                        out = objective.loss(batch, unet, reference_ctx, ctx)
+                    loss = out["loss"]
+                    if not torch.isfinite(loss.detach()).all():
+                        raise _not_finite(step + 1, float(loss.detach()), last_ckpt, optimizer)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / config.grad_accum
+            lr = lr_scheduler.get_last_lr()[0]
+            lr_scheduler.step()
+            step += 1
+            terms = sums
+            if main:
+                metrics.write(json.dumps({"step": step, "lr": lr, "seconds": round(time.time() - t_start, 3), **terms}) + "\n")
+                metrics.flush()
+                if writer is not None:
+                    for k, v in terms.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                    writer.add_scalar("train/lr", lr, step)
+            if progress is not None:
+                progress(step, config.steps, terms)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config) or last_ckpt
+            if main and config.sample_every and prompts and step % config.sample_every == 0:
+                _preview(components, config, prompts, step, run_dir, writer, accelerator)
+        if status == "cancelled" and step > 0:
+            last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config) or last_ckpt
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if writer is not None:
+            writer.close()
+
+    # 7. Export the LoRA (kohya keys + metadata) once the run is complete.
+    lora = None
+    if status == "done" and config.export and main:
+        lora = export_lora(config, objective.name, components, base_unet, accelerator.unwrap_model(text_encoder)
+                           if train_te else None, reference, te_original, list(getattr(data, "preserved", [])))
+    return RunResult(status, step, run_dir, last_ckpt, lora, terms)
+
+
+def _reset_accelerate_state() -> None:
+    """accelerate keeps its settings in process-wide singletons and refuses a second Accelerator
+    with other ones; one process may run several trainings (tests, the trainer app), so they are
+    cleared here, except the distributed state of a multi-process ``accelerate launch``."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    single = not PartialState._shared_state or PartialState().num_processes == 1
+    AcceleratorState._reset_state(reset_partial_state=single)
+    GradientState._reset_state()
+
+
+def _make_optimizer(config: TrainConfig, params):
+    import torch
+
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    from transformers.optimization import Adafactor  # a fixed learning rate, as the other two
+
+    return Adafactor(params, lr=config.lr, weight_decay=config.weight_decay, scale_parameter=False,
+                     relative_step=False, warmup_init=False)
+
+
+def _to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if hasattr(batch, "to") else batch
+
+
+def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config):
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        return save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints)
+    return None
+
+
+def _not_finite(step: int, value: float, last_ckpt, optimizer) -> ErasekitError:
+    lr = optimizer.param_groups[0]["lr"]
+    kept = f"the last good checkpoint '{last_ckpt}' is kept" if last_ckpt else "no checkpoint had been written yet"
+    return ErasekitError(f"Training stopped at step {step} because the loss became {value} (not a finite number); "
+                         f"{kept}: lower the learning rate (now {lr:g}) and run again with --resume.")
+
+
+def _preview(components, config, prompts, step, run_dir, writer, accelerator):
+    """Sample ``prompts`` x ``config.sample_seeds`` with the current weights; save one PNG grid."""
+    import numpy as np
+    from PIL import Image
+
+    from ..dag.sampling import sample
+
+    seeds = [int(s) for s in config.sample_seeds]
+    with accelerator.autocast():
+        res = sample(components, [p for p in prompts for _ in seeds], seeds * len(prompts),
+                     steps=config.sample_steps, cfg=config.sample_cfg)
+    n, c, h, w = res.images.shape  # [P * S, 3, H, W] in [0, 1]
+    grid = res.images.view(len(prompts), len(seeds), c, h, w).permute(2, 0, 3, 1, 4).reshape(c, len(prompts) * h, len(seeds) * w)
+    path = Path(run_dir) / "samples" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    if writer is not None:
+        writer.add_image("samples", grid, step)
+
+
+def export_lora(config: TrainConfig, method: str, components, unet, text_encoder=None, reference=None,
+                te_original=None, preserved=()) -> Path:
+    """Write ``<out>/<name>.safetensors``: a kohya LoRA with metadata (:func:`erasekit.lora_io.save_lora`).
+
+    LoRA mode exports the peft adapters as trained; full-parameter mode extracts a rank-``config.rank``
+    LoRA from the weight change by SVD (:func:`erasekit.lora_io.extract_lora`).
+    """
+    from .. import lora_io
+    from ..models import architecture_of_unet
+
+    if config.mode == "lora":
+        lora = lora_io.lora_from_peft(unet=unet, text_encoder=text_encoder)
+    else:
+        lora = lora_io.extract_lora(reference.state_dict(), unet.state_dict(), rank=config.rank).lora
+        if text_encoder is not None:
+            lora.update(lora_io.extract_lora(te_original, text_encoder.state_dict(), rank=config.rank,
+                                             component="text_encoder").lora)
+    architecture = components.architecture or architecture_of_unet(unet)
+    slug = re.sub(r"[^a-z0-9]+", "-", config.target.lower()).strip("-") or "concept"
+    name = config.name or f"erase-{slug}-{method}"
+    resolved = {"train": asdict(config), "method": method}
+    return Path(lora_io.save_lora(lora, Path(config.out) / f"{name}.safetensors", architecture,
+                                  erased_concept=config.target, method=method, preserved=preserved, config=resolved,
+                                  base_model=os.path.basename(os.path.normpath(config.base)) if config.base else ""))

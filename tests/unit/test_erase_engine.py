@@ -1,0 +1,369 @@
+"""The erasure training engine on the tiny toy model (a few steps each): the reference is the base
+model exactly, runs resume where they stopped and continue identically, a non-finite loss stops
+with one sentence and keeps the last good checkpoint, nothing is pickled, seeds reproduce, data
+errors are one sentence, the CLI works and the exported LoRA is what was trained."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from erasekit import checkpoints, lora_io, models
+from erasekit.erase.data import DataConfig, EraseData, build_erase_data, toy_scene_set
+from erasekit.erase.engine import (
+    Objective,
+    TrainConfig,
+    latest_checkpoint,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+    train,
+)
+from erasekit.erase.inpo import InpoObjective
+from erasekit.errors import ErasekitError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_components(seed=0):
+    from erasekit.toyworld.model import build_toy_pipeline
+
+    pipe = build_toy_pipeline(seed, tiny=True)
+    return models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler)
+
+
+@pytest.fixture(scope="module")
+def data():
+    comps = tiny_components()
+    forget = toy_scene_set(comps, [("red", "circle")], 4, seed=0)
+    preserve = toy_scene_set(comps, [("blue", "square")], 4, seed=100, masks=False)
+    return EraseData("red circle", forget, preserve, ["blue square"])
+
+
+def config(tmp_path, name="run", **kw):
+    base = dict(out=str(tmp_path / name), target="red circle", steps=4, batch_size=2, lr=5e-3,
+                checkpoint_every=2, tensorboard=False, export=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def weights(ckpt):
+    return checkpoints.load_file(str(ckpt / "weights.safetensors"))[0]
+
+
+class Probe(Objective):
+    """INPO, plus checks of the reference on fixed inputs at every step (and an optional NaN)."""
+
+    name = "inpo"
+
+    def __init__(self, x, t, c, nan_at=None):
+        self.inner, self.config = InpoObjective(), InpoObjective().config
+        self.x, self.t, self.c, self.nan_at = x, t, c, nan_at
+        self.seen = []
+
+    def loss(self, batch, unet, reference_ctx, ctx):
+        with reference_ctx() as ref:
+            ref_out = ref(self.x, self.t, encoder_hidden_states=self.c).sample
+        with torch.no_grad():
+            cur_out = unet(self.x, self.t, encoder_hidden_states=self.c).sample
+        self.seen.append((ref_out, cur_out))
+        out = self.inner.loss(batch, unet, reference_ctx, ctx)
+        if self.nan_at is not None and ctx.step + 1 == self.nan_at:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def probe_inputs():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(2, 12, 16, 16, generator=g), torch.tensor([50, 700]), torch.randn(2, 24, 32, generator=g)
+
+
+# ----------------------------------------------------------------------------- reference, resume, NaN
+
+
+def test_reference_is_the_base_model_exactly(data, tmp_path):
+    comps = tiny_components()
+    x, t, c = probe_inputs()
+    with torch.no_grad():
+        base = comps.unet(x, t, encoder_hidden_states=c).sample
+    probe = Probe(x, t, c)
+    result = train(config(tmp_path, steps=3), probe, data, comps)
+    assert result.status == "done" and result.step == 3
+    for ref_out, _ in probe.seen:
+        assert torch.equal(ref_out, base)  # adapters disabled: bit for bit the base model
+    assert torch.equal(probe.seen[0][1], base)  # LoRA B = 0 before the first update
+    assert not torch.allclose(probe.seen[-1][1], base)  # ... and the LoRA has changed it since
+    names = [n for n, p in comps.unet.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n for n in names)  # no second UNet, only adapters trained
+
+
+def test_resume_after_a_stop_continues_identically(data, tmp_path):
+    straight = train(config(tmp_path, "a", steps=6, checkpoint_every=3), InpoObjective(), data, tiny_components())
+
+    stop_at_3 = lambda step, total, terms: step == 3 and stopper.append(1)  # noqa: E731
+    stopper = []
+    cfg = config(tmp_path, "b", steps=6, checkpoint_every=100)
+    first = train(cfg, InpoObjective(), data, tiny_components(), progress=stop_at_3, cancel=lambda: bool(stopper))
+    assert first.status == "cancelled" and first.step == 3 and first.checkpoint.name == "checkpoint-000003"
+    run = tmp_path / "b"
+    # what a kill -9 leaves behind: a half-written checkpoint folder and a logged step not yet saved
+    partial = run / "checkpoints" / "checkpoint-000005.tmp-99999"
+    partial.mkdir()
+    (partial / "weights.safetensors").write_bytes(b"\x00" * 10)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+    assert latest_checkpoint(run).name == "checkpoint-000003"
+    with pytest.raises(ErasekitError, match="already holds a run"):
+        train(cfg, InpoObjective(), data, tiny_components())
+
+    cfg.resume = True
+    second = train(cfg, InpoObjective(), data, tiny_components())
+    assert second.status == "done" and second.step == 6
+    assert not partial.exists()
+    a, b = weights(straight.checkpoint), weights(second.checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a, rows_b = metrics(tmp_path / "a"), metrics(run)
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows_a]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    x, t, c = probe_inputs()
+    with pytest.raises(ErasekitError) as err:
+        train(config(tmp_path, steps=8, checkpoint_every=2), Probe(x, t, c, nan_at=5), data, tiny_components())
+    msg = str(err.value)
+    assert "step 5" in msg and "nan" in msg and "checkpoint-000004" in msg and "learning rate" in msg
+    assert "\n" not in msg
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "checkpoint-000004"
+    assert all(torch.isfinite(v).all() for v in weights(ckpt).values())
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+class HessianVector(Objective):
+    """What ResAlign needs from the engine: its own gradients over ``ctx.trainable``, a
+    Hessian-vector product, and a surrogate loss whose gradient is the vector to apply."""
+
+    name = "hvp-probe"
+
+    def __init__(self):
+        self.applied = []
+
+    def loss(self, batch, unet, reference_ctx, ctx):
+        params = list(ctx.trainable.values())
+        part = batch["forget"]
+        noise, t = ctx.noise_and_timesteps(part["latents"])
+        with ctx.double_backward():
+            pred = unet(ctx.add_noise(part["latents"], noise, t), t, encoder_hidden_states=ctx.text(part)).sample
+            inner = ((pred - ctx.target(part["latents"], noise, t)) ** 2).mean()
+            grads = torch.autograd.grad(inner, params, create_graph=True)
+            hvp = torch.autograd.grad(sum((g * g.detach()).sum() for g in grads), params)  # H g
+        direction = [g.detach() + 0.1 * h for g, h in zip(grads, hvp)]
+        self.applied.append(sum(float(d.abs().sum()) for d in direction))
+        return {"loss": sum((p * d).sum() for p, d in zip(params, direction)), "inner": inner.detach()}
+
+
+def test_objectives_can_take_hessian_vector_products(data, tmp_path):
+    objective = HessianVector()
+    result = train(config(tmp_path, steps=2, gradient_checkpointing=True), objective, data, tiny_components())
+    assert result.status == "done" and len(objective.applied) == 2 and objective.applied[1] > 0
+    assert set(result.last) == {"loss", "inner"}
+
+
+# ----------------------------------------------------------------------------- files and seeds
+
+
+def test_run_folder_is_safetensors_json_toml_and_png_only(data, tmp_path):
+    cfg = config(tmp_path, steps=2, checkpoint_every=1, sample_every=2, sample_steps=2, sample_seeds=[0],
+                 tensorboard=True, export=True)
+    result = train(cfg, InpoObjective(), data, tiny_components())
+    run = tmp_path / "run"
+    for root, _, files in os.walk(run):
+        for name in files:
+            path = os.path.join(root, name)
+            head = open(path, "rb").read(2)
+            assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle / torch.save file"
+            assert name.endswith((".safetensors", ".toml", ".jsonl", ".png", ".md")) or "tfevents" in name, path
+            if name.endswith(".safetensors"):
+                checkpoints.read_header(path)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000.png", "step-000002.png"]
+    resolved = read_config(run / "config.toml")
+    assert resolved["train"]["steps"] == 2 and resolved["inpo"]["gamma"] == 3.0
+    assert {"loss", "inpo", "prior", "delta_s", "alpha", "lr", "seconds"} <= set(metrics(run)[0])
+    assert result.lora.name == "erase-red-circle-inpo.safetensors"
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path):
+    from diffusers.optimization import get_scheduler
+
+    from erasekit.erase.engine import _make_optimizer
+
+    for name in ("adamw", "adafactor", "sgd"):
+        params = {"w": torch.nn.Parameter(torch.randn(4, 3)), "b": torch.nn.Parameter(torch.randn(3))}
+        opt = _make_optimizer(TrainConfig(optimizer=name, lr=1e-2), list(params.values()))
+        sched = get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=10)
+        for _ in range(2):
+            sum((p ** 2).sum() for p in params.values()).backward()
+            opt.step(), sched.step(), opt.zero_grad()
+        ckpt = save_checkpoint(tmp_path / name, 2, params, opt, sched)
+        params2 = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in params.items()}
+        opt2 = _make_optimizer(TrainConfig(optimizer=name, lr=1e-2), list(params2.values()))
+        sched2 = get_scheduler("cosine", opt2, num_warmup_steps=1, num_training_steps=10)
+        assert load_checkpoint(ckpt, params2, opt2, sched2) == 2
+        assert all(torch.equal(params[k], params2[k]) for k in params)
+        s1, s2 = opt.state_dict(), opt2.state_dict()
+        for i in s1["state"]:
+            for k, v in s1["state"][i].items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(s2["state"][i][k])), (name, k)
+        assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_same_seed_same_weights_other_seed_other_weights(data, tmp_path):
+    runs = [train(config(tmp_path, f"s{i}", steps=2, grad_accum=2, seed=seed), InpoObjective(), data, tiny_components())
+            for i, seed in enumerate((3, 3, 4))]
+    w = [weights(r.checkpoint) for r in runs]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    assert not all(torch.equal(w[0][k], w[2][k]) for k in w[0])
+
+
+def test_target_presets_and_full_mode(data, tmp_path):
+    comps = tiny_components()
+    train(config(tmp_path, "x", steps=1, targets="cross-attention"), InpoObjective(), data, comps)
+    names = [n for n, p in comps.unet.named_parameters() if p.requires_grad]
+    assert names and all(".attn2." in n for n in names)
+
+    comps = tiny_components()
+    x, t, c = probe_inputs()
+    with torch.no_grad():
+        base = comps.unet(x, t, encoder_hidden_states=c).sample
+    probe = Probe(x, t, c)
+    result = train(config(tmp_path, "full", steps=2, mode="full", lr=1e-3, export=True), probe, data, comps)
+    assert all(torch.equal(ref_out, base) for ref_out, _ in probe.seen)  # the frozen copy
+    lora, meta = lora_io.load_lora(str(result.lora))
+    assert lora and meta["erasekit.method"] == "inpo"
+
+
+def test_exported_lora_is_what_was_trained(data, tmp_path):
+    comps = tiny_components()
+    result = train(config(tmp_path, steps=2, export=True), InpoObjective(), data, comps)
+    lora, meta = lora_io.load_lora(str(result.lora))
+    assert meta["erasekit.erased_concept"] == "red circle" and meta["ss_base_model_version"] == "toy"
+    assert json.loads(meta["erasekit.preserved"]) == ["blue square"]
+    x, t, c = probe_inputs()
+    with torch.no_grad():
+        trained = comps.unet(x, t, encoder_hidden_states=c).sample
+        merged = tiny_components().unet
+        assert lora_io.apply_lora(merged, lora) == len(lora)
+        assert torch.allclose(merged(x, t, encoder_hidden_states=c).sample, trained, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- data and CLI
+
+
+def test_empty_forget_set_is_one_sentence(tmp_path, monkeypatch):
+    from erasekit.toyworld import judge as judge_module
+
+    comps = tiny_components()
+    comps.architecture = comps.architecture  # the toy architecture: the judge decides
+    monkeypatch.setattr(judge_module, "judge", lambda image: judge_module.Judgement([], "plain"))
+    cfg = DataConfig(forget_images=1, max_tries=2, sample_steps=2, images_per_concept=1)
+    with pytest.raises(ErasekitError, match="nothing to erase") as err:
+        build_erase_data(comps, "red circle", cfg, log=lambda m: None)
+    assert "\n" not in str(err.value) and "in none of the 2 images" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ErasekitError, match="holds no .png images"):
+        build_erase_data(comps, "red circle", DataConfig(forget_dir=str(tmp_path / "empty")), log=lambda m: None)
+    with pytest.raises(ErasekitError, match="unknown word 'blob'"):
+        build_erase_data(comps, "red blob", cfg, log=lambda m: None)
+
+
+def test_cli_trains_from_a_folder_and_reports_errors(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+    from erasekit.toyworld.scenes import render_scene, upscale_for_display
+    from trainer.__main__ import main
+
+    save_toy_pipeline(build_toy_pipeline(0, tiny=True), tmp_path / "toy")
+    (tmp_path / "forget").mkdir()
+    for i in range(2):
+        s = render_scene(i, objects=[("red", "circle")])
+        Image.fromarray(upscale_for_display(s.image)).save(tmp_path / "forget" / f"{i}.png")
+        mask = upscale_for_display(s.objects[0].mask[..., None].repeat(3, -1).astype(np.uint8) * 255)
+        Image.fromarray(mask).save(tmp_path / "forget" / f"{i}_mask.png")
+    common = ["train", "--target", "red circle", "--base", str(tmp_path / "toy"), "--threads", "1"]
+    out = str(tmp_path / "run")
+    rc = main(common + ["--out", out, "--forget-dir", str(tmp_path / "forget"), "--images-per-concept", "1",
+                        "--neighbours", "1", "--unrelated", "1", "--steps", "2", "--batch-size", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert os.path.isfile(os.path.join(out, "erase-red-circle-inpo.safetensors"))
+    resolved = read_config(os.path.join(out, "config.toml"))
+    assert resolved["train"]["steps"] == 2 and resolved["train"]["rank"] == 4  # flag over preset
+    assert resolved["inpo"]["eta"] == 1.0 and resolved["data"]["neighbours"] == 1
+    assert os.path.isfile(os.path.join(out, "data.safetensors"))  # the cached sets
+    # --resume alone: target, base and settings come from the run's config.toml
+    assert main(["train", "--out", out, "--resume", "--steps", "3", "--threads", "1"]) == 0, capsys.readouterr().err
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert "data: 2 forget / 2 preserve images from" in capsys.readouterr().err
+
+    assert main(common[:3] + ["--base", str(tmp_path / "missing"), "--out", out]) == 2
+    assert "base model" in capsys.readouterr().err
+    assert main(["train", "--target", "red blob", "--base", str(tmp_path / "toy"), "--out", out]) == 2
+    assert "unknown word 'blob'" in capsys.readouterr().err
+    assert main(common + ["--out", out, "--forget-dir", str(tmp_path / "forget"), "--steps", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_keeps_a_loadable_checkpoint(data, tmp_path):
+    """A real ``kill -9`` of a training process that checkpoints every step (so it dies while
+    writing one, or right after): every checkpoint left loads, and resume goes on from the last."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from erasekit import models\n"
+        "from erasekit.toyworld.model import build_toy_pipeline\n"
+        "from erasekit.erase.data import EraseData, toy_scene_set\n"
+        "from erasekit.erase.engine import TrainConfig, train\n"
+        "from erasekit.erase.inpo import InpoObjective\n"
+        "p = build_toy_pipeline(0, tiny=True)\n"
+        "c = models.from_modules(p.unet, p.text_encoder, p.tokenizer, p.vae, p.scheduler)\n"
+        "d = EraseData('red circle', toy_scene_set(c, [('red', 'circle')], 4), None)\n"
+        f"train(TrainConfig(out={str(out)!r}, steps=100000, batch_size=2, lr=5e-3, checkpoint_every=1,"
+        " keep_checkpoints=3, tensorboard=False, export=False), InpoObjective(), d, c)\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, env={**os.environ, "PYTHONPATH": repo},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and (latest_checkpoint(out) is None or latest_checkpoint(out).name < "checkpoint-000004"):
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    last = latest_checkpoint(out)
+    assert last is not None, "the child never wrote a checkpoint"
+    step = int(last.name.split("-")[1])
+    for ckpt in (out / "checkpoints").glob("checkpoint-??????"):
+        assert all(torch.isfinite(v).all() for v in weights(ckpt).values())
+    result = train(config(tmp_path, "killed", steps=step + 2, resume=True), InpoObjective(), data, tiny_components())
+    assert result.status == "done" and result.step == step + 2
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 3))

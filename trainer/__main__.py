@@ -1,0 +1,192 @@
+"""``python -m trainer``: train an erasure LoRA from the command line.
+
+    python -m trainer train --method inpo --target "red circle" --out runs/red-circle
+    python -m trainer train --method inpo --target "red circle" --out runs/red-circle --resume
+    python -m trainer train --method inpo --target "bobo" --base my-model.safetensors --config my.toml
+
+Settings are resolved in this order, each overriding the one before: the engine's defaults, the
+method's preset for the concept type (INPO, Table 6), the run folder's own ``config.toml`` (with
+--resume), the --config file (tables ``[train]``, ``[inpo]``, ``[data]``), then the flags given.
+The resolved settings are written to ``<out>/config.toml``; the LoRA to ``<out>/<name>.safetensors``.
+Ctrl-C stops between two steps and writes a checkpoint (--resume continues); errors are one
+sentence on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from erasekit.errors import ErasekitError  # noqa: E402
+
+DEFAULT_BASE = REPO / "models" / "toy"
+METHODS = ("inpo",)  # NCD and ResAlign plug into the same engine next
+
+# flag -> (table, key); flags left out keep the value from the config / preset / default
+FLAGS = {
+    "target": ("train", "target"), "steps": ("train", "steps"), "seed": ("train", "seed"), "lr": ("train", "lr"),
+    "rank": ("train", "rank"), "alpha": ("train", "alpha"), "batch_size": ("train", "batch_size"),
+    "grad_accum": ("train", "grad_accum"), "mode": ("train", "mode"), "targets": ("train", "targets"),
+    "optimizer": ("train", "optimizer"), "lr_scheduler": ("train", "lr_scheduler"),
+    "mixed_precision": ("train", "mixed_precision"), "checkpoint_every": ("train", "checkpoint_every"),
+    "sample_every": ("train", "sample_every"), "name": ("train", "name"),
+    "gradient_checkpointing": ("train", "gradient_checkpointing"), "train_text_encoder": ("train", "train_text_encoder"),
+    "cpu": ("train", "cpu"), "eta": ("method", "eta"), "gamma": ("method", "gamma"), "tau": ("method", "tau"),
+    "lambda_prior": ("method", "lambda_prior"), "forget_dir": ("data", "forget_dir"),
+    "preserve_dir": ("data", "preserve_dir"), "forget_images": ("data", "forget_images"),
+    "images_per_concept": ("data", "images_per_concept"), "neighbours": ("data", "neighbours"),
+    "unrelated": ("data", "unrelated"), "cache": ("data", "cache"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Erase a concept from a text-to-image model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune and export an erasure LoRA")
+    p.add_argument("--method", choices=METHODS, default="inpo")
+    p.add_argument("--target", help='the concept to erase, e.g. "red circle", "bobo", "striped background"')
+    p.add_argument("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: models/toy)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/erase-<target>-<method>)")
+    p.add_argument("--config", help="a TOML file with [train], [<method>] and [data] tables")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--preset", choices=("object", "character", "style", "nsfw"),
+                   help="hyperparameters of this concept type (default: from the target)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    for flag, kind in (("steps", int), ("seed", int), ("lr", float), ("rank", int), ("alpha", float),
+                       ("batch-size", int), ("grad-accum", int), ("checkpoint-every", int), ("sample-every", int),
+                       ("eta", float), ("gamma", float), ("tau", float), ("lambda-prior", float),
+                       ("forget-images", int), ("images-per-concept", int), ("neighbours", int), ("unrelated", int)):
+        p.add_argument(f"--{flag}", type=kind, default=None)
+    p.add_argument("--mode", choices=("lora", "full"), default=None)
+    p.add_argument("--targets", default=None, help="cross-attention | attention | all | to_k,to_v,...")
+    p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), default=None)
+    p.add_argument("--lr-scheduler", default=None, help="constant, cosine, linear, constant_with_warmup, ...")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None)
+    p.add_argument("--name", default=None, help="file name of the exported LoRA")
+    for flag in ("gradient-checkpointing", "train-text-encoder", "cpu"):
+        p.add_argument(f"--{flag}", action="store_true", default=None)
+    for flag in ("forget-dir", "preserve-dir", "cache"):
+        p.add_argument(f"--{flag}", default=None)
+    return parser
+
+
+def resolve(args, kind: str | None) -> dict:
+    """The settings tables {"train", "method", "data"} from defaults, preset, files and flags."""
+    from erasekit.erase.engine import read_config
+    from erasekit.erase.inpo import preset
+
+    tables = {"train": {}, "method": {}, "data": {}}
+    row = preset(args.preset or kind or "object")
+    tables["train"].update(steps=row.pop("steps"), rank=row.pop("rank"))
+    tables["method"].update(row)
+    files = ([os.path.join(args.out, "config.toml")] if args.resume and os.path.isfile(os.path.join(args.out, "config.toml")) else [])
+    files += [args.config] if args.config else []
+    for path in files:
+        for name, values in read_config(path).items():
+            table = "method" if name == args.method else name
+            if table not in tables:
+                raise ErasekitError(f"Unknown table [{name}] in '{path}'; expected [train], [{args.method}] and [data].")
+            tables[table].update(values)
+    for attr, (table, key) in FLAGS.items():
+        if getattr(args, attr, None) is not None:
+            tables[table][key] = getattr(args, attr)
+    tables["train"].update(out=args.out, base=str(args.base), resume=bool(args.resume))
+    return tables
+
+
+def train_command(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from erasekit import models
+    from erasekit.erase.data import DataConfig, build_erase_data, resolve_concept
+    from erasekit.erase.engine import TrainConfig, config_from_dict, latest_checkpoint, train
+    from erasekit.erase.inpo import InpoConfig, InpoObjective
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # a resumed run reuses the base model written in its config.toml
+    args.base = args.base or (args.resume and _from_files(args, "base")) or DEFAULT_BASE
+    if not os.path.exists(args.base):
+        raise ErasekitError(f"The base model '{args.base}' does not exist; pass --base <a diffusers folder or a .safetensors "
+                            "checkpoint> (the toy model is made by `python -m erasekit.toyworld train --out models/toy`).")
+    components = models.load(str(args.base))
+    toy = components.architecture is not None and components.architecture.name == "toy"
+
+    target = args.target or _from_files(args, "target")
+    if not target:
+        raise ErasekitError("No concept to erase: pass --target, e.g. --target \"red circle\".")
+    kind = resolve_concept(target).kind if toy else None
+    args.target = target
+    if not args.out:
+        args.out = os.path.join("runs", f"erase-{'-'.join(target.lower().split())}-{args.method}")
+    tables = resolve(args, kind)
+    config = config_from_dict(TrainConfig, tables["train"], "[train]")
+    method_config = config_from_dict(InpoConfig, tables["method"], f"[{args.method}]")
+    data_config = config_from_dict(DataConfig, tables["data"], "[data]")
+    if not config.sample_prompts:
+        config.sample_prompts = [target] if not toy else [f"a {target}" if kind != "character" else target]
+
+    if not config.resume and latest_checkpoint(config.out) is not None:  # before the data is made
+        raise ErasekitError(f"The folder '{config.out}' already holds a run; resume it with --resume or pick another --out folder.")
+    data_config.cache = data_config.cache or os.path.join(config.out, "data.safetensors")  # resume reuses it
+    from accelerate import PartialState  # this process's device, also under `accelerate launch`
+
+    device = PartialState(cpu=config.cpu).device
+    for module in (components.unet, components.text_encoder, components.vae):
+        module.to(device)
+    data = build_erase_data(components, target, data_config, log=lambda m: print(m, file=sys.stderr))
+
+    cancel = threading.Event()  # Ctrl-C: stop after the current step, with a checkpoint; twice: at once
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT)
+    if in_main:
+        signal.signal(signal.SIGINT, lambda *_: (cancel.set(), signal.signal(signal.SIGINT, previous)))
+    bar = tqdm(total=config.steps, desc=f"{args.method} '{target}'", dynamic_ncols=True)
+
+    def progress(step, total, terms):
+        bar.n = step
+        bar.set_postfix({k: f"{terms[k]:.4f}" for k in ("loss", "delta_s", "prior") if k in terms}, refresh=True)
+
+    try:
+        result = train(config, InpoObjective(method_config), data, components, progress=progress, cancel=cancel,
+                       sections={"data": data_config})
+    finally:
+        bar.close()
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    if result.status == "cancelled":
+        print(f"Stopped at step {result.step}; checkpoint {result.checkpoint}. Continue with --resume.")
+        return 130
+    print(f"Erasure LoRA: {result.lora}" if result.lora else f"Done at step {result.step}: {result.run_dir}")
+    return 0
+
+
+def _from_files(args, key: str):
+    from erasekit.erase.engine import read_config
+
+    for path in ([args.config] if args.config else []) + ([os.path.join(args.out, "config.toml")] if args.out and args.resume else []):
+        if os.path.isfile(path) and read_config(path).get("train", {}).get(key):
+            return read_config(path)["train"][key]
+    return None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return train_command(args)
+    except ErasekitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
