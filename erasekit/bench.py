@@ -4,6 +4,7 @@ measured in the same run, so they compare across machines.
     python -m erasekit.bench startup [--repeats N]
     python -m erasekit.bench dag --target "red circle" [--prompts N] [--seeds K] [--steps S]
     python -m erasekit.bench lora-roundtrip
+    python -m erasekit.bench erase --method inpo --target "red circle"
 
 startup: seconds the pack adds to ComfyUI's node loading. ComfyUI is started in fresh
 processes alternately without and with the pack (the tools/comfy_headless.py runner), and the
@@ -65,9 +66,23 @@ def main(argv=None) -> None:
     d.add_argument("--guideline", default=None, help="load this embedding instead of training one")
     d.add_argument("--out", default="out/bench")
     d.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
+    e = sub.add_parser("erase", help="an erasure LoRA trained on the toy world, judged, and its cost")
+    e.add_argument("--method", default="inpo", choices=["inpo"])
+    e.add_argument("--target", default="red circle")
+    e.add_argument("--prompts", type=int, default=200)
+    e.add_argument("--steps", type=int, default=None, help="default: the method's preset for the concept type")
+    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--model", default=None)
+    e.add_argument("--out", default="out/bench/erase")
+    e.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     r = sub.add_parser("lora-roundtrip", help="a LoRA exported here, loaded by real ComfyUI and by diffusers")
     r.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     a = ap.parse_args(argv)
+    if a.which == "erase":
+        from .bench_erase import bench_erase
+
+        log = lambda msg: print(msg, file=sys.stderr)
+        print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log)))
     if a.which == "lora-roundtrip":
         from .bench_lora import bench_lora_roundtrip
 

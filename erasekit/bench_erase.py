@@ -1,0 +1,198 @@
+"""``python -m erasekit.bench erase --method inpo``: an erasure LoRA trained and judged on the toy world.
+
+1. The engine trains the method's preset on the toy model (data generated from the model itself).
+2. The base model and the erased one sample the same target prompts (the target with other
+   objects and styles) and preservation prompts (neighbouring and unrelated concepts), same seeds;
+   the judge scores. erase_rate = 1 - targets found after / targets found before (the papers'
+   ER); preservation = of the non-target objects found before (in all prompts), the fraction
+   still found after.
+3. Cost against plain LoRA fine-tuning (the standard denoising loss, same batch, same engine):
+   step_time_ratio is the mean step time ratio divided by the ratio of UNet passes per step
+   (INPO: trained pass + reference pass; plain: one pass), so it shows the overhead of INPO's
+   own work; step_time_ratio_raw is the plain ratio. peak_mem_ratio compares the peak memory a
+   training step adds over the loaded model, each objective in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PlainLoraObjective:
+    """The baseline: ordinary LoRA fine-tuning (denoising MSE) on the same batch."""
+
+    name = "plain"
+    config = None
+
+    def loss(self, batch, unet, reference_ctx, ctx) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        parts = [batch["forget"]] + ([batch["preserve"]] if "preserve" in batch else [])
+        both = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "ids")}
+        noise, t = ctx.noise_and_timesteps(both["latents"])
+        pred = unet(ctx.add_noise(both["latents"], noise, t), t, encoder_hidden_states=ctx.text(both)).sample
+        loss = F.mse_loss(pred, ctx.target(both["latents"], noise, t))
+        return {"loss": loss}
+
+
+def _objective(method: str, preset_name: str):
+    if method == "plain":
+        return PlainLoraObjective()
+    from .erase.inpo import InpoConfig, InpoObjective, preset
+
+    row = preset(preset_name)
+    row.pop("steps", None), row.pop("rank", None)
+    return InpoObjective(InpoConfig(**{k: v for k, v in row.items() if k in InpoConfig.__dataclass_fields__}))
+
+
+def _judge_found(images, concept):
+    from .bench_dag import concept_mask
+    from .toyworld.judge import judge
+
+    out = []
+    for img in images:
+        j = judge(img.permute(1, 2, 0).numpy())
+        rest = [o.label for o in j.objects if not concept_mask(_Single(o), concept).any()]
+        out.append((concept.matches(j), rest))
+    return out
+
+
+class _Single:
+    def __init__(self, obj):
+        self.objects, self.background = [obj], None
+
+
+def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
+                lr: float = 1e-3, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
+                forget_images: int = 16, images_per_concept: int = 12, log=print) -> dict:
+    import copy
+
+    import torch
+
+    from . import models
+    from .bench_dag import concept_prompts
+    from .dag.sampling import sample
+    from .erase.data import DataConfig, build_erase_data
+    from .erase.engine import TrainConfig, train
+    from .erase.inpo import preset
+    from .toyworld.vocab import parse_concept
+
+    concept = parse_concept(target)
+    kind = {"character": "character", "style": "style"}.get(concept.kind, "object")
+    model = model or os.path.join(REPO, "models", "toy")
+    comps = models.load(model)
+    base_unet = copy.deepcopy(comps.unet)
+    data = build_erase_data(comps, target, DataConfig(forget_images=forget_images, images_per_concept=images_per_concept,
+                                                      seed=seed), log=log)
+    steps = steps or preset(kind)["steps"]
+    run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
+    config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=preset(kind)["rank"], seed=seed,
+                         checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
+    t0 = time.time()
+    result = train(config, _objective(method, kind), data, comps)
+    train_seconds = time.time() - t0
+    log(f"trained {steps} steps in {train_seconds:.0f}s -> {result.lora}")
+
+    target_prompts, benign = concept_prompts(concept, n_prompts, n_prompts, seed)
+    seeds = list(range(len(target_prompts)))
+    pipe_base = _pipe(comps, base_unet)
+    pipe_erased = _pipe(comps, comps.unet)
+    counts = {}
+    for name, prompts in (("target", target_prompts), ("benign", benign)):
+        before, after = [], []
+        for s in range(0, len(prompts), 50):
+            chunk, sd = prompts[s : s + 50], seeds[s : s + 50]
+            before += _judge_found(sample(pipe_base, chunk, sd, steps=25, cfg=3.0).images, concept)
+            after += _judge_found(sample(pipe_erased, chunk, sd, steps=25, cfg=3.0).images, concept)
+        counts[name] = (before, after)
+    found_before = sum(b[0] for b in counts["target"][0])
+    found_after = sum(a[0] for b, a in zip(*counts["target"]) if b[0])
+    kept = total = 0
+    for before, after in counts.values():
+        for (_, rest_b), (_, rest_a) in zip(before, after):
+            have = list(rest_a)
+            for label in rest_b:
+                total += 1
+                if label in have:
+                    kept += 1
+                    have.remove(label)
+    cost = _cost(model, target, seed)
+    return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr,
+            "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
+            "targets_drawn_before": round(found_before / len(target_prompts), 4),
+            "erase_rate": round(1 - found_after / max(found_before, 1), 4),
+            "preservation": round(kept / max(total, 1), 4),
+            "benign_target_rate_after": round(sum(a[0] for a in counts["benign"][1]) / len(benign), 4),
+            "train_seconds": round(train_seconds, 1), "lora": str(result.lora), **cost,
+            "sampler": "DDIM eta=1, 25 steps, cfg 3"}
+
+
+def _pipe(comps, unet):
+    class P:  # what erasekit.dag.sampling.sample needs of a pipeline
+        pass
+
+    p = P()
+    p.unet, p.text_encoder, p.tokenizer, p.vae, p.scheduler = unet, comps.text_encoder, comps.tokenizer, comps.vae, comps.scheduler
+    return p
+
+
+def _cost(model: str, target: str, seed: int) -> dict:
+    runs = {}
+    for method in ("plain", "inpo"):
+        code = f"import sys; sys.path.insert(0, {REPO!r}); from erasekit.bench_erase import _measure_steps; " \
+               f"_measure_steps({method!r}, {model!r}, {target!r}, {seed})"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        runs[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    passes = {"plain": 1, "inpo": 2}
+    raw = runs["inpo"]["step_seconds"] / runs["plain"]["step_seconds"]
+    return {"step_time_ratio": round(raw / (passes["inpo"] / passes["plain"]), 4), "step_time_ratio_raw": round(raw, 4),
+            "peak_mem_ratio": round(runs["inpo"]["peak_added_mb"] / max(runs["plain"]["peak_added_mb"], 1e-6), 4),
+            "step_seconds": {k: v["step_seconds"] for k, v in runs.items()},
+            "peak_added_mb": {k: v["peak_added_mb"] for k, v in runs.items()}}
+
+
+def _measure_steps(method: str, model: str, target: str, seed: int, steps: int = 12) -> None:
+    """In a fresh process: the same engine, synthetic forget/preserve batches of the toy's shapes;
+    prints step time and the peak memory the steps add (resident set, kB -> MB)."""
+    import resource
+    import tempfile
+
+    import torch
+
+    from . import models
+    from .erase.data import EraseData, ImageSet
+    from .erase.engine import TrainConfig, train
+
+    torch.manual_seed(seed)
+    comps = models.load(model)
+    c = comps.unet.config
+    n, emb_len = 8, 24
+
+    def image_set(masks):
+        return ImageSet(torch.randn(n, c.in_channels, c.sample_size, c.sample_size),
+                        torch.randn(n, emb_len, c.cross_attention_dim), torch.zeros(n, emb_len, dtype=torch.long),
+                        ["x"] * n, torch.ones(n, 1, c.sample_size, c.sample_size) if masks else None)
+
+    data = EraseData(target, image_set(True), image_set(False), ["y"])
+    times = []
+
+    def progress(step, total, terms):
+        times.append(time.perf_counter())
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(out=tmp, steps=steps, batch_size=4, checkpoint_every=10_000, tensorboard=False, export=False,
+                          cpu=True, seed=seed)
+        train(cfg, _objective(method, "object"), data, comps, progress=progress)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step_s = (times[-1] - times[1]) / (len(times) - 2)  # skip the first (warm-up) step
+    print(json.dumps({"step_seconds": step_s, "peak_added_mb": (peak - base_rss) / 1024}))
