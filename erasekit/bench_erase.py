@@ -74,8 +74,6 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                 forget_images: int = 16, images_per_concept: int = 12, log=print) -> dict:
     import copy
 
-    import torch
-
     from . import models
     from .bench_dag import concept_prompts
     from .dag.sampling import sample
