@@ -170,6 +170,7 @@ def _measure_steps(method: str, model: str, target: str, seed: int, steps: int =
     from .erase.data import EraseData, ImageSet
     from .erase.engine import TrainConfig, train
 
+    torch.set_num_threads(1)  # one thread: stable timings on a shared machine; the ratio is what counts
     torch.manual_seed(seed)
     comps = models.load(model)
     c = comps.unet.config
