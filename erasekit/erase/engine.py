@@ -38,10 +38,19 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ErasekitError
+from .state import (  # noqa: F401
+    _truncate_metrics,
+    config_from_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+    write_config,
+)
 
 # peft target_modules. A string is a regex matched against the full module name.
 TARGET_PRESETS = {
@@ -177,42 +186,6 @@ class RunResult:
 # ----------------------------------------------------------------------------- configuration
 
 
-def config_from_dict(cls, values: dict, where: str):
-    """A ``cls`` dataclass from ``values``; an unknown key is refused naming ``where`` it came from."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ErasekitError(f"Unknown setting '{unknown[0]}' in {where}; known settings: {', '.join(sorted(known))}.")
-    return cls(**values)
-
-
-def read_config(path) -> dict:
-    """The tables of a TOML file: ``{"train": {...}, "inpo": {...}, "data": {...}}``."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ErasekitError(f"The config file '{path}' does not exist; check the path.") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ErasekitError(f"The config file '{path}' is not valid TOML ({err}).") from None
-
-
-def write_config(run_dir, sections: dict) -> Path:
-    """Write ``sections`` ({table: dict or dataclass}) to ``<run_dir>/config.toml`` atomically
-    (None values are left out: TOML has no null, and they mean "the default")."""
-    import tomli_w
-
-    tables = {name: {k: v for k, v in (asdict(s) if hasattr(s, "__dataclass_fields__") else s).items() if v is not None}
-              for name, s in sections.items()}
-    path = Path(run_dir) / "config.toml"
-    _write_text_atomic(path, tomli_w.dumps(tables))
-    return path
-
-
 def unet_lora_targets(unet, targets: str):
     """peft ``target_modules`` for a preset name (:data:`TARGET_PRESETS`) or a comma-separated
     list of module-name suffixes ("to_k,to_v")."""
@@ -240,116 +213,6 @@ def _check(config: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(run_dir) -> Path | None:
-    """The complete checkpoint folder with the highest step (temporary folders are ignored)."""
-    root = Path(run_dir) / "checkpoints"
-    found = [(int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else ())
-             if (m := _CHECKPOINT.match(d.name)) and (d / "weights.safetensors").is_file() and (d / "state.safetensors").is_file()]
-    return max(found)[1] if found else None
-
-
-def save_checkpoint(run_dir, step: int, trainable: dict, optimizer, lr_scheduler, keep: int = 2) -> Path:
-    """Write ``checkpoints/checkpoint-<step>/`` (weights + state) atomically; keep the newest ``keep``."""
-    import torch
-    from safetensors.torch import save_file
-
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"checkpoint-{step:06d}"
-    if final.exists():
-        return final
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
-    opt_tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
-    rng = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    meta = {"format": "erasekit.train_state/1", "step": str(step), "optimizer": json.dumps(opt_json),
-            "lr_scheduler": json.dumps(lr_scheduler.state_dict())}
-    save_file(weights, str(tmp / "weights.safetensors"), metadata={"step": str(step)})
-    save_file({**opt_tensors, **rng}, str(tmp / "state.safetensors"), metadata=meta)
-    for f in tmp.iterdir():  # on disk before the rename makes the folder count
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    steps = sorted(d for d in root.iterdir() if _CHECKPOINT.match(d.name))
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path, trainable: dict, optimizer=None, lr_scheduler=None) -> int:
-    """Restore weights (and optimizer, schedule, RNG when given) from a checkpoint; return its step."""
-    import torch
-    from safetensors import safe_open
-
-    from ..checkpoints import load_file
-
-    path = Path(path)
-    weights, _ = load_file(str(path / "weights.safetensors"), "checkpoint")
-    differ = sorted(set(weights) ^ set(trainable))
-    if differ:
-        raise ErasekitError(f"The checkpoint '{path}' does not fit this run's model ({len(differ)} weights differ, e.g. "
-                            f"'{differ[0]}'); resume with the rank, targets and mode it was made with, or use a new --out folder.")
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(weights[name])
-    with safe_open(str(path / "state.safetensors"), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if optimizer is not None:
-        optimizer.load_state_dict(_unflatten_optimizer(json.loads(meta["optimizer"]), tensors))
-    if lr_scheduler is not None:
-        lr_scheduler.load_state_dict(json.loads(meta["lr_scheduler"]))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    return int(meta["step"])
-
-
-def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
-    """A torch optimizer state dict -> ({key: tensor}, JSON-able dict naming those keys)."""
-    import torch
-
-    tensors, state = {}, {}
-    for idx, entry in state_dict["state"].items():
-        state[str(idx)] = {}
-        for k, v in entry.items():
-            if torch.is_tensor(v):
-                key = f"optimizer.{idx}.{k}"
-                tensors[key] = v.detach().cpu().contiguous()
-                v = {"tensor": key}
-            state[str(idx)][k] = v
-    return tensors, {"state": state, "param_groups": state_dict["param_groups"]}
-
-
-def _unflatten_optimizer(js: dict, tensors: dict) -> dict:
-    def value(v):
-        return tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
-
-    state = {int(i): {k: value(v) for k, v in entry.items()} for i, entry in js["state"].items()}
-    return {"state": state, "param_groups": js["param_groups"]}
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step``: a resumed run writes those steps again."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        _write_text_atomic(path, "".join(ln + "\n" for ln in lines))
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 def train(config: TrainConfig, objective: Objective, data, components, *, progress=None, cancel=None,
