@@ -12,7 +12,7 @@ from erasekit.bench_lora import add_random_lora
 from erasekit.errors import ArchitectureError, ModelFileError
 
 SD1 = checkpoints.sd_v1(tiny.TINY_WIDTH)
-SDXL = checkpoints.sdxl((tiny.TINY_WIDTH, tiny.TINY_WIDTH))
+SDXL = checkpoints.sdxl((tiny.TINY_WIDTH, tiny.TINY_WIDTH_2))
 
 
 @pytest.fixture(scope="module")
