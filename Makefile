@@ -2,6 +2,7 @@
 #   make demo      run Detect-and-Guide in real ComfyUI on the bundled model -> out/demo/
 #   make test      install the test environment (real ComfyUI included) and run the whole suite
 #   make comfyui   serve the real ComfyUI UI with this pack installed (127.0.0.1:$COMFYUI_PORT)
+#   make trainer   the trainer app (Gradio) on 127.0.0.1:7860, writing under runs/
 SHELL := /bin/bash
 PYTHON_BASE ?= python3.11
 VENV        := .venv
@@ -17,7 +18,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup chromium demo test test-fast comfyui bench lint clean
+.PHONY: setup chromium demo test test-fast comfyui trainer bench lint clean
 setup: $(VENV)/.stamp-deps $(COMFY_DIR)/.stamp
 
 # Browser tests use Debian's Chromium (browser downloads are impossible here); without root or
@@ -68,6 +69,9 @@ comfyui: setup
 	$(PY) $(COMFY_DIR)/main.py --cpu --listen 127.0.0.1 --port $(COMFYUI_PORT) \
 	    --disable-auto-launch --base-directory $(abspath .cache/comfyui/base) \
 	    --database-url sqlite:///$(abspath .cache/comfyui/base/user)/comfyui.db
+
+trainer: setup
+	$(PY) -m trainer app
 
 bench: setup
 	$(PY) -m erasekit.bench startup --json

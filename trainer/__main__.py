@@ -3,6 +3,7 @@
     python -m trainer train --method inpo --target "red circle" --out runs/red-circle
     python -m trainer train --method inpo --target "red circle" --out runs/red-circle --resume
     python -m trainer train --method inpo --target "bobo" --base my-model.safetensors --config my.toml
+    python -m trainer app [--out-root runs] [--comfyui PATH] [--listen --auth user:pass]
 
 Settings are resolved in this order, each overriding the one before: the engine's defaults, the
 method's preset for the concept type (INPO, Table 6), the run folder's own ``config.toml`` (with
@@ -75,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", action="store_true", default=None)
     for flag in ("forget-dir", "preserve-dir", "cache"):
         p.add_argument(f"--{flag}", default=None)
+    a = sub.add_parser("app", help="the trainer's web page (Gradio), on 127.0.0.1 by default")
+    a.add_argument("--out-root", default="runs", help="every file the app writes goes under this folder (default: runs/)")
+    a.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),
+                   help="a ComfyUI install: pick base models from its models/checkpoints, export into models/loras")
+    a.add_argument("--base", default=None, help="the base model shown first (default: models/toy)")
+    a.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (needs --auth)")
+    a.add_argument("--auth", default=None, help="user:password asked by the page")
+    a.add_argument("--port", type=int, default=None, help="port (default: 7860 or GRADIO_SERVER_PORT)")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
 
@@ -102,16 +112,19 @@ def resolve(args, kind: str | None) -> dict:
     return tables
 
 
-def train_command(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
+def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True) -> dict:
+    """Everything a run needs, from the parsed arguments: the base model's components, the target,
+    the resolved configs (train, method, data) and, with ``with_data``, the forget / preserve sets.
+    Shared by the CLI and the trainer app (:mod:`trainer.jobs`)."""
     from erasekit import models
     from erasekit.erase.data import DataConfig, build_erase_data, resolve_concept
-    from erasekit.erase.engine import TrainConfig, config_from_dict, latest_checkpoint, train
-    from erasekit.erase.inpo import InpoConfig, InpoObjective
+    from erasekit.erase.engine import TrainConfig, config_from_dict, latest_checkpoint
+    from erasekit.erase.inpo import InpoConfig
 
-    if args.threads:
+    log = log or (lambda m: print(m, file=sys.stderr))
+    if getattr(args, "threads", None):
+        import torch
+
         torch.set_num_threads(args.threads)
     # a resumed run reuses the base model written in its config.toml
     args.base = args.base or (args.resume and _from_files(args, "base")) or DEFAULT_BASE
@@ -135,7 +148,7 @@ def train_command(args) -> int:
     if not config.sample_prompts:
         config.sample_prompts = [target] if not toy else [f"a {target}" if kind != "character" else target]
 
-    if not config.resume and latest_checkpoint(config.out) is not None:  # before the data is made
+    if check_fresh and not config.resume and latest_checkpoint(config.out) is not None:  # before the data is made
         raise ErasekitError(f"The folder '{config.out}' already holds a run; resume it with --resume or pick another --out folder.")
     data_config.cache = data_config.cache or os.path.join(config.out, "data.safetensors")  # resume reuses it
     from accelerate import PartialState  # this process's device, also under `accelerate launch`
@@ -143,24 +156,46 @@ def train_command(args) -> int:
     device = PartialState(cpu=config.cpu).device
     for module in (components.unet, components.text_encoder, components.vae):
         module.to(device)
-    data = build_erase_data(components, target, data_config, log=lambda m: print(m, file=sys.stderr))
+    out = {"components": components, "target": target, "config": config, "method_config": method_config,
+           "data_config": data_config, "data": None}
+    if with_data:
+        out["data"] = build_erase_data(components, target, data_config, log=log)
+    return out
+
+
+def run_training(args, *, progress=None, cancel=None, log=None):
+    """Resolve the settings, make (or load) the data and train: the engine's ``RunResult``.
+    The one run function of the CLI and the trainer app."""
+    from erasekit.erase.engine import train
+    from erasekit.erase.inpo import InpoObjective
+
+    prep = prepare(args, log=log)
+    return train(prep["config"], InpoObjective(prep["method_config"]), prep["data"], prep["components"],
+                 progress=progress, cancel=cancel, sections={"data": prep["data_config"]})
+
+
+def train_command(args) -> int:
+    from tqdm.auto import tqdm
 
     cancel = threading.Event()  # Ctrl-C: stop after the current step, with a checkpoint; twice: at once
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
     if in_main:
         signal.signal(signal.SIGINT, lambda *_: (cancel.set(), signal.signal(signal.SIGINT, previous)))
-    bar = tqdm(total=config.steps, desc=f"{args.method} '{target}'", dynamic_ncols=True)
+    bar = None
 
     def progress(step, total, terms):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=f"{args.method} '{args.target}'", dynamic_ncols=True)
         bar.n = step
         bar.set_postfix({k: f"{terms[k]:.4f}" for k in ("loss", "delta_s", "prior") if k in terms}, refresh=True)
 
     try:
-        result = train(config, InpoObjective(method_config), data, components, progress=progress, cancel=cancel,
-                       sections={"data": data_config})
+        result = run_training(args, progress=progress, cancel=cancel)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if in_main:
             signal.signal(signal.SIGINT, previous)
     if result.status == "cancelled":
@@ -181,6 +216,10 @@ def _from_files(args, key: str):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "app":
+        from trainer.app import app_command
+
+        return app_command(args)
     try:
         return train_command(args)
     except ErasekitError as err:

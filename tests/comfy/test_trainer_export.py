@@ -1,0 +1,57 @@
+"""A LoRA trained and exported by the trainer app's jobs loads in real ComfyUI through the pack's
+Load Erasure LoRA node, every key matched, and changes the image."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import jobs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _graph(model_name, lora_name, strength):
+    return {
+        "1": {"class_type": "ErasekitLoadDiffusersModel", "inputs": {"model_name": model_name}},
+        "30": {"class_type": "ErasekitLoadErasureLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name, "strength_model": strength, "strength_clip": 1.0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["30", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["30", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["30", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["5", 0], "seed": 0, "steps": 4, "cfg": 3.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"trainer-{strength}"}},
+    }
+
+
+def test_trainer_export_loads_in_comfyui(comfy, toy_in_comfy, tmp_path, caplog):
+    from PIL import Image
+
+    base = os.path.join(comfy.work_dir, "models", "diffusers", toy_in_comfy)
+    settings = {"base": base, "target": "red circle", "preset": "object", "steps": 3, "lr": 0.05, "rank": 2,
+                "batch_size": 1, "forget_images": 2, "images_per_concept": 1, "neighbours": 1, "unrelated": 1,
+                "data_steps": 3, "sample_every": 0, "checkpoint_every": 3, "threads": 1}
+    run = tmp_path / "runs" / "red"
+    job = jobs.wait(jobs.submit("train", "comfy export test", jobs.train_job(settings, run), run), 300)
+    assert job.state == "done", (job.message, job.lines[-5:])
+    dest = jobs.safe_path(os.path.join(comfy.work_dir, "models"), "loras", "export folder")
+    path = jobs.export_lora(run, dest, "erase-red-app", "Erases red circles (test).", "mit")
+    assert path.is_file() and path.with_suffix(".md").is_file()
+
+    with caplog.at_level(logging.WARNING):
+        out = comfy.run(_graph(toy_in_comfy, path.name, 1.0))
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()]
+    plain = comfy.run(_graph(toy_in_comfy, path.name, 0.0))
+    a, b = (np.asarray(Image.open(comfy.output_path(o["9"]["images"][0])), np.int16) for o in (out, plain))
+    assert a.shape == (128, 128, 3) and np.abs(a - b).max() > 0

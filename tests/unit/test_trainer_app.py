@@ -1,0 +1,211 @@
+"""The trainer app (``python -m trainer app``) driven end to end through its API with gradio_client,
+on a tiny random toy model: data, training with previews, check, export (the LoRA loads), a
+reloaded page sees the running job, Stop then Resume, paths outside the output root and
+--listen without --auth are refused with one sentence."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from erasekit import lora_io
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from gradio_client import Client
+
+    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+    from trainer.app import TrainerApp
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("trainer-app")
+    save_toy_pipeline(build_toy_pipeline(0, tiny=True), tmp / "toy")
+    trainer = TrainerApp(tmp / "runs", base=str(tmp / "toy"), threads=1)
+    demo = trainer.build()
+    demo.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        yield {"client": Client(demo.local_url, verbose=False), "url": demo.local_url, "root": tmp / "runs",
+               "base": str(tmp / "toy"), "app": trainer}
+    finally:
+        demo.close()
+        torch.set_num_threads(n)
+
+
+def small(app, run_name, **kw):
+    """The page's fields for a run that takes seconds: few images, few sampling and training steps."""
+    return {"base": app["base"], "run_name": run_name, "target": "red circle", "preserve": "", "forget_images": 2,
+            "images_per_concept": 1, "neighbours": 1, "unrelated": 1, "data_steps": 3, "steps": 4, "lr": 0.01,
+            "rank": 2, "batch_size": 1, "sample_every": 2, "sample_steps": 2, "checkpoint_every": 2, **kw}
+
+
+def wait(client, job_id, timeout=300, until=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        st = client.predict(job_id=job_id, api_name="/job_status")
+        if (until or (lambda s: s["state"] not in ("queued", "running")))(st):
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {st}")
+
+
+def view(client, run_name):
+    """What the page shows (/refresh is what the timer runs): a dict by output name."""
+    names = ["status", "log", "plot", "preview", "preview_caption", "gallery", "data_summary", "grid", "counts", "runs",
+             "action"]
+    return dict(zip(names, client.predict(run_name=run_name, api_name="/refresh")))
+
+
+def test_detect_and_concept_presets(app):
+    c = app["client"]
+    assert "Erasekit toy model" in c.predict(base=app["base"], api_name="/detect_model")
+    assert "does not exist" in c.predict(base="/nowhere/model", api_name="/detect_model")
+    target, anchor, preserve, preset, steps, *_ , run_name = c.predict(concept_type="style", api_name="/concept_type")
+    assert (target, preset, steps) == ("striped background", "style", 400) and run_name == "erase-striped-background"
+    assert len(preserve.splitlines()) == 7  # 3 other styles + 4 unrelated concepts
+    assert c.predict(target="bobo", neighbours=2, unrelated=1, api_name="/suggest_preserve").count("\n") == 2
+
+
+def test_generate_train_check_export(app):
+    c = app["client"]
+    kw = small(app, "flow")
+    msg, job_id = c.predict(**kw, api_name="/generate_data")
+    assert msg.startswith("Queued: data") and job_id > 0
+    st = wait(c, job_id)
+    assert st["state"] == "done", st
+    page = view(c, "flow")
+    assert len(page["gallery"]) >= 2 and "forget images of 'red circle'" in page["data_summary"]
+    assert any("mask in red" in (g.get("caption") or "") for g in page["gallery"])
+
+    msg, job_id = c.predict(**kw, api_name="/start_training")
+    st = wait(c, job_id)
+    assert st["state"] == "done" and st["step"] == 4, st
+    assert st["result"]["lora"].endswith("erase-red-circle-inpo.safetensors")
+    page = view(c, "flow")
+    assert "preserve images from" in page["log"]  # the data step's sets were reused from the run's cache
+    plot = page["plot"]["value"] if "value" in page["plot"] else page["plot"]
+    assert [row[0] for row in plot["data"]] == [1, 2, 3, 4]
+    assert page["preview"] and os.path.isfile(page["preview"]) and "step-000004" in page["preview_caption"]
+    assert ["flow", "red circle", "4/4", "done", "erase-red-circle-inpo.safetensors"] in page["runs"]["data"]
+
+    msg, job_id = c.predict(run_name="flow", seeds=2, steps=3, api_name="/check")
+    st = wait(c, job_id)
+    assert st["state"] == "done", st
+    page = view(c, "flow")
+    assert [r[0] for r in page["counts"]["data"]] == ["target", "neighbour", "unrelated"]
+    assert page["grid"] and os.path.isfile(page["grid"])
+
+    text, path = c.predict(run_name="flow", lora_name="my erasure", description="Removes red circles.",
+                           license="mit", destination="output root", folder="loras/v1", api_name="/export")
+    assert path == str(app["root"].resolve() / "loras" / "v1" / "my-erasure.safetensors") and "Load Erasure LoRA" in text
+    lora, meta = lora_io.load_lora(path)
+    assert len(lora) > 0 and meta["modelspec.title"] == "my-erasure"
+    assert meta["modelspec.description"] == "Removes red circles." and meta["modelspec.license"] == "mit"
+    assert meta["erasekit.erased_concept"] == "red circle" and meta["ss_base_model_version"] == "toy"
+    assert os.path.isfile(path[: -len(".safetensors")] + ".md")
+
+
+def test_reload_sees_the_job_stop_and_resume(app):
+    from gradio_client import Client
+
+    c = app["client"]
+    msg, job_id = c.predict(**small(app, "long", steps=400, sample_every=0, checkpoint_every=100), api_name="/start_training")
+    wait(c, job_id, until=lambda s: s["state"] == "running" and s["step"] >= 1)
+    other = Client(app["url"], verbose=False)  # a reloaded page is a new session
+    assert other.predict(job_id=0, api_name="/job_status")["id"] == job_id
+    assert view(other, "something-else")["status"].startswith("Running: training 'red circle' in long")
+    assert "Stopping job" in other.predict(api_name="/stop")
+    st = wait(c, job_id)
+    assert st["state"] == "cancelled" and "Resume continues" in st["message"], st
+    done = st["step"]
+    row = next(r for r in view(c, "long")["runs"]["data"] if r[0] == "long")
+    assert row[3] == f"stopped at step {done} (resumable)"
+    # Start on a run with checkpoints is refused; Resume continues it
+    assert "press Resume" in c.predict(**small(app, "long"), api_name="/start_training")[0]
+    msg, job_id = c.predict(run_name="long", steps=done + 2, api_name="/resume")
+    st = wait(c, job_id)
+    assert st["state"] == "done" and st["step"] == done + 2, st
+    from trainer.jobs import read_metrics
+
+    assert [m["step"] for m in read_metrics(app["root"] / "long")] == list(range(1, done + 3))
+
+
+def test_uploaded_images_replace_the_generated_forget_set(app, tmp_path):
+    import numpy as np
+    from gradio_client import handle_file
+    from PIL import Image
+
+    from erasekit.toyworld.scenes import render_scene, upscale_for_display
+
+    files = []
+    for i in range(3):
+        s = render_scene(i, objects=[("red", "circle")])
+        Image.fromarray(upscale_for_display(s.image)).save(tmp_path / f"img{i}.png")
+        files.append(handle_file(str(tmp_path / f"img{i}.png")))
+        if i < 2:
+            mask = upscale_for_display(s.objects[0].mask[..., None].repeat(3, -1).astype(np.uint8) * 255)
+            Image.fromarray(mask).save(tmp_path / f"img{i}_mask.png")
+            files.append(handle_file(str(tmp_path / f"img{i}_mask.png")))
+    c = app["client"]
+    assert "3 uploaded images (2 with a mask" in c.predict(run_name="up", files=files, api_name="/upload_images")
+    msg, job_id = c.predict(**small(app, "up"), api_name="/generate_data")
+    assert wait(c, job_id)["state"] == "done"
+    assert view(c, "up")["data_summary"].startswith("3 forget images of 'red circle'")
+
+
+def test_paths_outside_the_root_are_refused(app):
+    c = app["client"]
+    for bad, words in (("../evil", "contains '..'"), ("/tmp/elsewhere", "is outside")):
+        msg, job_id = c.predict(**small(app, bad), api_name="/generate_data")
+        assert msg.startswith("**Error:**") and words in msg and job_id == 0
+    text, path = c.predict(run_name="flow", lora_name="x", description="", license="", destination="output root",
+                           folder="/etc", api_name="/export")
+    assert "is outside" in text and path == ""
+    assert "contains '..'" in c.predict(file_name="../s.toml", **small(app, "a"), api_name="/save_settings")
+    assert not (app["root"].parent / "s.toml").exists() and not os.path.exists("/tmp/elsewhere")
+
+
+def test_settings_round_trip_as_toml(app):
+    c = app["client"]
+    assert "Settings saved" in c.predict(file_name="presets/mine.toml", **small(app, "saved", steps=7),
+                                         api_name="/save_settings")
+    assert (app["root"] / "presets" / "mine.toml").is_file()
+    values = c.predict(file_name="presets/mine.toml", api_name="/load_settings")
+    from trainer.app import KEYS
+
+    loaded = dict(zip(KEYS + ["message"], values))
+    assert loaded["steps"] == 7 and loaded["run_name"] == "saved" and "Settings loaded" in loaded["message"]
+
+
+def test_engine_errors_are_one_sentence(app):
+    c = app["client"]
+    msg, job_id = c.predict(**small(app, "blob", target="red blob"), api_name="/generate_data")
+    st = wait(c, job_id)
+    assert st["state"] == "error" and "unknown word 'blob'" in st["message"] and "\n" not in st["message"]
+    assert view(c, "blob")["status"].startswith("**Error:** Cannot erase 'red blob'")
+
+
+def test_comfyui_install_gives_models_and_an_export_folder(tmp_path):
+    from trainer.app import TrainerApp
+
+    (tmp_path / "comfy" / "models" / "checkpoints" / "sd").mkdir(parents=True)
+    (tmp_path / "comfy" / "models" / "checkpoints" / "sd" / "v15.safetensors").write_bytes(b"")
+    app = TrainerApp(tmp_path / "runs", comfyui=str(tmp_path / "comfy"))
+    assert str((tmp_path / "comfy" / "models" / "checkpoints" / "sd" / "v15.safetensors").resolve()) in app.base_choices()
+    assert app.export_roots()["ComfyUI models/loras"] == (tmp_path / "comfy" / "models" / "loras").resolve()
+
+
+def test_listen_needs_auth(capsys):
+    from trainer.__main__ import build_parser, main
+    from trainer.app import launch_options
+
+    assert main(["app", "--listen"]) == 2
+    err = capsys.readouterr().err
+    assert "Refusing to listen on 0.0.0.0 without a password" in err and err.count("\n") == 1
+    opts = launch_options(build_parser().parse_args(["app"]))
+    assert opts["server_name"] == "127.0.0.1" and opts["share"] is False and opts["auth"] is None
+    opts = launch_options(build_parser().parse_args(["app", "--listen", "--auth", "me:secret"]))
+    assert opts["server_name"] == "0.0.0.0" and opts["auth"] == ("me", "secret")
+    assert main(["app", "--auth", "nocolon"]) == 2

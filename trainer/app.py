@@ -1,0 +1,630 @@
+"""The trainer app: ``python -m trainer app`` (Gradio 6), a page over the engine, one step after another.
+
+1. Base model  2. What to erase  3. Data  4. Train  5. Check  6. Export, and the list of runs.
+Every long piece of work is a background job (:mod:`trainer.jobs`); a 1-second timer shows the
+current job (so a reloaded page sees it too). Every event has an ``api_name`` (``gradio_client``
+drives them all; ``/job_status`` is API-only). Files are written only under ``--out-root`` (and
+ComfyUI's ``models/loras`` with ``--comfyui``); user-given paths are resolved and checked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from erasekit.errors import ErasekitError  # noqa: E402
+from trainer import jobs  # noqa: E402
+
+DEFAULT_BASE = REPO / "models" / "toy"
+CONCEPT_TYPES = ("object", "style", "character", "nudity")
+PRESET_OF_TYPE = {"object": "object", "style": "style", "character": "character", "nudity": "nsfw"}
+EXAMPLES = {  # target, anchor (what the concept turns into) on the toy model
+    "object": ("red circle", "green circle"), "style": ("striped background", "plain background"),
+    "character": ("bobo", "a blue circle"), "nudity": ("nudity", "dressed"),
+}
+METHODS = ("inpo",)
+
+# (key, label, default): the settings fields, in the order of the handlers' parameters
+FIELDS = [
+    ("base", "Base model", str(DEFAULT_BASE)), ("concept_type", "Concept type", "object"),
+    ("target", "Concept to erase", "red circle"), ("anchor", "Anchor / safe concept", "green circle"),
+    ("preserve", "Concepts to preserve (one a line)", ""), ("run_name", "Run name", "erase-red-circle"),
+    ("forget_images", "Forget images", 16), ("images_per_concept", "Images per preserved concept", 25),
+    ("neighbours", "Neighbouring concepts", 4), ("unrelated", "Unrelated concepts", 4),
+    ("data_steps", "Sampling steps (data)", 25),
+    ("method", "Method", "inpo"), ("preset", "Preset", "object"), ("steps", "Steps", 300), ("lr", "Learning rate", 1e-4),
+    ("rank", "LoRA rank", 4), ("alpha", "LoRA alpha (0 = rank)", 0.0), ("batch_size", "Batch size", 1),
+    ("eta", "eta (erasure strength)", 1.0), ("gamma", "gamma", 3.0), ("tau", "tau (margin)", 0.1),
+    ("lambda_prior", "lambda_prior (preservation)", 0.6), ("sample_every", "Preview every N steps (0 = off)", 50),
+    ("sample_steps", "Preview sampling steps", 20), ("checkpoint_every", "Checkpoint every N steps", 50),
+    ("seed", "Seed", 0),
+]
+KEYS = [k for k, _, _ in FIELDS]
+INT_KEYS = {"forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps", "steps", "rank", "batch_size",
+            "sample_every", "sample_steps", "checkpoint_every", "seed"}
+
+
+def _with_signature(fn, names, defaults=None, extra=()):
+    """``fn(*values)`` with named parameters (what gradio_client shows and accepts as keywords)."""
+
+    def wrapper(*values):
+        return fn(*values)
+
+    wrapper.__name__ = getattr(fn, "__name__", "handler")
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                default=(defaults or {}).get(n, inspect.Parameter.empty)) for n in list(names) + list(extra)]
+    wrapper.__signature__ = inspect.Signature(params)
+    return wrapper
+
+
+class TrainerApp:
+    def __init__(self, out_root="runs", comfyui: str | None = None, base: str | None = None, threads: int | None = None):
+        self.root = Path(out_root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.comfyui = Path(comfyui).resolve() if comfyui else None
+        self.base = str(base or DEFAULT_BASE)
+        self.threads = threads
+        self.defaults = {k: v for k, _, v in FIELDS}
+        self.defaults["base"] = self.base
+
+    # ------------------------------------------------------------------ helpers
+
+    def base_choices(self) -> list:
+        choices = [self.base]
+        if str(DEFAULT_BASE) not in choices:
+            choices.append(str(DEFAULT_BASE))
+        if self.comfyui:
+            folder = self.comfyui / "models" / "checkpoints"
+            if folder.is_dir():
+                choices += sorted(str(p) for p in folder.rglob("*.safetensors"))
+            dfolder = self.comfyui / "models" / "diffusers"
+            if dfolder.is_dir():
+                choices += sorted(str(p.parent) for p in dfolder.glob("*/model_index.json"))
+        return choices
+
+    def export_roots(self) -> dict:
+        roots = {"output root": self.root}
+        if self.comfyui:
+            roots["ComfyUI models/loras"] = self.comfyui / "models" / "loras"
+        return roots
+
+    def settings(self, values) -> dict:
+        s = dict(zip(KEYS, values))
+        for k in INT_KEYS:
+            if s.get(k) not in (None, ""):
+                s[k] = int(s[k])
+        s["alpha"] = float(s["alpha"]) if s.get("alpha") else None
+        s["preset"] = s.get("preset") or PRESET_OF_TYPE.get(s.get("concept_type"), "object")
+        lines = [ln.strip() for ln in str(s.get("preserve") or "").replace(",", "\n").splitlines() if ln.strip()]
+        suggestions = [self._suggested(s.get("target"), s.get("neighbours"), s.get("unrelated")),
+                       self._suggested(s.get("target"))]  # an untouched suggestion means "the engine's default"
+        s["preserve_prompts"] = lines if lines and lines not in suggestions else None
+        s["threads"] = self.threads
+        s["base"] = (s.get("base") or self.base).strip()
+        if not s.get("target", "").strip():
+            raise ErasekitError("No concept to erase: type one in step 2, e.g. 'red circle'.")
+        uploads = self.run_dir(s["run_name"]) / "uploads" / "forget"
+        if uploads.is_dir() and any(uploads.glob("*.png")):
+            s["forget_dir"] = str(uploads)  # the user's images replace the generated forget set
+        return s
+
+    def run_dir(self, name: str) -> Path:
+        return jobs.safe_path(self.root, name, "run name")
+
+    def _is_toy(self, base: str) -> bool:
+        index = os.path.join(base, "model_index.json")
+        if not os.path.isfile(index):
+            return False
+        with open(index, encoding="utf-8") as f:
+            return '"ToyPipeline"' in f.read()
+
+    def _suggested(self, target, neighbours=4, unrelated=4) -> list:
+        from erasekit.erase.data import _prompts_for, preserve_concepts
+        from erasekit.toyworld.vocab import parse_concept
+
+        try:
+            concept = parse_concept(target or "")
+        except ValueError:
+            return []
+        return [_prompts_for(c, 1, 0)[0] for c in preserve_concepts(concept, int(neighbours or 0), int(unrelated or 0))]
+
+    # ------------------------------------------------------------------ step handlers
+
+    def detect(self, base):
+        from erasekit import checkpoints
+
+        base = (base or "").strip()
+        if not base or not os.path.exists(base):
+            return f"**Not found:** '{base}' does not exist; pick a diffusers folder or a .safetensors checkpoint."
+        try:
+            if os.path.isdir(base):
+                if self._is_toy(base):
+                    import json
+
+                    width = json.load(open(os.path.join(base, "unet", "config.json")))["cross_attention_dim"]
+                    arch = checkpoints.toy(width)
+                else:
+                    if not os.path.isfile(os.path.join(base, "model_index.json")):
+                        raise ErasekitError(f"The folder '{base}' is not a diffusers model (no model_index.json).")
+                    from erasekit import models
+
+                    arch = models.load(base).architecture
+            else:
+                shapes, _ = checkpoints.read_header(base, "checkpoint")
+                arch = checkpoints.detect_architecture(shapes, base)
+        except ErasekitError as err:
+            return f"**Error:** {err}"
+        return f"Architecture: **{arch.title}** (`{arch.name}`)."
+
+    def concept_type_changed(self, concept_type):
+        target, anchor = EXAMPLES.get(concept_type, EXAMPLES["object"])
+        from erasekit.erase.inpo import preset
+
+        row = preset(PRESET_OF_TYPE.get(concept_type, "object"))
+        return (target, anchor, "\n".join(self._suggested(target)), PRESET_OF_TYPE[concept_type],
+                row["steps"], row["rank"], row["eta"], row["gamma"], row["tau"], row["lambda_prior"],
+                f"erase-{jobs.slug(target)}")
+
+    def preset_changed(self, name):
+        from erasekit.erase.inpo import preset
+
+        row = preset(name or "object")
+        return row["steps"], row["rank"], row["eta"], row["gamma"], row["tau"], row["lambda_prior"]
+
+    def suggest_preserve(self, target, neighbours, unrelated):
+        import gradio as gr
+
+        found = self._suggested(target, neighbours, unrelated)
+        if not found:
+            gr.Warning("No suggestion: the toy model does not know this concept; type the concepts to keep, one a line.")
+        return "\n".join(found)
+
+    def estimate(self, base, steps, batch_size, sample_every):
+        per_step, source = None, "a guess for the toy model on a CPU"
+        runs = sorted((p for p in self.root.glob("*/metrics.jsonl")), key=lambda p: p.stat().st_mtime, reverse=True)
+        for m in runs:
+            rows = jobs.read_metrics(m.parent)
+            if len(rows) >= 2 and rows[-1]["step"] > rows[0]["step"]:
+                per_step = (rows[-1]["seconds"] - rows[0]["seconds"]) / (rows[-1]["step"] - rows[0]["step"])
+                source = f"measured on the run '{m.parent.name}'"
+                break
+        if per_step is None:
+            per_step = 0.3 if self._is_toy(base or self.base) else 3.0
+            source = "a guess for the toy model on a CPU" if self._is_toy(base or self.base) else "a rough guess"
+        total = per_step * int(steps or 0) * max(1, int(batch_size or 1))
+        previews = int(steps or 0) // int(sample_every) if sample_every else 0
+        return (f"Rough time: **{_duration(total)}** for {int(steps or 0)} steps ({per_step:.2f} s/step, {source})"
+                + (f", plus {previews} previews." if previews else "."))
+
+    def upload_images(self, run_name, files):
+        """Copy uploaded PNGs (``name.png``, optional ``name_mask.png`` and ``name.txt``) into the run's
+        ``uploads/forget`` folder: they become the forget set instead of generated images."""
+        import shutil
+
+        import gradio as gr
+
+        try:
+            folder = self.run_dir(run_name) / "uploads" / "forget"
+        except ErasekitError as err:
+            gr.Warning(str(err))
+            return f"**Error:** {err}"
+        shutil.rmtree(folder, ignore_errors=True)
+        kept = []
+        for f in files or []:
+            src = Path(f if isinstance(f, str) else getattr(f, "name", f))
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", src.name)
+            if name.lower().endswith((".png", ".txt")):
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, folder / name)
+                kept.append(name)
+        images = [n for n in kept if n.lower().endswith(".png") and not n.lower().endswith("_mask.png")]
+        if not images:
+            return "No uploaded images: the forget set is generated from the base model."
+        masks = sum(n.lower().endswith("_mask.png") for n in kept)
+        return (f"{len(images)} uploaded images ({masks} with a mask; no mask = the whole image) replace the generated "
+                f"forget set of run '{folder.parent.parent.name}'.")
+
+    def _submit(self, kind, title, fn, run_dir):
+        import gradio as gr
+
+        busy = jobs.busy_with(run_dir)
+        if busy is not None:
+            raise gr.Error(f"The run '{run_dir.name}' is busy with job {busy.id} ({busy.kind}); stop it or wait.")
+        job = jobs.submit(kind, title, fn, run_dir)
+        return f"Queued: {title} (job {job.id}).", job.id
+
+    def generate_data(self, *values):
+        import gradio as gr
+
+        try:
+            s = self.settings(values)
+            run_dir = self.run_dir(s["run_name"])
+        except ErasekitError as err:
+            gr.Warning(str(err))
+            return f"**Error:** {err}", 0
+        return self._submit("data", f"data for '{s['target']}' in {run_dir.name}", jobs.data_job(s, run_dir), run_dir)
+
+    def start_training(self, *values):
+        import gradio as gr
+
+        from erasekit.erase.engine import latest_checkpoint
+
+        try:
+            s = self.settings(values)
+            run_dir = self.run_dir(s["run_name"])
+            if latest_checkpoint(run_dir) is not None:
+                raise ErasekitError(f"The run '{run_dir.name}' already has checkpoints; press Resume to continue it, "
+                                    "or give a new run name.")
+        except ErasekitError as err:
+            gr.Warning(str(err))
+            return f"**Error:** {err}", 0
+        return self._submit("train", f"training '{s['target']}' in {run_dir.name}", jobs.train_job(s, run_dir), run_dir)
+
+    def resume_training(self, run_name, steps):
+        import gradio as gr
+
+        from erasekit.erase.engine import latest_checkpoint
+
+        try:
+            run_dir = self.run_dir(run_name)
+            if latest_checkpoint(run_dir) is None:
+                raise ErasekitError(f"The run '{run_dir.name}' has no checkpoint to resume from; press Start instead.")
+        except ErasekitError as err:
+            gr.Warning(str(err))
+            return f"**Error:** {err}", 0
+        s = {"steps": int(steps) if steps else None, "threads": self.threads}
+        return self._submit("train", f"resuming {run_dir.name}", jobs.train_job(s, run_dir, resume=True), run_dir)
+
+    def stop(self):
+        job = jobs.cancel()
+        if job is None or not job.cancel.is_set():
+            return "Nothing is running."
+        return f"Stopping job {job.id} after the current step (a checkpoint is written; Resume continues)."
+
+    def check(self, run_name, seeds, steps):
+        import gradio as gr
+
+        try:
+            run_dir = self.run_dir(run_name)
+            if jobs.find_lora(run_dir) is None:
+                raise ErasekitError(f"The run '{run_dir.name}' has no exported LoRA yet; train it to the end first.")
+        except ErasekitError as err:
+            gr.Warning(str(err))
+            return f"**Error:** {err}", 0
+        return self._submit("check", f"before/after check of {run_dir.name}",
+                            jobs.check_job(run_dir, int(seeds or 4), int(steps or 20)), run_dir)
+
+    def export(self, run_name, lora_name, description, license, destination, folder):
+        import gradio as gr
+
+        try:
+            run_dir = self.run_dir(run_name)
+            roots = self.export_roots()
+            root = roots.get(destination) or self.root
+            dest = jobs.safe_path(root, folder or ".", "export folder") if (folder or "").strip() not in ("", ".") \
+                else root.resolve()
+            path = jobs.export_lora(run_dir, dest, lora_name or f"{run_dir.name}", description or "", license or "")
+        except ErasekitError as err:
+            gr.Warning(str(err))
+            return f"**Error:** {err}", ""
+        in_comfy = self.comfyui is not None and (self.comfyui / "models" / "loras").resolve() in path.parents
+        how = (f"In ComfyUI: add **Load Erasure LoRA** (Erasekit) or **LoraLoader** after the checkpoint loader and pick "
+               f"`{path.relative_to((self.comfyui / 'models' / 'loras').resolve()) if in_comfy else path.name}`"
+               + ("" if in_comfy else " after copying the file into ComfyUI's `models/loras` folder")
+               + "; strength 1.0 erases the concept.")
+        return f"Exported **{path}** (model card: `{path.with_suffix('.md').name}`).\n\n{how}", str(path)
+
+    def save_settings(self, file_name, *values):
+        import gradio as gr
+
+        from erasekit.erase.engine import write_config
+
+        try:
+            s = dict(zip(KEYS, values))
+            path = jobs.safe_path(self.root, file_name or "settings.toml", "settings file")
+            if path.suffix != ".toml":
+                path = path.with_suffix(".toml")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_config(path.parent, {"app": {k: v for k, v in s.items() if v not in (None, "")}})
+            if path.name != "config.toml":
+                os.replace(path.parent / "config.toml", path)
+        except ErasekitError as err:
+            gr.Warning(str(err))
+            return f"**Error:** {err}"
+        return f"Settings saved to `{path}`."
+
+    def load_settings(self, file_name):
+        import gradio as gr
+
+        from erasekit.erase.engine import read_config
+
+        try:
+            path = jobs.safe_path(self.root, file_name or "settings.toml", "settings file")
+            tables = read_config(path)
+            values = tables.get("app") or {**tables.get("train", {}), **tables.get("inpo", {}), **tables.get("data", {})}
+        except ErasekitError as err:
+            gr.Warning(str(err))
+            return [gr.skip()] * len(KEYS) + [f"**Error:** {err}"]
+        return [values.get(k, gr.skip()) if k in values else gr.skip() for k in KEYS] + [f"Settings loaded from `{path}`."]
+
+    def job_status(self, job_id: int = 0) -> dict:
+        job = jobs.get(job_id) if job_id else jobs.current()
+        if job is None:
+            return {"id": 0, "state": "none"}
+        return {"id": job.id, "kind": job.kind, "state": job.state, "step": job.step, "total": job.total,
+                "message": job.message, "run": Path(job.run_dir).name if job.run_dir else "",
+                "text": job.describe(), "result": _plain(job.result)}
+
+    def poll(self, seen, run_name):
+        """The page's view of the current job: status, log, loss plot, preview, step results, runs."""
+        import gradio as gr
+        import pandas as pd
+        from PIL import Image
+
+        seen = dict(seen or {})
+        job = jobs.current()
+        status = job.describe() if job else "No job yet: generate data or start a training."
+        if job is not None and job.state == "error":
+            status = f"**Error:** {job.message}"
+        log = "\n".join(job.lines[-60:]) if job else ""
+        try:
+            run_dir = Path(job.run_dir) if job and job.run_dir else self.run_dir(run_name)
+        except ErasekitError:
+            run_dir = None
+        out = {}
+        metrics = jobs.read_metrics(run_dir) if run_dir else []
+        key = (str(run_dir), len(metrics))
+        if seen.get("plot") != repr(key):
+            seen["plot"] = repr(key)
+            out["plot"] = pd.DataFrame({"step": [m["step"] for m in metrics], "loss": [m["loss"] for m in metrics]})
+        preview = jobs.latest_preview(run_dir) if run_dir else None
+        pkey = f"{preview}:{preview.stat().st_mtime if preview else 0}"
+        if seen.get("preview") != pkey:
+            seen["preview"] = pkey
+            out["preview"] = Image.open(preview).copy() if preview else None
+            out["preview_caption"] = f"Preview `{preview.relative_to(self.root)}`" if preview else "No preview yet."
+        for kind in ("data", "check"):
+            j = jobs.latest(kind)
+            v = f"{j.id}:{j.state}" if j else ""
+            if seen.get(kind) != v:
+                seen[kind] = v
+                res = j.result if j is not None and j.state == "done" else None
+                if kind == "data":
+                    out["gallery"] = res["gallery"] if res else None
+                    out["data_summary"] = res["summary"] if res else ""
+                else:
+                    out["grid"] = res["grid"] if res else None
+                    out["counts"] = pd.DataFrame(res["rows"] if res else [],
+                                                 columns=["row", "prompt", "judged concept", "before", "after"])
+        rows = jobs.list_runs(self.root)
+        rkey = repr(rows)
+        if seen.get("runs") != rkey:
+            seen["runs"] = rkey
+            out["runs"] = pd.DataFrame(rows, columns=["run", "target", "steps", "status", "LoRA"])
+        if seen.get("status") != status:  # the line under the Start button follows the job, leaving a warning be
+            seen["status"] = status
+            out["action"] = status
+        names = ["plot", "preview", "preview_caption", "gallery", "data_summary", "grid", "counts", "runs", "action"]
+        return [status, log] + [out[n] if n in out else gr.skip() for n in names] + [seen]
+
+    # ------------------------------------------------------------------ the page
+
+    def build(self):
+        import gradio as gr
+
+        d = self.defaults
+        comps = {}
+        with gr.Blocks(title="Erasekit trainer") as demo:
+            gr.Markdown("# Erasekit trainer\nErase a concept from a text-to-image model: pick the model, say what to "
+                        "erase, make the data, train, check, export. Each step works on its own.")
+            status = gr.Markdown("No job yet.", elem_id="job-status")
+            with gr.Group():
+                gr.Markdown("## 1. Base model")
+                with gr.Row():
+                    comps["base"] = gr.Dropdown(self.base_choices(), value=d["base"], label="Base model",
+                                                allow_custom_value=True, scale=4,
+                                                info="A diffusers folder or a .safetensors checkpoint (local path).")
+                    detect_btn = gr.Button("Detect", scale=1)
+                arch = gr.Markdown(self.detect(d["base"]), elem_id="arch")
+            with gr.Group():
+                gr.Markdown("## 2. What to erase")
+                with gr.Row():
+                    comps["concept_type"] = gr.Radio(list(CONCEPT_TYPES), value=d["concept_type"], label="Concept type")
+                    comps["target"] = gr.Textbox(d["target"], label="Concept to erase")
+                    comps["anchor"] = gr.Textbox(d["anchor"], label="Anchor / safe concept",
+                                                 info="What the concept may turn into (INPO does not use it; kept in the settings).")
+                with gr.Row():
+                    comps["preserve"] = gr.Textbox("\n".join(self._suggested(d["target"])), lines=4, scale=4,
+                                                   label="Concepts to preserve (one a line)")
+                    suggest_btn = gr.Button("Suggest", scale=1)
+                comps["run_name"] = gr.Textbox(d["run_name"], label="Run name", info=f"A folder under {self.root}.")
+            with gr.Group():
+                gr.Markdown("## 3. Data")
+                with gr.Row():
+                    for k in ("forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps"):
+                        comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k], precision=0)
+                with gr.Accordion("Upload forget images (optional)", open=False):
+                    uploads = gr.File(file_count="multiple", file_types=[".png", ".txt"], elem_id="uploads",
+                                      label="name.png, optional name_mask.png (white = concept) and name.txt (caption)")
+                    upload_msg = gr.Markdown("")
+                data_btn = gr.Button("Generate data", variant="secondary", elem_id="generate-data")
+                data_summary = gr.Markdown("", elem_id="data-summary")
+                gallery = gr.Gallery(label="Forget (mask in red) and preserve images", columns=8, height=300,
+                                     elem_id="data-gallery")
+            with gr.Group():
+                gr.Markdown("## 4. Train")
+                with gr.Row():
+                    comps["method"] = gr.Dropdown(list(METHODS), value="inpo", label="Method")
+                    comps["preset"] = gr.Dropdown(["object", "character", "style", "nsfw"], value=d["preset"],
+                                                  label="Preset (INPO Table 6)")
+                    comps["steps"] = gr.Number(d["steps"], label="Steps", precision=0)
+                with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+                    with gr.Row():
+                        for k in ("lr", "rank", "alpha", "batch_size", "eta", "gamma"):
+                            comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
+                                                 precision=0 if k in INT_KEYS else None)
+                    with gr.Row():
+                        for k in ("tau", "lambda_prior", "sample_every", "sample_steps", "checkpoint_every", "seed"):
+                            comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
+                                                 precision=0 if k in INT_KEYS else None)
+                    with gr.Row():
+                        settings_file = gr.Textbox("settings.toml", label="Settings file (under the output root)")
+                        save_btn = gr.Button("Save settings")
+                        load_btn = gr.Button("Load settings")
+                    settings_msg = gr.Markdown("")
+                estimate = gr.Markdown(self.estimate(d["base"], d["steps"], 1, d["sample_every"]), elem_id="estimate")
+                with gr.Row():
+                    start_btn = gr.Button("Start", variant="primary", elem_id="start")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                    resume_btn = gr.Button("Resume", elem_id="resume")
+                action = gr.Markdown("", elem_id="action")
+                job_id = gr.Number(0, visible=False, precision=0)
+                with gr.Row():
+                    plot = gr.LinePlot(x="step", y="loss", label="Loss", height=260, elem_id="loss-plot")
+                    with gr.Column():
+                        preview = gr.Image(label="Latest preview (rows: prompts, columns: seeds)", type="pil",
+                                           height=260, elem_id="preview")
+                        preview_caption = gr.Markdown("")
+                log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="log")
+            with gr.Group():
+                gr.Markdown("## 5. Check\nThe same seeds before (left) and after (right) the LoRA, on the target, a "
+                            "neighbouring and an unrelated prompt; the toy judge counts the images showing each concept.")
+                with gr.Row():
+                    check_seeds = gr.Number(4, label="Seeds", precision=0, elem_id="check-seeds")
+                    check_steps = gr.Number(20, label="Sampling steps", precision=0, elem_id="check-steps")
+                    check_btn = gr.Button("Check", elem_id="check")
+                grid = gr.Image(label="Before | after", type="numpy", elem_id="check-grid")
+                counts = gr.Dataframe(headers=["row", "prompt", "judged concept", "before", "after"], label="Judge counts",
+                                      interactive=False, elem_id="check-counts")
+            with gr.Group():
+                gr.Markdown("## 6. Export")
+                with gr.Row():
+                    lora_name = gr.Textbox("erase-red-circle", label="LoRA name", elem_id="lora-name")
+                    license_ = gr.Textbox("", label="License", placeholder="default: the base model's license")
+                description = gr.Textbox("", label="Description", placeholder="default: what it erases, and how")
+                with gr.Row():
+                    into_comfy = self.comfyui is not None
+                    destination = gr.Radio(list(self.export_roots()), label="Into",
+                                           value="ComfyUI models/loras" if into_comfy else "output root")
+                    folder = gr.Textbox("" if into_comfy else "loras", label="Folder (inside it)",
+                                        placeholder="empty: directly into it")
+                export_btn = gr.Button("Export", variant="primary", elem_id="export")
+                export_msg = gr.Markdown("", elem_id="export-msg")
+                export_path = gr.Textbox(label="Exported file", interactive=False, elem_id="export-path")
+            with gr.Group():
+                gr.Markdown("## Runs")
+                runs = gr.Dataframe(headers=["run", "target", "steps", "status", "LoRA"], interactive=False,
+                                    elem_id="runs")
+                refresh_btn = gr.Button("Refresh")
+            for k, comp in comps.items():  # stable ids for the browser tests and user CSS
+                comp.elem_id = comp.elem_id or f"f-{k}"
+            seen = gr.State({})
+            timer = gr.Timer(1.0)
+
+            inputs = [comps[k] for k in KEYS]
+            sig = {"defaults": d}
+            detect_btn.click(self.detect, comps["base"], arch, api_name="detect_model")
+            comps["base"].change(self.detect, comps["base"], arch, api_name=False)
+            comps["concept_type"].input(
+                self.concept_type_changed, comps["concept_type"],
+                [comps["target"], comps["anchor"], comps["preserve"], comps["preset"], comps["steps"], comps["rank"],
+                 comps["eta"], comps["gamma"], comps["tau"], comps["lambda_prior"], comps["run_name"]],
+                api_name="concept_type")
+            comps["preset"].input(self.preset_changed, comps["preset"],
+                                  [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
+                                  api_name="preset")
+            uploads.change(self.upload_images, [comps["run_name"], uploads], upload_msg, api_name="upload_images")
+            suggest_btn.click(self.suggest_preserve, [comps["target"], comps["neighbours"], comps["unrelated"]],
+                              comps["preserve"], api_name="suggest_preserve")
+            for k in ("steps", "batch_size", "sample_every"):
+                comps[k].change(self.estimate, [comps["base"], comps["steps"], comps["batch_size"], comps["sample_every"]],
+                                estimate, api_name=False)
+            data_btn.click(_with_signature(self.generate_data, KEYS, **sig), inputs, [action, job_id], api_name="generate_data")
+            start_btn.click(_with_signature(self.start_training, KEYS, **sig), inputs, [action, job_id],
+                            api_name="start_training")
+            stop_btn.click(self.stop, None, action, api_name="stop")
+            resume_btn.click(self.resume_training, [comps["run_name"], comps["steps"]], [action, job_id], api_name="resume")
+            check_btn.click(self.check, [comps["run_name"], check_seeds, check_steps], [action, job_id], api_name="check")
+            export_btn.click(self.export, [comps["run_name"], lora_name, description, license_, destination, folder],
+                             [export_msg, export_path], api_name="export")
+            save_btn.click(_with_signature(self.save_settings, ["file_name"] + KEYS, {"file_name": "settings.toml", **d}),
+                           [settings_file] + inputs, settings_msg, api_name="save_settings")
+            load_btn.click(self.load_settings, settings_file, inputs + [settings_msg], api_name="load_settings")
+            poll_out = [status, log, plot, preview, preview_caption, gallery, data_summary, grid, counts, runs, action, seen]
+            timer.tick(self.poll, [seen, comps["run_name"]], poll_out, api_name="poll", show_progress="hidden",
+                       concurrency_limit=None)
+            refresh_btn.click(lambda run_name: self.poll({}, run_name), [comps["run_name"]], poll_out,
+                              api_name="refresh", concurrency_limit=None)
+            demo.load(lambda run_name: self.poll({}, run_name), [comps["run_name"]], poll_out, api_name=False)
+            gr.api(self.job_status, api_name="job_status")
+        demo.queue(default_concurrency_limit=1)
+        return demo
+
+
+def _plain(value):
+    """A job result without arrays (what /job_status returns)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k not in ("gallery", "grid")}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def parse_auth(text: str | None):
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ErasekitError("--auth must be user:password, both non-empty.")
+    return (user, password)
+
+
+def launch_options(args) -> dict:
+    """``launch()`` keyword arguments from the CLI flags; --listen without --auth is refused."""
+    auth = parse_auth(args.auth)
+    if args.listen and auth is None:
+        raise ErasekitError("Refusing to listen on 0.0.0.0 without a password: add --auth user:password, or drop --listen "
+                            "to serve on 127.0.0.1 only.")
+    opts = {"server_name": "0.0.0.0" if args.listen else "127.0.0.1", "share": False, "auth": auth, "show_error": False}
+    if args.port:
+        opts["server_port"] = args.port
+    return opts
+
+
+def app_command(args) -> int:
+    try:
+        opts = launch_options(args)
+        if args.comfyui and not os.path.isdir(args.comfyui):
+            raise ErasekitError(f"The ComfyUI folder '{args.comfyui}' does not exist; check --comfyui or COMFYUI_PATH.")
+    except ErasekitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    app = TrainerApp(args.out_root, args.comfyui, args.base, args.threads)
+    demo = app.build()
+    print(f"Erasekit trainer: writing under {app.root}")
+    demo.launch(**opts)
+    return 0
