@@ -171,40 +171,38 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     runs = {}
     for kind, prompts in (("target", target_prompts), ("benign", benign_prompts)):
         for mode in ("cfg", "dag", "sld", "sega"):
-            imgs, secs = [], 0.0
+            imgs, secs, maps = [], 0.0, []
             for seed in seeds:
                 for s in range(0, len(prompts), batch):
                     chunk = prompts[s : s + batch]
                     seed_list = [seed * 100_003 + s + i for i in range(len(chunk))]
                     t0 = time.perf_counter()
+                    # plain CFG carries the guideline tap too (it only reads queries; its cost is
+                    # cam_cost_ratio), so the detection maps come from the very images judged
                     r = sample(pipe, chunk, seed_list, steps=steps, cfg=cfg, mode=mode, safety_text=concept.text,
-                               embeddings=[emb])
+                               embeddings=[emb], keep_maps=(mode == "cfg"))
                     secs += time.perf_counter() - t0
                     imgs.append(r.images)
-            runs[(kind, mode)] = {"images": torch.cat(imgs), "seconds": secs}
+                    if mode == "cfg":
+                        maps.append(r.detection_maps[-1])
+            runs[(kind, mode)] = {"images": torch.cat(imgs), "seconds": secs, "maps": maps}
             log(f"{kind:6s} {mode:4s} {secs:7.1f}s")
     judged = {k: _judge_all(v["images"]) for k, v in runs.items()}
     result = {"bench": "dag", "target": concept.text, "n_target_prompts": n_target, "n_benign_prompts": n_benign,
               "seeds": len(seeds), "sampler": f"DDIM eta=1, {steps} steps, cfg {cfg}"}
 
-    # detection: replay the plain runs of the first seed with the guideline tap attached (it only
-    # reads queries, so the images must come out identical) and take the last step's A-hat
+    # detection: A-hat of the last step of the plain runs vs the judge's masks of those images
     plain_target, plain_benign = judged[("target", "cfg")], judged[("benign", "cfg")]
-    ious, scores, labels, replay_identical = [], [], [], True
-    for kind, prompts, plain in (("target", target_prompts, plain_target), ("benign", benign_prompts, plain_benign)):
-        for s in range(0, len(prompts), batch):
-            chunk = prompts[s : s + batch]
-            r = sample(pipe, chunk, [seeds[0] * 100_003 + s + i for i in range(len(chunk))], steps=steps, cfg=cfg,
-                       mode="cfg", embeddings=[emb], keep_maps=True)
-            replay_identical &= torch.equal(r.images, runs[(kind, "cfg")]["images"][s : s + len(chunk)])
-            up = F.interpolate(r.detection_maps[-1][:, None], size=(32, 32), mode="bilinear", align_corners=False)
-            for i, j in enumerate(plain[s : s + len(chunk)]):
-                m, a = concept_mask(j, concept), up[i, 0].numpy()
-                scores.append(float(a.max())), labels.append(bool(m.any()))
-                if m.any():
-                    d = a >= 0.5
-                    ious.append((d & m).sum() / max((d | m).sum(), 1))
-    result["tap_leaves_output_identical"] = bool(replay_identical)
+    ious, scores, labels = [], [], []
+    for kind, plain in (("target", plain_target), ("benign", plain_benign)):
+        a_hat = torch.cat(runs[(kind, "cfg")]["maps"])
+        up = F.interpolate(a_hat[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
+        for a, j in zip(up, plain):
+            m = concept_mask(j, concept)
+            scores.append(float(a.max())), labels.append(bool(m.any()))
+            if m.any():
+                d = a >= 0.5
+                ious.append((d & m).sum() / max((d | m).sum(), 1))
     result["detection_iou"] = round(float(np.mean(ious)), 4) if ious else None
     result["detection_auroc"] = round(_auroc(scores, labels), 4)
     for mode in ("dag", "sld", "sega"):
