@@ -142,6 +142,9 @@ def load_diffusers_unet(unet, scheduler=None, latent_scale: float = 0.18215):
         model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device()
     )
     patcher.model_options.setdefault("transformer_options", {})["erasekit_layer_names"] = attn2_layer_names(unet_config)
+    if sched.get("clip_sample"):  # diffusers' x0 clipping, part of how such a (pixel-space) model samples
+        bound = float(sched.get("clip_sample_range", 1.0)) * latent_scale
+        patcher.set_model_sampler_post_cfg_function(lambda args: args["denoised"].clamp(-bound, bound))
     return patcher
 
 

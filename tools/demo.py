@@ -21,7 +21,6 @@ sys.path.insert(0, REPO)
 PROMPTS = [  # target prompts (the red circle must go, the rest must stay) and a benign one
     "a red circle and a blue square",
     "a red circle and a yellow star",
-    "a red circle on a striped background",
     "a green triangle and a purple ring",
 ]
 GUIDELINE = "toy-red-circle.safetensors"
@@ -30,7 +29,7 @@ GUIDELINE = "toy-red-circle.safetensors"
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(REPO, "out", "demo"))
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=3.0)
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
