@@ -69,12 +69,15 @@ class ThreadTuner:
         self.best = max_threads
         self.probe_every, self.probe_len = probe_every, probe_len
         self.current = None
+        self.calls = 0  # counts this session's steps: a resumed run probes at once too
 
     def choose(self, step: int) -> int:
         import torch
 
+        i, self.calls = self.calls, self.calls + 1
         other = [n for n in self.options if n != self.best]
-        n = other[0] if other and step % self.probe_every >= self.probe_every - self.probe_len else self.best
+        # steps 0-2 warm up, 3-5 probe, then a probe of probe_len steps every probe_every steps
+        n = other[0] if other and 3 <= i % self.probe_every < 3 + self.probe_len else self.best
         if n != self.current:
             torch.set_num_threads(n)
             self.current = n
@@ -216,7 +219,12 @@ def train(cfg: TrainConfig) -> Path:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=total, initial=step, desc="toy train", dynamic_ncols=True, mininterval=5)
     tuner = ThreadTuner(cfg.threads)
-    while total is None or step < total:
+    # SIGTERM (a shared machine's clean-up, a job queue's cancel): finish the step, checkpoint, stop.
+    import signal
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    while (total is None or step < total) and stop["signal"] is None:
         t_step = time.time()
         tuner.choose(step)
         # ---- data: scenes, captions (with dropout), noise and timesteps, all seeded by (seed, step)
@@ -252,7 +260,7 @@ def train(cfg: TrainConfig) -> Path:
         step += 1
         losses.append(loss.item())
         bar.update(1)
-        if step > 2:  # the first steps include one-off set-up costs
+        if tuner.calls > 1:  # the first step of a session includes one-off set-up costs
             tuner.record(time.time() - t_step)
 
         if total is None and time.time() - t_start > cfg.minutes * 60:
@@ -269,8 +277,12 @@ def train(cfg: TrainConfig) -> Path:
             t_last_ckpt = time.time()
             print(f"\ncheckpoint at step {step}: {ckpt_path}", flush=True)
     bar.close()
+    signal.signal(signal.SIGTERM, previous)
     run_seconds = time.time() - t_start
     _save_state(ckpt_path, step, seconds_before + run_seconds, models, [e.cpu() for e in ema], optimizer, cfg)
+    if stop["signal"] is not None:
+        print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, run again to resume")
+        raise SystemExit(128 + stop["signal"])
 
     # ---- write the EMA weights as the model
     with torch.no_grad():
@@ -338,7 +350,8 @@ def write_model_card(model_dir: str | Path, eval_result: dict | None = None) -> 
         f" wd {cfg['weight_decay']}, grad clip {cfg['grad_clip']}, min-SNR-{cfg['snr_gamma']:g},"
         f" EMA {cfg['ema_decay']} (EMA weights shipped).",
         f"- Reproduce: `python -m erasekit.toyworld train --out {cfg['out']} --steps {info['steps']}"
-        f" --seed {info['seed']}` (2 CPU threads).",
+        f" --seed {info['seed']} --batch-size {cfg['batch_size']} --lr {cfg['lr']:g}"
+        f" --caption-dropout {cfg['caption_dropout']:g}` (at most 2 CPU threads).",
         f"- Final training loss (mean of last 100 steps): {info['final_loss_avg100']:.4f}."
         if info.get("final_loss_avg100") is not None else "",
         f"- Weights: {size_mb:.1f} MiB of safetensors.",

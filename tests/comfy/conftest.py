@@ -59,10 +59,10 @@ def toy_in_comfy(comfy):
     gdir = os.path.join(comfy.work_dir, "models", "guideline")
     os.makedirs(gdir, exist_ok=True)
     sink, tokens = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
-    GuidelineEmbedding(tokens, sink, "red circle", "toy", "red circle").save(os.path.join(gdir, "toy-red-circle.safetensors"))
+    GuidelineEmbedding(tokens, sink, "red circle", "toy", "red circle").save(os.path.join(gdir, "tiny-red-circle.safetensors"))
     # an embedding whose tokens ARE the sink: the CAM is K/(K+1) everywhere, i.e. >= 80% of the
     # image is "edit region" and DAG must stand down (Alg. 1, line 6): a never-detecting control
-    GuidelineEmbedding(sink[None].repeat(2, 1), sink, "nothing", "toy").save(os.path.join(gdir, "toy-nothing.safetensors"))
+    GuidelineEmbedding(sink[None].repeat(2, 1), sink, "nothing", "toy").save(os.path.join(gdir, "tiny-nothing.safetensors"))
     wide = torch.zeros(2, 768)
     GuidelineEmbedding(wide, torch.zeros(768), "nudity", "sd_v1").save(os.path.join(gdir, "sd15-nudity.safetensors"))
     return "toy-dag"

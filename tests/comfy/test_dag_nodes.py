@@ -13,13 +13,13 @@ def _img(comfy, out, node):
 
 
 def test_nothing_detected_means_bit_identical_plain_cfg(comfy, toy_in_comfy):
-    out = comfy.run(dag_graph(toy_in_comfy, "a red circle", "toy-nothing.safetensors", "red circle", steps=8))
+    out = comfy.run(dag_graph(toy_in_comfy, "a red circle", "tiny-nothing.safetensors", "red circle", steps=8))
     assert np.array_equal(_img(comfy, out, "9"), _img(comfy, out, "19"))
 
 
 @pytest.mark.parametrize("mode", ["DAG", "SLD", "SEGA"])
 def test_every_mode_runs_and_dag_shows_its_maps(comfy, toy_in_comfy, mode):
-    graph = dag_graph(toy_in_comfy, "a red circle and a blue square", "toy-red-circle.safetensors", mode=mode, steps=6, seed=3)
+    graph = dag_graph(toy_in_comfy, "a red circle and a blue square", "tiny-red-circle.safetensors", mode=mode, steps=6, seed=3)
     if mode != "DAG":  # detection maps exist only in DAG mode
         del graph["20"], graph["21"]
     out = comfy.run(graph)

@@ -29,7 +29,7 @@ def test_example_workflow_runs(comfy, toy_in_comfy):
         if node["class_type"] == "ErasekitLoadDiffusersModel":
             node["inputs"]["model_name"] = toy_in_comfy
         if node["class_type"] == "ErasekitLoadGuideline":
-            node["inputs"]["embedding_name"] = "toy-red-circle.safetensors"
+            node["inputs"]["embedding_name"] = "tiny-red-circle.safetensors"
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 4
     out = comfy.run(graph)
