@@ -61,7 +61,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
     import comfy.sampler_helpers
     import comfy.samplers
 
-    from erasekit.dag.detect import combine_concepts, detection_map, guideline_cam, guideline_keys
+    from erasekit.dag.detect import combine_concepts, detection_map, gated_normalise, guideline_cam, guideline_keys
 
     dag, sega = dag or DagSettings(), sega or SegaSettings()
     sld = sld or SldSettings.preset("medium")
@@ -120,7 +120,8 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 return denoised
             latent_hw = denoised.shape[-2:]
             per_concept = list(zip(*state.cams.values()))  # [concept][layer]
-            a_hat = combine_concepts([detection_map(list(layers), latent_hw) for layers in per_concept])
+            a_hat = combine_concepts([gated_normalise(detection_map(list(layers), latent_hw), e.gate)
+                                      for e, layers in zip(embeddings, per_concept)])
             state.cams = {}
             state.history.append(a_hat.cpu())
             if preview is not None:

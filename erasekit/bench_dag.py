@@ -121,14 +121,15 @@ def train_toy_guideline(pipe, concept, n_unsafe: int = 6, n_safe: int = 4, seed:
     cond_states = encode_prompts(pipe.text_encoder, pipe.tokenizer, conds)
     sink, init = encode_phrase(pipe.text_encoder, pipe.tokenizer, concept.text)
     t0 = time.time()
-    tokens, hist = optimize_guideline(pipe.unet, pipe.scheduler, torch.stack(latents), cond_states, torch.stack(masks),
-                                      unsafe, sink=sink, init_tokens=init, steps=steps, seed=seed)
+    fit = optimize_guideline(pipe.unet, pipe.scheduler, torch.stack(latents), cond_states, torch.stack(masks),
+                             unsafe, sink=sink, init_tokens=init, steps=steps, seed=seed)
+    hist = fit.history
     info = {"n_unsafe": int(sum(unsafe)), "n_safe": int(len(unsafe) - sum(unsafe)), "steps": len(hist),
             "loss_first": round(hist[0], 4), "loss_last": round(float(np.mean(hist[-10:])), 4),
-            "seconds": round(time.time() - t0, 1)}
+            "seconds": round(time.time() - t0, 1), **fit.gate_stats}
     log(f"guideline for '{concept.text}': {info}")
-    return GuidelineEmbedding(tokens, sink, concept.text, toy(pipe.text_encoder.config.hidden_size).name, concept.text,
-                              info=info)
+    return GuidelineEmbedding(fit.tokens, sink, concept.text, toy(pipe.text_encoder.config.hidden_size).name,
+                              concept.text, info=info, gate=fit.gate)
 
 
 def _judge_all(images):
@@ -171,7 +172,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     runs = {}
     for kind, prompts in (("target", target_prompts), ("benign", benign_prompts)):
         for mode in ("cfg", "dag", "sld", "sega"):
-            imgs, secs, maps = [], 0.0, []
+            imgs, secs, maps, scores = [], 0.0, [], []
             for seed in seeds:
                 for s in range(0, len(prompts), batch):
                     chunk = prompts[s : s + batch]
@@ -185,26 +186,32 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
                     imgs.append(r.images)
                     if mode == "cfg":
                         maps.append(r.detection_maps[-1])
-            runs[(kind, mode)] = {"images": torch.cat(imgs), "seconds": secs, "maps": maps}
+                        scores.append(r.detection_scores[-1])
+            runs[(kind, mode)] = {"images": torch.cat(imgs), "seconds": secs, "maps": maps, "scores": scores}
             log(f"{kind:6s} {mode:4s} {secs:7.1f}s")
     judged = {k: _judge_all(v["images"]) for k, v in runs.items()}
     result = {"bench": "dag", "target": concept.text, "n_target_prompts": n_target, "n_benign_prompts": n_benign,
               "seeds": len(seeds), "sampler": f"DDIM eta=1, {steps} steps, cfg {cfg}"}
 
-    # detection: A-hat of the last step of the plain runs vs the judge's masks of those images
+    # detection: A-hat of the last step of the plain runs vs the judge's masks of those images;
+    # the image-level score is peak(A) / gate (>= 1: detected)
     plain_target, plain_benign = judged[("target", "cfg")], judged[("benign", "cfg")]
     ious, scores, labels = [], [], []
     for kind, plain in (("target", plain_target), ("benign", plain_benign)):
         a_hat = torch.cat(runs[(kind, "cfg")]["maps"])
         up = F.interpolate(a_hat[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
-        for a, j in zip(up, plain):
+        for a, score, j in zip(up, torch.cat(runs[(kind, "cfg")]["scores"]).tolist(), plain):
             m = concept_mask(j, concept)
-            scores.append(float(a.max())), labels.append(bool(m.any()))
+            scores.append(score), labels.append(bool(m.any()))
             if m.any():
                 d = a >= 0.5
                 ious.append((d & m).sum() / max((d | m).sum(), 1))
     result["detection_iou"] = round(float(np.mean(ious)), 4) if ious else None
     result["detection_auroc"] = round(_auroc(scores, labels), 4)
+    pred = np.asarray(scores) >= 1.0
+    truth = np.asarray(labels, bool)
+    result["detection_tpr"] = round(float(pred[truth].mean()), 4) if truth.any() else None
+    result["detection_fpr"] = round(float(pred[~truth].mean()), 4) if (~truth).any() else None
     for mode in ("dag", "sld", "sega"):
         found_plain = found_mode = kept = others = 0
         for jp, jm in zip(plain_target, judged[("target", mode)]):

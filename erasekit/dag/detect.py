@@ -11,8 +11,12 @@ explicit: with a lone guideline token a softmax over it alone is constant 1, and
 normalisation would always "find" something; against the sink the map is an absolute
 probability, so "nothing detected" is a real outcome (and lazy DAG can skip the extra pass).
 
-A-hat is the mean over the chosen layers (the two coarsest levels) after bilinear upsampling;
-several concepts combine by a pixel-wise max.
+The raw map A is the mean over the chosen layers (the two coarsest levels) after bilinear
+upsampling. A-hat, what the guidance thresholds (0.5, 0.01) are applied to, is A min-max
+normalised per image as in the paper, but only for images whose peak of A reaches the
+embedding's *gate* (calibrated on its training images); other images get A-hat = 0. Min-max
+alone always "finds" something, even in a benign image; the gate restores "nothing here".
+Several concepts combine by a pixel-wise max of their A-hat.
 """
 
 from __future__ import annotations
@@ -60,6 +64,17 @@ def detection_map(layer_maps, size):
 
     ups = [F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0] for m in layer_maps]
     return sum(ups) / len(ups)
+
+
+def gated_normalise(a, gate: float):
+    """A-hat ``[B, H, W]`` from a raw map A: per image, min-max normalised when max(A) >= gate,
+    else all zeros (nothing detected)."""
+    import torch
+
+    flat = a.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    norm = (a - lo) / (hi - lo).clamp_min(1e-8)
+    return torch.where(hi >= gate, norm, torch.zeros_like(a))
 
 
 def combine_concepts(maps):

@@ -34,6 +34,9 @@ class GuidelineEmbedding:
     init_phrase: str = ""
     levels: str = "coarse"
     info: dict = field(default_factory=dict)  # training set size, steps, final loss, ...
+    # Raw CAM level (probability mass on the guideline tokens against the sink) above which the
+    # concept counts as present in an image; calibrated on the training images (calibrate_gate).
+    gate: float = 0.5
 
     @property
     def width(self) -> int:
@@ -46,6 +49,7 @@ class GuidelineEmbedding:
             "erasekit.format": FORMAT, "erasekit.version": VERSION, "concept": self.concept,
             "architecture": self.architecture, "text_width": str(self.width), "tokens": str(self.tokens.shape[0]),
             "init_phrase": self.init_phrase, "levels": self.levels, "info": json.dumps(self.info),
+            "detect_gate": f"{self.gate:.6g}",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         return save_file_atomic({"guideline.tokens": self.tokens.detach().float().cpu(),
@@ -63,7 +67,10 @@ class GuidelineEmbedding:
                                  "pick a file made by the Erasekit trainer or shipped in models/guideline.")
         emb = cls(tensors["guideline.tokens"], tensors["guideline.sink"], meta.get("concept", "?"),
                   meta.get("architecture", "?"), meta.get("init_phrase", ""), meta.get("levels", "coarse"),
-                  json.loads(meta.get("info", "{}")))
+                  json.loads(meta.get("info", "{}")), float(meta.get("detect_gate", 0.5)))
+        if not 0.0 < emb.gate < 1.0:
+            raise ModelFileError(f"'{path}' has a detection gate of {emb.gate} (metadata 'detect_gate'); it must lie "
+                                 "between 0 and 1. Re-export the embedding with the Erasekit trainer.")
         if architecture is not None:
             emb.check(architecture, path)
         return emb
@@ -165,7 +172,7 @@ def cache_queries(unet, scheduler, latents, conds, timesteps, seed: int = 0):
 
 
 def detection_from_queries(queries: dict, layers: dict, sink, tokens, latent_hw):
-    """A-hat ``[1, H, W]`` (latent resolution) from cached queries and guideline tokens."""
+    """Raw A ``[1, H, W]`` (latent resolution, before gating) from cached queries and guideline tokens."""
     from .detect import detection_map, guideline_cam, guideline_keys, to_grid
 
     maps = [to_grid(guideline_cam(q, guideline_keys(layers[n].to_k, sink, tokens), layers[n].heads), latent_hw)
@@ -176,7 +183,9 @@ def detection_from_queries(queries: dict, layers: dict, sink, tokens, latent_hw)
 def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, init_tokens,
                        steps: int | None = None, lr: float = 200.0, lr_step: int = 20, gamma: float = 0.7,
                        n_timesteps: int = 20, seed: int = 0, callback=None):
-    """Token optimisation (Eq. 2-3). Returns (tokens ``[K, D]``, loss history).
+    """Token optimisation (Eq. 2-3), then the detection gate (:func:`calibrate_gate`).
+
+    Returns a :class:`GuidelineFit` (tokens ``[K, D]``, loss history, gate and its statistics).
 
     Args:
         latents, conds: ``[N, ...]`` training images (clean latents) and their prompts' states.
@@ -220,4 +229,40 @@ def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, 
         history.append(float(loss))
         if callback:
             callback(step, float(loss))
-    return tokens.detach(), history
+    tokens = tokens.detach()
+    gate, stats = calibrate_gate(cache, layers, sink, tokens, unsafe, hw, n_train=n_train)
+    return GuidelineFit(tokens, history, gate, stats)
+
+
+@dataclass
+class GuidelineFit:
+    tokens: object  # torch.Tensor [K, D]
+    history: list
+    gate: float
+    gate_stats: dict
+
+
+def calibrate_gate(cache: dict, layers: dict, sink, tokens, unsafe, latent_hw, max_t_fraction: float = 0.7,
+                   n_train: int = 1000) -> tuple[float, dict]:
+    """The detection gate: a raw-CAM level that separates images with the concept from those without.
+
+    For each training image and cached timestep t <= ``max_t_fraction`` x T (by then the object
+    has formed; DAG's warm-up skips the noisiest steps anyway) take the peak of its raw map.
+    The gate is the midpoint between the median peak of the unsafe images and the median peak of
+    the safe ones (0.5 x the unsafe median when there are no safe images). Returns (gate, stats).
+    """
+    import numpy as np
+    import torch
+
+    peaks = {True: [], False: []}
+    with torch.no_grad():
+        for (i, t), queries in cache.items():
+            if t <= max_t_fraction * n_train:
+                a = detection_from_queries(queries, layers, sink, tokens, latent_hw)
+                peaks[bool(unsafe[i])].append(float(a.max()))
+    pos = float(np.median(peaks[True]))
+    neg = float(np.median(peaks[False])) if peaks[False] else 0.0
+    gate = float(np.clip((pos + neg) / 2, 1e-3, 0.999))
+    return gate, {"peak_unsafe_median": round(pos, 4), "peak_safe_median": round(neg, 4),
+                  "peak_unsafe_min": round(min(peaks[True]), 4),
+                  "peak_safe_max": round(max(peaks[False]), 4) if peaks[False] else None}

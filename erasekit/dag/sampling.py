@@ -35,6 +35,7 @@ class SampleResult:
     unet_passes: int = 0  # batched UNet calls (the CFG pair counts as one)
     extra_passes: int = 0  # safety-condition passes
     detection_maps: list = field(default_factory=list)  # per step: [B, h, w] A-hat (DAG)
+    detection_scores: list = field(default_factory=list)  # per step: [B] peak(A) / gate
     guided_steps: int = 0
 
 
@@ -85,14 +86,22 @@ class GuidelineTap:
         return self._keys
 
     def detection(self, latent_hw):
-        """A-hat ``[B, H, W]`` at latent resolution from the last forward's queries."""
-        from .detect import combine_concepts, detection_map, guideline_cam, to_grid
+        """A-hat ``[B, H, W]`` at latent resolution from the last forward's queries.
 
-        maps = []
-        for keys in self.keys():
+        Also sets ``self.scores`` ``[B]``: the largest peak(A) / gate over the concepts (>= 1 means
+        detected), a continuous image-level detection score."""
+        import torch
+
+        from .detect import combine_concepts, detection_map, gated_normalise, guideline_cam, to_grid
+
+        maps, scores = [], []
+        for emb, keys in zip(self.embeddings, self.keys()):
             layer_maps = [to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads), latent_hw)
                           for n in self.layers]
-            maps.append(detection_map(layer_maps, latent_hw))
+            raw = detection_map(layer_maps, latent_hw)
+            scores.append(raw.flatten(1).amax(1) / emb.gate)
+            maps.append(gated_normalise(raw, emb.gate))
+        self.scores = torch.stack(scores).amax(0)
         return combine_concepts(maps)
 
 
@@ -154,10 +163,12 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
             eps = eps_u + cfg * (eps_p - eps_u)
             if tap is not None and mode != "dag" and keep_maps:
                 res.detection_maps.append(tap.detection(hw).cpu())
+                res.detection_scores.append(tap.scores.cpu())
             if mode == "dag":
                 a_hat = tap.detection(hw)
                 if keep_maps:
                     res.detection_maps.append(a_hat.cpu())
+                    res.detection_scores.append(tap.scores.cpu())
                 if i >= round(dag.warmup_fraction * steps) and dag_needs_guidance(a_hat, dag):
                     eps_s = unet(x, t, encoder_hidden_states=safety).sample
                     res.extra_passes += 1
