@@ -74,6 +74,8 @@ def main(argv=None) -> None:
     e.add_argument("--lr", type=float, default=1e-3)
     e.add_argument("--model", default=None)
     e.add_argument("--out", default="out/bench/erase")
+    e.add_argument("--comfyui", type=int, default=0, metavar="N",
+                   help="also sample N target + N preservation prompts in real ComfyUI with the exported LoRA")
     e.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     r = sub.add_parser("lora-roundtrip", help="a LoRA exported here, loaded by real ComfyUI and by diffusers")
     r.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
@@ -82,7 +84,8 @@ def main(argv=None) -> None:
         from .bench_erase import bench_erase
 
         log = lambda msg: print(msg, file=sys.stderr)
-        print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log)))
+        print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
+                                     comfyui_prompts=a.comfyui)))
     if a.which == "lora-roundtrip":
         from .bench_lora import bench_lora_roundtrip
 

@@ -84,52 +84,21 @@ class _FakeJudgement:
         self.objects = [Obj]
 
 
-def train_toy_guideline(pipe, concept, n_unsafe: int = 6, n_safe: int = 4, seed: int = 0, steps=None, log=print):
-    """Generate, judge, mask, optimise: a GuidelineEmbedding for ``concept`` on the toy model."""
-    import torch
-    import torch.nn.functional as F
+def train_toy_guideline(model: str | None, concept, n_unsafe: int = 6, n_safe: int = 6, seed: int = 0, steps=None,
+                        log=print):
+    """A GuidelineEmbedding for ``concept`` on the toy model: the erasure trainer's data
+    (images the model draws, masked by the judge; neighbouring and unrelated concepts as the
+    safe images) and :func:`erasekit.dag.fit.fit_guideline`."""
+    from . import models
+    from .dag.fit import fit_guideline
+    from .erase.data import DataConfig, build_erase_data
 
-    from .checkpoints import toy
-    from .dag.guideline import GuidelineEmbedding, encode_phrase, optimize_guideline
-    from .dag.sampling import encode_prompts, sample
-    from .toyworld.judge import judge
-
-    target_prompts, benign_prompts = concept_prompts(concept, 64, 64, seed)
-    latents, conds, masks, unsafe = [], [], [], []
-
-    def collect(prompts, want_unsafe, need):
-        for start in range(0, len(prompts), 16):
-            batch = prompts[start : start + 16]
-            res = sample(pipe, batch, list(range(1000 + start, 1000 + start + len(batch))), steps=25, cfg=3.0)
-            for prompt, img in zip(batch, res.images):
-                j = judge(img.permute(1, 2, 0).numpy())
-                m = concept_mask(j, concept)
-                if bool(m.any()) != want_unsafe:
-                    continue
-                lat = pipe.vae.encode(img[None].to(pipe.unet.device) * 2 - 1).latent_dist.mode()
-                latents.append(lat[0]), conds.append(prompt), unsafe.append(want_unsafe)
-                mm = torch.from_numpy(m.astype(np.float32))[None, None]
-                masks.append(F.interpolate(mm, size=lat.shape[-2:], mode="area")[0, 0])
-                need -= 1
-                if need == 0:
-                    return
-
-    collect(target_prompts, True, n_unsafe)
-    collect(benign_prompts, False, n_safe)
-    if not any(unsafe):
-        raise RuntimeError(f"the toy model drew '{concept.text}' in none of 64 images; it cannot be located")
-    cond_states = encode_prompts(pipe.text_encoder, pipe.tokenizer, conds)
-    sink, init = encode_phrase(pipe.text_encoder, pipe.tokenizer, concept.text)
-    t0 = time.time()
-    fit = optimize_guideline(pipe.unet, pipe.scheduler, torch.stack(latents), cond_states, torch.stack(masks),
-                             unsafe, sink=sink, init_tokens=init, steps=steps, seed=seed)
-    hist = fit.history
-    info = {"n_unsafe": int(sum(unsafe)), "n_safe": int(len(unsafe) - sum(unsafe)), "steps": len(hist),
-            "loss_first": round(hist[0], 4), "loss_last": round(float(np.mean(hist[-10:])), 4),
-            "seconds": round(time.time() - t0, 1), **fit.gate_stats}
-    log(f"guideline for '{concept.text}': {info}")
-    return GuidelineEmbedding(fit.tokens, sink, concept.text, toy(pipe.text_encoder.config.hidden_size).name,
-                              concept.text, info=info, gate=fit.gate)
+    comps = models.load(model or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "toy"))
+    neighbours = max(1, n_safe * 2 // 3)
+    data = build_erase_data(comps, concept.text, DataConfig(forget_images=n_unsafe, neighbours=neighbours,
+                                                           unrelated=max(0, n_safe - neighbours), images_per_concept=1,
+                                                           seed=seed), log=log)
+    return fit_guideline(comps, data, concept.text, steps=steps, seed=seed, log=log)
 
 
 def _judge_all(images):
@@ -166,7 +135,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     if guideline and os.path.isfile(guideline):
         emb = GuidelineEmbedding.load(guideline)
     else:
-        emb = train_toy_guideline(pipe, concept, log=log)
+        emb = train_toy_guideline(model, concept, log=log)
         emb.save(guideline or os.path.join(out_dir, f"guideline-{concept.text.replace(' ', '-')}.safetensors"))
     target_prompts, benign_prompts = concept_prompts(concept, n_target, n_benign)
     runs = {}

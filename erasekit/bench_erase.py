@@ -71,7 +71,7 @@ class _Single:
 
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
                 lr: float = 1e-3, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
-                forget_images: int = 16, images_per_concept: int = 12, log=print) -> dict:
+                forget_images: int = 16, images_per_concept: int = 12, comfyui_prompts: int = 0, log=print) -> dict:
     import copy
 
     from . import models
@@ -122,6 +122,8 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                     kept += 1
                     have.remove(label)
     cost = _cost(model, target, seed)
+    if comfyui_prompts:
+        cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
     return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr,
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
             "targets_drawn_before": round(found_before / len(target_prompts), 4),
@@ -130,6 +132,17 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
             "benign_target_rate_after": round(sum(a[0] for a in counts["benign"][1]) / len(benign), 4),
             "train_seconds": round(train_seconds, 1), "lora": str(result.lora), **cost,
             "sampler": "DDIM eta=1, 25 steps, cfg 3"}
+
+
+def _comfyui_check(lora: str, target: str, model: str, prompts: int, seed: int) -> dict:
+    """The exported LoRA in real ComfyUI (tools/erase_check_comfy.py, in a fresh process:
+    ComfyUI's imports must not leak into this one)."""
+    cmd = [sys.executable, os.path.join(REPO, "tools", "erase_check_comfy.py"), lora, "--target", target,
+           "--model", model, "--prompts", str(prompts), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the ComfyUI check failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _pipe(comps, unet):

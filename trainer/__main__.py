@@ -3,6 +3,7 @@
     python -m trainer train --method inpo --target "red circle" --out runs/red-circle
     python -m trainer train --method inpo --target "red circle" --out runs/red-circle --resume
     python -m trainer train --method inpo --target "bobo" --base my-model.safetensors --config my.toml
+    python -m trainer guideline --target "red circle" --out models/guideline/red-circle.safetensors
     python -m trainer app [--out-root runs] [--comfyui PATH] [--listen --auth user:pass]
 
 Settings are resolved in this order, each overriding the one before: the engine's defaults, the
@@ -76,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", action="store_true", default=None)
     for flag in ("forget-dir", "preserve-dir", "cache"):
         p.add_argument(f"--{flag}", default=None)
+    g = sub.add_parser("guideline", help="learn a Detect-and-Guide guideline embedding (DAG Sec. 3.1)")
+    g.add_argument("--target", required=True, help='the concept to detect, e.g. "red circle", "nudity"')
+    g.add_argument("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: models/toy)")
+    g.add_argument("--out", default=None, help="the .safetensors file to write (default: runs/guideline-<target>.safetensors)")
+    g.add_argument("--init", default=None, help="words the tokens start from (default: the target)")
+    g.add_argument("--forget-dir", default=None,
+                   help="images of the concept (name.png + name_mask.png, white = concept); default: drawn by the toy model")
+    g.add_argument("--preserve-dir", default=None, help="images without the concept (zero masks)")
+    g.add_argument("--images", type=int, default=6, help="images of the concept to generate (toy model)")
+    g.add_argument("--safe-images", type=int, default=6, help="images without it to generate (toy model)")
+    g.add_argument("--steps", type=int, default=None, help="optimisation steps (default 100 x unsafe images, Table 4)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = sub.add_parser("app", help="the trainer's web page (Gradio), on 127.0.0.1 by default")
     a.add_argument("--out-root", default="runs", help="every file the app writes goes under this folder (default: runs/)")
     a.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),
@@ -205,6 +219,51 @@ def train_command(args) -> int:
     return 0
 
 
+def guideline_command(args) -> int:
+    """Learn a guideline embedding and write it (atomically) where Load Guideline Embedding finds it."""
+    from tqdm.auto import tqdm
+
+    from erasekit import models
+    from erasekit.dag.fit import fit_guideline
+    from erasekit.erase.data import DataConfig, build_erase_data
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    base = args.base or DEFAULT_BASE
+    if not os.path.exists(base):
+        raise ErasekitError(f"The base model '{base}' does not exist; pass --base <a diffusers folder or a .safetensors "
+                            "checkpoint>.")
+    components = models.load(str(base))
+    toy = components.architecture is not None and components.architecture.name == "toy"
+    if not toy and not args.forget_dir:
+        raise ErasekitError("Only the toy model can draw and mask its own training images; for this model pass "
+                            "--forget-dir with images of the concept and their masks (name.png + name_mask.png).")
+    out = args.out or os.path.join("runs", f"guideline-{'-'.join(args.target.lower().split())}.safetensors")
+    neighbours = max(1, args.safe_images * 2 // 3)
+    data = build_erase_data(components, args.target, DataConfig(
+        forget_images=args.images, neighbours=neighbours, unrelated=max(0, args.safe_images - neighbours),
+        images_per_concept=1, seed=args.seed, forget_dir=args.forget_dir, preserve_dir=args.preserve_dir),
+        log=lambda m: print(m, file=sys.stderr))
+    bar = tqdm(total=args.steps or 100 * len(data.forget), desc=f"guideline '{args.target}'", dynamic_ncols=True)
+
+    def progress(step, loss):
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(bce=f"{loss:.4f}")
+
+    try:
+        emb = fit_guideline(components, data, args.target, init_phrase=args.init, steps=args.steps, seed=args.seed,
+                            callback=progress, log=lambda m: print(m, file=sys.stderr))
+    finally:
+        bar.close()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    emb.save(out)
+    print(f"Guideline embedding: {out} (gate {emb.gate:.3f}; put it in ComfyUI's models/guideline folder)")
+    return 0
+
+
 def _from_files(args, key: str):
     from erasekit.erase.engine import read_config
 
@@ -221,7 +280,7 @@ def main(argv=None) -> int:
 
         return app_command(args)
     try:
-        return train_command(args)
+        return guideline_command(args) if args.command == "guideline" else train_command(args)
     except ErasekitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -66,15 +66,16 @@ def detection_map(layer_maps, size):
     return sum(ups) / len(ups)
 
 
-def gated_normalise(a, gate: float):
+def gated_normalise(a, gate: float, min_range: float = 1e-3):
     """A-hat ``[B, H, W]`` from a raw map A: per image, min-max normalised when max(A) >= gate,
-    else all zeros (nothing detected)."""
+    else all zeros (nothing detected). A map flatter than ``min_range`` says nothing about
+    *where*, and min-max would blow its rounding noise up to [0, 1]: zeros too."""
     import torch
 
     flat = a.flatten(1)
     lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
-    norm = (a - lo) / (hi - lo).clamp_min(1e-8)
-    return torch.where(hi >= gate, norm, torch.zeros_like(a))
+    norm = (a - lo) / (hi - lo).clamp_min(min_range)
+    return torch.where((hi >= gate) & (hi - lo >= min_range), norm, torch.zeros_like(a))
 
 
 def combine_concepts(maps):

@@ -60,8 +60,8 @@ def toy_in_comfy(comfy):
     os.makedirs(gdir, exist_ok=True)
     sink, tokens = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
     GuidelineEmbedding(tokens, sink, "red circle", "toy", "red circle").save(os.path.join(gdir, "tiny-red-circle.safetensors"))
-    # an embedding whose tokens ARE the sink: the CAM is K/(K+1) everywhere, i.e. >= 80% of the
-    # image is "edit region" and DAG must stand down (Alg. 1, line 6): a never-detecting control
+    # an embedding whose tokens ARE the sink: the raw CAM is K/(K+1) everywhere, a flat map that
+    # locates nothing, so A-hat = 0 and DAG must stand down: a never-detecting control
     GuidelineEmbedding(sink[None].repeat(2, 1), sink, "nothing", "toy").save(os.path.join(gdir, "tiny-nothing.safetensors"))
     wide = torch.zeros(2, 768)
     GuidelineEmbedding(wide, torch.zeros(768), "nudity", "sd_v1").save(os.path.join(gdir, "sd15-nudity.safetensors"))

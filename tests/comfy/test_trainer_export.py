@@ -35,9 +35,10 @@ def _graph(model_name, lora_name, strength):
     }
 
 
-def test_trainer_export_loads_in_comfyui(comfy, toy_in_comfy, tmp_path, caplog):
-    from PIL import Image
-
+@pytest.fixture(scope="module")
+def exported(comfy, toy_in_comfy, tmp_path_factory):
+    """A LoRA trained a few steps by the app's job and exported into ComfyUI's loras folder."""
+    tmp_path = tmp_path_factory.mktemp("trainer-export")
     base = os.path.join(comfy.work_dir, "models", "diffusers", toy_in_comfy)
     settings = {"base": base, "target": "red circle", "preset": "object", "steps": 3, "lr": 0.05, "rank": 2,
                 "batch_size": 1, "forget_images": 2, "images_per_concept": 1, "neighbours": 1, "unrelated": 1,
@@ -48,6 +49,13 @@ def test_trainer_export_loads_in_comfyui(comfy, toy_in_comfy, tmp_path, caplog):
     dest = jobs.safe_path(os.path.join(comfy.work_dir, "models"), "loras", "export folder")
     path = jobs.export_lora(run, dest, "erase-red-app", "Erases red circles (test).", "mit")
     assert path.is_file() and path.with_suffix(".md").is_file()
+    return path
+
+
+def test_trainer_export_loads_in_comfyui(comfy, toy_in_comfy, exported, caplog):
+    from PIL import Image
+
+    path = exported
 
     with caplog.at_level(logging.WARNING):
         out = comfy.run(_graph(toy_in_comfy, path.name, 1.0))
@@ -55,3 +63,15 @@ def test_trainer_export_loads_in_comfyui(comfy, toy_in_comfy, tmp_path, caplog):
     plain = comfy.run(_graph(toy_in_comfy, path.name, 0.0))
     a, b = (np.asarray(Image.open(comfy.output_path(o["9"]["images"][0])), np.int16) for o in (out, plain))
     assert a.shape == (128, 128, 3) and np.abs(a - b).max() > 0
+
+
+def test_erase_check_tool_judges_comfyui_images(comfy, toy_in_comfy, exported):
+    """tools/erase_check_comfy.py (what `bench erase --comfyui` runs) samples both strengths of a
+    LoRA in ComfyUI graphs and reports judged rates in [0, 1]."""
+    from tools.erase_check_comfy import check
+
+    base = os.path.join(comfy.work_dir, "models", "diffusers", toy_in_comfy)
+    r = check(str(exported), "red circle", base, prompts=2, steps=3, comfy=comfy, log=lambda m: None)
+    assert r["comfyui_prompts"] == 2 and r["comfyui_preserve_prompts"] == 2
+    for k in ("comfyui_targets_before", "comfyui_targets_after", "comfyui_erase_rate", "comfyui_preservation"):
+        assert 0.0 <= r[k] <= 1.0, (k, r)

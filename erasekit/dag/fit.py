@@ -1,0 +1,62 @@
+"""Learn a guideline embedding from a forget set (images of the concept, with masks) and a
+preserve set (images without it): DAG Sec. 3.1 on the same data the erasure trainer builds.
+
+The data comes from :func:`erasekit.erase.data.build_erase_data`: on the toy model, images the
+model draws, masked exactly by the judge; on other models, the user's folder of ``name.png`` +
+``name_mask.png``. Safe images get zero masks (Eq. 2). Few images are enough (the paper: a
+handful), so the defaults here are small.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import ErasekitError
+
+
+def fit_guideline(components, data, concept: str, *, init_phrase: str | None = None, steps: int | None = None,
+                  seed: int = 0, callback=None, log=print):
+    """A :class:`~erasekit.dag.guideline.GuidelineEmbedding` for ``concept``.
+
+    Args:
+        components: :class:`erasekit.models.Components` (one text encoder: SD1.x, SD2.x, toy).
+        data: :class:`erasekit.erase.data.EraseData` (forget set with masks; preserve set optional).
+        init_phrase: the words c* starts from (default: the concept).
+        steps: default 100 x the number of unsafe images (Table 4).
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from .guideline import GuidelineEmbedding, encode_phrase, optimize_guideline
+
+    if len(getattr(components, "text_encoders", []) or [None]) > 1:
+        raise ErasekitError("Guideline training reads one text encoder's states; this model has two (SDXL), "
+                            "which is not supported yet. Use an SD1.x / SD2.x model.")
+    forget, preserve = data.forget, data.preserve
+    if forget is None or len(forget) == 0:
+        raise ErasekitError(f"No images of '{concept}' to learn from: the forget set is empty.")
+    hw = tuple(forget.latents.shape[-2:])
+    masks = forget.masks if forget.masks is not None else torch.ones(len(forget), 1, *hw)
+    masks = F.interpolate(masks.float(), size=hw, mode="area")[:, 0]
+    latents, conds = [forget.latents], [forget.embeds]
+    unsafe = [True] * len(forget)
+    if preserve is not None and len(preserve):
+        latents.append(preserve.latents), conds.append(preserve.embeds)
+        masks = torch.cat([masks, torch.zeros(len(preserve), *hw)])
+        unsafe += [False] * len(preserve)
+    unet = components.unet
+    device = unet.device
+    sink, init = encode_phrase(components.text_encoder, components.tokenizer, init_phrase or concept)
+    t0 = time.time()
+    fit = optimize_guideline(unet, components.scheduler, torch.cat(latents).to(device), torch.cat(conds).to(device),
+                             masks.to(device), unsafe, sink=sink, init_tokens=init, steps=steps, seed=seed,
+                             callback=callback)
+    hist = fit.history
+    info = {"n_unsafe": int(sum(unsafe)), "n_safe": int(len(unsafe) - sum(unsafe)), "steps": len(hist),
+            "loss_first": round(hist[0], 4), "loss_last": round(float(np.mean(hist[-10:])), 4),
+            "seconds": round(time.time() - t0, 1), **fit.gate_stats}
+    log(f"guideline for '{concept}': {info}")
+    arch = components.architecture.name if components.architecture is not None else "unknown"
+    return GuidelineEmbedding(fit.tokens.cpu(), sink.cpu(), concept, arch, init_phrase or concept, info=info,
+                              gate=fit.gate)
