@@ -52,6 +52,24 @@ def _objective(method: str, preset_name: str):
     return InpoObjective(InpoConfig(**{k: v for k, v in row.items() if k in InpoConfig.__dataclass_fields__}))
 
 
+def erase_counts(counts: dict) -> tuple[int, int, int, int]:
+    """From ``{"target": (before, after), "benign": (before, after)}`` of :func:`_judge_found`
+    rows (same prompts and seeds): (target images before, of those still showing it after,
+    non-target objects kept, non-target objects there before). Objects count as a multiset."""
+    found_before = sum(b[0] for b in counts["target"][0])
+    found_after = sum(a[0] for b, a in zip(*counts["target"]) if b[0])
+    kept = total = 0
+    for before, after in counts.values():
+        for (_, rest_b), (_, rest_a) in zip(before, after):
+            have = list(rest_a)
+            for label in rest_b:
+                total += 1
+                if label in have:
+                    kept += 1
+                    have.remove(label)
+    return found_before, found_after, kept, total
+
+
 def _judge_found(images, concept):
     from .bench_dag import concept_mask
     from .toyworld.judge import judge
@@ -110,17 +128,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
             before += _judge_found(sample(pipe_base, chunk, sd, steps=25, cfg=3.0).images, concept)
             after += _judge_found(sample(pipe_erased, chunk, sd, steps=25, cfg=3.0).images, concept)
         counts[name] = (before, after)
-    found_before = sum(b[0] for b in counts["target"][0])
-    found_after = sum(a[0] for b, a in zip(*counts["target"]) if b[0])
-    kept = total = 0
-    for before, after in counts.values():
-        for (_, rest_b), (_, rest_a) in zip(before, after):
-            have = list(rest_a)
-            for label in rest_b:
-                total += 1
-                if label in have:
-                    kept += 1
-                    have.remove(label)
+    found_before, found_after, kept, total = erase_counts(counts)
     cost = _cost(model, target, seed)
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         print("models/toy is missing: train it with `python -m erasekit.toyworld train --out models/toy`.")
         return 1
     if not os.path.isfile(os.path.join(REPO, "models", "guideline", GUIDELINE)):
-        print(f"models/guideline/{GUIDELINE} is missing: `python -m erasekit.bench dag --guideline models/guideline/{GUIDELINE}` makes it.")
+        print(f"models/guideline/{GUIDELINE} is missing: `python -m trainer guideline --target \"red circle\" "
+              f"--out models/guideline/{GUIDELINE}` makes it.")
         return 1
     from erasekit.toyworld.judge import judge
 

@@ -54,7 +54,7 @@ def check(lora: str, target: str, model: str | None = None, prompts: int = 40, s
     from PIL import Image
 
     from erasekit.bench_dag import concept_prompts
-    from erasekit.bench_erase import _judge_found
+    from erasekit.bench_erase import _judge_found, erase_counts
     from erasekit.toyworld.vocab import parse_concept
     from tools.comfy_headless import HeadlessComfy
 
@@ -74,23 +74,13 @@ def check(lora: str, target: str, model: str | None = None, prompts: int = 40, s
             before.append(b), after.append(a)
         found[kind] = (before, after)
         log(f"{kind}: {len(plist)} prompts judged")
-    drawn_before = [b[0] for b in found["target"][0]]
-    still = sum(a[0] for b, a in zip(*found["target"]) if b[0])
-    kept = total = 0
-    for before, after in found.values():
-        for (_, rest_b), (_, rest_a) in zip(before, after):
-            have = list(rest_a)
-            for label in rest_b:
-                total += 1
-                if label in have:
-                    kept += 1
-                    have.remove(label)
+    drawn_before, still, kept, total = erase_counts(found)
     n = len(target_prompts)
     return {"comfyui_prompts": n, "comfyui_preserve_prompts": len(benign),
             "comfyui_sampler": f"{sampler}, normal, {steps} steps, cfg {cfg}",
-            "comfyui_targets_before": round(sum(drawn_before) / n, 4),
+            "comfyui_targets_before": round(drawn_before / n, 4),
             "comfyui_targets_after": round(sum(a[0] for a in found["target"][1]) / n, 4),
-            "comfyui_erase_rate": round(1 - still / max(sum(drawn_before), 1), 4),
+            "comfyui_erase_rate": round(1 - still / max(drawn_before, 1), 4),
             "comfyui_preservation": round(kept / max(total, 1), 4)}
 
 
