@@ -120,7 +120,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 return denoised
             latent_hw = denoised.shape[-2:]
             per_concept = list(zip(*state.cams.values()))  # [concept][layer]
-            a_hat = combine_concepts([gated_normalise(detection_map(list(layers), latent_hw), e.gate)
+            a_hat = combine_concepts([gated_normalise(detection_map(list(layers), latent_hw), e.gate, e.floor)
                                       for e, layers in zip(embeddings, per_concept)])
             state.cams = {}
             state.history.append(a_hat.cpu())

@@ -12,10 +12,11 @@ normalisation would always "find" something; against the sink the map is an abso
 probability, so "nothing detected" is a real outcome (and lazy DAG can skip the extra pass).
 
 The raw map A is the mean over the chosen layers (the two coarsest levels) after bilinear
-upsampling. A-hat, what the guidance thresholds (0.5, 0.01) are applied to, is A min-max
-normalised per image as in the paper, but only for images whose peak of A reaches the
-embedding's *gate* (calibrated on its training images); other images get A-hat = 0. Min-max
-alone always "finds" something, even in a benign image; the gate restores "nothing here".
+upsampling. A-hat, what the guidance thresholds (0.5, 0.01) are applied to, is A normalised per
+image to [0, 1] (the paper: min-max), but only for images whose peak of A reaches the
+embedding's *gate*; other images get A-hat = 0. Min-max alone always "finds" something, even in
+a benign image; the gate restores "nothing here". Both the gate and the level mapped to 0 (the
+*floor*, see :func:`gated_normalise`) are calibrated on the embedding's training images.
 Several concepts combine by a pixel-wise max of their A-hat.
 """
 
@@ -66,15 +67,24 @@ def detection_map(layer_maps, size):
     return sum(ups) / len(ups)
 
 
-def gated_normalise(a, gate: float, min_range: float = 1e-3):
-    """A-hat ``[B, H, W]`` from a raw map A: per image, min-max normalised when max(A) >= gate,
-    else all zeros (nothing detected). A map flatter than ``min_range`` says nothing about
-    *where*, and min-max would blow its rounding noise up to [0, 1]: zeros too."""
+def gated_normalise(a, gate: float, floor: float | None = None, min_range: float = 1e-3):
+    """A-hat ``[B, H, W]`` from a raw map A.
+
+    Per image: nothing detected (all zeros) when max(A) < ``gate``; otherwise A rescaled so that
+    ``floor`` -> 0 and max(A) -> 1, clamped to [0, 1]. With ``floor=None`` the floor is the
+    image's own minimum: the paper's min-max normalisation. A calibrated floor (the level the
+    guideline gives background pixels, :func:`erasekit.dag.guideline.calibrate_gate`) matters
+    where the background's CAM is not near its minimum: min-max then puts nearly every pixel
+    above the paper's 0.01 edit threshold and the AreaScaler's 80% rule switches DAG off.
+    Where the background does sit at the minimum (SD's CAMs) the two agree. A map flatter than
+    ``min_range`` says nothing about *where*: zeros too.
+    """
     import torch
 
     flat = a.flatten(1)
-    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
-    norm = (a - lo) / (hi - lo).clamp_min(min_range)
+    hi = flat.max(1).values[:, None, None]
+    lo = flat.min(1).values[:, None, None] if floor is None else torch.full_like(hi, float(floor))
+    norm = ((a - lo) / (hi - lo).clamp_min(min_range)).clamp(0.0, 1.0)
     return torch.where((hi >= gate) & (hi - lo >= min_range), norm, torch.zeros_like(a))
 
 

@@ -55,8 +55,8 @@ def fit_guideline(components, data, concept: str, *, init_phrase: str | None = N
     hist = fit.history
     info = {"n_unsafe": int(sum(unsafe)), "n_safe": int(len(unsafe) - sum(unsafe)), "steps": len(hist),
             "loss_first": round(hist[0], 4), "loss_last": round(float(np.mean(hist[-10:])), 4),
-            "seconds": round(time.time() - t0, 1), **fit.gate_stats}
+            "seconds": round(time.time() - t0, 1), **fit.gate_stats, "floor": round(fit.floor, 4)}
     log(f"guideline for '{concept}': {info}")
     arch = components.architecture.name if components.architecture is not None else "unknown"
     return GuidelineEmbedding(fit.tokens.cpu(), sink.cpu(), concept, arch, init_phrase or concept, info=info,
-                              gate=fit.gate)
+                              gate=fit.gate, floor=fit.floor)

@@ -37,6 +37,8 @@ class GuidelineEmbedding:
     # Raw CAM level (probability mass on the guideline tokens against the sink) above which the
     # concept counts as present in an image; calibrated on the training images (calibrate_gate).
     gate: float = 0.5
+    # Raw CAM level mapped to 0 in A-hat (calibrated background level); None: per-image min-max.
+    floor: float | None = None
 
     @property
     def width(self) -> int:
@@ -49,7 +51,7 @@ class GuidelineEmbedding:
             "erasekit.format": FORMAT, "erasekit.version": VERSION, "concept": self.concept,
             "architecture": self.architecture, "text_width": str(self.width), "tokens": str(self.tokens.shape[0]),
             "init_phrase": self.init_phrase, "levels": self.levels, "info": json.dumps(self.info),
-            "detect_gate": f"{self.gate:.6g}",
+            "detect_gate": f"{self.gate:.6g}", **({"detect_floor": f"{self.floor:.6g}"} if self.floor is not None else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         return save_file_atomic({"guideline.tokens": self.tokens.detach().float().cpu(),
@@ -67,10 +69,12 @@ class GuidelineEmbedding:
                                  "pick a file made by the Erasekit trainer or shipped in models/guideline.")
         emb = cls(tensors["guideline.tokens"], tensors["guideline.sink"], meta.get("concept", "?"),
                   meta.get("architecture", "?"), meta.get("init_phrase", ""), meta.get("levels", "coarse"),
-                  json.loads(meta.get("info", "{}")), float(meta.get("detect_gate", 0.5)))
-        if not 0.0 < emb.gate < 1.0:
-            raise ModelFileError(f"'{path}' has a detection gate of {emb.gate} (metadata 'detect_gate'); it must lie "
-                                 "between 0 and 1. Re-export the embedding with the Erasekit trainer.")
+                  json.loads(meta.get("info", "{}")), float(meta.get("detect_gate", 0.5)),
+                  float(meta["detect_floor"]) if "detect_floor" in meta else None)
+        if not 0.0 < emb.gate < 1.0 or (emb.floor is not None and not 0.0 <= emb.floor < emb.gate):
+            raise ModelFileError(f"'{path}' has a detection gate of {emb.gate} and floor {emb.floor} (metadata "
+                                 "'detect_gate', 'detect_floor'); they must satisfy 0 <= floor < gate < 1. "
+                                 "Re-export the embedding with the Erasekit trainer.")
         if architecture is not None:
             emb.check(architecture, path)
         return emb
@@ -230,8 +234,8 @@ def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, 
         if callback:
             callback(step, float(loss))
     tokens = tokens.detach()
-    gate, stats = calibrate_gate(cache, layers, sink, tokens, unsafe, hw, n_train=n_train)
-    return GuidelineFit(tokens, history, gate, stats)
+    gate, floor, stats = calibrate_gate(cache, layers, sink, tokens, masks, unsafe, hw, n_train=n_train)
+    return GuidelineFit(tokens, history, gate, floor, stats)
 
 
 @dataclass
@@ -239,30 +243,38 @@ class GuidelineFit:
     tokens: object  # torch.Tensor [K, D]
     history: list
     gate: float
+    floor: float
     gate_stats: dict
 
 
-def calibrate_gate(cache: dict, layers: dict, sink, tokens, unsafe, latent_hw, max_t_fraction: float = 0.7,
-                   n_train: int = 1000) -> tuple[float, dict]:
-    """The detection gate: a raw-CAM level that separates images with the concept from those without.
+def calibrate_gate(cache: dict, layers: dict, sink, tokens, masks, unsafe, latent_hw, max_t_fraction: float = 0.7,
+                   n_train: int = 1000, floor_quantile: float = 0.95) -> tuple[float, float, dict]:
+    """The detection gate and floor: raw-CAM levels learned from the training images.
 
     For each training image and cached timestep t <= ``max_t_fraction`` x T (by then the object
-    has formed; DAG's warm-up skips the noisiest steps anyway) take the peak of its raw map.
-    The gate is the midpoint between the median peak of the unsafe images and the median peak of
-    the safe ones (0.5 x the unsafe median when there are no safe images). Returns (gate, stats).
+    has formed; DAG's warm-up skips the noisiest steps anyway):
+    * gate: the midpoint between the median peak of the unsafe images and the median peak of the
+      safe ones (0.5 x the unsafe median when there are no safe images): above it, "detected";
+    * floor: the ``floor_quantile`` of the raw values of background pixels (outside the masks,
+      and every pixel of the safe images): the level A-hat maps to 0 (kept below the gate).
+    Returns (gate, floor, stats).
     """
     import numpy as np
     import torch
 
-    peaks = {True: [], False: []}
+    peaks, background = {True: [], False: []}, []
     with torch.no_grad():
         for (i, t), queries in cache.items():
             if t <= max_t_fraction * n_train:
-                a = detection_from_queries(queries, layers, sink, tokens, latent_hw)
+                a = detection_from_queries(queries, layers, sink, tokens, latent_hw)[0]
                 peaks[bool(unsafe[i])].append(float(a.max()))
+                background.append(a[masks[i].to(a.device) < 0.5].flatten().cpu())
     pos = float(np.median(peaks[True]))
     neg = float(np.median(peaks[False])) if peaks[False] else 0.0
     gate = float(np.clip((pos + neg) / 2, 1e-3, 0.999))
-    return gate, {"peak_unsafe_median": round(pos, 4), "peak_safe_median": round(neg, 4),
-                  "peak_unsafe_min": round(min(peaks[True]), 4),
-                  "peak_safe_max": round(max(peaks[False]), 4) if peaks[False] else None}
+    bg = torch.cat(background).float()
+    floor = float(min(torch.quantile(bg, floor_quantile), 0.9 * gate)) if len(bg) else 0.0
+    return gate, floor, {"peak_unsafe_median": round(pos, 4), "peak_safe_median": round(neg, 4),
+                         "peak_unsafe_min": round(min(peaks[True]), 4),
+                         "peak_safe_max": round(max(peaks[False]), 4) if peaks[False] else None,
+                         "background_median": round(float(bg.median()), 4) if len(bg) else None}

@@ -100,7 +100,7 @@ class GuidelineTap:
                           for n in self.layers]
             raw = detection_map(layer_maps, latent_hw)
             scores.append(raw.flatten(1).amax(1) / emb.gate)
-            maps.append(gated_normalise(raw, emb.gate))
+            maps.append(gated_normalise(raw, emb.gate, emb.floor))
         self.scores = torch.stack(scores).amax(0)
         return combine_concepts(maps)
 

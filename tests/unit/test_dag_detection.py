@@ -12,6 +12,9 @@ def test_gated_normalise_min_max_above_the_gate_zero_below():
     out = gated_normalise(a, gate=0.6)
     assert torch.allclose(out[0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
     assert torch.equal(out[1], torch.zeros(2, 2))
+    # a calibrated floor maps to 0 (clamped below), the peak to 1
+    floored = gated_normalise(a[:1], gate=0.6, floor=0.5)
+    assert torch.allclose(floored[0], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
     # a flat map (here with rounding noise) says nothing about where: nothing detected
     flat = gated_normalise(torch.tensor([[[0.7, 0.7], [0.7, 0.7 + 1e-7]]]), gate=0.6)
     assert torch.equal(flat, torch.zeros(1, 2, 2))
@@ -52,8 +55,11 @@ def test_token_optimisation_learns_the_masks_and_calibrates_a_gate(tiny_pipe, tm
     assert np.mean(fit.history[-10:]) < np.mean(fit.history[:5])
     st = fit.gate_stats
     assert st["peak_safe_median"] <= fit.gate <= st["peak_unsafe_median"]
-    path = GuidelineEmbedding(fit.tokens, sink, "red circle", "toy", gate=fit.gate).save(str(tmp_path / "g.safetensors"))
-    assert GuidelineEmbedding.load(path).gate == pytest.approx(fit.gate, rel=1e-5)
+    assert 0.0 <= fit.floor < fit.gate
+    path = GuidelineEmbedding(fit.tokens, sink, "red circle", "toy", gate=fit.gate, floor=fit.floor).save(
+        str(tmp_path / "g.safetensors"))
+    back = GuidelineEmbedding.load(path)
+    assert back.gate == pytest.approx(fit.gate, rel=1e-5) and back.floor == pytest.approx(fit.floor, rel=1e-5)
 
 
 def test_a_gate_outside_0_1_is_refused(tmp_path):
@@ -62,4 +68,8 @@ def test_a_gate_outside_0_1_is_refused(tmp_path):
 
     path = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=1.5).save(str(tmp_path / "g.safetensors"))
     with pytest.raises(ModelFileError, match="detection gate"):
+        GuidelineEmbedding.load(path)
+    path = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.7).save(
+        str(tmp_path / "f.safetensors"))
+    with pytest.raises(ModelFileError, match="floor < gate"):
         GuidelineEmbedding.load(path)
