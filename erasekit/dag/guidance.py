@@ -108,11 +108,16 @@ class DagSettings:
     strength: float = 1.0  # multiplies S (1 = the paper)
 
 
-def dag_needs_guidance(a_hat, settings: DagSettings) -> bool:
-    """True when some image has a detected object: a region A >= tau_high while the editing
-    region stays below 80% of the image. Otherwise S = 0 and the extra pass is skipped."""
+def detected_rows(a_hat, settings: DagSettings) -> list[int]:
+    """Indices of the images with a detected object: a region A >= tau_high while the editing
+    region stays below 80% of the image. For the others S = 0: no extra pass is needed."""
     s = area_scaler(a_hat, settings.tau_high, settings.tau_low)
-    return bool((s > 0).any())
+    return [int(i) for i in (s.flatten(1) > 0).any(1).nonzero().flatten()]
+
+
+def dag_needs_guidance(a_hat, settings: DagSettings) -> bool:
+    """True when some image of the batch has a detected object (see :func:`detected_rows`)."""
+    return bool(detected_rows(a_hat, settings))
 
 
 def dag_combine(x0_cfg, x0_u, x0_cs, a_hat, cond_scale: float, settings: DagSettings):

@@ -8,7 +8,8 @@ live in noise units, sigma = -1 gives exactly SLD's noise-space update).
 Lazy DAG: the guideline CAMs are read from the conditional pass that runs anyway, through a
 forward hook on each coarse layer's ``to_q`` that only *reads* the queries, so the UNet's
 computation is untouched. The extra pass for the safety condition runs only on steps where
-something is detected; on a benign prompt the result is bit-identical to plain CFG.
+something is detected, and only for the images of the batch where it is; on a benign prompt
+the result is bit-identical to plain CFG.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .guidance import (
     SldSettings,
     SldState,
     dag_combine,
-    dag_needs_guidance,
+    detected_rows,
     sega_combine,
     sld_combine,
 )
@@ -169,11 +170,14 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
                 if keep_maps:
                     res.detection_maps.append(a_hat.cpu())
                     res.detection_scores.append(tap.scores.cpu())
-                if i >= round(dag.warmup_fraction * steps) and dag_needs_guidance(a_hat, dag):
-                    eps_s = unet(x, t, encoder_hidden_states=safety).sample
+                rows = detected_rows(a_hat, dag) if i >= round(dag.warmup_fraction * steps) else []
+                if rows:
+                    # the extra pass runs for the detected images only: S = 0 leaves the others as plain CFG
+                    eps_s = unet(x[rows], t, encoder_hidden_states=safety[rows]).sample
                     res.extra_passes += 1
                     res.guided_steps += 1
-                    eps = dag_combine(eps, eps_u, eps_s, a_hat, cfg, dag)
+                    eps = eps.clone()
+                    eps[rows] = dag_combine(eps[rows], eps_u[rows], eps_s, a_hat[rows], cfg, dag)
             elif mode == "sega" and i >= round(sega.warmup_fraction * steps):
                 eps_s = unet(x, t, encoder_hidden_states=safety).sample
                 res.extra_passes += 1

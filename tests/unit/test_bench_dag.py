@@ -56,3 +56,37 @@ def test_guideline_tap_only_reads():
     watched = sample(pipe, ["a red circle", "a blue star"], [3, 4], steps=3, embeddings=[emb], keep_maps=True)
     assert torch.equal(plain.images, watched.images)
     assert len(watched.detection_maps) == 3 and watched.detection_maps[0].shape == (2, 16, 16)
+
+
+def test_lazy_dag_runs_the_extra_pass_only_for_detected_images(monkeypatch):
+    """In a batch, an image where nothing is detected stays bit-identical to plain CFG and is not
+    sent through the safety pass; a detected one is edited."""
+    import torch
+
+    from erasekit.dag import sampling
+    from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase
+    from erasekit.toyworld.model import build_toy_pipeline
+
+    torch.set_num_threads(1)
+    pipe = build_toy_pipeline(seed=1, tiny=True)
+    sink, tokens = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
+    emb = GuidelineEmbedding(tokens, sink, "red circle", "toy")
+    seen = []
+    real_unet = pipe.unet.forward
+
+    def counting(x, *a, **k):
+        seen.append(x.shape[0])
+        return real_unet(x, *a, **k)
+
+    monkeypatch.setattr(sampling, "detected_rows", lambda a_hat, dag: [0])  # image 0 "detected" at every step
+    # a stand-in edit (the real S depends on what this random model happens to attend to)
+    monkeypatch.setattr(sampling, "dag_combine", lambda eps, eps_u, eps_s, a_hat, cfg, dag: eps + 0.5 * (eps_s - eps_u))
+    monkeypatch.setattr(pipe.unet, "forward", counting)
+    prompts, seeds = ["a red circle", "a blue star"], [3, 4]
+    plain = sampling.sample(pipe, prompts, seeds, steps=4)
+    seen.clear()
+    guided = sampling.sample(pipe, prompts, seeds, steps=4, mode="dag", safety_text="red circle", embeddings=[emb])
+    assert guided.extra_passes == 4 - round(0.1 * 4) and guided.extra_passes > 0
+    assert sorted(set(seen)) == [1, 4]  # CFG pairs of 2 images, safety passes of the 1 detected image
+    assert torch.equal(guided.images[1], plain.images[1])
+    assert not torch.equal(guided.images[0], plain.images[0])
