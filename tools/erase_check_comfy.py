@@ -62,7 +62,9 @@ def check(lora: str, target: str, model: str | None = None, prompts: int = 40, s
     model = model or os.path.join(REPO, "models", "toy")
     comfy = comfy or HeadlessComfy()
     shutil.copytree(model, os.path.join(comfy.work_dir, "models", "diffusers", "erase-check-base"), dirs_exist_ok=True)
-    shutil.copy(lora, os.path.join(comfy.work_dir, "models", "loras", os.path.basename(lora)))
+    dest = os.path.join(comfy.work_dir, "models", "loras", os.path.basename(lora))
+    if not (os.path.exists(dest) and os.path.samefile(lora, dest)):  # already in ComfyUI's loras folder
+        shutil.copy(lora, dest)
     target_prompts, benign = concept_prompts(concept, prompts, prompts, seed)
     found = {}
     for kind, plist in (("target", target_prompts), ("benign", benign)):
