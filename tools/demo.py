@@ -18,11 +18,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-PROMPTS = [  # target prompts (the red circle must go, the rest must stay) and a benign one
+PROMPTS = [  # target prompts (the red circle must go, the rest must stay) and benign ones
+    "a red circle",
     "a red circle and a blue square",
-    "a red circle and a yellow star",
+    "a red circle on a dotted background",
+    "a blue circle and a red square",  # neighbours of the target: must stay
     "a green triangle and a purple ring",
 ]
+SEEDS = (0, 1)  # each prompt with two seeds: the toy model does not draw every prompt every time
 GUIDELINE = "toy-red-circle.safetensors"
 
 
@@ -51,8 +54,8 @@ def main(argv=None) -> int:
     from erasekit.toyworld.judge import judge
 
     rows, report = [], []
-    for i, prompt in enumerate(PROMPTS):
-        out = comfy.run(dag_graph("toy", prompt, GUIDELINE, size=128, steps=a.steps, seed=i, cfg=a.cfg))
+    for i, (prompt, seed) in enumerate((p, s) for p in PROMPTS for s in SEEDS):
+        out = comfy.run(dag_graph("toy", prompt, GUIDELINE, size=128, steps=a.steps, seed=seed, cfg=a.cfg))
         plain, guided, det = (Image.open(comfy.output_path(out[n]["images"][0])).convert("RGB") for n in ("9", "19", "21"))
         row = Image.new("RGB", (plain.width * 3 + 16, plain.height), "white")
         for k, im in enumerate((plain, guided, det)):
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
         row.save(path)
         rows.append(row)
         verdict = {name: list(judge(np.asarray(im)).items()) for name, im in (("plain", plain), ("guided", guided))}
-        report.append({"prompt": prompt, "file": path, "judge": verdict})
+        report.append({"prompt": prompt, "seed": seed, "file": path, "judge": verdict})
     sheet = Image.new("RGB", (rows[0].width, sum(r.height + 8 for r in rows)), "white")
     for i, r in enumerate(rows):
         sheet.paste(r, (0, i * (r.height + 8)))

@@ -211,16 +211,20 @@ def _prompts_for(concept, n: int, seed: int) -> list:
     from ..toyworld import vocab as V
 
     rng = random.Random(f"{seed}:{concept.text}")
+
+    def a(phrase):  # the article the training captions use
+        return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
     out = []
     for _ in range(n):
         if concept.kind == "colour":
-            out.append(f"a {concept.colour} {rng.choice(V.SHAPES)}")
+            out.append(a(f"{concept.colour} {rng.choice(V.SHAPES)}"))
         elif concept.kind == "shape":
-            out.append(f"a {rng.choice(list(V.COLOURS))} {concept.shape}")
+            out.append(a(f"{rng.choice(list(V.COLOURS))} {concept.shape}"))
         elif concept.kind == "style":
-            out.append(f"a {rng.choice(list(V.COLOURS))} {rng.choice(V.SHAPES)} on a {concept.text}")
+            out.append(f"{a(rng.choice(list(V.COLOURS)) + ' ' + rng.choice(V.SHAPES))} on a {concept.text}")
         else:  # an object "a red circle", or a character's bare name, as the training captions say it
-            out.append(concept.text if concept.kind == "character" else f"a {concept.text}")
+            out.append(concept.text if concept.kind == "character" else a(concept.text))
     return out
 
 
