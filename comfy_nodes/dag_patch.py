@@ -23,7 +23,7 @@ from erasekit.dag.guidance import (
     SldSettings,
     SldState,
     dag_combine,
-    dag_needs_guidance,
+    detected_rows,
     sega_combine,
     sld_combine,
 )
@@ -103,8 +103,11 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         i = int(torch.argmin((sigmas.float() - s).abs()))
         return i, max(len(sigmas) - 1, 1)
 
-    def extra_pass(args):
+    def extra_pass(args, rows=None):
+        """x0 of the safety condition, for the images ``rows`` of the batch (default: all)."""
         x, sigma = args["input"], args["sigma"]
+        if rows is not None:
+            x, sigma = x[rows], sigma[rows]
         mdl, opts = args["model"], args["model_options"]
         processed = comfy.samplers.encode_model_conds(mdl.extra_conds, safety, x, x.device, "negative")
         (x0_cs,) = comfy.samplers.calc_cond_batch(mdl, [processed], x, sigma, opts)
@@ -126,10 +129,15 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
             state.history.append(a_hat.cpu())
             if preview is not None:
                 preview(a_hat, i, n_steps)
-            if i < round(dag.warmup_fraction * n_steps) or not dag_needs_guidance(a_hat, dag):
+            rows = detected_rows(a_hat, dag) if i >= round(dag.warmup_fraction * n_steps) else []
+            if not rows:
                 return denoised
+            # the safety pass runs for the detected images only; the others stay plain CFG, bit for bit
             state.guided_steps += 1
-            return dag_combine(denoised, x0_u, extra_pass(args), a_hat.to(denoised.device), cond_scale, dag)
+            out = denoised.clone()
+            out[rows] = dag_combine(denoised[rows], x0_u[rows], extra_pass(args, rows), a_hat[rows].to(denoised.device),
+                                    cond_scale, dag)
+            return out
         if mode == "sega":
             if i < round(sega.warmup_fraction * n_steps):
                 return denoised

@@ -31,3 +31,22 @@ def test_every_mode_runs_and_dag_shows_its_maps(comfy, toy_in_comfy, mode):
 def test_embedding_for_another_model_is_refused_with_a_sentence(comfy, toy_in_comfy):
     with pytest.raises(RuntimeError, match="has width 768 \\(made for sd_v1\\), but this model's text width is 32"):
         comfy.run(dag_graph(toy_in_comfy, "a red circle", "sd15-nudity.safetensors", steps=2))
+
+
+def test_safety_pass_runs_for_detected_images_of_a_batch_only(comfy, toy_in_comfy, monkeypatch):
+    """Batch of 2, image 0 "detected" at every step: image 1 stays plain CFG bit for bit, image 0 is
+    edited (a stand-in edit: the real S depends on what the random model attends to)."""
+    import sys
+
+    patched = [m for name, m in sys.modules.items() if name.endswith("comfy_nodes.dag_patch")]
+    assert patched
+    for m in patched:
+        monkeypatch.setattr(m, "detected_rows", lambda a_hat, dag: [0])
+        monkeypatch.setattr(m, "dag_combine", lambda x0, x0_u, x0_cs, a_hat, s, dag: x0 + 0.5 * (x0_cs - x0_u))
+    graph = dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors", "red circle", steps=6, seed=5)
+    graph["5"]["inputs"]["batch_size"] = 2
+    out = comfy.run(graph)
+    plain = [np.asarray(Image.open(comfy.output_path(i))) for i in out["9"]["images"]]
+    guided = [np.asarray(Image.open(comfy.output_path(i))) for i in out["19"]["images"]]
+    assert len(plain) == len(guided) == 2
+    assert np.array_equal(plain[1], guided[1]) and not np.array_equal(plain[0], guided[0])
