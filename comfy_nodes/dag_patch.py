@@ -61,7 +61,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
     import comfy.sampler_helpers
     import comfy.samplers
 
-    from erasekit.dag.detect import combine_concepts, detection_map, gated_normalise, guideline_cam, guideline_keys
+    from erasekit.dag.detect import detect_concepts, guideline_cam, guideline_keys
 
     dag, sega = dag or DagSettings(), sega or SegaSettings()
     sld = sld or SldSettings.preset("medium")
@@ -123,8 +123,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 return denoised
             latent_hw = denoised.shape[-2:]
             per_concept = list(zip(*state.cams.values()))  # [concept][layer]
-            a_hat = combine_concepts([gated_normalise(detection_map(list(layers), latent_hw), e.gate, e.floor)
-                                      for e, layers in zip(embeddings, per_concept)])
+            a_hat, _ = detect_concepts(per_concept, embeddings, latent_hw)
             state.cams = {}
             state.history.append(a_hat.cpu())
             if preview is not None:

@@ -90,14 +90,11 @@ def train_toy_guideline(model: str | None, concept, n_unsafe: int = 6, n_safe: i
     (images the model draws, masked by the judge; neighbouring and unrelated concepts as the
     safe images) and :func:`erasekit.dag.fit.fit_guideline`."""
     from . import models
-    from .dag.fit import fit_guideline
-    from .erase.data import DataConfig, build_erase_data
+    from .dag.fit import fit_guideline, guideline_data_config
+    from .erase.data import build_erase_data
 
     comps = models.load(model or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "toy"))
-    neighbours = max(1, n_safe * 2 // 3)
-    data = build_erase_data(comps, concept.text, DataConfig(forget_images=n_unsafe, neighbours=neighbours,
-                                                           unrelated=max(0, n_safe - neighbours), images_per_concept=1,
-                                                           seed=seed), log=log)
+    data = build_erase_data(comps, concept.text, guideline_data_config(n_unsafe, n_safe, seed), log=log)
     return fit_guideline(comps, data, concept.text, steps=steps, seed=seed, log=log)
 
 

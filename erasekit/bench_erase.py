@@ -184,6 +184,7 @@ def _measure_steps(method: str, model: str, target: str, seed: int, steps: int =
     prints step time and the peak memory the steps add (resident set after each step, MiB)."""
     import tempfile
 
+    import psutil
     import torch
 
     from . import models
@@ -202,8 +203,6 @@ def _measure_steps(method: str, model: str, target: str, seed: int, steps: int =
                         ["x"] * n, torch.ones(n, 1, c.sample_size, c.sample_size) if masks else None)
 
     data = EraseData(target, image_set(True), image_set(False), ["y"])
-    import psutil
-
     proc = psutil.Process()
     times, rss = [], []
 

@@ -224,8 +224,8 @@ def guideline_command(args) -> int:
     from tqdm.auto import tqdm
 
     from erasekit import models
-    from erasekit.dag.fit import fit_guideline
-    from erasekit.erase.data import DataConfig, build_erase_data
+    from erasekit.dag.fit import fit_guideline, guideline_data_config
+    from erasekit.erase.data import build_erase_data
 
     if args.threads:
         import torch
@@ -241,11 +241,10 @@ def guideline_command(args) -> int:
         raise ErasekitError("Only the toy model can draw and mask its own training images; for this model pass "
                             "--forget-dir with images of the concept and their masks (name.png + name_mask.png).")
     out = args.out or os.path.join("runs", f"guideline-{'-'.join(args.target.lower().split())}.safetensors")
-    neighbours = max(1, args.safe_images * 2 // 3)
-    data = build_erase_data(components, args.target, DataConfig(
-        forget_images=args.images, neighbours=neighbours, unrelated=max(0, args.safe_images - neighbours),
-        images_per_concept=1, seed=args.seed, forget_dir=args.forget_dir, preserve_dir=args.preserve_dir),
-        log=lambda m: print(m, file=sys.stderr))
+    data = build_erase_data(components, args.target,
+                            guideline_data_config(args.images, args.safe_images, args.seed, args.forget_dir,
+                                                  args.preserve_dir),
+                            log=lambda m: print(m, file=sys.stderr))
     bar = tqdm(total=args.steps or 100 * len(data.forget), desc=f"guideline '{args.target}'", dynamic_ncols=True)
 
     def progress(step, loss):

@@ -14,6 +14,18 @@ import time
 from ..errors import ErasekitError
 
 
+def guideline_data_config(n_unsafe: int = 6, n_safe: int = 6, seed: int = 0, forget_dir: str | None = None,
+                          preserve_dir: str | None = None):
+    """The erasure trainer's :class:`~erasekit.erase.data.DataConfig`, sized for a guideline: a few
+    images of the concept, and ``n_safe`` safe ones (two thirds neighbouring concepts, which
+    teach the tokens what is *not* the concept, the rest unrelated), one image each."""
+    from ..erase.data import DataConfig
+
+    neighbours = max(1, n_safe * 2 // 3)
+    return DataConfig(forget_images=n_unsafe, neighbours=neighbours, unrelated=max(0, n_safe - neighbours),
+                      images_per_concept=1, seed=seed, forget_dir=forget_dir, preserve_dir=preserve_dir)
+
+
 def fit_guideline(components, data, concept: str, *, init_phrase: str | None = None, steps: int | None = None,
                   seed: int = 0, callback=None, log=print):
     """A :class:`~erasekit.dag.guideline.GuidelineEmbedding` for ``concept``.
@@ -30,7 +42,7 @@ def fit_guideline(components, data, concept: str, *, init_phrase: str | None = N
 
     from .guideline import GuidelineEmbedding, encode_phrase, optimize_guideline
 
-    if len(getattr(components, "text_encoders", []) or [None]) > 1:
+    if len(components.text_encoders) > 1:
         raise ErasekitError("Guideline training reads one text encoder's states; this model has two (SDXL), "
                             "which is not supported yet. Use an SD1.x / SD2.x model.")
     forget, preserve = data.forget, data.preserve

@@ -91,19 +91,12 @@ class GuidelineTap:
 
         Also sets ``self.scores`` ``[B]``: the largest peak(A) / gate over the concepts (>= 1 means
         detected), a continuous image-level detection score."""
-        import torch
+        from .detect import detect_concepts, guideline_cam, to_grid
 
-        from .detect import combine_concepts, detection_map, gated_normalise, guideline_cam, to_grid
-
-        maps, scores = [], []
-        for emb, keys in zip(self.embeddings, self.keys()):
-            layer_maps = [to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads), latent_hw)
-                          for n in self.layers]
-            raw = detection_map(layer_maps, latent_hw)
-            scores.append(raw.flatten(1).amax(1) / emb.gate)
-            maps.append(gated_normalise(raw, emb.gate, emb.floor))
-        self.scores = torch.stack(scores).amax(0)
-        return combine_concepts(maps)
+        per_concept = [[to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads), latent_hw)
+                        for n in self.layers] for keys in self.keys()]
+        a_hat, self.scores = detect_concepts(per_concept, self.embeddings, latent_hw)
+        return a_hat
 
 
 def encode_prompts(text_encoder, tokenizer, prompts):
