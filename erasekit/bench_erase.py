@@ -4,8 +4,10 @@
 2. The base model and the erased one sample the same target prompts (the target with other
    objects and styles) and preservation prompts (neighbouring and unrelated concepts), same seeds;
    the judge scores. erase_rate = 1 - targets found after / targets found before (the papers'
-   ER); preservation = of the non-target objects found before (in all prompts), the fraction
-   still found after.
+   ER); preservation = the non-target objects that the prompts ask for and the judge finds, after
+   / before, over all prompts (INPO measures preservation as prompt alignment on unrelated
+   concepts); preservation_same_seed = of the non-target objects found in an image before, the
+   fraction found in the same-seed image after (strict: any change of the sample counts).
 3. Cost against plain LoRA fine-tuning (the standard denoising loss, same batch, same engine):
    step_time_ratio is the mean step time ratio divided by the ratio of UNet passes per step
    (INPO: trained pass + reference pass; plain: one pass), so it shows the overhead of INPO's
@@ -52,22 +54,48 @@ def _objective(method: str, preset_name: str):
     return InpoObjective(InpoConfig(**{k: v for k, v in row.items() if k in InpoConfig.__dataclass_fields__}))
 
 
-def erase_counts(counts: dict) -> tuple[int, int, int, int]:
+def requested_labels(prompt: str) -> list[str]:
+    """The objects a bench prompt asks for: "a red square and an orange star on a striped
+    background" -> ["red square", "orange star"] (judge labels; characters by name)."""
+    body = prompt.split(" on a ")[0]
+    return [part.split(" ", 1)[1] for part in body.split(" and ")]
+
+
+def erase_counts(counts: dict, prompts: dict) -> dict:
     """From ``{"target": (before, after), "benign": (before, after)}`` of :func:`_judge_found`
-    rows (same prompts and seeds): (target images before, of those still showing it after,
-    non-target objects kept, non-target objects there before). Objects count as a multiset."""
+    rows and the prompts behind them (same prompts and seeds, in order):
+
+    * ``drawn_before`` target images showing the concept before, ``still`` of those showing it after;
+    * ``kept`` / ``total``: of the non-target objects found in an image before, those found in the
+      same image after (same seed: the strict, per-image preservation);
+    * ``asked_before`` / ``asked_after``: the non-target objects that the prompts ask for and the
+      judge finds, summed over all images before and after (the papers' preservation: how well
+      the model still follows prompts of other concepts, INPO Sec. 5.1's CLIP score on unrelated
+      concepts, here judged exactly).
+
+    Objects count as a multiset."""
     found_before = sum(b[0] for b in counts["target"][0])
     found_after = sum(a[0] for b, a in zip(*counts["target"]) if b[0])
-    kept = total = 0
-    for before, after in counts.values():
-        for (_, rest_b), (_, rest_a) in zip(before, after):
+    kept = total = asked_before = asked_after = 0
+    for name, (before, after) in counts.items():
+        for prompt, (_, rest_b), (_, rest_a) in zip(prompts[name], before, after):
             have = list(rest_a)
             for label in rest_b:
                 total += 1
                 if label in have:
                     kept += 1
                     have.remove(label)
-    return found_before, found_after, kept, total
+            asked = requested_labels(prompt)
+            asked_before += _multiset_overlap(asked, rest_b)
+            asked_after += _multiset_overlap(asked, rest_a)
+    return {"drawn_before": found_before, "still": found_after, "kept": kept, "total": total,
+            "asked_before": asked_before, "asked_after": asked_after}
+
+
+def _multiset_overlap(a: list[str], b: list[str]) -> int:
+    from collections import Counter
+
+    return sum((Counter(a) & Counter(b)).values())
 
 
 def _judge_found(images, concept):
@@ -128,15 +156,16 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
             before += _judge_found(sample(pipe_base, chunk, sd, steps=25, cfg=3.0).images, concept)
             after += _judge_found(sample(pipe_erased, chunk, sd, steps=25, cfg=3.0).images, concept)
         counts[name] = (before, after)
-    found_before, found_after, kept, total = erase_counts(counts)
+    n = erase_counts(counts, {"target": target_prompts, "benign": benign})
     cost = _cost(model, target, seed)
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
     return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr,
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
-            "targets_drawn_before": round(found_before / len(target_prompts), 4),
-            "erase_rate": round(1 - found_after / max(found_before, 1), 4),
-            "preservation": round(kept / max(total, 1), 4),
+            "targets_drawn_before": round(n["drawn_before"] / len(target_prompts), 4),
+            "erase_rate": round(1 - n["still"] / max(n["drawn_before"], 1), 4),
+            "preservation": round(n["asked_after"] / max(n["asked_before"], 1), 4),
+            "preservation_same_seed": round(n["kept"] / max(n["total"], 1), 4),
             "benign_target_rate_after": round(sum(a[0] for a in counts["benign"][1]) / len(benign), 4),
             "train_seconds": round(train_seconds, 1), "lora": str(result.lora), **cost,
             "sampler": "DDIM eta=1, 25 steps, cfg 3"}

@@ -9,7 +9,9 @@ The graph is what a user builds (loader -> Load Erasure LoRA -> CLIPTextEncode -
 VAEDecode), run by ComfyUI's own executor on the CPU. Prints one JSON line:
 ``comfyui_targets_before`` / ``_after`` (fraction of target prompts whose image shows the target),
 ``comfyui_erase_rate`` (1 - after / before, on the images that showed it before) and
-``comfyui_preservation`` (of the non-target objects drawn before, the fraction still drawn).
+``comfyui_preservation`` (the non-target objects the prompts ask for that the judge finds, after /
+before) and ``comfyui_preservation_same_seed`` (of the non-target objects in an image before, the
+fraction in the same-seed image after).
 """
 
 from __future__ import annotations
@@ -76,14 +78,15 @@ def check(lora: str, target: str, model: str | None = None, prompts: int = 40, s
             before.append(b), after.append(a)
         found[kind] = (before, after)
         log(f"{kind}: {len(plist)} prompts judged")
-    drawn_before, still, kept, total = erase_counts(found)
+    c = erase_counts(found, {"target": target_prompts, "benign": benign})
     n = len(target_prompts)
     return {"comfyui_prompts": n, "comfyui_preserve_prompts": len(benign),
             "comfyui_sampler": f"{sampler}, normal, {steps} steps, cfg {cfg}",
-            "comfyui_targets_before": round(drawn_before / n, 4),
+            "comfyui_targets_before": round(c["drawn_before"] / n, 4),
             "comfyui_targets_after": round(sum(a[0] for a in found["target"][1]) / n, 4),
-            "comfyui_erase_rate": round(1 - still / max(drawn_before, 1), 4),
-            "comfyui_preservation": round(kept / max(total, 1), 4)}
+            "comfyui_erase_rate": round(1 - c["still"] / max(c["drawn_before"], 1), 4),
+            "comfyui_preservation": round(c["asked_after"] / max(c["asked_before"], 1), 4),
+            "comfyui_preservation_same_seed": round(c["kept"] / max(c["total"], 1), 4)}
 
 
 def main(argv=None):

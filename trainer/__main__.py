@@ -219,14 +219,14 @@ def train_command(args) -> int:
     return 0
 
 
-def guideline_command(args) -> int:
-    """Learn a guideline embedding and write it (atomically) where Load Guideline Embedding finds it."""
-    from tqdm.auto import tqdm
-
+def run_guideline(args, *, progress=None, log=None):
+    """Make (or load) the images and learn a guideline embedding: ``(embedding, path written)``.
+    The one guideline function of the CLI and the trainer app. ``progress(step, total, loss)``."""
     from erasekit import models
     from erasekit.dag.fit import fit_guideline, guideline_data_config
     from erasekit.erase.data import build_erase_data
 
+    log = log or (lambda m: print(m, file=sys.stderr))
     if args.threads:
         import torch
 
@@ -243,22 +243,34 @@ def guideline_command(args) -> int:
     out = args.out or os.path.join("runs", f"guideline-{'-'.join(args.target.lower().split())}.safetensors")
     data = build_erase_data(components, args.target,
                             guideline_data_config(args.images, args.safe_images, args.seed, args.forget_dir,
-                                                  args.preserve_dir),
-                            log=lambda m: print(m, file=sys.stderr))
-    bar = tqdm(total=args.steps or 100 * len(data.forget), desc=f"guideline '{args.target}'", dynamic_ncols=True)
+                                                  args.preserve_dir), log=log)
+    total = args.steps or 100 * len(data.forget)
+    emb = fit_guideline(components, data, args.target, init_phrase=args.init, steps=args.steps, seed=args.seed,
+                        callback=(lambda step, loss: progress(step, total, loss)) if progress else None, log=log)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    emb.save(out)
+    return emb, out
 
-    def progress(step, loss):
+
+def guideline_command(args) -> int:
+    """Learn a guideline embedding and write it (atomically) where Load Guideline Embedding finds it."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def progress(step, total, loss):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=f"guideline '{args.target}'", dynamic_ncols=True)
         bar.update(1)
         if step % 20 == 0:
             bar.set_postfix(bce=f"{loss:.4f}")
 
     try:
-        emb = fit_guideline(components, data, args.target, init_phrase=args.init, steps=args.steps, seed=args.seed,
-                            callback=progress, log=lambda m: print(m, file=sys.stderr))
+        emb, out = run_guideline(args, progress=progress)
     finally:
-        bar.close()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    emb.save(out)
+        if bar is not None:
+            bar.close()
     print(f"Guideline embedding: {out} (gate {emb.gate:.3f}; put it in ComfyUI's models/guideline folder)")
     return 0
 

@@ -1,10 +1,13 @@
 """The trainer app: ``python -m trainer app`` (Gradio 6), a page over the engine, one step after another.
 
-1. Base model  2. What to erase  3. Data  4. Train  5. Check  6. Export, and the list of runs.
-Every long piece of work is a background job (:mod:`trainer.jobs`); a 1-second timer shows the
-current job (so a reloaded page sees it too). Every event has an ``api_name`` (``gradio_client``
-drives them all; ``/job_status`` is API-only). Files are written only under ``--out-root`` (and
-ComfyUI's ``models/loras`` with ``--comfyui``); user-given paths are resolved and checked.
+1. Base model  2. What to erase  3. Data  4. Train (INPO, or DAG guideline tokens)  5. Check
+6. Export, and the list of runs. This module holds the handlers (:class:`TrainerApp`); the
+layout is :mod:`trainer.page`, the work :mod:`trainer.work` (run as background jobs of
+:mod:`trainer.jobs`, one at a time) and run folders :mod:`trainer.runs`. A 1-second timer shows
+the current job (so a reloaded page sees it too). Every event has an ``api_name``
+(``gradio_client`` drives them all; ``/job_status`` is API-only). Files are written only under
+``--out-root`` (and ComfyUI's ``models/loras`` / ``models/guideline`` with ``--comfyui``);
+user-given paths are resolved and checked.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from erasekit.errors import ErasekitError  # noqa: E402
-from trainer import jobs  # noqa: E402
+from trainer import jobs, runs, work  # noqa: E402
 
 DEFAULT_BASE = REPO / "models" / "toy"
 CONCEPT_TYPES = ("object", "style", "character", "nudity")
@@ -33,7 +36,8 @@ EXAMPLES = {  # target, anchor (what the concept turns into) on the toy model
     "object": ("red circle", "green circle"), "style": ("striped background", "plain background"),
     "character": ("bobo", "a blue circle"), "nudity": ("nudity", "dressed"),
 }
-METHODS = ("inpo",)
+METHODS = (("INPO: an erasure LoRA", "inpo"), ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
+GUIDELINE_STEPS_PER_IMAGE = 100  # DAG Table 4: 100 x the number of unsafe images
 
 # (key, label, default): the settings fields, in the order of the handlers' parameters
 FIELDS = [
@@ -182,6 +186,14 @@ class TrainerApp:
         row = preset(name or "object")
         return row["steps"], row["rank"], row["eta"], row["gamma"], row["tau"], row["lambda_prior"]
 
+    def method_changed(self, method, forget_images, preset):
+        """The steps field follows the method: DAG's 100 x the unsafe images, or INPO's preset."""
+        from erasekit.erase.inpo import preset as inpo_preset
+
+        if method == "guideline":
+            return GUIDELINE_STEPS_PER_IMAGE * int(forget_images or 6)
+        return inpo_preset(preset or "object")["steps"]
+
     def suggest_preserve(self, target, neighbours, unrelated):
         import gradio as gr
 
@@ -192,9 +204,9 @@ class TrainerApp:
 
     def estimate(self, base, steps, batch_size, sample_every):
         per_step, source = None, "a guess for the toy model on a CPU"
-        runs = sorted((p for p in self.root.glob("*/metrics.jsonl")), key=lambda p: p.stat().st_mtime, reverse=True)
-        for m in runs:
-            rows = jobs.read_metrics(m.parent)
+        files = sorted((p for p in self.root.glob("*/metrics.jsonl")), key=lambda p: p.stat().st_mtime, reverse=True)
+        for m in files:
+            rows = [r for r in runs.read_metrics(m.parent) if "seconds" in r]  # training runs (guideline runs: no time)
             if len(rows) >= 2 and rows[-1]["step"] > rows[0]["step"]:
                 per_step = (rows[-1]["seconds"] - rows[0]["seconds"]) / (rows[-1]["step"] - rows[0]["step"])
                 source = f"measured on the run '{m.parent.name}'"
@@ -253,7 +265,7 @@ class TrainerApp:
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
-        return self._submit("data", f"data for '{s['target']}' in {run_dir.name}", jobs.data_job(s, run_dir), run_dir)
+        return self._submit("data", f"data for '{s['target']}' in {run_dir.name}", work.data_job(s, run_dir), run_dir)
 
     def start_training(self, *values):
         import gradio as gr
@@ -263,13 +275,16 @@ class TrainerApp:
         try:
             s = self.settings(values)
             run_dir = self.run_dir(s["run_name"])
+            if s.get("method") == "guideline":
+                return self._submit("guideline", f"guideline tokens for '{s['target']}' in {run_dir.name}",
+                                    work.guideline_job(s, run_dir), run_dir)
             if latest_checkpoint(run_dir) is not None:
                 raise ErasekitError(f"The run '{run_dir.name}' already has checkpoints; press Resume to continue it, "
                                     "or give a new run name.")
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
-        return self._submit("train", f"training '{s['target']}' in {run_dir.name}", jobs.train_job(s, run_dir), run_dir)
+        return self._submit("train", f"training '{s['target']}' in {run_dir.name}", work.train_job(s, run_dir), run_dir)
 
     def resume_training(self, run_name, steps):
         import gradio as gr
@@ -279,12 +294,13 @@ class TrainerApp:
         try:
             run_dir = self.run_dir(run_name)
             if latest_checkpoint(run_dir) is None:
-                raise ErasekitError(f"The run '{run_dir.name}' has no checkpoint to resume from; press Start instead.")
+                raise ErasekitError(f"The run '{run_dir.name}' has no checkpoint to resume from; press Start instead "
+                                    "(guideline tokens train in seconds and always start afresh).")
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
         s = {"steps": int(steps) if steps else None, "threads": self.threads}
-        return self._submit("train", f"resuming {run_dir.name}", jobs.train_job(s, run_dir, resume=True), run_dir)
+        return self._submit("train", f"resuming {run_dir.name}", work.train_job(s, run_dir, resume=True), run_dir)
 
     def stop(self):
         job = jobs.cancel()
@@ -297,27 +313,39 @@ class TrainerApp:
 
         try:
             run_dir = self.run_dir(run_name)
-            if jobs.find_lora(run_dir) is None:
-                raise ErasekitError(f"The run '{run_dir.name}' has no exported LoRA yet; train it to the end first.")
+            if runs.find_lora(run_dir) is None and runs.find_guideline(run_dir) is None:
+                raise ErasekitError(f"The run '{run_dir.name}' has no exported LoRA or guideline embedding yet; train it "
+                                    "to the end first.")
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
         return self._submit("check", f"before/after check of {run_dir.name}",
-                            jobs.check_job(run_dir, int(seeds or 4), int(steps or 20)), run_dir)
+                            work.check_job(run_dir, int(seeds or 4), int(steps or 20)), run_dir)
 
     def export(self, run_name, lora_name, description, license, destination, folder):
         import gradio as gr
 
         try:
             run_dir = self.run_dir(run_name)
-            roots = self.export_roots()
-            root = roots.get(destination) or self.root
+            guideline = runs.find_lora(run_dir) is None and runs.find_guideline(run_dir) is not None
+            root = self.export_roots().get(destination) or self.root
+            if guideline and self.comfyui is not None and destination.startswith("ComfyUI"):
+                root = self.comfyui / "models" / "guideline"  # where Load Guideline Embedding looks
             dest = jobs.safe_path(root, folder or ".", "export folder") if (folder or "").strip() not in ("", ".") \
                 else root.resolve()
-            path = jobs.export_lora(run_dir, dest, lora_name or f"{run_dir.name}", description or "", license or "")
+            name = lora_name or run_dir.name
+            path = runs.export_guideline(run_dir, dest, name) if guideline else \
+                runs.export_lora(run_dir, dest, name, description or "", license or "")
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", ""
+        if guideline:
+            folder = (self.comfyui / "models" / "guideline").resolve() if self.comfyui else None
+            inside = folder is not None and folder in path.parents
+            how = (f"In ComfyUI: **Load Guideline Embedding** (Erasekit) lists `{path.relative_to(folder) if inside else path.name}`"
+                   + ("" if inside else " once the file is in ComfyUI's `models/guideline` folder")
+                   + "; connect it to **Detect-and-Guide** between the checkpoint loader and the KSampler.")
+            return f"Exported **{path}** (guideline embedding for Detect-and-Guide).\n\n{how}", str(path)
         in_comfy = self.comfyui is not None and (self.comfyui / "models" / "loras").resolve() in path.parents
         how = (f"In ComfyUI: add **Load Erasure LoRA** (Erasekit) or **LoraLoader** after the checkpoint loader and pick "
                f"`{path.relative_to((self.comfyui / 'models' / 'loras').resolve()) if in_comfy else path.name}`"
@@ -383,12 +411,12 @@ class TrainerApp:
         except ErasekitError:
             run_dir = None
         out = {}
-        metrics = jobs.read_metrics(run_dir) if run_dir else []
+        metrics = runs.read_metrics(run_dir) if run_dir else []
         key = (str(run_dir), len(metrics))
         if seen.get("plot") != repr(key):
             seen["plot"] = repr(key)
             out["plot"] = pd.DataFrame({"step": [m["step"] for m in metrics], "loss": [m["loss"] for m in metrics]})
-        preview = jobs.latest_preview(run_dir) if run_dir else None
+        preview = runs.latest_preview(run_dir) if run_dir else None
         pkey = f"{preview}:{preview.stat().st_mtime if preview else 0}"
         if seen.get("preview") != pkey:
             seen["preview"] = pkey
@@ -407,169 +435,21 @@ class TrainerApp:
                     out["grid"] = res["grid"] if res else None
                     out["counts"] = pd.DataFrame(res["rows"] if res else [],
                                                  columns=["row", "prompt", "judged concept", "before", "after"])
-        rows = jobs.list_runs(self.root)
+        rows = runs.list_runs(self.root)
         rkey = repr(rows)
         if seen.get("runs") != rkey:
             seen["runs"] = rkey
-            out["runs"] = pd.DataFrame(rows, columns=["run", "target", "steps", "status", "LoRA"])
+            out["runs"] = pd.DataFrame(rows, columns=["run", "target", "steps", "status", "output"])
         if seen.get("status") != status:  # the line under the Start button follows the job, leaving a warning be
             seen["status"] = status
             out["action"] = status
         names = ["plot", "preview", "preview_caption", "gallery", "data_summary", "grid", "counts", "runs", "action"]
         return [status, log] + [out[n] if n in out else gr.skip() for n in names] + [seen]
 
-    # ------------------------------------------------------------------ the page
-
     def build(self):
-        import gradio as gr
+        from trainer.page import build_page
 
-        d = self.defaults
-        comps = {}
-        with gr.Blocks(title="Erasekit trainer") as demo:
-            gr.Markdown("# Erasekit trainer\nErase a concept from a text-to-image model: pick the model, say what to "
-                        "erase, make the data, train, check, export. Each step works on its own.")
-            status = gr.Markdown("No job yet.", elem_id="job-status")
-            with gr.Group():
-                gr.Markdown("## 1. Base model")
-                with gr.Row():
-                    comps["base"] = gr.Dropdown(self.base_choices(), value=d["base"], label="Base model",
-                                                allow_custom_value=True, scale=4,
-                                                info="A diffusers folder or a .safetensors checkpoint (local path).")
-                    detect_btn = gr.Button("Detect", scale=1)
-                arch = gr.Markdown(self.detect(d["base"]), elem_id="arch")
-            with gr.Group():
-                gr.Markdown("## 2. What to erase")
-                with gr.Row():
-                    comps["concept_type"] = gr.Radio(list(CONCEPT_TYPES), value=d["concept_type"], label="Concept type")
-                    comps["target"] = gr.Textbox(d["target"], label="Concept to erase")
-                    comps["anchor"] = gr.Textbox(d["anchor"], label="Anchor / safe concept",
-                                                 info="What the concept may turn into (INPO does not use it; kept in the settings).")
-                with gr.Row():
-                    comps["preserve"] = gr.Textbox("\n".join(self._suggested(d["target"])), lines=4, scale=4,
-                                                   label="Concepts to preserve (one a line)")
-                    suggest_btn = gr.Button("Suggest", scale=1)
-                comps["run_name"] = gr.Textbox(d["run_name"], label="Run name", info=f"A folder under {self.root}.")
-            with gr.Group():
-                gr.Markdown("## 3. Data")
-                with gr.Row():
-                    for k in ("forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps"):
-                        comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k], precision=0)
-                with gr.Accordion("Upload forget images (optional)", open=False):
-                    uploads = gr.File(file_count="multiple", file_types=[".png", ".txt"], elem_id="uploads",
-                                      label="name.png, optional name_mask.png (white = concept) and name.txt (caption)")
-                    upload_msg = gr.Markdown("")
-                data_btn = gr.Button("Generate data", variant="secondary", elem_id="generate-data")
-                data_summary = gr.Markdown("", elem_id="data-summary")
-                gallery = gr.Gallery(label="Forget (mask in red) and preserve images", columns=8, height=300,
-                                     elem_id="data-gallery")
-            with gr.Group():
-                gr.Markdown("## 4. Train")
-                with gr.Row():
-                    comps["method"] = gr.Dropdown(list(METHODS), value="inpo", label="Method")
-                    comps["preset"] = gr.Dropdown(["object", "character", "style", "nsfw"], value=d["preset"],
-                                                  label="Preset (INPO Table 6)")
-                    comps["steps"] = gr.Number(d["steps"], label="Steps", precision=0)
-                with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
-                    with gr.Row():
-                        for k in ("lr", "rank", "alpha", "batch_size", "eta", "gamma"):
-                            comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
-                                                 precision=0 if k in INT_KEYS else None)
-                    with gr.Row():
-                        for k in ("tau", "lambda_prior", "sample_every", "sample_steps", "checkpoint_every", "seed"):
-                            comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
-                                                 precision=0 if k in INT_KEYS else None)
-                    with gr.Row():
-                        settings_file = gr.Textbox("settings.toml", label="Settings file (under the output root)")
-                        save_btn = gr.Button("Save settings")
-                        load_btn = gr.Button("Load settings")
-                    settings_msg = gr.Markdown("")
-                estimate = gr.Markdown(self.estimate(d["base"], d["steps"], 1, d["sample_every"]), elem_id="estimate")
-                with gr.Row():
-                    start_btn = gr.Button("Start", variant="primary", elem_id="start")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                    resume_btn = gr.Button("Resume", elem_id="resume")
-                action = gr.Markdown("", elem_id="action")
-                job_id = gr.Number(0, visible=False, precision=0)
-                with gr.Row():
-                    plot = gr.LinePlot(x="step", y="loss", label="Loss", height=260, elem_id="loss-plot")
-                    with gr.Column():
-                        preview = gr.Image(label="Latest preview (rows: prompts, columns: seeds)", type="pil",
-                                           height=260, elem_id="preview")
-                        preview_caption = gr.Markdown("")
-                log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="log")
-            with gr.Group():
-                gr.Markdown("## 5. Check\nThe same seeds before (left) and after (right) the LoRA, on the target, a "
-                            "neighbouring and an unrelated prompt; the toy judge counts the images showing each concept.")
-                with gr.Row():
-                    check_seeds = gr.Number(4, label="Seeds", precision=0, elem_id="check-seeds")
-                    check_steps = gr.Number(20, label="Sampling steps", precision=0, elem_id="check-steps")
-                    check_btn = gr.Button("Check", elem_id="check")
-                grid = gr.Image(label="Before | after", type="numpy", elem_id="check-grid")
-                counts = gr.Dataframe(headers=["row", "prompt", "judged concept", "before", "after"], label="Judge counts",
-                                      interactive=False, elem_id="check-counts")
-            with gr.Group():
-                gr.Markdown("## 6. Export")
-                with gr.Row():
-                    lora_name = gr.Textbox("erase-red-circle", label="LoRA name", elem_id="lora-name")
-                    license_ = gr.Textbox("", label="License", placeholder="default: the base model's license")
-                description = gr.Textbox("", label="Description", placeholder="default: what it erases, and how")
-                with gr.Row():
-                    into_comfy = self.comfyui is not None
-                    destination = gr.Radio(list(self.export_roots()), label="Into",
-                                           value="ComfyUI models/loras" if into_comfy else "output root")
-                    folder = gr.Textbox("" if into_comfy else "loras", label="Folder (inside it)",
-                                        placeholder="empty: directly into it")
-                export_btn = gr.Button("Export", variant="primary", elem_id="export")
-                export_msg = gr.Markdown("", elem_id="export-msg")
-                export_path = gr.Textbox(label="Exported file", interactive=False, elem_id="export-path")
-            with gr.Group():
-                gr.Markdown("## Runs")
-                runs = gr.Dataframe(headers=["run", "target", "steps", "status", "LoRA"], interactive=False,
-                                    elem_id="runs")
-                refresh_btn = gr.Button("Refresh")
-            for k, comp in comps.items():  # stable ids for the browser tests and user CSS
-                comp.elem_id = comp.elem_id or f"f-{k}"
-            seen = gr.State({})
-            timer = gr.Timer(1.0)
-
-            inputs = [comps[k] for k in KEYS]
-            sig = {"defaults": d}
-            detect_btn.click(self.detect, comps["base"], arch, api_name="detect_model")
-            comps["base"].change(self.detect, comps["base"], arch, api_name=False)
-            comps["concept_type"].input(
-                self.concept_type_changed, comps["concept_type"],
-                [comps["target"], comps["anchor"], comps["preserve"], comps["preset"], comps["steps"], comps["rank"],
-                 comps["eta"], comps["gamma"], comps["tau"], comps["lambda_prior"], comps["run_name"]],
-                api_name="concept_type")
-            comps["preset"].input(self.preset_changed, comps["preset"],
-                                  [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
-                                  api_name="preset")
-            uploads.change(self.upload_images, [comps["run_name"], uploads], upload_msg, api_name="upload_images")
-            suggest_btn.click(self.suggest_preserve, [comps["target"], comps["neighbours"], comps["unrelated"]],
-                              comps["preserve"], api_name="suggest_preserve")
-            for k in ("steps", "batch_size", "sample_every"):
-                comps[k].change(self.estimate, [comps["base"], comps["steps"], comps["batch_size"], comps["sample_every"]],
-                                estimate, api_name=False)
-            data_btn.click(_with_signature(self.generate_data, KEYS, **sig), inputs, [action, job_id], api_name="generate_data")
-            start_btn.click(_with_signature(self.start_training, KEYS, **sig), inputs, [action, job_id],
-                            api_name="start_training")
-            stop_btn.click(self.stop, None, action, api_name="stop")
-            resume_btn.click(self.resume_training, [comps["run_name"], comps["steps"]], [action, job_id], api_name="resume")
-            check_btn.click(self.check, [comps["run_name"], check_seeds, check_steps], [action, job_id], api_name="check")
-            export_btn.click(self.export, [comps["run_name"], lora_name, description, license_, destination, folder],
-                             [export_msg, export_path], api_name="export")
-            save_btn.click(_with_signature(self.save_settings, ["file_name"] + KEYS, {"file_name": "settings.toml", **d}),
-                           [settings_file] + inputs, settings_msg, api_name="save_settings")
-            load_btn.click(self.load_settings, settings_file, inputs + [settings_msg], api_name="load_settings")
-            poll_out = [status, log, plot, preview, preview_caption, gallery, data_summary, grid, counts, runs, action, seen]
-            timer.tick(self.poll, [seen, comps["run_name"]], poll_out, api_name="poll", show_progress="hidden",
-                       concurrency_limit=None)
-            refresh_btn.click(lambda run_name: self.poll({}, run_name), [comps["run_name"]], poll_out,
-                              api_name="refresh", concurrency_limit=None)
-            demo.load(lambda run_name: self.poll({}, run_name), [comps["run_name"]], poll_out, api_name=False)
-            gr.api(self.job_status, api_name="job_status")
-        demo.queue(default_concurrency_limit=1)
-        return demo
+        return build_page(self)
 
 
 def _plain(value):

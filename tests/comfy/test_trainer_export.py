@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import jobs
+from trainer import jobs, runs, work
 
 
 @pytest.fixture(autouse=True)
@@ -44,10 +44,10 @@ def exported(comfy, toy_in_comfy, tmp_path_factory):
                 "batch_size": 1, "forget_images": 2, "images_per_concept": 1, "neighbours": 1, "unrelated": 1,
                 "data_steps": 3, "sample_every": 0, "checkpoint_every": 3, "threads": 1}
     run = tmp_path / "runs" / "red"
-    job = jobs.wait(jobs.submit("train", "comfy export test", jobs.train_job(settings, run), run), 300)
+    job = jobs.wait(jobs.submit("train", "comfy export test", work.train_job(settings, run), run), 300)
     assert job.state == "done", (job.message, job.lines[-5:])
     dest = jobs.safe_path(os.path.join(comfy.work_dir, "models"), "loras", "export folder")
-    path = jobs.export_lora(run, dest, "erase-red-app", "Erases red circles (test).", "mit")
+    path = runs.export_lora(run, dest, "erase-red-app", "Erases red circles (test).", "mit")
     assert path.is_file() and path.with_suffix(".md").is_file()
     return path
 

@@ -107,6 +107,42 @@ def test_generate_train_check_export(app):
     assert os.path.isfile(path[: -len(".safetensors")] + ".md")
 
 
+def test_guideline_tokens_train_check_export(app):
+    """Method "DAG guideline tokens": the embedding is trained from the run's images, Check samples
+    Detect-and-Guide with it, Export writes a file Load Guideline Embedding reads."""
+    from erasekit.dag.guideline import GuidelineEmbedding
+
+    c = app["client"]
+    assert c.predict(method="guideline", forget_images=2, preset="object", api_name="/method") == 200
+    assert c.predict(method="inpo", forget_images=2, preset="style", api_name="/method") == 400
+    kw = small(app, "tokens", method="guideline", steps=6)
+    msg, job_id = c.predict(**kw, api_name="/start_training")
+    assert msg.startswith("Queued: guideline tokens for 'red circle'"), msg
+    st = wait(c, job_id)
+    assert st["state"] == "done" and st["step"] == 6, st
+    made = st["result"]["guideline"]
+    assert made.endswith("guideline-red-circle.safetensors") and "Detect-and-Guide" in st["message"]
+    page = view(c, "tokens")
+    plot = page["plot"]["value"] if "value" in page["plot"] else page["plot"]
+    assert [row[0] for row in plot["data"]] == list(range(1, 7))  # the pixel BCE of every step
+    assert ["tokens", "red circle", "6/6", "done", "guideline-red-circle.safetensors"] in page["runs"]["data"]
+
+    msg, job_id = c.predict(run_name="tokens", seeds=2, steps=3, api_name="/check")
+    st = wait(c, job_id)
+    assert st["state"] == "done" and st["result"]["file"] == made, st
+    page = view(c, "tokens")
+    assert [r[0] for r in page["counts"]["data"]] == ["target", "neighbour", "unrelated"]
+
+    text, path = c.predict(run_name="tokens", lora_name="red circle detector", description="", license="",
+                           destination="output root", folder="guideline", api_name="/export")
+    assert path == str(app["root"].resolve() / "guideline" / "red-circle-detector.safetensors"), text
+    assert "Load Guideline Embedding" in text
+    emb = GuidelineEmbedding.load(path)
+    assert emb.concept == "red circle" and emb.architecture == "toy"
+    # a guideline run has nothing to resume: the message says what to do instead
+    assert "press Start" in c.predict(run_name="tokens", steps=10, api_name="/resume")[0]
+
+
 def test_reload_sees_the_job_stop_and_resume(app):
     from gradio_client import Client
 
@@ -127,7 +163,7 @@ def test_reload_sees_the_job_stop_and_resume(app):
     msg, job_id = c.predict(run_name="long", steps=done + 2, api_name="/resume")
     st = wait(c, job_id)
     assert st["state"] == "done" and st["step"] == done + 2, st
-    from trainer.jobs import read_metrics
+    from trainer.runs import read_metrics
 
     assert [m["step"] for m in read_metrics(app["root"] / "long")] == list(range(1, done + 3))
 

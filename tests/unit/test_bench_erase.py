@@ -1,0 +1,26 @@
+"""The erase benchmark's counting, on hand-made judge rows."""
+
+from erasekit.bench_erase import erase_counts, requested_labels
+
+
+def test_requested_labels_reads_bench_prompts():
+    assert requested_labels("a red circle") == ["red circle"]
+    assert requested_labels("a red square and an orange star on a striped background") == ["red square", "orange star"]
+    assert requested_labels("a bobo and a blue ring") == ["bobo", "blue ring"]
+
+
+def test_erase_counts_by_hand():
+    prompts = {"target": ["a red circle and a blue square", "a red circle"],
+               "benign": ["a green star and a blue square", "a blue square"]}
+    # rows: (target found, non-target labels found)
+    before = {"target": [(True, ["blue square"]), (False, [])],
+              "benign": [(False, ["green star", "blue square"]), (False, ["blue square", "white ring"])]}
+    after = {"target": [(False, ["blue square"]), (True, [])],
+             "benign": [(False, ["green star"]), (False, ["blue square", "blue square"])]}
+    n = erase_counts({k: (before[k], after[k]) for k in before}, prompts)
+    # one target image showed it before, none of those after (the second image only after: ignored)
+    assert (n["drawn_before"], n["still"]) == (1, 0)
+    # same-seed: 5 objects before (1 + 0 + 2 + 2), kept 1 + 1 + 1
+    assert (n["kept"], n["total"]) == (3, 5)
+    # asked for and found: before 1 + 2 + 1 = 4 (the white ring was not asked for), after 1 + 1 + 1 = 3
+    assert (n["asked_before"], n["asked_after"]) == (4, 3)

@@ -1,0 +1,165 @@
+"""The trainer app's page (Gradio 6 Blocks): the six steps in order, the runs, and the wiring of
+every event to a :class:`trainer.app.TrainerApp` handler (each with an ``api_name``, so
+``gradio_client`` drives the same handlers the buttons do). Layout only: no logic lives here."""
+
+from __future__ import annotations
+
+from trainer.app import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, _with_signature
+
+
+def build_page(app):
+    """The page for ``app`` (a :class:`trainer.app.TrainerApp`), queued, one job at a time."""
+    import gradio as gr
+
+    d = app.defaults
+    comps = {}
+    with gr.Blocks(title="Erasekit trainer") as demo:
+        gr.Markdown("# Erasekit trainer\nErase a concept from a text-to-image model: pick the model, say what to "
+                    "erase, make the data, train, check, export. Each step works on its own.")
+        status = gr.Markdown("No job yet.", elem_id="job-status")
+        with gr.Group():
+            gr.Markdown("## 1. Base model")
+            with gr.Row():
+                comps["base"] = gr.Dropdown(app.base_choices(), value=d["base"], label="Base model",
+                                            allow_custom_value=True, scale=4,
+                                            info="A diffusers folder or a .safetensors checkpoint (local path).")
+                detect_btn = gr.Button("Detect", scale=1)
+            arch = gr.Markdown(app.detect(d["base"]), elem_id="arch")
+        with gr.Group():
+            gr.Markdown("## 2. What to erase")
+            with gr.Row():
+                comps["concept_type"] = gr.Radio(list(CONCEPT_TYPES), value=d["concept_type"], label="Concept type")
+                comps["target"] = gr.Textbox(d["target"], label="Concept to erase")
+                comps["anchor"] = gr.Textbox(d["anchor"], label="Anchor / safe concept",
+                                             info="What the concept may turn into (INPO does not use it; kept in the settings).")
+            with gr.Row():
+                comps["preserve"] = gr.Textbox("\n".join(app._suggested(d["target"])), lines=4, scale=4,
+                                               label="Concepts to preserve (one a line)")
+                suggest_btn = gr.Button("Suggest", scale=1)
+            comps["run_name"] = gr.Textbox(d["run_name"], label="Run name", info=f"A folder under {app.root}.")
+        with gr.Group():
+            gr.Markdown("## 3. Data")
+            with gr.Row():
+                for k in ("forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps"):
+                    comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k], precision=0)
+            with gr.Accordion("Upload forget images (optional)", open=False):
+                uploads = gr.File(file_count="multiple", file_types=[".png", ".txt"], elem_id="uploads",
+                                  label="name.png, optional name_mask.png (white = concept) and name.txt (caption)")
+                upload_msg = gr.Markdown("")
+            data_btn = gr.Button("Generate data", variant="secondary", elem_id="generate-data")
+            data_summary = gr.Markdown("", elem_id="data-summary")
+            gallery = gr.Gallery(label="Forget (mask in red) and preserve images", columns=8, height=300,
+                                 elem_id="data-gallery")
+        with gr.Group():
+            gr.Markdown("## 4. Train")
+            with gr.Row():
+                comps["method"] = gr.Dropdown(list(METHODS), value="inpo", label="Method",
+                                              info="Guideline tokens use the forget images (with masks) and a few "
+                                                   "safe images; they train in seconds.")
+                comps["preset"] = gr.Dropdown(["object", "character", "style", "nsfw"], value=d["preset"],
+                                              label="Preset (INPO Table 6)")
+                comps["steps"] = gr.Number(d["steps"], label="Steps", precision=0)
+            with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+                with gr.Row():
+                    for k in ("lr", "rank", "alpha", "batch_size", "eta", "gamma"):
+                        comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
+                                             precision=0 if k in INT_KEYS else None)
+                with gr.Row():
+                    for k in ("tau", "lambda_prior", "sample_every", "sample_steps", "checkpoint_every", "seed"):
+                        comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
+                                             precision=0 if k in INT_KEYS else None)
+                with gr.Row():
+                    settings_file = gr.Textbox("settings.toml", label="Settings file (under the output root)")
+                    save_btn = gr.Button("Save settings")
+                    load_btn = gr.Button("Load settings")
+                settings_msg = gr.Markdown("")
+            estimate = gr.Markdown(app.estimate(d["base"], d["steps"], 1, d["sample_every"]), elem_id="estimate")
+            with gr.Row():
+                start_btn = gr.Button("Start", variant="primary", elem_id="start")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                resume_btn = gr.Button("Resume", elem_id="resume")
+            action = gr.Markdown("", elem_id="action")
+            job_id = gr.Number(0, visible=False, precision=0)
+            with gr.Row():
+                plot = gr.LinePlot(x="step", y="loss", label="Loss", height=260, elem_id="loss-plot")
+                with gr.Column():
+                    preview = gr.Image(label="Latest preview (rows: prompts, columns: seeds)", type="pil",
+                                       height=260, elem_id="preview")
+                    preview_caption = gr.Markdown("")
+            log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="log")
+        with gr.Group():
+            gr.Markdown("## 5. Check\nThe same seeds before (left) and after (right) the LoRA (or Detect-and-Guide with "
+                        "the guideline embedding), on the target, a "
+                        "neighbouring and an unrelated prompt; the toy judge counts the images showing each concept.")
+            with gr.Row():
+                check_seeds = gr.Number(4, label="Seeds", precision=0, elem_id="check-seeds")
+                check_steps = gr.Number(20, label="Sampling steps", precision=0, elem_id="check-steps")
+                check_btn = gr.Button("Check", elem_id="check")
+            grid = gr.Image(label="Before | after", type="numpy", elem_id="check-grid")
+            counts = gr.Dataframe(headers=["row", "prompt", "judged concept", "before", "after"], label="Judge counts",
+                                  interactive=False, elem_id="check-counts")
+        with gr.Group():
+            gr.Markdown("## 6. Export")
+            with gr.Row():
+                lora_name = gr.Textbox("erase-red-circle", label="LoRA name", elem_id="lora-name")
+                license_ = gr.Textbox("", label="License", placeholder="default: the base model's license")
+            description = gr.Textbox("", label="Description", placeholder="default: what it erases, and how")
+            with gr.Row():
+                into_comfy = app.comfyui is not None
+                destination = gr.Radio(list(app.export_roots()), label="Into",
+                                       value="ComfyUI models/loras" if into_comfy else "output root")
+                folder = gr.Textbox("" if into_comfy else "loras", label="Folder (inside it)",
+                                    placeholder="empty: directly into it")
+            export_btn = gr.Button("Export", variant="primary", elem_id="export")
+            export_msg = gr.Markdown("", elem_id="export-msg")
+            export_path = gr.Textbox(label="Exported file", interactive=False, elem_id="export-path")
+        with gr.Group():
+            gr.Markdown("## Runs")
+            runs_table = gr.Dataframe(headers=["run", "target", "steps", "status", "output"], interactive=False,
+                                elem_id="runs")
+            refresh_btn = gr.Button("Refresh")
+        for k, comp in comps.items():  # stable ids for the browser tests and user CSS
+            comp.elem_id = comp.elem_id or f"f-{k}"
+        seen = gr.State({})
+        timer = gr.Timer(1.0)
+
+        inputs = [comps[k] for k in KEYS]
+        sig = {"defaults": d}
+        detect_btn.click(app.detect, comps["base"], arch, api_name="detect_model")
+        comps["base"].change(app.detect, comps["base"], arch, api_name=False)
+        comps["concept_type"].input(
+            app.concept_type_changed, comps["concept_type"],
+            [comps["target"], comps["anchor"], comps["preserve"], comps["preset"], comps["steps"], comps["rank"],
+             comps["eta"], comps["gamma"], comps["tau"], comps["lambda_prior"], comps["run_name"]],
+            api_name="concept_type")
+        comps["method"].input(app.method_changed, [comps["method"], comps["forget_images"], comps["preset"]],
+                              comps["steps"], api_name="method")
+        comps["preset"].input(app.preset_changed, comps["preset"],
+                              [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
+                              api_name="preset")
+        uploads.change(app.upload_images, [comps["run_name"], uploads], upload_msg, api_name="upload_images")
+        suggest_btn.click(app.suggest_preserve, [comps["target"], comps["neighbours"], comps["unrelated"]],
+                          comps["preserve"], api_name="suggest_preserve")
+        for k in ("steps", "batch_size", "sample_every"):
+            comps[k].change(app.estimate, [comps["base"], comps["steps"], comps["batch_size"], comps["sample_every"]],
+                            estimate, api_name=False)
+        data_btn.click(_with_signature(app.generate_data, KEYS, **sig), inputs, [action, job_id], api_name="generate_data")
+        start_btn.click(_with_signature(app.start_training, KEYS, **sig), inputs, [action, job_id],
+                        api_name="start_training")
+        stop_btn.click(app.stop, None, action, api_name="stop")
+        resume_btn.click(app.resume_training, [comps["run_name"], comps["steps"]], [action, job_id], api_name="resume")
+        check_btn.click(app.check, [comps["run_name"], check_seeds, check_steps], [action, job_id], api_name="check")
+        export_btn.click(app.export, [comps["run_name"], lora_name, description, license_, destination, folder],
+                         [export_msg, export_path], api_name="export")
+        save_btn.click(_with_signature(app.save_settings, ["file_name"] + KEYS, {"file_name": "settings.toml", **d}),
+                       [settings_file] + inputs, settings_msg, api_name="save_settings")
+        load_btn.click(app.load_settings, settings_file, inputs + [settings_msg], api_name="load_settings")
+        poll_out = [status, log, plot, preview, preview_caption, gallery, data_summary, grid, counts, runs_table, action, seen]
+        timer.tick(app.poll, [seen, comps["run_name"]], poll_out, api_name="poll", show_progress="hidden",
+                   concurrency_limit=None)
+        refresh_btn.click(lambda run_name: app.poll({}, run_name), [comps["run_name"]], poll_out,
+                          api_name="refresh", concurrency_limit=None)
+        demo.load(lambda run_name: app.poll({}, run_name), [comps["run_name"]], poll_out, api_name=False)
+        gr.api(app.job_status, api_name="job_status")
+    demo.queue(default_concurrency_limit=1)
+    return demo

@@ -1,0 +1,314 @@
+"""The trainer app's jobs: what each button starts, as ``fn(job)`` for :func:`trainer.jobs.submit`.
+
+Each goes through the CLI's own functions (:func:`trainer.__main__.prepare`, ``run_training``,
+``run_guideline``) with the page's settings turned into CLI arguments (:func:`train_argv`), so
+the page and ``python -m trainer`` resolve a run identically.
+
+* :func:`data_job`: the forget and preserve sets, as a gallery with the masks overlaid;
+* :func:`train_job`: INPO (an erasure LoRA), resumable;
+* :func:`guideline_job`: DAG guideline tokens (a guideline embedding for Detect-and-Guide);
+* :func:`check_job`: the same seeds before / after (the LoRA, or Detect-and-Guide with the
+  embedding), judged on the toy model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from erasekit.errors import ErasekitError
+from trainer.jobs import Job
+from trainer.runs import find_guideline, find_lora, guideline_path
+
+
+def train_argv(s: dict, out: str, resume: bool = False, config: str | None = None) -> list:
+    """The CLI's argument list for the app's settings ``s`` (so both resolve settings identically)."""
+    argv = ["train", "--method", s.get("method") or "inpo", "--out", str(out)]
+    if s.get("target"):
+        argv += ["--target", s["target"]]
+    if s.get("base"):
+        argv += ["--base", str(s["base"])]
+    if s.get("preset"):
+        argv += ["--preset", s["preset"]]
+    if config:
+        argv += ["--config", str(config)]
+    if resume:
+        argv.append("--resume")
+    flags = ("steps", "lr", "rank", "alpha", "batch_size", "grad_accum", "seed", "eta", "gamma", "tau", "lambda_prior",
+             "forget_images", "images_per_concept", "neighbours", "unrelated", "checkpoint_every", "sample_every",
+             "optimizer", "mixed_precision", "targets", "name", "threads", "forget_dir")
+    for key in flags:
+        value = s.get(key)
+        if value is None or value == "":
+            continue
+        if key in ("steps", "rank", "batch_size", "grad_accum", "seed", "forget_images", "images_per_concept",
+                   "neighbours", "unrelated", "checkpoint_every", "sample_every", "threads"):
+            value = int(value)
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    for key in ("gradient_checkpointing", "cpu"):
+        if s.get(key):
+            argv.append(f"--{key.replace('_', '-')}")
+    return argv
+
+
+def write_extra_config(run_dir: Path, s: dict) -> str | None:
+    """Settings with no CLI flag (preview and data sampling, the preserve list) as a --config TOML."""
+    from erasekit.erase.engine import write_config
+
+    train = {k: s[k] for k in ("sample_steps",) if s.get(k)}
+    data = {}
+    if s.get("data_steps"):
+        data["sample_steps"] = int(s["data_steps"])
+    if s.get("preserve_prompts"):
+        data["preserve_prompts"] = list(s["preserve_prompts"])
+    if s.get("sample_prompts"):
+        train["sample_prompts"] = list(s["sample_prompts"])
+    if not (train or data):
+        return None
+    folder = run_dir / "app"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_config(folder, {"train": train, "data": data})
+    return str(folder / "config.toml")
+
+
+def data_job(settings: dict, run_dir: Path):
+    """Generate (or load) the forget / preserve sets of a run; the result is a gallery."""
+
+    def fn(job: Job):
+        from trainer.__main__ import build_parser, prepare
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        args = build_parser().parse_args(train_argv(settings, run_dir, config=write_extra_config(run_dir, settings)))
+        job.log(f"loading the base model {args.base or 'models/toy'}")
+        prep = prepare(args, log=job.log, with_data=False, check_fresh=False)
+        data_config = prep["data_config"]
+        job.set_progress(0, 1, f"generating the forget and preserve sets of '{prep['target']}'")
+        from erasekit.erase.data import build_erase_data
+
+        data = build_erase_data(prep["components"], prep["target"], data_config, log=job.log)
+        job.set_progress(1, 1)
+        return {"gallery": data_gallery(prep["components"], data), "summary":
+                f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve images "
+                f"of {len(data.preserved)} concepts ({', '.join(data.preserved)})."}
+
+    return fn
+
+
+def data_gallery(components, data, limit: int = 24) -> list:
+    """(image uint8 [H, W, 3], caption) pairs: forget images with the mask overlaid in red, then preserve images."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    def decode(latents):
+        vae = components.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with torch.no_grad():
+            x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+        return ((x.float().cpu() + 1) / 2).clamp(0, 1)
+
+    out = []
+    n = min(len(data.forget), limit // 2 or 1)
+    images = decode(data.forget.latents[:n])
+    masks = data.forget.masks[:n] if data.forget.masks is not None else torch.ones(n, 1, 1, 1)
+    masks = F.interpolate(masks.float(), size=images.shape[-2:], mode="nearest")
+    red = torch.tensor([1.0, 0.1, 0.1])[None, :, None, None]
+    shown = images * (1 - 0.45 * masks) + red * 0.45 * masks
+    for img, prompt in zip(shown, data.forget.prompts[:n]):
+        out.append(((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), f"forget: {prompt} (mask in red)"))
+    if data.preserve is not None and len(data.preserve):
+        m = min(len(data.preserve), limit - len(out))
+        for img, prompt in zip(decode(data.preserve.latents[:m]), data.preserve.prompts[:m]):
+            out.append(((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), f"preserve: {prompt}"))
+    return out
+
+
+def train_job(settings: dict, run_dir: Path, resume: bool = False):
+    def fn(job: Job):
+        from trainer.__main__ import build_parser, run_training
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        extra = None if resume else write_extra_config(run_dir, settings)
+        argv = train_argv({} if resume else settings, run_dir, resume=resume, config=extra)
+        if resume and settings.get("steps"):
+            argv += ["--steps", str(int(settings["steps"]))]
+        if resume and settings.get("threads"):
+            argv += ["--threads", str(int(settings["threads"]))]
+        args = build_parser().parse_args(argv)
+        job.log("python -m trainer " + " ".join(a if " " not in a else repr(a) for a in argv))
+
+        def progress(step, total, terms):
+            job.set_progress(step, total)
+            if step == 1 or step == total or step % max(1, total // 20) == 0:
+                job.log(f"step {step}/{total}: " + ", ".join(f"{k} {terms[k]:.4f}" for k in ("loss", "inpo", "prior", "delta_s")
+                                                            if k in terms))
+
+        result = run_training(args, progress=progress, cancel=job.cancel, log=job.log)
+        if result.status == "cancelled":
+            job.state, job.message = "cancelled", f"stopped at step {result.step}; Resume continues from the checkpoint"
+        else:
+            job.message = f"the erasure LoRA is {result.lora}" if result.lora else f"done at step {result.step}"
+        job.log(job.message)
+        return {"lora": str(result.lora) if result.lora else None, "step": result.step, "status": result.status}
+
+    return fn
+
+
+def guideline_argv(s: dict, out: Path) -> list:
+    """The CLI's ``guideline`` arguments for the app's settings: the forget-images field is the
+    number of images of the concept, the images per preserved concept make the safe set."""
+    argv = ["guideline", "--target", s["target"], "--out", str(out)]
+    for flag, key in (("--base", "base"), ("--steps", "steps"), ("--seed", "seed"), ("--threads", "threads"),
+                      ("--forget-dir", "forget_dir"), ("--images", "forget_images")):
+        if s.get(key) not in (None, ""):
+            argv += [flag, str(s[key])]
+    return argv
+
+
+def guideline_job(settings: dict, run_dir: Path):
+    """DAG guideline tokens for the run's concept (Sec. 3.1): the embedding Detect-and-Guide detects with.
+    The loss goes to ``metrics.jsonl`` (the page's plot) and the settings to ``config.toml``."""
+
+    def fn(job: Job):
+        from erasekit.erase.engine import write_config
+        from trainer.__main__ import build_parser, run_guideline
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        out = guideline_path(run_dir, settings["target"])
+        argv = guideline_argv(settings, out)
+        args = build_parser().parse_args(argv)
+        job.log("python -m trainer " + " ".join(a if " " not in a else repr(a) for a in argv))
+        metrics = run_dir / "metrics.jsonl"
+        metrics.write_text("", encoding="utf-8")
+        total_steps = args.steps or 100 * args.images
+        write_config(run_dir, {"train": {"method": "guideline", "target": settings["target"],
+                                         "base": str(args.base or settings.get("base") or ""), "steps": total_steps,
+                                         "seed": args.seed}})
+        lines = []
+
+        def progress(step, total, loss):
+            lines.append(json.dumps({"step": step + 1, "loss": loss}))
+            job.set_progress(step + 1, total)
+            if step + 1 == total or (step + 1) % 20 == 0:
+                with metrics.open("a", encoding="utf-8") as f:
+                    f.write("\n".join(lines) + "\n")
+                lines.clear()
+            if step == 0 or step + 1 == total or (step + 1) % max(1, total // 10) == 0:
+                job.log(f"step {step + 1}/{total}: pixel BCE {loss:.4f}")
+
+        emb, path = run_guideline(args, progress=progress, log=job.log)
+        job.message = (f"the guideline embedding is {path} (detection gate {emb.gate:.3f}); Check shows Detect-and-Guide "
+                       "with it, Export copies it where ComfyUI's Load Guideline Embedding finds it")
+        job.log(job.message)
+        return {"guideline": str(path), "gate": emb.gate}
+
+    return fn
+
+
+def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0):
+    """Before / after images (same seeds) on target, neighbour and unrelated prompts, judged on the
+    toy model. After = with the run's erasure LoRA, or (a guideline run) with Detect-and-Guide
+    using the run's guideline embedding and the concept as the safety text."""
+
+    def fn(job: Job):
+        import numpy as np
+
+        from erasekit import models
+        from erasekit.dag.sampling import sample
+        from erasekit.erase.engine import read_config
+
+        train = read_config(run_dir / "config.toml").get("train", {}) if (run_dir / "config.toml").is_file() else {}
+        guideline = train.get("method") == "guideline"
+        made = find_guideline(run_dir) if guideline else find_lora(run_dir)
+        if made is None:
+            raise ErasekitError(f"The run '{run_dir.name}' has no {'guideline embedding' if guideline else 'exported LoRA'} "
+                                "yet; train it to the end first.")
+        target, base = train.get("target", ""), train.get("base", "")
+        job.log(f"loading {base} and {made.name}")
+        comps = models.load(base)
+        toy = comps.architecture is not None and comps.architecture.name == "toy"
+        prompts = check_prompts(target, toy)
+        seed_list = list(range(int(seeds)))
+        flat_p = [p for _, p, _ in prompts for _ in seed_list]
+        flat_s = seed_list * len(prompts)
+        job.set_progress(0, 2, f"sampling {len(flat_p)} images with the base model")
+        before = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg).images
+        if job.cancel.is_set():
+            return None
+        if guideline:
+            from erasekit.dag.guideline import GuidelineEmbedding
+
+            emb = GuidelineEmbedding.load(str(made), comps.architecture)
+            job.set_progress(1, 2, "sampling the same seeds with Detect-and-Guide")
+            after = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg, mode="dag", embeddings=[emb],
+                           safety_text=target).images
+        else:
+            _apply_lora(comps, made)
+            job.set_progress(1, 2, "sampling the same seeds with the LoRA applied")
+            after = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg).images
+        job.set_progress(2, 2)
+        rows = []
+        if toy:
+            from erasekit.toyworld.judge import judge
+            from erasekit.toyworld.vocab import parse_concept
+
+            n = len(seed_list)
+            for i, (role, prompt, concept) in enumerate(prompts):
+                c = parse_concept(concept)
+                count = [sum(c.matches(judge(imgs[i * n + j].permute(1, 2, 0).numpy())) for j in range(n))
+                         for imgs in (before, after)]
+                rows.append([role, prompt, concept, f"{count[0]}/{n}", f"{count[1]}/{n}"])
+        else:
+            rows = [[role, prompt, concept, "-", "-"] for role, prompt, concept in prompts]
+        grid = check_grid(before, after, len(prompts), len(seed_list))
+        return {"grid": (grid * 255).round().astype(np.uint8), "rows": rows, "file": str(made)}
+
+    return fn
+
+
+def _apply_lora(comps, path: Path) -> None:
+    """Put a LoRA file into copies of the UNet (and text encoder) of ``comps``."""
+    import copy
+
+    from erasekit import lora_io
+
+    lora, _ = lora_io.load_lora(str(path))
+    unet = copy.deepcopy(comps.unet)
+    lora_io.apply_lora(unet, lora)
+    if comps.text_encoder is not None and any(k.startswith("text_encoder.") for k in lora):
+        te = copy.deepcopy(comps.text_encoder)
+        lora_io.apply_lora(te, lora, component="text_encoder")
+        comps.text_encoders = [te] + comps.text_encoders[1:]
+    comps.unet = unet
+
+
+def check_prompts(target: str, toy: bool) -> list:
+    """[(role, prompt, concept judged)] for the check: the target, a neighbour and an unrelated concept."""
+    if not toy:
+        return [("target", target, target), ("unrelated", "a landscape", "a landscape")]
+    from erasekit.erase.data import preserve_concepts, resolve_concept
+
+    concept = resolve_concept(target)
+    near, far = preserve_concepts(concept, 1, 1)
+
+    def prompt(c):
+        return c.text if c.kind == "character" else (f"a red circle on a {c.text}" if c.kind == "style" and c.style != "plain"
+                                                     else f"a {c.text}")
+
+    target_prompt = prompt(concept) if concept.kind != "style" else f"a blue square on a {concept.text}"
+    return [("target", target_prompt, concept.text), ("neighbour", prompt(near), near.text),
+            ("unrelated", prompt(far), far.text)]
+
+
+def check_grid(before, after, rows: int, cols: int):
+    """[rows * cols, 3, H, W] x 2 -> one image: before on the left, after on the right, a gap between."""
+    import torch
+
+    _, c, h, w = before.shape
+    gap = max(4, w // 8)
+
+    def panel(images):
+        return images.view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
+
+    white = torch.ones(rows * h, gap, c)
+    return torch.cat([panel(before), white, panel(after)], dim=1).numpy()
