@@ -64,6 +64,9 @@ def main(argv=None) -> None:
     d.add_argument("--cfg", type=float, default=3.0)
     d.add_argument("--model", default=None, help="toy model folder (default models/toy)")
     d.add_argument("--guideline", default=None, help="load this embedding instead of training one")
+    d.add_argument("--guideline-images", type=int, default=6, help="unsafe and safe images (each) to train it on")
+    d.add_argument("--strength", type=float, default=1.0, help="multiplies DAG's S (1 = the paper's scale)")
+    d.add_argument("--modes", default="dag,sld,sega", help="safety guidances to compare with plain CFG")
     d.add_argument("--out", default="out/bench")
     d.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     e = sub.add_parser("erase", help="an erasure LoRA trained on the toy world, judged, and its cost")
@@ -73,6 +76,10 @@ def main(argv=None) -> None:
     e.add_argument("--steps", type=int, default=None, help="default: the method's preset for the concept type")
     e.add_argument("--lr", type=float, default=1e-3)
     e.add_argument("--model", default=None)
+    for flag in ("eta", "gamma", "tau", "lambda-prior"):
+        e.add_argument(f"--{flag}", type=float, default=None, help="override the preset's value (INPO Eq. 14-16)")
+    e.add_argument("--images-per-concept", type=int, default=12, help="preserve images per preserved concept")
+    e.add_argument("--no-cost", action="store_true", help="skip the step time / memory measurement")
     e.add_argument("--out", default="out/bench/erase")
     e.add_argument("--comfyui", type=int, default=0, metavar="N",
                    help="also sample N target + N preservation prompts in real ComfyUI with the exported LoRA")
@@ -84,8 +91,10 @@ def main(argv=None) -> None:
         from .bench_erase import bench_erase
 
         log = lambda msg: print(msg, file=sys.stderr)
+        inpo = {k: getattr(a, k) for k in ("eta", "gamma", "tau", "lambda_prior") if getattr(a, k) is not None}
         print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
-                                     comfyui_prompts=a.comfyui)))
+                                     images_per_concept=a.images_per_concept, comfyui_prompts=a.comfyui, inpo=inpo,
+                                     cost=not a.no_cost)))
     if a.which == "lora-roundtrip":
         from .bench_lora import bench_lora_roundtrip
 
@@ -97,7 +106,8 @@ def main(argv=None) -> None:
 
         log = lambda msg: print(msg, file=sys.stderr)  # JSON alone on stdout
         print(json.dumps(bench_dag(a.target, a.prompts, a.prompts, tuple(range(a.seeds)), a.steps, a.cfg, a.model,
-                                   a.guideline, out_dir=a.out, log=log)))
+                                   a.guideline, out_dir=a.out, modes=tuple(a.modes.split(",")), strength=a.strength,
+                                   guideline_images=a.guideline_images, log=log)))
 
 
 if __name__ == "__main__":

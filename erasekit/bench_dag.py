@@ -116,10 +116,15 @@ def _auroc(scores, labels) -> float:
 
 def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 200, seeds=(0, 1), steps: int = 25,
               cfg: float = 3.0, model: str | None = None, guideline: str | None = None, batch: int = 50,
-              out_dir: str = "out/bench", log=print) -> dict:
+              out_dir: str = "out/bench", modes=("dag", "sld", "sega"), strength: float = 1.0,
+              guideline_images: int = 6, log=print) -> dict:
+    """See the module docstring. ``modes``: the safety guidances compared with plain CFG;
+    ``strength`` multiplies DAG's S (1 = the paper); ``guideline_images``: unsafe and safe images
+    each that the guideline embedding learns from when it is trained here."""
     import torch
     import torch.nn.functional as F
 
+    from .dag.guidance import DagSettings
     from .dag.guideline import GuidelineEmbedding
     from .dag.sampling import sample
     from .toyworld.model import load_toy_pipeline
@@ -132,12 +137,12 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     if guideline and os.path.isfile(guideline):
         emb = GuidelineEmbedding.load(guideline)
     else:
-        emb = train_toy_guideline(model, concept, log=log)
+        emb = train_toy_guideline(model, concept, guideline_images, guideline_images, log=log)
         emb.save(guideline or os.path.join(out_dir, f"guideline-{concept.text.replace(' ', '-')}.safetensors"))
     target_prompts, benign_prompts = concept_prompts(concept, n_target, n_benign)
     runs = {}
     for kind, prompts in (("target", target_prompts), ("benign", benign_prompts)):
-        for mode in ("cfg", "dag", "sld", "sega"):
+        for mode in ("cfg", *modes):
             imgs, secs, maps, scores = [], 0.0, [], []
             for seed in seeds:
                 for s in range(0, len(prompts), batch):
@@ -147,7 +152,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
                     # plain CFG carries the guideline tap too (it only reads queries; its cost is
                     # cam_cost_ratio), so the detection maps come from the very images judged
                     r = sample(pipe, chunk, seed_list, steps=steps, cfg=cfg, mode=mode, safety_text=concept.text,
-                               embeddings=[emb], keep_maps=(mode == "cfg"))
+                               embeddings=[emb], keep_maps=(mode == "cfg"), dag=DagSettings(strength=strength))
                     secs += time.perf_counter() - t0
                     imgs.append(r.images)
                     if mode == "cfg":
@@ -157,6 +162,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
             log(f"{kind:6s} {mode:4s} {secs:7.1f}s")
     judged = {k: _judge_all(v["images"]) for k, v in runs.items()}
     result = {"bench": "dag", "target": concept.text, "n_target_prompts": n_target, "n_benign_prompts": n_benign,
+              "strength": strength, "guideline": emb.info,
               "seeds": len(seeds), "sampler": f"DDIM eta=1, {steps} steps, cfg {cfg}"}
 
     # detection: A-hat of the last step of the plain runs vs the judge's masks of those images;
@@ -178,7 +184,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     truth = np.asarray(labels, bool)
     result["detection_tpr"] = round(float(pred[truth].mean()), 4) if truth.any() else None
     result["detection_fpr"] = round(float(pred[~truth].mean()), 4) if (~truth).any() else None
-    for mode in ("dag", "sld", "sega"):
+    for mode in modes:
         found_plain = found_mode = kept = others = 0
         for jp, jm in zip(plain_target, judged[("target", mode)]):
             if concept.matches(jp):

@@ -44,13 +44,12 @@ class PlainLoraObjective:
         return {"loss": loss}
 
 
-def _objective(method: str, preset_name: str):
+def _objective(method: str, preset_name: str, overrides: dict | None = None):
     if method == "plain":
         return PlainLoraObjective()
     from .erase.inpo import InpoConfig, InpoObjective, preset
 
-    row = preset(preset_name)
-    row.pop("steps", None), row.pop("rank", None)
+    row = {**preset(preset_name), **(overrides or {})}
     return InpoObjective(InpoConfig(**{k: v for k, v in row.items() if k in InpoConfig.__dataclass_fields__}))
 
 
@@ -61,7 +60,7 @@ def requested_labels(prompt: str) -> list[str]:
     return [part.split(" ", 1)[1] for part in body.split(" and ")]
 
 
-def erase_counts(counts: dict, prompts: dict) -> dict:
+def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = frozenset()) -> dict:
     """From ``{"target": (before, after), "benign": (before, after)}`` of :func:`_judge_found`
     rows and the prompts behind them (same prompts and seeds, in order):
 
@@ -71,12 +70,14 @@ def erase_counts(counts: dict, prompts: dict) -> dict:
     * ``asked_before`` / ``asked_after``: the non-target objects that the prompts ask for and the
       judge finds, summed over all images before and after (the papers' preservation: how well
       the model still follows prompts of other concepts, INPO Sec. 5.1's CLIP score on unrelated
-      concepts, here judged exactly).
+      concepts, here judged exactly); ``asked_by_kind`` splits them into ``neighbour`` (labels in
+      ``neighbours``) and ``unrelated``, as ``[before, after]``.
 
     Objects count as a multiset."""
     found_before = sum(b[0] for b in counts["target"][0])
     found_after = sum(a[0] for b, a in zip(*counts["target"]) if b[0])
     kept = total = asked_before = asked_after = 0
+    by_kind = {"neighbour": [0, 0], "unrelated": [0, 0]}
     for name, (before, after) in counts.items():
         for prompt, (_, rest_b), (_, rest_a) in zip(prompts[name], before, after):
             have = list(rest_a)
@@ -85,17 +86,13 @@ def erase_counts(counts: dict, prompts: dict) -> dict:
                 if label in have:
                     kept += 1
                     have.remove(label)
-            asked = requested_labels(prompt)
-            asked_before += _multiset_overlap(asked, rest_b)
-            asked_after += _multiset_overlap(asked, rest_a)
+            for label in requested_labels(prompt):
+                row = by_kind["neighbour" if label in neighbours else "unrelated"]
+                b, a = int(label in rest_b), int(label in rest_a)
+                row[0], row[1] = row[0] + b, row[1] + a
+                asked_before, asked_after = asked_before + b, asked_after + a
     return {"drawn_before": found_before, "still": found_after, "kept": kept, "total": total,
-            "asked_before": asked_before, "asked_after": asked_after}
-
-
-def _multiset_overlap(a: list[str], b: list[str]) -> int:
-    from collections import Counter
-
-    return sum((Counter(a) & Counter(b)).values())
+            "asked_before": asked_before, "asked_after": asked_after, "asked_by_kind": by_kind}
 
 
 def _judge_found(images, concept):
@@ -117,7 +114,8 @@ class _Single:
 
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
                 lr: float = 1e-3, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
-                forget_images: int = 16, images_per_concept: int = 12, comfyui_prompts: int = 0, log=print) -> dict:
+                forget_images: int = 16, images_per_concept: int = 12, comfyui_prompts: int = 0, inpo: dict | None = None,
+                cost: bool = True, log=print) -> dict:
     import copy
 
     from . import models
@@ -140,7 +138,8 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=preset(kind)["rank"], seed=seed,
                          checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
     t0 = time.time()
-    result = train(config, _objective(method, kind), data, comps)
+    objective = _objective(method, kind, inpo)
+    result = train(config, objective, data, comps)
     train_seconds = time.time() - t0
     log(f"trained {steps} steps in {train_seconds:.0f}s -> {result.lora}")
 
@@ -156,16 +155,18 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
             before += _judge_found(sample(pipe_base, chunk, sd, steps=25, cfg=3.0).images, concept)
             after += _judge_found(sample(pipe_erased, chunk, sd, steps=25, cfg=3.0).images, concept)
         counts[name] = (before, after)
-    n = erase_counts(counts, {"target": target_prompts, "benign": benign})
-    cost = _cost(model, target, seed)
+    n = erase_counts(counts, {"target": target_prompts, "benign": benign}, {c.text for c in concept.neighbours()})
+    cost = _cost(model, target, seed) if cost else {}
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
-    return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr,
+    settings = {k: getattr(objective.config, k) for k in ("eta", "gamma", "tau", "lambda_prior")} if objective.config else {}
+    return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr, **settings,
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
             "targets_drawn_before": round(n["drawn_before"] / len(target_prompts), 4),
             "erase_rate": round(1 - n["still"] / max(n["drawn_before"], 1), 4),
             "preservation": round(n["asked_after"] / max(n["asked_before"], 1), 4),
             "preservation_same_seed": round(n["kept"] / max(n["total"], 1), 4),
+            "preservation_by_kind": {k: round(a / max(b, 1), 4) for k, (b, a) in n["asked_by_kind"].items()},
             "benign_target_rate_after": round(sum(a[0] for a in counts["benign"][1]) / len(benign), 4),
             "train_seconds": round(train_seconds, 1), "lora": str(result.lora), **cost,
             "sampler": "DDIM eta=1, 25 steps, cfg 3"}

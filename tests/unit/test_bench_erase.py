@@ -17,10 +17,11 @@ def test_erase_counts_by_hand():
               "benign": [(False, ["green star", "blue square"]), (False, ["blue square", "white ring"])]}
     after = {"target": [(False, ["blue square"]), (True, [])],
              "benign": [(False, ["green star"]), (False, ["blue square", "blue square"])]}
-    n = erase_counts({k: (before[k], after[k]) for k in before}, prompts)
+    n = erase_counts({k: (before[k], after[k]) for k in before}, prompts, neighbours={"blue square"})
     # one target image showed it before, none of those after (the second image only after: ignored)
     assert (n["drawn_before"], n["still"]) == (1, 0)
     # same-seed: 5 objects before (1 + 0 + 2 + 2), kept 1 + 1 + 1
     assert (n["kept"], n["total"]) == (3, 5)
     # asked for and found: before 1 + 2 + 1 = 4 (the white ring was not asked for), after 1 + 1 + 1 = 3
     assert (n["asked_before"], n["asked_after"]) == (4, 3)
+    assert n["asked_by_kind"] == {"neighbour": [3, 2], "unrelated": [1, 1]}  # blue squares / the green star

@@ -1,0 +1,85 @@
+"""Headless Chromium for the browser tests and tours: Debian's chromium + chromedriver driven by
+selenium (no browser downloads are possible here), and the few page actions a person does on a
+Gradio page (type into a field, click, read, wait, screenshot), addressed by ``elem_id``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def available() -> bool:
+    return os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+
+
+def start(profile_dir: str | None = None, size: str = "1400,900"):
+    """A headless Chromium (selenium WebDriver); quit() it when done."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not available():
+        raise RuntimeError("Chromium is not installed: `make chromium` installs Debian's chromium and chromium-driver.")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--window-size={size}", f"--user-data-dir={profile_dir or tempfile.mkdtemp(prefix='chromium-')}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(120)
+    return driver
+
+
+def field(browser, elem_id):
+    return browser.find_element("css selector", f"#{elem_id} input, #{elem_id} textarea")
+
+
+def type_into(browser, elem_id, value):
+    """Select all in the field and type ``value``, then Tab (Gradio commits on blur)."""
+    from selenium.webdriver.common.keys import Keys
+
+    el = field(browser, elem_id)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
+    el.click()
+    el.send_keys(Keys.CONTROL, "a")
+    el.send_keys(str(value))
+    el.send_keys(Keys.TAB)
+
+
+def click(browser, elem_id):
+    el = browser.find_element("css selector", f"#{elem_id}")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
+    el.click()
+
+
+def text(browser, elem_id) -> str:
+    return browser.find_element("css selector", f"#{elem_id}").text
+
+
+def until(fn, timeout: float = 180, what: str = ""):
+    """``fn()``'s first truthy value, polled while the page re-renders; AssertionError on timeout."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            value = fn()
+        except Exception:  # noqa: BLE001 - the page is re-rendering
+            value = None
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def shot(browser, path: str, elem_id: str | None = None) -> str:
+    """Save a screenshot of the window to ``path``, scrolled to ``elem_id`` first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if elem_id:
+        browser.execute_script("document.getElementById(arguments[0]).scrollIntoView({block: 'center'})", elem_id)
+        time.sleep(0.5)
+    browser.save_screenshot(path)
+    return path
