@@ -2,7 +2,7 @@
 #   make demo      run Detect-and-Guide in real ComfyUI on the bundled model -> out/demo/
 #   make test      install the test environment (real ComfyUI included) and run the whole suite
 #   make comfyui   serve the real ComfyUI UI with this pack installed (127.0.0.1:$COMFYUI_PORT)
-#   make trainer   the trainer app (Gradio) on 127.0.0.1:7860, writing under runs/
+#   make trainer   the trainer app (Gradio) on 127.0.0.1:7860, writing under runs/ (exports: make comfyui's loras)
 SHELL := /bin/bash
 PYTHON_BASE ?= python3.11
 VENV        := .venv
@@ -70,8 +70,10 @@ comfyui: setup
 	    --disable-auto-launch --base-directory $(abspath .cache/comfyui/base) \
 	    --database-url sqlite:///$(abspath .cache/comfyui/base/user)/comfyui.db
 
+# The trainer exports into the models/loras folder that `make comfyui` serves.
 trainer: setup
-	$(PY) -m trainer app
+	mkdir -p .cache/comfyui/base/models/loras .cache/comfyui/base/models/guideline
+	$(PY) -m trainer app --comfyui $(abspath .cache/comfyui/base)
 
 bench: setup
 	$(PY) -m erasekit.bench startup --json

@@ -27,27 +27,6 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
-def graph(model_name: str, lora_name: str, prompt: str, seed: int, steps: int, cfg: float, sampler: str) -> dict:
-    """Two branches over one loader: LoRA strength 0 (outputs "9") and 1 (outputs "19")."""
-    g = {"1": {"class_type": "ErasekitLoadDiffusersModel", "inputs": {"model_name": model_name}},
-         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}}}
-    for strength, base in ((0.0, 0), (1.0, 10)):
-        def n(i, base=base):
-            return str(base + i)
-
-        g[n(30)] = {"class_type": "ErasekitLoadErasureLoRA", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name, "strength_model": strength,
-            "strength_clip": strength}}
-        g[n(2)] = {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": [n(30), 1]}}
-        g[n(3)] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": [n(30), 1]}}
-        g[n(6)] = {"class_type": "KSampler", "inputs": {
-            "model": [n(30), 0], "positive": [n(2), 0], "negative": [n(3), 0], "latent_image": ["5", 0],
-            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0}}
-        g[n(7)] = {"class_type": "VAEDecode", "inputs": {"samples": [n(6), 0], "vae": ["1", 2]}}
-        g[n(9)] = {"class_type": "SaveImage", "inputs": {"images": [n(7), 0], "filename_prefix": f"s{strength:g}"}}
-    return g
-
-
 def check(lora: str, target: str, model: str | None = None, prompts: int = 40, steps: int = 25, cfg: float = 3.0,
           sampler: str = "euler_ancestral", seed: int = 0, comfy=None, log=print) -> dict:
     """``comfy``: a running :class:`tools.comfy_headless.HeadlessComfy` (default: start one)."""
@@ -59,6 +38,7 @@ def check(lora: str, target: str, model: str | None = None, prompts: int = 40, s
     from erasekit.bench_erase import _judge_found, erase_counts
     from erasekit.toyworld.vocab import parse_concept
     from tools.comfy_headless import HeadlessComfy
+    from tools.graphs import lora_before_after_graph
 
     concept = parse_concept(target)
     model = model or os.path.join(REPO, "models", "toy")
@@ -72,7 +52,7 @@ def check(lora: str, target: str, model: str | None = None, prompts: int = 40, s
     for kind, plist in (("target", target_prompts), ("benign", benign)):
         before, after = [], []
         for i, p in enumerate(plist):
-            out = comfy.run(graph("erase-check-base", os.path.basename(lora), p, seed * 100_003 + i, steps, cfg, sampler))
+            out = comfy.run(lora_before_after_graph("erase-check-base", os.path.basename(lora), p, seed * 100_003 + i, steps, cfg, sampler))
             imgs = [np.asarray(Image.open(comfy.output_path(out[k]["images"][0])).convert("RGB")) for k in ("9", "19")]
             b, a = _judge_found([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in imgs], concept)
             before.append(b), after.append(a)

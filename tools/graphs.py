@@ -62,3 +62,26 @@ def single_dag_graph(model_name: str, prompt: str, guideline: str, size: int = 1
     for plain in ("6", "7", "9"):
         del g[plain]
     return g
+
+
+def lora_before_after_graph(model_name: str, lora_name: str, prompt: str, seed: int = 0, steps: int = 25,
+                            cfg: float = 3.0, sampler: str = "euler_ancestral") -> dict:
+    """Before / after an erasure LoRA, same prompt and seed: two branches over one loader with
+    Load Erasure LoRA at strength 0 (the base model; SaveImage "9") and 1 (SaveImage "19")."""
+    g = {"1": {"class_type": "ErasekitLoadDiffusersModel", "inputs": {"model_name": model_name}},
+         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}}}
+    for strength, base in ((0.0, 0), (1.0, 10)):
+        def n(i, base=base):
+            return str(base + i)
+
+        g[n(30)] = {"class_type": "ErasekitLoadErasureLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name, "strength_model": strength,
+            "strength_clip": strength}}
+        g[n(2)] = {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": [n(30), 1]}}
+        g[n(3)] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": [n(30), 1]}}
+        g[n(6)] = {"class_type": "KSampler", "inputs": {
+            "model": [n(30), 0], "positive": [n(2), 0], "negative": [n(3), 0], "latent_image": ["5", 0],
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0}}
+        g[n(7)] = {"class_type": "VAEDecode", "inputs": {"samples": [n(6), 0], "vae": ["1", 2]}}
+        g[n(9)] = {"class_type": "SaveImage", "inputs": {"images": [n(7), 0], "filename_prefix": f"s{strength:g}"}}
+    return g

@@ -91,7 +91,10 @@ def run_browser_flow(out: str, screenshots: str, threads: int = 2) -> dict:
     from trainer.app import TrainerApp
 
     torch.set_num_threads(threads)
-    app = TrainerApp(os.path.join(out, "runs"), base=os.path.join(REPO, "models", "toy"), threads=threads)
+    comfy_base = os.path.join(out, "comfyui-base")  # as `make trainer`: exports go to a ComfyUI models/loras
+    os.makedirs(os.path.join(comfy_base, "models", "loras"), exist_ok=True)
+    app = TrainerApp(os.path.join(out, "runs"), comfyui=comfy_base, base=os.path.join(REPO, "models", "toy"),
+                     threads=threads)
     demo = app.build()
     demo.launch(prevent_thread_lock=True, quiet=True)
     driver = b.start()

@@ -108,9 +108,12 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
 
 
 def example_graphs() -> dict[str, dict]:
-    from tools.graphs import dag_graph, single_dag_graph
+    from tools.graphs import dag_graph, lora_before_after_graph, single_dag_graph
 
     return {
+        # the trainer app's default export (runs/... or ComfyUI's models/loras): erase-red-circle.safetensors
+        "erasure_lora_before_after": lora_before_after_graph("toy", "erase-red-circle.safetensors",
+                                                             "a red circle and a blue square"),
         "detect_and_guide": single_dag_graph("toy", "a red circle and a blue square", "toy-red-circle.safetensors"),
         "detect_and_guide_side_by_side": dag_graph("toy", "a red circle and a blue square", "toy-red-circle.safetensors"),
     }
