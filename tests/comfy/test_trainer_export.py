@@ -6,17 +6,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from trainer import jobs, runs, work
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _graph(model_name, lora_name, strength):

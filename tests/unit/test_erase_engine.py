@@ -23,13 +23,7 @@ from erasekit.erase.engine import (
 from erasekit.erase.inpo import InpoObjective
 from erasekit.errors import ErasekitError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_components(seed=0):
