@@ -123,7 +123,9 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 return denoised
             latent_hw = denoised.shape[-2:]
             per_concept = list(zip(*state.cams.values()))  # [concept][layer]
-            a_hat, _ = detect_concepts(per_concept, embeddings, latent_hw)
+            # the step's training timestep, for the embeddings' gate schedules
+            t = float(args["model"].model_sampling.timestep(args["sigma"][:1]).flatten()[0])
+            a_hat, _ = detect_concepts(per_concept, embeddings, latent_hw, t)
             state.cams = {}
             state.history.append(a_hat.cpu())
             if preview is not None:

@@ -79,6 +79,7 @@ def main(argv=None) -> None:
     for flag in ("eta", "gamma", "tau", "lambda-prior"):
         e.add_argument(f"--{flag}", type=float, default=None, help="override the preset's value (INPO Eq. 14-16)")
     e.add_argument("--images-per-concept", type=int, default=12, help="preserve images per preserved concept")
+    e.add_argument("--neighbours", type=int, default=4, help="neighbouring concepts in the preserve set (paper: 4)")
     e.add_argument("--no-cost", action="store_true", help="skip the step time / memory measurement")
     e.add_argument("--out", default="out/bench/erase")
     e.add_argument("--comfyui", type=int, default=0, metavar="N",
@@ -93,7 +94,8 @@ def main(argv=None) -> None:
         log = lambda msg: print(msg, file=sys.stderr)
         inpo = {k: getattr(a, k) for k in ("eta", "gamma", "tau", "lambda_prior") if getattr(a, k) is not None}
         print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
-                                     images_per_concept=a.images_per_concept, comfyui_prompts=a.comfyui, inpo=inpo,
+                                     images_per_concept=a.images_per_concept, neighbours=a.neighbours,
+                                     comfyui_prompts=a.comfyui, inpo=inpo,
                                      cost=not a.no_cost)))
     if a.which == "lora-roundtrip":
         from .bench_lora import bench_lora_roundtrip

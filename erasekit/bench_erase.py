@@ -114,7 +114,8 @@ class _Single:
 
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
                 lr: float = 1e-3, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
-                forget_images: int = 16, images_per_concept: int = 12, comfyui_prompts: int = 0, inpo: dict | None = None,
+                forget_images: int = 16, images_per_concept: int = 12, neighbours: int = 4, comfyui_prompts: int = 0,
+                inpo: dict | None = None,
                 cost: bool = True, log=print) -> dict:
     import copy
 
@@ -132,7 +133,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     comps = models.load(model)
     base_unet = copy.deepcopy(comps.unet)
     data = build_erase_data(comps, target, DataConfig(forget_images=forget_images, images_per_concept=images_per_concept,
-                                                      seed=seed), log=log)
+                                                      neighbours=neighbours, seed=seed), log=log)
     steps = steps or preset(kind)["steps"]
     run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
     config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=preset(kind)["rank"], seed=seed,
@@ -161,6 +162,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
     settings = {k: getattr(objective.config, k) for k in ("eta", "gamma", "tau", "lambda_prior")} if objective.config else {}
     return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr, **settings,
+            "preserved_concepts": list(data.preserved), "preserve_images": len(data.preserve or ()),
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
             "targets_drawn_before": round(n["drawn_before"] / len(target_prompts), 4),
             "erase_rate": round(1 - n["still"] / max(n["drawn_before"], 1), 4),
