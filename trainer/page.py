@@ -50,6 +50,19 @@ def build_page(app):
             data_summary = gr.Markdown("", elem_id="data-summary")
             gallery = gr.Gallery(label="Forget (mask in red) and preserve images", columns=8, height=300,
                                  elem_id="data-gallery")
+            with gr.Accordion("Review the forget images: fix a mask with the brush, remove an image", open=False,
+                              elem_id="review"):
+                with gr.Row():
+                    review_index = gr.Number(1, label="Image (1 = first)", precision=0, minimum=1, elem_id="review-index")
+                    review_show = gr.Button("Show", elem_id="review-show")
+                    review_save = gr.Button("Save mask", variant="primary", elem_id="review-save")
+                    review_remove = gr.Button("Remove image", variant="stop", elem_id="review-remove")
+                editor = gr.ImageEditor(label="Mask (red layer)", type="numpy", image_mode="RGBA", sources=(),
+                                        transforms=(), layers=False, format="png", height=340, elem_id="mask-editor",
+                                        brush=gr.Brush(colors=["rgba(255, 40, 40, 0.6)"], default_size=16,
+                                                       color_mode="fixed"),
+                                        eraser=gr.Eraser(default_size=16))
+                review_msg = gr.Markdown("", elem_id="review-msg")
         with gr.Group():
             gr.Markdown("## 4. Train")
             with gr.Row():
@@ -138,6 +151,10 @@ def build_page(app):
                               [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
                               api_name="preset")
         uploads.change(app.upload_images, [comps["run_name"], uploads], upload_msg, api_name="upload_images")
+        review_show.click(app.review_show, [comps["run_name"], review_index], [editor, review_msg], api_name="review_show")
+        review_save.click(app.review_save, [comps["run_name"], review_index, editor], review_msg, api_name="review_save")
+        review_remove.click(app.review_remove, [comps["run_name"], review_index], [editor, review_index, review_msg],
+                            api_name="review_remove")
         suggest_btn.click(app.suggest_preserve, [comps["target"], comps["neighbours"], comps["unrelated"]],
                           comps["preserve"], api_name="suggest_preserve")
         for k in ("steps", "batch_size", "sample_every"):

@@ -166,3 +166,86 @@ def read_metrics(run_dir) -> list:
 def latest_preview(run_dir) -> Path | None:
     files = sorted((Path(run_dir) / "samples").glob("step-*.png"))
     return files[-1] if files else None
+
+
+# ----------------------------------------------------------------------------- forget images under review
+
+REVIEW = "review"  # <run>/review/forget-NNN.png: the forget images as decoded when the data was made
+
+
+def write_review_images(run_dir, images) -> None:
+    """Save the decoded forget images (uint8 ``[H, W, 3]`` each) for the mask editor, replacing old ones."""
+    from PIL import Image
+
+    folder = Path(run_dir) / REVIEW
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("forget-*.png"):
+        old.unlink()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"forget-{i:03d}.png")
+
+
+def _review_data(run_dir, index: int):
+    """(EraseData of the run's cache, 0-based index), the index checked against the forget set."""
+    from erasekit.erase.data import EraseData
+
+    cache = Path(run_dir) / "data.safetensors"
+    if not cache.is_file() or not (Path(run_dir) / REVIEW).is_dir():
+        raise ErasekitError(f"The run '{Path(run_dir).name}' has no data yet; press 'Generate data' first.")
+    data = EraseData.load(str(cache))
+    n = len(data.forget)
+    if not 1 <= int(index) <= n:
+        raise ErasekitError(f"There is no forget image {index}: the run has {n} (1 to {n}).")
+    return data, int(index) - 1
+
+
+def forget_for_review(run_dir, index: int):
+    """(image uint8 ``[H, W, 3]``, mask bool ``[H, W]`` at the image's size, prompt, count) of forget image ``index`` (1-based)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    data, i = _review_data(run_dir, index)
+    image = np.asarray(Image.open(Path(run_dir) / REVIEW / f"forget-{i:03d}.png").convert("RGB"))
+    m = data.forget.masks[i : i + 1] if data.forget.masks is not None else torch.ones(1, 1, 1, 1)
+    mask = F.interpolate(m.float(), size=image.shape[:2], mode="nearest")[0, 0].numpy() >= 0.5
+    return image, mask, data.forget.prompts[i], len(data.forget)
+
+
+def save_forget_mask(run_dir, index: int, mask) -> float:
+    """Replace forget image ``index``'s mask (bool ``[H, W]`` at any size; area-averaged to the
+    latent grid) in the run's data cache, written atomically. Returns the masked fraction."""
+    import torch
+    import torch.nn.functional as F
+
+    data, i = _review_data(run_dir, index)
+    hw = tuple(data.forget.latents.shape[-2:])
+    m = F.interpolate(torch.as_tensor(mask, dtype=torch.float32)[None, None], size=hw, mode="area")[0]
+    masks = data.forget.masks if data.forget.masks is not None else torch.ones(len(data.forget), 1, *hw)
+    masks = masks.clone()
+    masks[i] = m
+    data.forget.masks = masks
+    data.save(str(Path(run_dir) / "data.safetensors"))
+    return float(m.mean())
+
+
+def remove_forget_image(run_dir, index: int) -> int:
+    """Drop forget image ``index`` from the run's data cache (atomically) and its review image;
+    returns how many remain. The last image cannot be removed: training needs one."""
+    from erasekit.erase.data import ImageSet
+
+    data, i = _review_data(run_dir, index)
+    n = len(data.forget)
+    if n == 1:
+        raise ErasekitError("This is the only forget image; training needs at least one. Generate or upload more first.")
+    keep = [j for j in range(n) if j != i]
+    f = data.forget
+    data.forget = ImageSet(f.latents[keep], f.embeds[keep], f.ids[keep], [f.prompts[j] for j in keep],
+                           f.masks[keep] if f.masks is not None else None)
+    data.save(str(Path(run_dir) / "data.safetensors"))
+    folder = Path(run_dir) / REVIEW
+    (folder / f"forget-{i:03d}.png").unlink(missing_ok=True)
+    for j in range(i + 1, n):  # renumber the later ones so that image k is always forget-(k-1)
+        os.replace(folder / f"forget-{j:03d}.png", folder / f"forget-{j - 1:03d}.png")
+    return n - 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from erasekit.errors import ErasekitError
 from trainer.jobs import Job
-from trainer.runs import find_guideline, find_lora, guideline_path
+from trainer.runs import find_guideline, find_lora, guideline_path, write_review_images
 
 
 def train_argv(s: dict, out: str, resume: bool = False, config: str | None = None) -> list:
@@ -86,12 +86,28 @@ def data_job(settings: dict, run_dir: Path):
         from erasekit.erase.data import build_erase_data
 
         data = build_erase_data(prep["components"], prep["target"], data_config, log=job.log)
+        write_review_images(run_dir, [(img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+                                      for img in decode_latents(prep["components"], data.forget.latents)])
         job.set_progress(1, 1)
         return {"gallery": data_gallery(prep["components"], data), "summary":
                 f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve images "
                 f"of {len(data.preserved)} concepts ({', '.join(data.preserved)})."}
 
     return fn
+
+
+def decode_latents(components, latents, chunk: int = 16):
+    """Images ``[N, 3, H, W]`` in [0, 1] (CPU) from latents, through the model's VAE, a chunk at a time."""
+    import torch
+
+    vae = components.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(latents), chunk):
+            x = vae.decode(latents[s : s + chunk].to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+            out.append(((x.float().cpu() + 1) / 2).clamp(0, 1))
+    return torch.cat(out) if out else torch.zeros(0, 3, 1, 1)
 
 
 def data_gallery(components, data, limit: int = 24) -> list:
@@ -101,11 +117,7 @@ def data_gallery(components, data, limit: int = 24) -> list:
     import torch.nn.functional as F
 
     def decode(latents):
-        vae = components.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        with torch.no_grad():
-            x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
-        return ((x.float().cpu() + 1) / 2).clamp(0, 1)
+        return decode_latents(components, latents)
 
     out = []
     n = min(len(data.forget), limit // 2 or 1)

@@ -54,6 +54,13 @@ def test_click_through_data_train_check_export(browser, trainer_url):
     until(lambda: browser.find_elements("css selector", "#data-gallery img"), 30, "the gallery's images")
     _shot(browser, "data", "data-gallery")
 
+    # the review: the first forget image with its mask as a paintable layer in the image editor
+    browser.find_element("xpath", "//*[@id='review']//*[contains(text(), 'Review the forget images')]").click()
+    click(browser, "review-show")
+    until(lambda: text(browser, "review-msg").startswith("Image 1 of"), 60, "the review message")
+    assert until(lambda: browser.find_elements("css selector", "#mask-editor canvas"), 30, "the editor's canvas")
+    _shot(browser, "review", "mask-editor")
+
     # 4. Train: 40 steps, previews every 20, in the advanced settings
     type_into(browser, "f-steps", 40)
     browser.find_element("xpath", "//*[@id='advanced']//*[contains(text(), 'Advanced settings')]").click()

@@ -143,6 +143,38 @@ def test_guideline_tokens_train_check_export(app):
     assert "press Start" in c.predict(run_name="tokens", steps=10, api_name="/resume")[0]
 
 
+def test_review_paint_a_mask_and_remove_an_image(app, tmp_path):
+    """Step 3's review: a forget image with its mask as a paintable layer; a painted layer saved
+    becomes the mask in the run's data cache (training reads it); removing drops the image."""
+    import numpy as np
+
+    from erasekit.erase.data import EraseData
+
+    c, trainer = app["client"], app["app"]
+    upload_scenes(app, "review", tmp_path, n=3, with_masks=3)
+    kw = small(app, "review", forget_images=3)
+    st = wait(c, c.predict(**kw, api_name="/generate_data")[1])
+    assert st["state"] == "done", st
+    value, msg = trainer.review_show("review", 2)
+    assert msg.startswith("Image 2 of 3") and value["background"].shape[0] >= 256  # enlarged to paint on
+    layer = np.zeros_like(value["layers"][0])
+    h, w = layer.shape[:2]
+    layer[: h // 2, : w // 2, 3] = 255  # the top-left quarter painted
+    assert "Saved the mask of image 2 (25%" in trainer.review_save("review", 2, {"layers": [layer]})
+    data = EraseData.load(str(app["root"] / "review" / "data.safetensors"))
+    m = data.forget.masks[1, 0]
+    q = m.shape[0] // 2
+    assert m[:q, :q].min() == 1.0 and m[q:, :].max() == 0.0 and m[:, q:].max() == 0.0
+    third = data.forget.prompts[2]
+    value, index, msg = trainer.review_remove("review", 2)
+    assert index == 2 and msg.startswith("Removed image 2; 2 remain") and third in msg  # the third moved up
+    assert len(EraseData.load(str(app["root"] / "review" / "data.safetensors")).forget) == 2
+    # the data step's cache is what training reads: a training run on it sees 2 forget images
+    st = wait(c, c.predict(**kw, api_name="/start_training")[1])
+    assert st["state"] == "done" and "2 forget" in view(c, "review")["log"], st
+    assert "no forget image 5" in trainer.review_show("review", 5)[1]
+
+
 def test_reload_sees_the_job_stop_and_resume(app):
     from gradio_client import Client
 
@@ -168,7 +200,9 @@ def test_reload_sees_the_job_stop_and_resume(app):
     assert [m["step"] for m in read_metrics(app["root"] / "long")] == list(range(1, done + 3))
 
 
-def test_uploaded_images_replace_the_generated_forget_set(app, tmp_path):
+def upload_scenes(app, run_name, folder, n=3, with_masks=2):
+    """Upload ``n`` rendered red-circle scenes (the first ``with_masks`` with their exact masks) as a run's
+    forget images: what a user does for a concept the model draws too rarely (the tiny random model)."""
     import numpy as np
     from gradio_client import handle_file
     from PIL import Image
@@ -176,16 +210,20 @@ def test_uploaded_images_replace_the_generated_forget_set(app, tmp_path):
     from erasekit.toyworld.scenes import render_scene, upscale_for_display
 
     files = []
-    for i in range(3):
+    for i in range(n):
         s = render_scene(i, objects=[("red", "circle")])
-        Image.fromarray(upscale_for_display(s.image)).save(tmp_path / f"img{i}.png")
-        files.append(handle_file(str(tmp_path / f"img{i}.png")))
-        if i < 2:
+        Image.fromarray(upscale_for_display(s.image)).save(folder / f"img{i}.png")
+        files.append(handle_file(str(folder / f"img{i}.png")))
+        if i < with_masks:
             mask = upscale_for_display(s.objects[0].mask[..., None].repeat(3, -1).astype(np.uint8) * 255)
-            Image.fromarray(mask).save(tmp_path / f"img{i}_mask.png")
-            files.append(handle_file(str(tmp_path / f"img{i}_mask.png")))
+            Image.fromarray(mask).save(folder / f"img{i}_mask.png")
+            files.append(handle_file(str(folder / f"img{i}_mask.png")))
+    return app["client"].predict(run_name=run_name, files=files, api_name="/upload_images")
+
+
+def test_uploaded_images_replace_the_generated_forget_set(app, tmp_path):
     c = app["client"]
-    assert "3 uploaded images (2 with a mask" in c.predict(run_name="up", files=files, api_name="/upload_images")
+    assert "3 uploaded images (2 with a mask" in upload_scenes(app, "up", tmp_path)
     msg, job_id = c.predict(**small(app, "up"), api_name="/generate_data")
     assert wait(c, job_id)["state"] == "done"
     assert view(c, "up")["data_summary"].startswith("3 forget images of 'red circle'")
