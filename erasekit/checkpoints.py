@@ -70,6 +70,16 @@ def check_readable(path: str, what: str = "weights file") -> str:
     return path
 
 
+def parameter_count(path: str) -> int:
+    """Number of weights in a .safetensors file, or in all of them under a folder (a diffusers
+    model), read from the headers alone."""
+    import math
+
+    files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                                                  if f.endswith(".safetensors")]
+    return sum(math.prod(shape) for f in files for shape in read_header(f)[0].values())
+
+
 def read_header(path: str, what: str = "weights file") -> tuple[dict[str, list[int]], dict[str, str]]:
     """Shapes of all tensors and the ``__metadata__`` of a safetensors file, without reading data.
 

@@ -217,7 +217,30 @@ class TrainerApp:
         total = per_step * int(steps or 0) * max(1, int(batch_size or 1))
         previews = int(steps or 0) // int(sample_every) if sample_every else 0
         return (f"Rough time: **{_duration(total)}** for {int(steps or 0)} steps ({per_step:.2f} s/step, {source})"
-                + (f", plus {previews} previews." if previews else "."))
+                + (f", plus {previews} previews." if previews else ".") + "\n\n" + self._memory(base or self.base))
+
+    def _memory(self, base: str) -> str:
+        """The memory line of the estimate: the peak of an earlier run on this base model, or the weights' size."""
+        from erasekit import checkpoints
+        from erasekit.erase.engine import read_config
+
+        base = str(base or "").strip()
+        files = sorted(self.root.glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for m in files:
+            try:
+                same = read_config(m.parent / "config.toml").get("train", {}).get("base") == base
+            except ErasekitError:
+                continue
+            peaks = [r["peak_mb"] for r in runs.read_metrics(m.parent) if r.get("peak_mb")]
+            if same and peaks:
+                return (f"Memory: peak **{max(peaks) / 1024:.1f} GB** measured on the run '{m.parent.name}' (GPU memory "
+                        "on a GPU, the whole process on a CPU).")
+        try:
+            n = checkpoints.parameter_count(base)
+        except (ErasekitError, OSError):
+            return "Memory: unknown (the base model cannot be read)."
+        return (f"Memory: about **{n * 2 / 2**30:.1f} GB** for the weights in fp16 ({n * 4 / 2**30:.1f} GB in fp32), plus "
+                "activations (gradient checkpointing shrinks them); the first run's peak is shown here afterwards.")
 
     def upload_images(self, run_name, files):
         """Copy uploaded PNGs (``name.png``, optional ``name_mask.png`` and ``name.txt``) into the run's

@@ -373,7 +373,8 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
             step += 1
             terms = sums
             if main:
-                metrics.write(json.dumps({"step": step, "lr": lr, "seconds": round(time.time() - t_start, 3), **terms}) + "\n")
+                metrics.write(json.dumps({"step": step, "lr": lr, "seconds": round(time.time() - t_start, 3),
+                                          "peak_mb": peak_memory_mb(device), **terms}) + "\n")
                 metrics.flush()
                 if writer is not None:
                     for k, v in terms.items():
@@ -423,6 +424,20 @@ def _make_optimizer(config: TrainConfig, params):
 
     return Adafactor(params, lr=config.lr, weight_decay=config.weight_decay, scale_parameter=False,
                      relative_step=False, warmup_init=False)
+
+
+def peak_memory_mb(device) -> float | None:
+    """Peak memory so far, MiB: the accelerator's allocated peak (CUDA), or on a CPU the process's
+    resident peak (Unix; None elsewhere). What the trainer's memory estimate reads back."""
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def _to_device(batch, device):

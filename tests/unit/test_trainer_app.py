@@ -59,6 +59,14 @@ def view(client, run_name):
 
 
 def test_detect_and_concept_presets(app):
+    from erasekit import checkpoints
+    from erasekit.toyworld.model import load_toy_pipeline
+
+    pipe = load_toy_pipeline(app["base"])
+    n = sum(p.numel() for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters())
+    assert checkpoints.parameter_count(app["base"]) == n  # read from the safetensors headers alone
+    fresh = app["app"]._memory(app["base"]) if not list(app["root"].glob("*/metrics.jsonl")) else None
+    assert fresh is None or f"about **{n * 2 / 2**30:.1f} GB** for the weights in fp16" in fresh
     c = app["client"]
     assert "Erasekit toy model" in c.predict(base=app["base"], api_name="/detect_model")
     assert "does not exist" in c.predict(base="/nowhere/model", api_name="/detect_model")
@@ -89,6 +97,8 @@ def test_generate_train_check_export(app):
     assert [row[0] for row in plot["data"]] == [1, 2, 3, 4]
     assert page["preview"] and os.path.isfile(page["preview"]) and "step-000004" in page["preview_caption"]
     assert ["flow", "red circle", "4/4", "done", "erase-red-circle-inpo.safetensors"] in page["runs"]["data"]
+    # the estimate now reads this run's measured peak memory (before: the weights' size from the headers)
+    assert "peak" in app["app"].estimate(app["base"], 10, 1, 0) and "measured on the run" in app["app"]._memory(app["base"])
 
     msg, job_id = c.predict(run_name="flow", seeds=2, steps=3, api_name="/check")
     st = wait(c, job_id)
