@@ -287,7 +287,7 @@ def _from_files(args, key: str):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "app":
-        from trainer.app import app_command
+        from trainer.serve import app_command
 
         return app_command(args)
     try:

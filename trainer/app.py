@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
 
 from erasekit.errors import ErasekitError  # noqa: E402
 from trainer import jobs, runs, work  # noqa: E402
+from trainer.review import ReviewHandlers  # noqa: E402
 
 DEFAULT_BASE = REPO / "models" / "toy"
 CONCEPT_TYPES = ("object", "style", "character", "nudity")
@@ -72,7 +73,7 @@ def _with_signature(fn, names, defaults=None, extra=()):
     return wrapper
 
 
-class TrainerApp:
+class TrainerApp(ReviewHandlers):
     def __init__(self, out_root="runs", comfyui: str | None = None, base: str | None = None, threads: int | None = None):
         self.root = Path(out_root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -269,65 +270,6 @@ class TrainerApp:
         masks = sum(n.lower().endswith("_mask.png") for n in kept)
         return (f"{len(images)} uploaded images ({masks} with a mask; no mask = the whole image) replace the generated "
                 f"forget set of run '{folder.parent.parent.name}'.")
-
-    # ------------------------------------------------------------------ mask review (step 3)
-
-    REVIEW_SIZE = 256  # the editor shows small images enlarged (nearest) so that a brush can be aimed
-
-    def _editor_value(self, run_dir, index):
-        import numpy as np
-
-        image, mask, prompt, n = runs.forget_for_review(run_dir, index)
-        k = max(1, self.REVIEW_SIZE // max(image.shape[:2]))
-        image = image.repeat(k, 0).repeat(k, 1)
-        mask = mask.repeat(k, 0).repeat(k, 1)
-        layer = np.zeros((*mask.shape, 4), np.uint8)
-        layer[mask] = (255, 40, 40, 150)
-        value = {"background": image, "layers": [layer], "composite": None}
-        return value, (f"Image {int(index)} of {n}: *{prompt}*; the red layer is its mask ({mask.mean():.0%} of the image). "
-                       "Paint to add, erase to remove, then **Save mask**.")
-
-    def review_show(self, run_name, index):
-        """The forget image ``index`` (1-based) of the run with its mask as a paintable layer."""
-        import gradio as gr
-
-        try:
-            return self._editor_value(self.run_dir(run_name), index or 1)
-        except ErasekitError as err:
-            gr.Warning(str(err))
-            return gr.skip(), f"**Error:** {err}"
-
-    def review_save(self, run_name, index, editor):
-        """The editor's layer (any painted pixel) becomes the mask of forget image ``index``."""
-        import gradio as gr
-        import numpy as np
-
-        try:
-            run_dir = self.run_dir(run_name)
-            layers = (editor or {}).get("layers") or []
-            if not layers or layers[0] is None:
-                raise ErasekitError("There is no mask layer to save: press Show to load an image first.")
-            layer = np.asarray(layers[0])
-            mask = layer[..., 3] > 0 if layer.ndim == 3 and layer.shape[-1] == 4 else layer.reshape(layer.shape[:2]) > 0
-            frac = runs.save_forget_mask(run_dir, index or 1, mask)
-        except ErasekitError as err:
-            gr.Warning(str(err))
-            return f"**Error:** {err}"
-        return (f"Saved the mask of image {int(index or 1)} ({frac:.0%} of the image). Training uses it as long as the "
-                "data settings stay the same (changing them makes new data).")
-
-    def review_remove(self, run_name, index):
-        """Drop forget image ``index`` from the run's data; shows the image now at that place."""
-        import gradio as gr
-
-        try:
-            run_dir = self.run_dir(run_name)
-            left = runs.remove_forget_image(run_dir, index or 1)
-            value, shown = self._editor_value(run_dir, min(int(index or 1), left))
-        except ErasekitError as err:
-            gr.Warning(str(err))
-            return gr.skip(), gr.skip(), f"**Error:** {err}"
-        return value, min(int(index or 1), left), f"Removed image {int(index or 1)}; {left} remain. " + shown
 
     def _submit(self, kind, title, fn, run_dir):
         import gradio as gr
@@ -550,43 +492,3 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def parse_auth(text: str | None):
-    if not text:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise ErasekitError("--auth must be user:password, both non-empty.")
-    return (user, password)
-
-
-def launch_options(args) -> dict:
-    """``launch()`` keyword arguments from the CLI flags; --listen without --auth is refused."""
-    auth = parse_auth(args.auth)
-    if args.listen and auth is None:
-        raise ErasekitError("Refusing to listen on 0.0.0.0 without a password: add --auth user:password, or drop --listen "
-                            "to serve on 127.0.0.1 only.")
-    opts = {"server_name": "0.0.0.0" if args.listen else "127.0.0.1", "share": False, "auth": auth, "show_error": False}
-    if args.port:
-        opts["server_port"] = args.port
-    return opts
-
-
-def app_command(args) -> int:
-    try:
-        opts = launch_options(args)
-        if args.comfyui and not os.path.isdir(args.comfyui):
-            raise ErasekitError(f"The ComfyUI folder '{args.comfyui}' does not exist; check --comfyui or COMFYUI_PATH.")
-    except ErasekitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    app = TrainerApp(args.out_root, args.comfyui, args.base, args.threads)
-    demo = app.build()
-    print(f"Erasekit trainer: writing under {app.root}")
-    demo.launch(**opts)
-    return 0

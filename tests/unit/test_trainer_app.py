@@ -283,7 +283,7 @@ def test_comfyui_install_gives_models_and_an_export_folder(tmp_path):
 
 def test_listen_needs_auth(capsys):
     from trainer.__main__ import build_parser, main
-    from trainer.app import launch_options
+    from trainer.serve import launch_options
 
     assert main(["app", "--listen"]) == 2
     err = capsys.readouterr().err
