@@ -123,9 +123,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 return denoised
             latent_hw = denoised.shape[-2:]
             per_concept = list(zip(*state.cams.values()))  # [concept][layer]
-            # the step's training timestep, for the embeddings' gate schedules
-            t = float(args["model"].model_sampling.timestep(args["sigma"][:1]).flatten()[0])
-            a_hat, _ = detect_concepts(per_concept, embeddings, latent_hw, t)
+            a_hat, _ = detect_concepts(per_concept, embeddings, latent_hw)
             state.cams = {}
             state.history.append(a_hat.cpu())
             if preview is not None:

@@ -236,6 +236,6 @@ def _cam_cost(pipe, emb, batch: int) -> float:
         unet_s = (time.perf_counter() - t0) / 5
         t0 = time.perf_counter()
         for _ in range(20):
-            tap.detection(tuple(shape[-2:]), 500.0)
+            tap.detection(tuple(shape[-2:]))
         cam_s = (time.perf_counter() - t0) / 20
     return cam_s / unet_s

@@ -88,21 +88,19 @@ def gated_normalise(a, gate: float, floor: float | None = None, min_range: float
     return torch.where((hi >= gate) & (hi - lo >= min_range), norm, torch.zeros_like(a))
 
 
-def detect_concepts(per_concept_layer_maps, embeddings, size, t=None):
+def detect_concepts(per_concept_layer_maps, embeddings, size):
     """Multi-concept detection: (A-hat ``[B, H, W]``, scores ``[B]``).
 
     ``per_concept_layer_maps``: for each embedding, its ``[B, h, w]`` layer maps. Each concept's raw
-    map A is gated and normalised with its own gate and floor at the step's training timestep
-    ``t`` (``GuidelineEmbedding.thresholds``); A-hat is their pixel-wise max. The score is the
-    largest peak(A) / gate over the concepts (>= 1: detected)."""
+    map A is gated and normalised with its own gate and floor; A-hat is their pixel-wise max. The
+    score is the largest peak(A) / gate over the concepts (>= 1: detected)."""
     import torch
 
     maps, scores = [], []
     for emb, layer_maps in zip(embeddings, per_concept_layer_maps):
         raw = detection_map(list(layer_maps), size)
-        gate, floor = emb.thresholds(t)
-        scores.append(raw.flatten(1).amax(1) / gate)
-        maps.append(gated_normalise(raw, gate, floor))
+        scores.append(raw.flatten(1).amax(1) / emb.gate)
+        maps.append(gated_normalise(raw, emb.gate, emb.floor))
     return combine_concepts(maps), torch.stack(scores).amax(0)
 
 

@@ -39,21 +39,6 @@ class GuidelineEmbedding:
     gate: float = 0.5
     # Raw CAM level mapped to 0 in A-hat (calibrated background level); None: per-image min-max.
     floor: float | None = None
-    # [(t, gate, floor), ...] by training timestep (calibrate_schedule): the CAM's level falls as
-    # the noise rises, so one gate finds the concept only once the image has nearly formed. None:
-    # the single gate and floor above at every step.
-    schedule: list | None = None
-
-    def thresholds(self, t=None) -> tuple[float, float | None]:
-        """(gate, floor) at training timestep ``t`` (linear between calibrated timesteps, the end
-        values beyond them); the single gate and floor when ``t`` or the schedule is missing."""
-        if t is None or not self.schedule:
-            return self.gate, self.floor
-        import numpy as np
-
-        ts, gates, floors = (np.asarray(col, float) for col in zip(*self.schedule))
-        t = float(t)
-        return float(np.interp(t, ts, gates)), float(np.interp(t, ts, floors))
 
     @property
     def width(self) -> int:
@@ -67,8 +52,6 @@ class GuidelineEmbedding:
             "architecture": self.architecture, "text_width": str(self.width), "tokens": str(self.tokens.shape[0]),
             "init_phrase": self.init_phrase, "levels": self.levels, "info": json.dumps(self.info),
             "detect_gate": f"{self.gate:.6g}", **({"detect_floor": f"{self.floor:.6g}"} if self.floor is not None else {}),
-            **({"detect_schedule": json.dumps([[int(t), round(g, 6), round(f, 6)] for t, g, f in self.schedule])}
-               if self.schedule else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         return save_file_atomic({"guideline.tokens": self.tokens.detach().float().cpu(),
@@ -88,20 +71,10 @@ class GuidelineEmbedding:
                   meta.get("architecture", "?"), meta.get("init_phrase", ""), meta.get("levels", "coarse"),
                   json.loads(meta.get("info", "{}")), float(meta.get("detect_gate", 0.5)),
                   float(meta["detect_floor"]) if "detect_floor" in meta else None)
-        rows = [(None, emb.gate, emb.floor)]
-        try:
-            if "detect_schedule" in meta:
-                emb.schedule = [(int(t), float(g), float(f)) for t, g, f in json.loads(meta["detect_schedule"])]
-                rows += emb.schedule
-        except (ValueError, TypeError):
-            raise ModelFileError(f"'{path}' has an unreadable 'detect_schedule' in its metadata (expected a JSON list of "
-                                 "[timestep, gate, floor]); re-export the embedding with the Erasekit trainer.") from None
-        for t, gate, floor in rows:
-            if not 0.0 < gate < 1.0 or (floor is not None and not 0.0 <= floor < gate):
-                at = "" if t is None else f" at timestep {t}"
-                raise ModelFileError(f"'{path}' has a detection gate of {gate} and floor {floor}{at} (metadata "
-                                     "'detect_gate', 'detect_floor', 'detect_schedule'); they must satisfy "
-                                     "0 <= floor < gate < 1. Re-export the embedding with the Erasekit trainer.")
+        if not 0.0 < emb.gate < 1.0 or (emb.floor is not None and not 0.0 <= emb.floor < emb.gate):
+            raise ModelFileError(f"'{path}' has a detection gate of {emb.gate} and floor {emb.floor} (metadata "
+                                 "'detect_gate', 'detect_floor'); they must satisfy 0 <= floor < gate < 1. "
+                                 "Re-export the embedding with the Erasekit trainer.")
         if architecture is not None:
             emb.check(architecture, path)
         return emb
@@ -262,8 +235,7 @@ def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, 
             callback(step, float(loss))
     tokens = tokens.detach()
     gate, floor, stats = calibrate_gate(cache, layers, sink, tokens, masks, unsafe, hw, n_train=n_train)
-    schedule = calibrate_schedule(cache, layers, sink, tokens, masks, unsafe, hw)
-    return GuidelineFit(tokens, history, gate, floor, stats, schedule)
+    return GuidelineFit(tokens, history, gate, floor, stats)
 
 
 @dataclass
@@ -273,7 +245,6 @@ class GuidelineFit:
     gate: float
     floor: float
     gate_stats: dict
-    schedule: list | None = None
 
 
 def calibrate_gate(cache: dict, layers: dict, sink, tokens, masks, unsafe, latent_hw, max_t_fraction: float = 0.7,
@@ -307,37 +278,3 @@ def calibrate_gate(cache: dict, layers: dict, sink, tokens, masks, unsafe, laten
                          "peak_unsafe_min": round(min(peaks[True]), 4),
                          "peak_safe_max": round(max(peaks[False]), 4) if peaks[False] else None,
                          "background_median": round(float(bg.median()), 4) if len(bg) else None}
-
-
-def calibrate_schedule(cache: dict, layers: dict, sink, tokens, masks, unsafe, latent_hw, floor_quantile: float = 0.95,
-                       smooth: int = 3) -> list | None:
-    """The gate and floor of :func:`calibrate_gate`, per cached timestep: ``[(t, gate, floor)]``.
-
-    The guideline's CAM peaks lower at high noise (a forming object holds less of the queries'
-    attention), so a gate taken from the formed images finds the concept only late in sampling,
-    when guidance can no longer move it. Per timestep: gate = midpoint of the unsafe and safe
-    images' median peaks, floor = the background's ``floor_quantile`` (kept below 0.9 x gate);
-    both smoothed over ``smooth`` neighbouring timesteps (a handful of images per timestep).
-    None without safe images (the midpoint needs both)."""
-    import numpy as np
-    import torch
-
-    by_t: dict = {}
-    with torch.no_grad():
-        for (i, t), queries in cache.items():
-            a = detection_from_queries(queries, layers, sink, tokens, latent_hw)[0]
-            row = by_t.setdefault(t, {True: [], False: [], "bg": []})
-            row[bool(unsafe[i])].append(float(a.max()))
-            row["bg"].append(a[masks[i].to(a.device) < 0.5].flatten().cpu())
-    ts = sorted(by_t)
-    if not ts or not all(by_t[t][False] and by_t[t][True] for t in ts):
-        return None
-    mid = np.array([(np.median(by_t[t][True]) + np.median(by_t[t][False])) / 2 for t in ts])
-    bg = np.array([float(torch.quantile(torch.cat(by_t[t]["bg"]).float(), floor_quantile)) for t in ts])
-    kernel = np.ones(smooth) / smooth
-    pad = smooth // 2
-    mid = np.convolve(np.pad(mid, pad, mode="edge"), kernel, mode="valid")
-    bg = np.convolve(np.pad(bg, pad, mode="edge"), kernel, mode="valid")
-    gates = np.clip(mid, 1e-3, 0.999)
-    floors = np.clip(np.minimum(bg, 0.9 * gates), 0.0, None)
-    return [(int(t), float(g), float(f)) for t, g, f in zip(ts, gates, floors)]

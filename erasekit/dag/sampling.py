@@ -86,9 +86,8 @@ class GuidelineTap:
                                for n, a in self.layers.items()} for e in self.embeddings]
         return self._keys
 
-    def detection(self, latent_hw, t=None):
-        """A-hat ``[B, H, W]`` at latent resolution from the last forward's queries, at training
-        timestep ``t`` (the embeddings' gates follow it).
+    def detection(self, latent_hw):
+        """A-hat ``[B, H, W]`` at latent resolution from the last forward's queries.
 
         Also sets ``self.scores`` ``[B]``: the largest peak(A) / gate over the concepts (>= 1 means
         detected), a continuous image-level detection score."""
@@ -96,7 +95,7 @@ class GuidelineTap:
 
         per_concept = [[to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads), latent_hw)
                         for n in self.layers] for keys in self.keys()]
-        a_hat, self.scores = detect_concepts(per_concept, self.embeddings, latent_hw, t)
+        a_hat, self.scores = detect_concepts(per_concept, self.embeddings, latent_hw)
         return a_hat
 
 
@@ -157,10 +156,10 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
             res.unet_passes += 1
             eps = eps_u + cfg * (eps_p - eps_u)
             if tap is not None and mode != "dag" and keep_maps:
-                res.detection_maps.append(tap.detection(hw, float(t)).cpu())
+                res.detection_maps.append(tap.detection(hw).cpu())
                 res.detection_scores.append(tap.scores.cpu())
             if mode == "dag":
-                a_hat = tap.detection(hw, float(t))
+                a_hat = tap.detection(hw)
                 if keep_maps:
                     res.detection_maps.append(a_hat.cpu())
                     res.detection_scores.append(tap.scores.cpu())

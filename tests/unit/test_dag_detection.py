@@ -56,34 +56,10 @@ def test_token_optimisation_learns_the_masks_and_calibrates_a_gate(tiny_pipe, tm
     st = fit.gate_stats
     assert st["peak_safe_median"] <= fit.gate <= st["peak_unsafe_median"]
     assert 0.0 <= fit.floor < fit.gate
-    # a gate and floor per cached timestep, each with floor < gate
-    assert [t for t, _, _ in fit.schedule] == sorted({t for t, _, _ in fit.schedule}) and len(fit.schedule) == 4
-    assert all(0.0 <= f < g < 1.0 for _, g, f in fit.schedule)
-    path = GuidelineEmbedding(fit.tokens, sink, "red circle", "toy", gate=fit.gate, floor=fit.floor,
-                              schedule=fit.schedule).save(str(tmp_path / "g.safetensors"))
+    path = GuidelineEmbedding(fit.tokens, sink, "red circle", "toy", gate=fit.gate, floor=fit.floor).save(
+        str(tmp_path / "g.safetensors"))
     back = GuidelineEmbedding.load(path)
     assert back.gate == pytest.approx(fit.gate, rel=1e-5) and back.floor == pytest.approx(fit.floor, rel=1e-5)
-    assert [t for t, _, _ in back.schedule] == [t for t, _, _ in fit.schedule]
-    assert back.thresholds(fit.schedule[0][0])[0] == pytest.approx(fit.schedule[0][1], rel=1e-5)
-
-
-def test_gate_schedule_interpolates_in_t_and_drives_detection():
-    """thresholds(t): linear between calibrated timesteps, end values beyond, the single gate
-    without t; detect_concepts gates each step with its own timestep's values."""
-    from erasekit.dag.detect import detect_concepts
-    from erasekit.dag.guideline import GuidelineEmbedding
-
-    emb = GuidelineEmbedding(torch.zeros(1, 4), torch.zeros(4), "x", "toy", gate=0.6, floor=0.2,
-                             schedule=[(100, 0.6, 0.2), (900, 0.4, 0.1)])
-    assert emb.thresholds() == (0.6, 0.2)
-    assert emb.thresholds(500) == pytest.approx((0.5, 0.15))
-    assert emb.thresholds(0) == (0.6, 0.2) and emb.thresholds(999) == (0.4, 0.1)
-    raw = torch.full((1, 1, 2, 2), 0.1)
-    raw[0, 0, 0, 0] = 0.5  # peak 0.5: below the gate at t=100, above it at t=900
-    _, s100 = detect_concepts([[raw[0]]], [emb], (2, 2), t=100)
-    a900, s900 = detect_concepts([[raw[0]]], [emb], (2, 2), t=900)
-    assert s100.item() == pytest.approx(0.5 / 0.6) and s900.item() == pytest.approx(0.5 / 0.4)
-    assert a900[0, 0, 0] == 1.0 and a900[0, 1, 1] == 0.0  # (0.1 - floor 0.1) / (0.5 - 0.1)
 
 
 def test_a_gate_outside_0_1_is_refused(tmp_path):
@@ -96,8 +72,4 @@ def test_a_gate_outside_0_1_is_refused(tmp_path):
     path = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.7).save(
         str(tmp_path / "f.safetensors"))
     with pytest.raises(ModelFileError, match="floor < gate"):
-        GuidelineEmbedding.load(path)
-    path = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.1,
-                              schedule=[(100, 0.5, 0.1), (900, 0.3, 0.4)]).save(str(tmp_path / "s.safetensors"))
-    with pytest.raises(ModelFileError, match="at timestep 900"):
         GuidelineEmbedding.load(path)
