@@ -45,7 +45,8 @@ FLAGS = {
     "lambda_prior": ("method", "lambda_prior"), "forget_dir": ("data", "forget_dir"),
     "preserve_dir": ("data", "preserve_dir"), "forget_images": ("data", "forget_images"),
     "images_per_concept": ("data", "images_per_concept"), "neighbours": ("data", "neighbours"),
-    "unrelated": ("data", "unrelated"), "cache": ("data", "cache"),
+    "unrelated": ("data", "unrelated"), "cache": ("data", "cache"), "mask_from": ("data", "mask_from"),
+    "guideline": ("data", "guideline"),
 }
 
 
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", action="store_true", default=None)
     for flag in ("forget-dir", "preserve-dir", "cache"):
         p.add_argument(f"--{flag}", default=None)
+    p.add_argument("--mask-from", choices=("auto", "full", "guideline", "nudenet"), default=None,
+                   help="masks of generated forget images on models without the toy judge (default auto: the "
+                        "--guideline embedding if given, NudeNet for nudity, else the whole image)")
+    p.add_argument("--guideline", default=None, help="a guideline embedding (.safetensors) whose detection map masks "
+                                                     "the forget images")
     g = sub.add_parser("guideline", help="learn a Detect-and-Guide guideline embedding (DAG Sec. 3.1)")
     g.add_argument("--target", required=True, help='the concept to detect, e.g. "red circle", "nudity"')
     g.add_argument("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: models/toy)")

@@ -42,6 +42,15 @@ def build_page(app):
             with gr.Row():
                 for k in ("forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps"):
                     comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k], precision=0)
+            with gr.Row():
+                comps["mask_from"] = gr.Dropdown(
+                    [("auto: the guideline if given, NudeNet for nudity, else whole image", "auto"),
+                     ("whole image", "full"), ("guideline embedding (Detect-and-Guide's detector)", "guideline"),
+                     ("NudeNet boxes (nudity)", "nudenet")], value=d["mask_from"], label="Masks",
+                    info="Where the concept is in each generated image. The toy model's judge knows exactly; "
+                         "other models need one of these.")
+                comps["guideline"] = gr.Textbox(d["guideline"], label=dict((a, b) for a, b, _ in FIELDS)["guideline"],
+                                                placeholder="e.g. ComfyUI/models/guideline/my-concept.safetensors")
             with gr.Accordion("Upload forget images (optional)", open=False):
                 uploads = gr.File(file_count="multiple", file_types=[".png", ".txt"], elem_id="uploads",
                                   label="name.png, optional name_mask.png (white = concept) and name.txt (caption)")

@@ -36,7 +36,7 @@ def train_argv(s: dict, out: str, resume: bool = False, config: str | None = Non
         argv.append("--resume")
     flags = ("steps", "lr", "rank", "alpha", "batch_size", "grad_accum", "seed", "eta", "gamma", "tau", "lambda_prior",
              "forget_images", "images_per_concept", "neighbours", "unrelated", "checkpoint_every", "sample_every",
-             "optimizer", "mixed_precision", "targets", "name", "threads", "forget_dir")
+             "optimizer", "mixed_precision", "targets", "name", "threads", "forget_dir", "mask_from", "guideline")
     for key in flags:
         value = s.get(key)
         if value is None or value == "":

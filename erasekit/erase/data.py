@@ -44,6 +44,8 @@ class DataConfig:
     preserve_prompts: list = field(default_factory=list)  # default: from the neighbours (toy)
     forget_dir: str | None = None
     preserve_dir: str | None = None
+    mask_from: str = "auto"  # masks of generated forget images (masks.py): auto | full | guideline | nudenet
+    guideline: str | None = None  # a guideline embedding (.safetensors) for mask_from "guideline"
     cache: str | None = None  # a .safetensors file of the computed tensors
 
 
@@ -137,6 +139,7 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     concept = resolve_concept(target) if toy else None
 
     # Forget set: the user's folder, or images of the concept drawn by the base model.
+    source = None
     if config.forget_dir:
         images, masks, prompts = read_folder(components, config.forget_dir, masks=True, caption=target)
     else:
@@ -145,7 +148,24 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
             raise ErasekitError(f"The base model drew '{target}' in none of the {config.forget_images * config.max_tries} "
                                 "images generated for it (checked by the toy judge), so there is nothing to erase; "
                                 "check that the model knows the concept, or supply images with --forget-dir.")
+        from .masks import choose_source, nudenet_masks
+
+        # the toy judge's exact masks, unless a guideline embedding is asked for by name
+        source = choose_source(config.mask_from, target, config.guideline) if concept is None or \
+            config.mask_from == "guideline" else None
+        if source == "nudenet":
+            masks, found = nudenet_masks(images)
+            log(f"masks: NudeNet found exposed parts in {int(found.sum())} of {len(found)} images "
+                "(the others keep a whole-image mask)")
     forget = make_image_set(components, images, prompts, masks)
+    if source == "guideline":
+        from ..dag.guideline import GuidelineEmbedding
+        from .masks import guideline_masks
+
+        emb = GuidelineEmbedding.load(config.guideline, components.architecture)
+        forget.masks, found = guideline_masks(components, emb, forget.latents, forget.embeds, seed=config.seed)
+        log(f"masks: the guideline '{emb.concept}' found the concept in {int(found.sum())} of {len(found)} images "
+            "(the others keep a whole-image mask)")
 
     # Preserve set: the user's folder, or the neighbouring and unrelated concepts.
     preserved, preserve = [], None
