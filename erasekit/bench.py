@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     e.add_argument("--target", default="red circle")
     e.add_argument("--prompts", type=int, default=200)
     e.add_argument("--steps", type=int, default=None, help="default: the method's preset for the concept type")
-    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--lr", type=float, default=None, help="default: the preset's (with the toy model's tuning)")
     e.add_argument("--model", default=None)
     for flag in ("eta", "gamma", "tau", "lambda-prior"):
         e.add_argument(f"--{flag}", type=float, default=None, help="override the preset's value (INPO Eq. 14-16)")

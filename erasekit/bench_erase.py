@@ -1,6 +1,7 @@
 """``python -m erasekit.bench erase --method inpo``: an erasure LoRA trained and judged on the toy world.
 
-1. The engine trains the method's preset on the toy model (data generated from the model itself).
+1. The engine trains the method's preset with the toy model's tuning (``inpo.TOY_TUNING``) on the toy
+   model (data generated from the model itself).
 2. The base model and the erased one sample the same target prompts (the target with other
    objects and styles) and preservation prompts (neighbouring and unrelated concepts), same seeds;
    the judge scores. erase_rate = 1 - targets found after / targets found before (the papers'
@@ -49,7 +50,7 @@ def _objective(method: str, preset_name: str, overrides: dict | None = None):
         return PlainLoraObjective()
     from .erase.inpo import InpoConfig, InpoObjective, preset
 
-    row = {**preset(preset_name), **(overrides or {})}
+    row = {**preset(preset_name, toy=True), **(overrides or {})}
     return InpoObjective(InpoConfig(**{k: v for k, v in row.items() if k in InpoConfig.__dataclass_fields__}))
 
 
@@ -113,7 +114,7 @@ class _Single:
 
 
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
-                lr: float = 1e-3, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
+                lr: float | None = None, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
                 forget_images: int = 16, images_per_concept: int = 12, neighbours: int = 4, comfyui_prompts: int = 0,
                 inpo: dict | None = None,
                 cost: bool = True, log=print) -> dict:
@@ -135,6 +136,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     data = build_erase_data(comps, target, DataConfig(forget_images=forget_images, images_per_concept=images_per_concept,
                                                       neighbours=neighbours, seed=seed), log=log)
     steps = steps or preset(kind)["steps"]
+    lr = lr or preset(kind, toy=True)["lr"]
     run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
     config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=preset(kind)["rank"], seed=seed,
                          checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)

@@ -108,14 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(args, kind: str | None) -> dict:
-    """The settings tables {"train", "method", "data"} from defaults, preset, files and flags."""
+def resolve(args, kind: str | None, toy: bool = False) -> dict:
+    """The settings tables {"train", "method", "data"} from defaults, preset (with the toy model's
+    tuning on the toy model), files and flags."""
     from erasekit.erase.engine import read_config
     from erasekit.erase.inpo import preset
 
     tables = {"train": {}, "method": {}, "data": {}}
-    row = preset(args.preset or kind or "object")
-    tables["train"].update(steps=row.pop("steps"), rank=row.pop("rank"))
+    row = preset(args.preset or kind or "object", toy=toy)
+    tables["train"].update(steps=row.pop("steps"), rank=row.pop("rank"), **({"lr": row.pop("lr")} if "lr" in row else {}))
     tables["method"].update(row)
     files = ([os.path.join(args.out, "config.toml")] if args.resume and os.path.isfile(os.path.join(args.out, "config.toml")) else [])
     files += [args.config] if args.config else []
@@ -161,7 +162,7 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
     args.target = target
     if not args.out:
         args.out = os.path.join("runs", f"erase-{'-'.join(target.lower().split())}-{args.method}")
-    tables = resolve(args, kind)
+    tables = resolve(args, kind, toy)
     config = config_from_dict(TrainConfig, tables["train"], "[train]")
     method_config = config_from_dict(InpoConfig, tables["method"], f"[{args.method}]")
     data_config = config_from_dict(DataConfig, tables["data"], "[data]")

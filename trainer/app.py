@@ -83,6 +83,10 @@ class TrainerApp(ReviewHandlers):
         self.threads = threads
         self.defaults = {k: v for k, _, v in FIELDS}
         self.defaults["base"] = self.base
+        if self._is_toy(self.base):  # the toy model's measured tuning (erasekit.erase.inpo.TOY_TUNING)
+            from erasekit.erase.inpo import TOY_TUNING
+
+            self.defaults.update(TOY_TUNING)
 
     # ------------------------------------------------------------------ helpers
 
@@ -173,19 +177,19 @@ class TrainerApp(ReviewHandlers):
             return f"**Error:** {err}"
         return f"Architecture: **{arch.title}** (`{arch.name}`)."
 
-    def concept_type_changed(self, concept_type):
+    def concept_type_changed(self, concept_type, base=None):
         target, anchor = EXAMPLES.get(concept_type, EXAMPLES["object"])
         from erasekit.erase.inpo import preset
 
-        row = preset(PRESET_OF_TYPE.get(concept_type, "object"))
+        row = preset(PRESET_OF_TYPE.get(concept_type, "object"), toy=self._is_toy(base or self.base))
         return (target, anchor, "\n".join(self._suggested(target)), PRESET_OF_TYPE[concept_type],
                 row["steps"], row["rank"], row["eta"], row["gamma"], row["tau"], row["lambda_prior"],
                 f"erase-{jobs.slug(target)}")
 
-    def preset_changed(self, name):
+    def preset_changed(self, name, base=None):
         from erasekit.erase.inpo import preset
 
-        row = preset(name or "object")
+        row = preset(name or "object", toy=self._is_toy(base or self.base))
         return row["steps"], row["rank"], row["eta"], row["gamma"], row["tau"], row["lambda_prior"]
 
     def method_changed(self, method, forget_images, preset):
@@ -235,13 +239,13 @@ class TrainerApp(ReviewHandlers):
                 continue
             peaks = [r["peak_mb"] for r in runs.read_metrics(m.parent) if r.get("peak_mb")]
             if same and peaks:
-                return (f"Memory: peak **{max(peaks) / 1024:.1f} GB** measured on the run '{m.parent.name}' (GPU memory "
+                return (f"Memory: peak **{_size(max(peaks) * 2**20)}** measured on the run '{m.parent.name}' (GPU memory "
                         "on a GPU, the whole process on a CPU).")
         try:
             n = checkpoints.parameter_count(base)
         except (ErasekitError, OSError):
             return "Memory: unknown (the base model cannot be read)."
-        return (f"Memory: about **{n * 2 / 2**30:.1f} GB** for the weights in fp16 ({n * 4 / 2**30:.1f} GB in fp32), plus "
+        return (f"Memory: about **{_size(n * 2)}** for the weights in fp16 ({_size(n * 4)} in fp32), plus "
                 "activations (gradient checkpointing shrinks them); the first run's peak is shown here afterwards.")
 
     def upload_images(self, run_name, files):
@@ -484,6 +488,10 @@ def _plain(value):
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MB"
 
 
 def _duration(seconds: float) -> str:

@@ -150,13 +150,13 @@ def build_page(app):
         detect_btn.click(app.detect, comps["base"], arch, api_name="detect_model")
         comps["base"].change(app.detect, comps["base"], arch, api_name=False)
         comps["concept_type"].input(
-            app.concept_type_changed, comps["concept_type"],
+            app.concept_type_changed, [comps["concept_type"], comps["base"]],
             [comps["target"], comps["anchor"], comps["preserve"], comps["preset"], comps["steps"], comps["rank"],
              comps["eta"], comps["gamma"], comps["tau"], comps["lambda_prior"], comps["run_name"]],
             api_name="concept_type")
         comps["method"].input(app.method_changed, [comps["method"], comps["forget_images"], comps["preset"]],
                               comps["steps"], api_name="method")
-        comps["preset"].input(app.preset_changed, comps["preset"],
+        comps["preset"].input(app.preset_changed, [comps["preset"], comps["base"]],
                               [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
                               api_name="preset")
         uploads.change(app.upload_images, [comps["run_name"], uploads], upload_msg, api_name="upload_images")

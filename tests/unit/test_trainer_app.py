@@ -66,12 +66,15 @@ def test_detect_and_concept_presets(app):
     n = sum(p.numel() for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters())
     assert checkpoints.parameter_count(app["base"]) == n  # read from the safetensors headers alone
     fresh = app["app"]._memory(app["base"]) if not list(app["root"].glob("*/metrics.jsonl")) else None
-    assert fresh is None or f"about **{n * 2 / 2**30:.1f} GB** for the weights in fp16" in fresh
+    assert fresh is None or f"about **{n * 2 / 2**20:.0f} MB** for the weights in fp16" in fresh
     c = app["client"]
     assert "Erasekit toy model" in c.predict(base=app["base"], api_name="/detect_model")
     assert "does not exist" in c.predict(base="/nowhere/model", api_name="/detect_model")
-    target, anchor, preserve, preset, steps, *_ , run_name = c.predict(concept_type="style", api_name="/concept_type")
+    target, anchor, preserve, preset, steps, *_, lam, run_name = c.predict(concept_type="style", base=app["base"],
+                                                                          api_name="/concept_type")
     assert (target, preset, steps) == ("striped background", "style", 400) and run_name == "erase-striped-background"
+    assert lam == 20.0  # the toy model's tuning over the paper's 0.6 (erasekit.erase.inpo.TOY_TUNING)
+    assert app["app"].preset_changed("object", "/not/a/toy")[-1] == 0.6  # other models: the paper's preset
     assert len(preserve.splitlines()) == 7  # 3 other styles + 4 unrelated concepts
     assert c.predict(target="bobo", neighbours=2, unrelated=1, api_name="/suggest_preserve").count("\n") == 2
 
