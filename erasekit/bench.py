@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     e.add_argument("--model", default=None)
     for flag in ("eta", "gamma", "tau", "lambda-prior"):
         e.add_argument(f"--{flag}", type=float, default=None, help="override the preset's value (INPO Eq. 14-16)")
-    e.add_argument("--images-per-concept", type=int, default=12, help="preserve images per preserved concept")
+    e.add_argument("--images-per-concept", type=int, default=25, help="preserve images per preserved concept (paper: 25)")
     e.add_argument("--neighbours", type=int, default=4, help="neighbouring concepts in the preserve set (paper: 4)")
     e.add_argument("--no-cost", action="store_true", help="skip the step time / memory measurement")
     e.add_argument("--out", default="out/bench/erase")

@@ -115,7 +115,7 @@ class _Single:
 
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
                 lr: float | None = None, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
-                forget_images: int = 16, images_per_concept: int = 12, neighbours: int = 4, comfyui_prompts: int = 0,
+                forget_images: int = 16, images_per_concept: int = 25, neighbours: int = 4, comfyui_prompts: int = 0,
                 inpo: dict | None = None,
                 cost: bool = True, log=print) -> dict:
     import copy
