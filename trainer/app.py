@@ -261,6 +261,9 @@ class TrainerApp(ReviewHandlers):
             gr.Warning(str(err))
             return f"**Error:** {err}"
         shutil.rmtree(folder, ignore_errors=True)
+        # the data cache is keyed by the folder's path, not its files: new uploads mean new data
+        (folder.parent.parent / "data.safetensors").unlink(missing_ok=True)
+        shutil.rmtree(folder.parent.parent / runs.REVIEW, ignore_errors=True)
         kept = []
         for f in files or []:
             src = Path(f if isinstance(f, str) else getattr(f, "name", f))
@@ -305,11 +308,17 @@ class TrainerApp(ReviewHandlers):
             s = self.settings(values)
             run_dir = self.run_dir(s["run_name"])
             if s.get("method") == "guideline":
+                if latest_checkpoint(run_dir) is not None or runs.find_lora(run_dir) is not None:
+                    raise ErasekitError(f"The run '{run_dir.name}' holds an INPO training; give the guideline tokens "
+                                        "their own run name (step 2).")
                 return self._submit("guideline", f"guideline tokens for '{s['target']}' in {run_dir.name}",
                                     work.guideline_job(s, run_dir), run_dir)
             if latest_checkpoint(run_dir) is not None:
                 raise ErasekitError(f"The run '{run_dir.name}' already has checkpoints; press Resume to continue it, "
                                     "or give a new run name.")
+            if runs.find_guideline(run_dir) is not None:
+                raise ErasekitError(f"The run '{run_dir.name}' holds guideline tokens; give the INPO training its own "
+                                    "run name (step 2).")
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
@@ -385,17 +394,17 @@ class TrainerApp(ReviewHandlers):
     def save_settings(self, file_name, *values):
         import gradio as gr
 
-        from erasekit.erase.engine import write_config
+        from erasekit.erase.state import write_toml
 
         try:
             s = dict(zip(KEYS, values))
             path = jobs.safe_path(self.root, file_name or "settings.toml", "settings file")
             if path.suffix != ".toml":
                 path = path.with_suffix(".toml")
+            if path.name == "config.toml":
+                raise ErasekitError("'config.toml' is the name of a run's own settings; give the file another name.")
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_config(path.parent, {"app": {k: v for k, v in s.items() if v not in (None, "")}})
-            if path.name != "config.toml":
-                os.replace(path.parent / "config.toml", path)
+            write_toml(path, {"app": {k: v for k, v in s.items() if v not in (None, "")}})
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}"

@@ -106,6 +106,9 @@ def _work() -> None:
         except ErasekitError as err:
             job.state, job.message = "error", str(err)
             job.log(f"error: {err}")
+        except SystemExit as err:  # argparse refusing a setting: the worker thread must live on
+            job.state, job.message = "error", f"A setting was refused ({err}); check the fields of this step."
+            job.log(traceback.format_exc())
         except Exception as err:  # noqa: BLE001 - shown as one sentence, the trace goes to the log
             job.state, job.message = "error", one_sentence(err)
             job.log(traceback.format_exc())

@@ -173,8 +173,9 @@ def latest_preview(run_dir) -> Path | None:
 REVIEW = "review"  # <run>/review/forget-NNN.png: the forget images as decoded when the data was made
 
 
-def write_review_images(run_dir, images) -> None:
-    """Save the decoded forget images (uint8 ``[H, W, 3]`` each) for the mask editor, replacing old ones."""
+def write_review_images(run_dir, images, key: str) -> None:
+    """Save the decoded forget images (uint8 ``[H, W, 3]`` each) for the mask editor, replacing old
+    ones, with the key of the data they show (``EraseData.key``)."""
     from PIL import Image
 
     folder = Path(run_dir) / REVIEW
@@ -183,6 +184,7 @@ def write_review_images(run_dir, images) -> None:
         old.unlink()
     for i, img in enumerate(images):
         Image.fromarray(img).save(folder / f"forget-{i:03d}.png")
+    (folder / "key.txt").write_text(key, encoding="utf-8")
 
 
 def _review_data(run_dir, index: int):
@@ -192,8 +194,15 @@ def _review_data(run_dir, index: int):
     cache = Path(run_dir) / "data.safetensors"
     if not cache.is_file() or not (Path(run_dir) / REVIEW).is_dir():
         raise ErasekitError(f"The run '{Path(run_dir).name}' has no data yet; press 'Generate data' first.")
+    if busy_with(run_dir) is not None:
+        raise ErasekitError(f"The run '{Path(run_dir).name}' is busy with a job; review its images when it is done.")
     data = EraseData.load(str(cache))
+    key_file = Path(run_dir) / REVIEW / "key.txt"
     n = len(data.forget)
+    if not key_file.is_file() or key_file.read_text(encoding="utf-8") != data.key or \
+            any(not (Path(run_dir) / REVIEW / f"forget-{i:03d}.png").is_file() for i in range(n)):
+        raise ErasekitError(f"The run '{Path(run_dir).name}' has new data since its images were shown (a training with "
+                            "other data settings remakes them); press 'Generate data' to review them again.")
     if not 1 <= int(index) <= n:
         raise ErasekitError(f"There is no forget image {index}: the run has {n} (1 to {n}).")
     return data, int(index) - 1
@@ -248,4 +257,5 @@ def remove_forget_image(run_dir, index: int) -> int:
     (folder / f"forget-{i:03d}.png").unlink(missing_ok=True)
     for j in range(i + 1, n):  # renumber the later ones so that image k is always forget-(k-1)
         os.replace(folder / f"forget-{j:03d}.png", folder / f"forget-{j - 1:03d}.png")
+    (folder / "key.txt").write_text(data.key, encoding="utf-8")
     return n - 1

@@ -78,7 +78,9 @@ def data_job(settings: dict, run_dir: Path):
         from trainer.__main__ import build_parser, prepare
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        args = build_parser().parse_args(train_argv(settings, run_dir, config=write_extra_config(run_dir, settings)))
+        # the data are the same for either method; they are made (and cached) the erasure trainer's way
+        argv = train_argv({**settings, "method": "inpo"}, run_dir, config=write_extra_config(run_dir, settings))
+        args = build_parser().parse_args(argv)
         job.log(f"loading the base model {args.base or 'models/toy'}")
         prep = prepare(args, log=job.log, with_data=False, check_fresh=False)
         data_config = prep["data_config"]
@@ -87,7 +89,7 @@ def data_job(settings: dict, run_dir: Path):
 
         data = build_erase_data(prep["components"], prep["target"], data_config, log=job.log)
         write_review_images(run_dir, [(img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-                                      for img in decode_latents(prep["components"], data.forget.latents)])
+                                      for img in decode_latents(prep["components"], data.forget.latents)], data.key)
         job.set_progress(1, 1)
         return {"gallery": data_gallery(prep["components"], data), "summary":
                 f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve images "

@@ -43,6 +43,14 @@ def read_config(path) -> dict:
         raise ErasekitError(f"The config file '{path}' is not valid TOML ({err}).") from None
 
 
+def write_toml(path, tables: dict) -> Path:
+    """Write ``tables`` ({table: dict}) to the TOML file ``path`` atomically."""
+    import tomli_w
+
+    _write_text_atomic(Path(path), tomli_w.dumps(tables))
+    return Path(path)
+
+
 def write_config(run_dir, sections: dict) -> Path:
     """Write ``sections`` ({table: dict or dataclass}) to ``<run_dir>/config.toml`` atomically
     (None values are left out: TOML has no null, and they mean "the default")."""

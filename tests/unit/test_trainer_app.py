@@ -129,6 +129,8 @@ def test_guideline_tokens_train_check_export(app):
     assert c.predict(method="guideline", forget_images=2, preset="object", api_name="/method") == 200
     assert c.predict(method="inpo", forget_images=2, preset="style", api_name="/method") == 400
     kw = small(app, "tokens", method="guideline", steps=6)
+    st = wait(c, c.predict(**kw, api_name="/generate_data")[1])  # the data step works whatever the method
+    assert st["state"] == "done", st
     msg, job_id = c.predict(**kw, api_name="/start_training")
     assert msg.startswith("Queued: guideline tokens for 'red circle'"), msg
     st = wait(c, job_id)
@@ -154,6 +156,9 @@ def test_guideline_tokens_train_check_export(app):
     assert emb.concept == "red circle" and emb.architecture == "toy"
     # a guideline run has nothing to resume: the message says what to do instead
     assert "press Start" in c.predict(run_name="tokens", steps=10, api_name="/resume")[0]
+    # one method's output per run folder, both ways
+    assert "holds guideline tokens" in c.predict(**small(app, "tokens"), api_name="/start_training")[0]
+    assert "holds an INPO training" in c.predict(**small(app, "flow", method="guideline"), api_name="/start_training")[0]
 
 
 def test_review_paint_a_mask_and_remove_an_image(app, tmp_path):
@@ -186,6 +191,8 @@ def test_review_paint_a_mask_and_remove_an_image(app, tmp_path):
     st = wait(c, c.predict(**kw, api_name="/start_training")[1])
     assert st["state"] == "done" and "2 forget" in view(c, "review")["log"], st
     assert "no forget image 5" in trainer.review_show("review", 5)[1]
+    (app["root"] / "review" / "review" / "key.txt").write_text("other data", encoding="utf-8")
+    assert "has new data since" in trainer.review_show("review", 1)[1]  # stale images are never shown
 
 
 def test_reload_sees_the_job_stop_and_resume(app):
