@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from erasekit.errors import ErasekitError  # noqa: E402
-from trainer import jobs, runs, work  # noqa: E402
+from trainer import estimate, jobs, runs, work  # noqa: E402
 from trainer.review import ReviewHandlers  # noqa: E402
 
 DEFAULT_BASE = REPO / "models" / "toy"
@@ -209,44 +209,13 @@ class TrainerApp(ReviewHandlers):
         return "\n".join(found)
 
     def estimate(self, base, steps, batch_size, sample_every):
-        per_step, source = None, "a guess for the toy model on a CPU"
-        files = sorted((p for p in self.root.glob("*/metrics.jsonl")), key=lambda p: p.stat().st_mtime, reverse=True)
-        for m in files:
-            rows = [r for r in runs.read_metrics(m.parent) if "seconds" in r]  # training runs (guideline runs: no time)
-            if len(rows) >= 2 and rows[-1]["step"] > rows[0]["step"]:
-                per_step = (rows[-1]["seconds"] - rows[0]["seconds"]) / (rows[-1]["step"] - rows[0]["step"])
-                source = f"measured on the run '{m.parent.name}'"
-                break
-        if per_step is None:
-            per_step = 0.3 if self._is_toy(base or self.base) else 3.0
-            source = "a guess for the toy model on a CPU" if self._is_toy(base or self.base) else "a rough guess"
-        total = per_step * int(steps or 0) * max(1, int(batch_size or 1))
-        previews = int(steps or 0) // int(sample_every) if sample_every else 0
-        return (f"Rough time: **{_duration(total)}** for {int(steps or 0)} steps ({per_step:.2f} s/step, {source})"
-                + (f", plus {previews} previews." if previews else ".") + "\n\n" + self._memory(base or self.base))
+        base = base or self.base
+        recent = estimate.recent_runs(self.root)
+        return (estimate.time_line(recent, steps, batch_size, sample_every, self._is_toy(base)) + "\n\n"
+                + estimate.memory_line(recent, base))
 
     def _memory(self, base: str) -> str:
-        """The memory line of the estimate: the peak of an earlier run on this base model, or the weights' size."""
-        from erasekit import checkpoints
-        from erasekit.erase.engine import read_config
-
-        base = str(base or "").strip()
-        files = sorted(self.root.glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for m in files:
-            try:
-                same = read_config(m.parent / "config.toml").get("train", {}).get("base") == base
-            except ErasekitError:
-                continue
-            peaks = [r["peak_mb"] for r in runs.read_metrics(m.parent) if r.get("peak_mb")]
-            if same and peaks:
-                return (f"Memory: peak **{_size(max(peaks) * 2**20)}** measured on the run '{m.parent.name}' (GPU memory "
-                        "on a GPU, the whole process on a CPU).")
-        try:
-            n = checkpoints.parameter_count(base)
-        except (ErasekitError, OSError):
-            return "Memory: unknown (the base model cannot be read)."
-        return (f"Memory: about **{_size(n * 2)}** for the weights in fp16 ({_size(n * 4)} in fp32), plus "
-                "activations (gradient checkpointing shrinks them); the first run's peak is shown here afterwards.")
+        return estimate.memory_line(estimate.recent_runs(self.root), base)
 
     def upload_images(self, run_name, files):
         """Copy uploaded PNGs (``name.png``, optional ``name_mask.png`` and ``name.txt``) into the run's
@@ -498,15 +467,3 @@ def _plain(value):
         return [_plain(v) for v in value]
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
-
-def _size(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.1f} GB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MB"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 90:
-        return f"{seconds} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -88,10 +88,10 @@ def data_job(settings: dict, run_dir: Path):
         from erasekit.erase.data import build_erase_data
 
         data = build_erase_data(prep["components"], prep["target"], data_config, log=job.log)
-        write_review_images(run_dir, [(img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-                                      for img in decode_latents(prep["components"], data.forget.latents)], data.key)
+        forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
+        write_review_images(run_dir, [_uint8(img) for img in forget], data.key)
         job.set_progress(1, 1)
-        return {"gallery": data_gallery(prep["components"], data), "summary":
+        return {"gallery": data_gallery(prep["components"], data, forget), "summary":
                 f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve images "
                 f"of {len(data.preserved)} concepts ({', '.join(data.preserved)})."}
 
@@ -112,28 +112,30 @@ def decode_latents(components, latents, chunk: int = 16):
     return torch.cat(out) if out else torch.zeros(0, 3, 1, 1)
 
 
-def data_gallery(components, data, limit: int = 24) -> list:
-    """(image uint8 [H, W, 3], caption) pairs: forget images with the mask overlaid in red, then preserve images."""
-    import numpy as np
+def _uint8(img):
+    """``[3, H, W]`` in [0, 1] -> uint8 ``[H, W, 3]``."""
+    return (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+
+
+def data_gallery(components, data, forget_images, limit: int = 24) -> list:
+    """(image uint8 [H, W, 3], caption) pairs: forget images (decoded already, ``[N, 3, H, W]``)
+    with the mask overlaid in red, then preserve images."""
     import torch
     import torch.nn.functional as F
 
-    def decode(latents):
-        return decode_latents(components, latents)
-
     out = []
     n = min(len(data.forget), limit // 2 or 1)
-    images = decode(data.forget.latents[:n])
+    images = forget_images[:n]
     masks = data.forget.masks[:n] if data.forget.masks is not None else torch.ones(n, 1, 1, 1)
     masks = F.interpolate(masks.float(), size=images.shape[-2:], mode="nearest")
     red = torch.tensor([1.0, 0.1, 0.1])[None, :, None, None]
     shown = images * (1 - 0.45 * masks) + red * 0.45 * masks
     for img, prompt in zip(shown, data.forget.prompts[:n]):
-        out.append(((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), f"forget: {prompt} (mask in red)"))
+        out.append((_uint8(img), f"forget: {prompt} (mask in red)"))
     if data.preserve is not None and len(data.preserve):
         m = min(len(data.preserve), limit - len(out))
-        for img, prompt in zip(decode(data.preserve.latents[:m]), data.preserve.prompts[:m]):
-            out.append(((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), f"preserve: {prompt}"))
+        for img, prompt in zip(decode_latents(components, data.preserve.latents[:m]), data.preserve.prompts[:m]):
+            out.append((_uint8(img), f"preserve: {prompt}"))
     return out
 
 

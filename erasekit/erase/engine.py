@@ -47,6 +47,7 @@ from .state import (  # noqa: F401
     config_from_dict,
     latest_checkpoint,
     load_checkpoint,
+    peak_memory_mb,
     read_config,
     save_checkpoint,
     write_config,
@@ -424,20 +425,6 @@ def _make_optimizer(config: TrainConfig, params):
 
     return Adafactor(params, lr=config.lr, weight_decay=config.weight_decay, scale_parameter=False,
                      relative_step=False, warmup_init=False)
-
-
-def peak_memory_mb(device) -> float | None:
-    """Peak memory so far, MiB: the accelerator's allocated peak (CUDA), or on a CPU the process's
-    resident peak (Unix; None elsewhere). What the trainer's memory estimate reads back."""
-    import torch
-
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def _to_device(batch, device):

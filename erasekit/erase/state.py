@@ -1,4 +1,5 @@
-"""A run folder's files: config.toml, checkpoints (safetensors, never pickle), metrics.jsonl.
+"""A run folder's files: config.toml, checkpoints (safetensors, never pickle), metrics.jsonl
+(and the peak memory each metrics line records).
 
 Checkpoint folders are written under a temporary name, synced, then renamed, so a run killed at
 any moment keeps its last good checkpoint; the optimizer's non-tensor state and the LR schedule
@@ -171,3 +172,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def peak_memory_mb(device) -> float | None:
+    """Peak memory so far, MiB: the accelerator's allocated peak (CUDA), or on a CPU the process's
+    resident peak (Unix; None elsewhere). What the trainer's memory estimate reads back."""
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
