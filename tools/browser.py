@@ -35,8 +35,10 @@ def start(profile_dir: str | None = None, size: str = "1400,900"):
     return driver
 
 
-def field(browser, elem_id):
-    return browser.find_element("css selector", f"#{elem_id} input, #{elem_id} textarea")
+def field(browser, elem_id, timeout: float = 30):
+    """The input or textarea inside ``elem_id``, waited for like :func:`click`'s element."""
+    return until(lambda: browser.find_element("css selector", f"#{elem_id} input, #{elem_id} textarea"),
+                 timeout, f"the field #{elem_id}")
 
 
 def type_into(browser, elem_id, value):
@@ -51,8 +53,11 @@ def type_into(browser, elem_id, value):
     el.send_keys(Keys.TAB)
 
 
-def click(browser, elem_id):
-    el = browser.find_element("css selector", f"#{elem_id}")
+def click(browser, elem_id, timeout: float = 30):
+    """Click the element once it is on the page: Gradio renders an accordion's or a tab's content only
+    after it opens, so a button inside may appear a moment after the click that opened it."""
+    el = until(lambda: next((e for e in browser.find_elements("css selector", f"#{elem_id}") if e.is_displayed()), None),
+               timeout, f"#{elem_id} on the page")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
     el.click()
 
