@@ -17,16 +17,7 @@ import math
 
 import torch
 
-from erasekit.dag.guidance import (
-    DagSettings,
-    SegaSettings,
-    SldSettings,
-    SldState,
-    dag_combine,
-    detected_rows,
-    sega_combine,
-    sld_combine,
-)
+from erasekit.dag.guidance import DagSettings, Guidance, SegaSettings, SldSettings
 
 
 def _transformer_block(diffusion_model, block, index):
@@ -51,7 +42,6 @@ class DagState:
         self.history: list[torch.Tensor] = []
         self.guided_steps = 0
         self.extra_passes = 0
-        self.sld = SldState()
 
 
 def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings | None = None,
@@ -63,8 +53,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
 
     from erasekit.dag.detect import detect_concepts, guideline_cam, guideline_keys
 
-    dag, sega = dag or DagSettings(), sega or SegaSettings()
-    sld = sld or SldSettings.preset("medium")
+    guidance = Guidance(mode, dag or DagSettings(), sega or SegaSettings(), sld or SldSettings.preset("medium"))
     m = model.clone()
     state = DagState()
     keys_cache: dict[tuple, list] = {}
@@ -116,38 +105,26 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
 
     def post_cfg(args):
         denoised, x0_u, x0_p = args["denoised"], args["uncond_denoised"], args["cond_denoised"]
-        cond_scale = args["cond_scale"]
         i, n_steps = step_index(args["sigma"], args["model_options"])
+        a_hat = None
         if mode == "dag":
             if not state.cams:
                 return denoised
-            latent_hw = denoised.shape[-2:]
             per_concept = list(zip(*state.cams.values()))  # [concept][layer]
-            a_hat, _ = detect_concepts(per_concept, embeddings, latent_hw)
+            a_hat, _ = detect_concepts(per_concept, embeddings, denoised.shape[-2:])
             state.cams = {}
             state.history.append(a_hat.cpu())
             if preview is not None:
                 preview(a_hat, i, n_steps)
-            rows = detected_rows(a_hat, dag) if i >= round(dag.warmup_fraction * n_steps) else []
-            if not rows:
-                return denoised
-            # the safety pass runs for the detected images only; the others stay plain CFG, bit for bit
-            state.guided_steps += 1
-            out = denoised.clone()
-            out[rows] = dag_combine(denoised[rows], x0_u[rows], extra_pass(args, rows), a_hat[rows].to(denoised.device),
-                                    cond_scale, dag)
-            return out
-        if mode == "sega":
-            if i < round(sega.warmup_fraction * n_steps):
-                return denoised
-            return sega_combine(denoised, x0_u, extra_pass(args), cond_scale, sega)
         sigma = args["sigma"].reshape(-1, *([1] * (denoised.dim() - 1))).to(denoised.dtype)
-        warm = SldSettings(round(sld.warmup_steps * n_steps / 50), sld.guidance_scale, sld.threshold,
-                           sld.momentum_scale, sld.mom_beta)
-        return sld_combine(x0_u, x0_p, extra_pass(args), sigma, cond_scale, i, warm, state.sld)
+        out, guided = guidance.apply(denoised, x0_u, x0_p, lambda rows: extra_pass(args, rows), i, n_steps,
+                                     args["cond_scale"], a_hat=a_hat, sigma=sigma)
+        state.guided_steps += guided
+        return out
 
     def outer_sample(executor, *args, **kwargs):
         state.reset()
+        guidance.reset()
         keys_cache.clear()  # weights may have been patched (LoRA) since the last run
         return executor(*args, **kwargs)
 

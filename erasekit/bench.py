@@ -80,6 +80,8 @@ def main(argv=None) -> None:
         e.add_argument(f"--{flag}", type=float, default=None, help="override the preset's value (INPO Eq. 14-16)")
     e.add_argument("--images-per-concept", type=int, default=25, help="preserve images per preserved concept (paper: 25)")
     e.add_argument("--neighbours", type=int, default=4, help="neighbouring concepts in the preserve set (paper: 4)")
+    e.add_argument("--targets", default="attention",
+                   help="LoRA target modules: cross-attention, attention (default), all, or names like to_k,to_v")
     e.add_argument("--no-cost", action="store_true", help="skip the step time / memory measurement")
     e.add_argument("--out", default="out/bench/erase")
     e.add_argument("--comfyui", type=int, default=0, metavar="N",
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
         inpo = {k: getattr(a, k) for k in ("eta", "gamma", "tau", "lambda_prior") if getattr(a, k) is not None}
         print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
                                      images_per_concept=a.images_per_concept, neighbours=a.neighbours,
-                                     comfyui_prompts=a.comfyui, inpo=inpo,
+                                     comfyui_prompts=a.comfyui, inpo=inpo, targets=a.targets,
                                      cost=not a.no_cost)))
     if a.which == "lora-roundtrip":
         from .bench_lora import bench_lora_roundtrip

@@ -17,7 +17,7 @@ Shapes: predictions ``[B, C, H, W]`` (latent), detection maps ``[B, h, w]`` in [
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -115,11 +115,6 @@ def detected_rows(a_hat, settings: DagSettings) -> list[int]:
     return [int(i) for i in (s.flatten(1) > 0).any(1).nonzero().flatten()]
 
 
-def dag_needs_guidance(a_hat, settings: DagSettings) -> bool:
-    """True when some image of the batch has a detected object (see :func:`detected_rows`)."""
-    return bool(detected_rows(a_hat, settings))
-
-
 def dag_combine(x0_cfg, x0_u, x0_cs, a_hat, cond_scale: float, settings: DagSettings):
     """Eq. 4 in x0 space: x0_cfg - s_g * S * M * (x0_cs - x0_u).
 
@@ -204,3 +199,52 @@ def sega_combine(x0_cfg, x0_u, x0_cs, cond_scale: float, settings: SegaSettings)
     direction = x0_cs - x0_u
     mask = top_p_mask(direction, settings.threshold).to(direction.dtype)
     return x0_cfg - cond_scale * settings.edit_scale * mask * direction
+
+
+# ----------------------------------------------------------------------------- one sampling step
+
+
+@dataclass
+class Guidance:
+    """Which safety guidance runs on top of CFG, with its settings and state for one sampling."""
+
+    mode: str = "dag"  # cfg | dag | sld | sega
+    dag: DagSettings = field(default_factory=DagSettings)
+    sega: SegaSettings = field(default_factory=SegaSettings)
+    sld: SldSettings = field(default_factory=lambda: SldSettings.preset("medium"))
+    sld_state: SldState = field(default_factory=SldState)
+
+    def reset(self):
+        """Forget the SLD momentum: call before each new sampling."""
+        self.sld_state = SldState()
+
+    def apply(self, pred_cfg, pred_u, pred_p, safety_pass, step: int, n_steps: int, cond_scale: float,
+              a_hat=None, sigma=-1.0):
+        """The guided prediction of one step and whether it differs from plain CFG.
+
+        Predictions are x0 (ComfyUI's post-CFG hook, with ``sigma`` the step's noise level) or noise
+        (diffusers, ``sigma = -1``: x0 = x - sigma * eps makes every formula above hold for eps).
+        ``safety_pass(rows)`` returns the safety condition's prediction for those images of the
+        batch (``None``: all); it is called only when the step is guided, so DAG's extra UNet pass
+        runs for the detected images only and the others stay plain CFG, bit for bit.
+        Warm-ups are fractions of the sampling (DAG: 5 of 50 steps, SEGA 10 of 50; SLD's preset
+        counts steps of 50 and is rescaled to ``n_steps``).
+        """
+        if self.mode == "dag":
+            rows = detected_rows(a_hat, self.dag) if step >= round(self.dag.warmup_fraction * n_steps) else []
+            if not rows:
+                return pred_cfg, False
+            out = pred_cfg.clone()
+            out[rows] = dag_combine(pred_cfg[rows], pred_u[rows], safety_pass(rows), a_hat[rows].to(pred_cfg.device),
+                                    cond_scale, self.dag)
+            return out, True
+        if self.mode == "sega":
+            if step < round(self.sega.warmup_fraction * n_steps):
+                return pred_cfg, False
+            return sega_combine(pred_cfg, pred_u, safety_pass(None), cond_scale, self.sega), True
+        if self.mode == "sld":
+            s = self.sld
+            warm = SldSettings(round(s.warmup_steps * n_steps / 50), s.guidance_scale, s.threshold, s.momentum_scale,
+                               s.mom_beta)
+            return sld_combine(pred_u, pred_p, safety_pass(None), sigma, cond_scale, step, warm, self.sld_state), True
+        return pred_cfg, False

@@ -16,16 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .guidance import (
-    DagSettings,
-    SegaSettings,
-    SldSettings,
-    SldState,
-    dag_combine,
-    detected_rows,
-    sega_combine,
-    sld_combine,
-)
+from .guidance import DagSettings, Guidance, SegaSettings, SldSettings
 
 MODES = ("cfg", "dag", "sld", "sega")
 
@@ -37,7 +28,7 @@ class SampleResult:
     extra_passes: int = 0  # safety-condition passes
     detection_maps: list = field(default_factory=list)  # per step: [B, h, w] A-hat (DAG)
     detection_scores: list = field(default_factory=list)  # per step: [B] peak(A) / gate
-    guided_steps: int = 0
+    guided_steps: int = 0  # steps where the safety guidance changed the prediction
 
 
 class GuidelineTap:
@@ -129,9 +120,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
         raise ValueError(f"mode '{mode}' needs the safety concept as text (safety_text)")
     if mode == "dag" and not embeddings:
         raise ValueError("mode 'dag' needs at least one guideline embedding")
-    dag = dag or DagSettings()
-    sega = sega or SegaSettings()
-    sld = SldSettings.preset(sld) if isinstance(sld, str) else sld
+    guidance = Guidance(mode, dag or DagSettings(), sega or SegaSettings(),
+                        SldSettings.preset(sld) if isinstance(sld, str) else sld)
     unet, sched = pipe.unet, scheduler or pipe.scheduler
     device = unet.device
     b = len(prompts)
@@ -145,7 +135,6 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     step_kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
     step_gen = torch.Generator().manual_seed(int(seeds[0]) + 7919)
     res = SampleResult(images=None)
-    sld_state = SldState()
     # the tap only reads queries: attached in DAG mode, or to watch detection under plain CFG
     tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None)) if embeddings and (mode == "dag" or keep_maps) else None
     hw = latents.shape[-2:]
@@ -155,32 +144,18 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
             eps_u, eps_p = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
             res.unet_passes += 1
             eps = eps_u + cfg * (eps_p - eps_u)
-            if tap is not None and mode != "dag" and keep_maps:
-                res.detection_maps.append(tap.detection(hw).cpu())
+            a_hat = tap.detection(hw) if tap is not None else None
+            if a_hat is not None and keep_maps:
+                res.detection_maps.append(a_hat.cpu())
                 res.detection_scores.append(tap.scores.cpu())
-            if mode == "dag":
-                a_hat = tap.detection(hw)
-                if keep_maps:
-                    res.detection_maps.append(a_hat.cpu())
-                    res.detection_scores.append(tap.scores.cpu())
-                rows = detected_rows(a_hat, dag) if i >= round(dag.warmup_fraction * steps) else []
-                if rows:
-                    # the extra pass runs for the detected images only: S = 0 leaves the others as plain CFG
-                    eps_s = unet(x[rows], t, encoder_hidden_states=safety[rows]).sample
-                    res.extra_passes += 1
-                    res.guided_steps += 1
-                    eps = eps.clone()
-                    eps[rows] = dag_combine(eps[rows], eps_u[rows], eps_s, a_hat[rows], cfg, dag)
-            elif mode == "sega" and i >= round(sega.warmup_fraction * steps):
-                eps_s = unet(x, t, encoder_hidden_states=safety).sample
+
+            def safety_pass(rows, x=x, t=t):
                 res.extra_passes += 1
-                eps = sega_combine(eps, eps_u, eps_s, cfg, sega)
-            elif mode == "sld":
-                eps_s = unet(x, t, encoder_hidden_states=safety).sample
-                res.extra_passes += 1
-                warm = SldSettings(round(sld.warmup_steps * steps / 50), sld.guidance_scale, sld.threshold,
-                                   sld.momentum_scale, sld.mom_beta)
-                eps = sld_combine(eps_u, eps_p, eps_s, -1.0, cfg, i, warm, sld_state)
+                return unet(x if rows is None else x[rows], t,
+                            encoder_hidden_states=safety if rows is None else safety[rows]).sample
+
+            eps, guided = guidance.apply(eps, eps_u, eps_p, safety_pass, i, steps, cfg, a_hat=a_hat)
+            res.guided_steps += guided
             latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
         images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     res.images = ((images.float() + 1) / 2).clamp(0, 1).cpu()

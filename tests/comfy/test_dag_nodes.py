@@ -36,13 +36,10 @@ def test_embedding_for_another_model_is_refused_with_a_sentence(comfy, toy_in_co
 def test_safety_pass_runs_for_detected_images_of_a_batch_only(comfy, toy_in_comfy, monkeypatch):
     """Batch of 2, image 0 "detected" at every step: image 1 stays plain CFG bit for bit, image 0 is
     edited (a stand-in edit: the real S depends on what the random model attends to)."""
-    import sys
+    from erasekit.dag import guidance
 
-    patched = [m for name, m in sys.modules.items() if name.endswith("comfy_nodes.dag_patch")]
-    assert patched
-    for m in patched:
-        monkeypatch.setattr(m, "detected_rows", lambda a_hat, dag: [0])
-        monkeypatch.setattr(m, "dag_combine", lambda x0, x0_u, x0_cs, a_hat, s, dag: x0 + 0.5 * (x0_cs - x0_u))
+    monkeypatch.setattr(guidance, "detected_rows", lambda a_hat, dag: [0])
+    monkeypatch.setattr(guidance, "dag_combine", lambda x0, x0_u, x0_cs, a_hat, s, dag: x0 + 0.5 * (x0_cs - x0_u))
     graph = dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors", "red circle", steps=6, seed=5)
     graph["5"]["inputs"]["batch_size"] = 2
     out = comfy.run(graph)

@@ -63,7 +63,7 @@ def test_lazy_dag_runs_the_extra_pass_only_for_detected_images(monkeypatch):
     sent through the safety pass; a detected one is edited."""
     import torch
 
-    from erasekit.dag import sampling
+    from erasekit.dag import guidance, sampling
     from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase
     from erasekit.toyworld.model import build_toy_pipeline
 
@@ -78,9 +78,9 @@ def test_lazy_dag_runs_the_extra_pass_only_for_detected_images(monkeypatch):
         seen.append(x.shape[0])
         return real_unet(x, *a, **k)
 
-    monkeypatch.setattr(sampling, "detected_rows", lambda a_hat, dag: [0])  # image 0 "detected" at every step
+    monkeypatch.setattr(guidance, "detected_rows", lambda a_hat, dag: [0])  # image 0 "detected" at every step
     # a stand-in edit (the real S depends on what this random model happens to attend to)
-    monkeypatch.setattr(sampling, "dag_combine", lambda eps, eps_u, eps_s, a_hat, cfg, dag: eps + 0.5 * (eps_s - eps_u))
+    monkeypatch.setattr(guidance, "dag_combine", lambda eps, eps_u, eps_s, a_hat, cfg, dag: eps + 0.5 * (eps_s - eps_u))
     monkeypatch.setattr(pipe.unet, "forward", counting)
     prompts, seeds = ["a red circle", "a blue star"], [3, 4]
     plain = sampling.sample(pipe, prompts, seeds, steps=4)

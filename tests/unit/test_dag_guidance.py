@@ -10,8 +10,8 @@ from erasekit.dag.guidance import (
     SldState,
     area_scaler,
     dag_combine,
-    dag_needs_guidance,
     dag_scale_map,
+    detected_rows,
     magnitude_scaler,
     sega_combine,
     sld_combine,
@@ -63,11 +63,11 @@ def test_zero_scale_is_plain_cfg_exactly_and_detection_drives_the_edit():
     x0_u, x0_p, x0_cs = torch.randn(3, 1, 4, 8, 8)
     x0_cfg = x0_u + 7.5 * (x0_p - x0_u)
     nothing = torch.zeros(1, 8, 8)
-    assert not dag_needs_guidance(nothing, DagSettings())
+    assert detected_rows(nothing, DagSettings()) == []
     assert torch.equal(dag_combine(x0_cfg, x0_u, x0_cs, nothing, 7.5, DagSettings()), x0_cfg)
     a = torch.zeros(1, 8, 8)
     a[0, 2:4, 2:4] = 1.0
-    assert dag_needs_guidance(a, DagSettings())
+    assert detected_rows(a, DagSettings()) == [0]
     out = dag_combine(x0_cfg, x0_u, x0_cs, a, 7.5, DagSettings())
     expected = x0_cfg[..., 2, 2] - 7.5 * (5 * 4 / 64 * 5) * (x0_cs - x0_u)[..., 2, 2]
     assert torch.allclose(out[..., 2, 2], expected)
@@ -101,3 +101,31 @@ def test_sega_edits_only_its_top_fraction():
     x0_u, x0_cs = torch.zeros(1, 1, 10, 10), torch.arange(100.0).view(1, 1, 10, 10)
     out = sega_combine(torch.zeros(1, 1, 10, 10), x0_u, x0_cs, 2.0, SegaSettings(edit_scale=1.0, threshold=0.9))
     assert (out != 0).sum() == 10 and out.min() == -2 * 99
+
+
+def test_one_step_of_each_mode_calls_the_safety_pass_only_when_it_guides():
+    from erasekit.dag.guidance import Guidance
+
+    torch.manual_seed(0)
+    eps_u, eps_p, eps_s = torch.randn(3, 2, 4, 8, 8)
+    eps_cfg = eps_u + 7.5 * (eps_p - eps_u)
+    calls = []
+
+    def safety_pass(rows):
+        calls.append(rows)
+        return eps_s if rows is None else eps_s[rows]
+
+    assert Guidance("cfg").apply(eps_cfg, eps_u, eps_p, safety_pass, 10, 25, 7.5) == (eps_cfg, False)
+    assert Guidance("sega").apply(eps_cfg, eps_u, eps_p, safety_pass, 4, 25, 7.5) == (eps_cfg, False)  # warm-up 5 of 25
+    assert Guidance("dag").apply(eps_cfg, eps_u, eps_p, safety_pass, 10, 25, 7.5, a_hat=torch.zeros(2, 8, 8)) \
+        == (eps_cfg, False)
+    assert calls == []
+    a = torch.zeros(2, 8, 8)
+    a[1, 2:4, 2:4] = 1.0
+    out, guided = Guidance("dag").apply(eps_cfg, eps_u, eps_p, safety_pass, 10, 25, 7.5, a_hat=a)
+    assert guided and calls == [[1]] and torch.equal(out[0], eps_cfg[0]) and not torch.equal(out[1], eps_cfg[1])
+    # SLD's preset counts warm-up steps of 50: medium's 10 are 5 of 25
+    g = Guidance("sld", sld=SldSettings.preset("medium"))
+    assert torch.equal(g.apply(eps_cfg, eps_u, eps_p, safety_pass, 4, 25, 7.5)[0], eps_cfg)
+    out, _ = g.apply(eps_cfg, eps_u, eps_p, safety_pass, 5, 25, 7.5)
+    assert not torch.equal(out, eps_cfg)
