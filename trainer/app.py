@@ -211,7 +211,7 @@ class TrainerApp(ReviewHandlers):
     def estimate(self, base, steps, batch_size, sample_every):
         base = base or self.base
         recent = estimate.recent_runs(self.root)
-        return (estimate.time_line(recent, steps, batch_size, sample_every, self._is_toy(base)) + "\n\n"
+        return (estimate.time_line(recent, steps, batch_size, sample_every, self._is_toy(base), base) + "\n\n"
                 + estimate.memory_line(recent, base))
 
     def _memory(self, base: str) -> str:

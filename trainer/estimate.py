@@ -1,9 +1,10 @@
 """The Train step's estimate: time and memory of a run, from what earlier runs measured.
 
 Each run's ``metrics.jsonl`` has, per step, the seconds since the start and the peak memory
-(``peak_mb``, logged by the engine). The time per step comes from the newest training run; the
-memory from the newest run on the same base model, else the weights' size read from the
-safetensors headers (activations come on top)."""
+(``peak_mb``, logged by the engine). Time per step and memory come from the newest training run
+on the same base model; with none, the time is a guess (any run's time would mislead: an SDXL
+step is not a toy step) and the memory is the weights' size read from the safetensors headers
+(activations come on top)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,21 @@ def recent_runs(root) -> list:
     return [(m.parent, read_metrics(m.parent)) for m in files]
 
 
-def time_line(recent, steps, batch_size, sample_every, toy: bool) -> str:
+def same_base(run_dir, base: str) -> bool:
+    """Whether the run in ``run_dir`` trained on ``base`` (as its config.toml records it)."""
+    from erasekit.erase.engine import read_config
+
+    try:
+        return read_config(Path(run_dir) / "config.toml").get("train", {}).get("base") == str(base or "").strip()
+    except ErasekitError:
+        return False
+
+
+def time_line(recent, steps, batch_size, sample_every, toy: bool, base: str = "") -> str:
     per_step = None
     for run_dir, rows in recent:
         rows = [r for r in rows if "seconds" in r]  # training runs (guideline runs: no time)
-        if len(rows) >= 2 and rows[-1]["step"] > rows[0]["step"]:
+        if len(rows) >= 2 and rows[-1]["step"] > rows[0]["step"] and same_base(run_dir, base):
             per_step = (rows[-1]["seconds"] - rows[0]["seconds"]) / (rows[-1]["step"] - rows[0]["step"])
             source = f"measured on the run '{run_dir.name}'"
             break
@@ -38,16 +49,11 @@ def time_line(recent, steps, batch_size, sample_every, toy: bool) -> str:
 def memory_line(recent, base: str) -> str:
     """The peak of the newest run on this base model, or the weights' size."""
     from erasekit import checkpoints
-    from erasekit.erase.engine import read_config
 
     base = str(base or "").strip()
     for run_dir, rows in recent:
-        try:
-            same = read_config(run_dir / "config.toml").get("train", {}).get("base") == base
-        except ErasekitError:
-            continue
         peaks = [r["peak_mb"] for r in rows if r.get("peak_mb")]
-        if same and peaks:
+        if peaks and same_base(run_dir, base):
             return (f"Memory: peak **{size(max(peaks) * 2**20)}** measured on the run '{run_dir.name}' (GPU memory "
                     "on a GPU, the whole process on a CPU).")
     try:

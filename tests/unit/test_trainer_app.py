@@ -101,7 +101,11 @@ def test_generate_train_check_export(app):
     assert page["preview"] and os.path.isfile(page["preview"]) and "step-000004" in page["preview_caption"]
     assert ["flow", "red circle", "4/4", "done", "erase-red-circle-inpo.safetensors"] in page["runs"]["data"]
     # the estimate now reads this run's measured peak memory (before: the weights' size from the headers)
-    assert "peak" in app["app"].estimate(app["base"], 10, 1, 0) and "measured on the run" in app["app"]._memory(app["base"])
+    here = app["app"].estimate(app["base"], 10, 1, 0)
+    assert "peak" in here and "s/step, measured on the run 'flow'" in here
+    # another base model: neither this run's time nor its memory stand for it
+    other = app["app"].estimate(str(app["base"]) + "-another", 10, 1, 0)
+    assert "measured" not in other and "guess" in other
 
     msg, job_id = c.predict(run_name="flow", seeds=2, steps=3, api_name="/check")
     st = wait(c, job_id)
