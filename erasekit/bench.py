@@ -82,6 +82,9 @@ def main(argv=None) -> None:
     e.add_argument("--neighbours", type=int, default=4, help="neighbouring concepts in the preserve set (paper: 4)")
     e.add_argument("--targets", default="attention",
                    help="LoRA target modules: cross-attention, attention (default), all, or names like to_k,to_v")
+    e.add_argument("--batch-size", type=int, default=1, help="forget and preserve images per step (each)")
+    e.add_argument("--stop-when-erased", action="store_true",
+                   help="end training once the objective counts the concept as erased (--steps is then a maximum)")
     e.add_argument("--no-cost", action="store_true", help="skip the step time / memory measurement")
     e.add_argument("--out", default="out/bench/erase")
     e.add_argument("--comfyui", type=int, default=0, metavar="N",
@@ -97,7 +100,8 @@ def main(argv=None) -> None:
         inpo = {k: getattr(a, k) for k in ("eta", "gamma", "tau", "lambda_prior") if getattr(a, k) is not None}
         print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
                                      images_per_concept=a.images_per_concept, neighbours=a.neighbours,
-                                     comfyui_prompts=a.comfyui, inpo=inpo, targets=a.targets,
+                                     comfyui_prompts=a.comfyui, inpo=inpo, targets=a.targets, batch_size=a.batch_size,
+                                     stop_when_erased=a.stop_when_erased,
                                      cost=not a.no_cost)))
     if a.which == "lora-roundtrip":
         from .bench_lora import bench_lora_roundtrip

@@ -116,7 +116,8 @@ class _Single:
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
                 lr: float | None = None, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
                 forget_images: int = 16, images_per_concept: int = 25, neighbours: int = 4, comfyui_prompts: int = 0,
-                inpo: dict | None = None, targets: str = "attention",
+                inpo: dict | None = None, targets: str = "attention", batch_size: int = 1,
+                stop_when_erased: bool = False,
                 cost: bool = True, log=print) -> dict:
     import copy
 
@@ -139,7 +140,8 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     lr = lr or preset(kind, toy=True)["lr"]
     run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
     config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=preset(kind)["rank"], seed=seed,
-                         targets=targets, checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
+                         targets=targets, batch_size=batch_size, stop_when_erased=stop_when_erased,
+                         checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
     t0 = time.time()
     objective = _objective(method, kind, inpo)
     result = train(config, objective, data, comps)
@@ -163,7 +165,9 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
     settings = {k: getattr(objective.config, k) for k in ("eta", "gamma", "tau", "lambda_prior")} if objective.config else {}
-    return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr, "targets": targets, **settings,
+    return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr, "targets": targets, "batch_size": batch_size,
+            "steps_trained": result.step,
+            **settings,
             "preserved_concepts": list(data.preserved), "preserve_images": len(data.preserve or ()),
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
             "targets_drawn_before": round(n["drawn_before"] / len(target_prompts), 4),

@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+from erasekit.erase.state import read_metrics  # noqa: F401  (the run pages read them from here)
 from erasekit.errors import ErasekitError
 from trainer.jobs import JOBS, busy_with, slug  # noqa: F401  (slug: one spelling of names for runs and files)
 
@@ -149,18 +150,6 @@ def list_runs(root) -> list:
     return rows
 
 
-def read_metrics(run_dir) -> list:
-    import json
-
-    path = Path(run_dir) / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
 
 
 def latest_preview(run_dir) -> Path | None:

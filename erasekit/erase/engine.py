@@ -49,6 +49,7 @@ from .state import (  # noqa: F401
     load_checkpoint,
     peak_memory_mb,
     read_config,
+    read_metrics,
     save_checkpoint,
     write_config,
 )
@@ -100,6 +101,7 @@ class TrainConfig:
     tensorboard: bool = True
     export: bool = True
     resume: bool = False
+    stop_when_erased: bool = False  # end the run once the objective says the concept is erased
     cpu: bool = False  # force the CPU even where an accelerator is present
 
 
@@ -160,6 +162,12 @@ class Objective:
     name = "objective"
     config = None
 
+    def erased(self, history: list) -> bool:
+        """Whether the concept counts as erased, judged from the loss terms of every step so far
+        (``history``: one dict a step, newest last). With ``stop_when_erased`` the run ends there,
+        which saves the steps that would only wear down what must be kept. Default: never."""
+        return False
+
     def loss(self, batch: dict, unet, reference_ctx, ctx: StepContext) -> dict:
         """Named loss terms (scalar tensors) of one micro-batch; ``"loss"`` is minimised.
 
@@ -182,6 +190,7 @@ class RunResult:
     checkpoint: Path | None
     lora: Path | None
     last: dict  # the last step's loss terms
+    erased_at: int | None = None  # the step where stop_when_erased ended the run
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -310,6 +319,7 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
         step = load_checkpoint(resume_from, trainable, optimizer, lr_scheduler)
         if main:
             _truncate_metrics(run_dir / "metrics.jsonl", step)
+    history = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step] if step else []
     if train_te:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
@@ -342,13 +352,16 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
         _preview(components, config, prompts, 0, run_dir, writer, accelerator)
 
     # 6. The loop: one optimizer step = grad_accum micro-steps.
-    status, terms, last_ckpt = "done", {}, resume_from
+    status, terms, last_ckpt, erased_at = "done", {}, resume_from, None
     t_start = time.time()
     unet.train()
     try:
         while step < config.steps:
             if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
                 status = "cancelled"
+                break
+            if config.stop_when_erased and objective.erased(history):
+                erased_at = step
                 break
             sums = {}
             for micro in range(config.grad_accum):
@@ -373,6 +386,7 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
             lr_scheduler.step()
             step += 1
             terms = sums
+            history.append(terms)
             if main:
                 metrics.write(json.dumps({"step": step, "lr": lr, "seconds": round(time.time() - t_start, 3),
                                           "peak_mb": peak_memory_mb(device), **terms}) + "\n")
@@ -387,7 +401,7 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
                 last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config) or last_ckpt
             if main and config.sample_every and prompts and step % config.sample_every == 0:
                 _preview(components, config, prompts, step, run_dir, writer, accelerator)
-        if status == "cancelled" and step > 0:
+        if (status == "cancelled" or erased_at is not None) and step > 0:
             last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config) or last_ckpt
     finally:
         if metrics is not None:
@@ -400,7 +414,7 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
     if status == "done" and config.export and main:
         lora = export_lora(config, objective.name, components, base_unet, accelerator.unwrap_model(text_encoder)
                            if train_te else None, reference, te_original, list(getattr(data, "preserved", [])))
-    return RunResult(status, step, run_dir, last_ckpt, lora, terms)
+    return RunResult(status, step, run_dir, last_ckpt, lora, terms, erased_at)
 
 
 def _reset_accelerate_state() -> None:

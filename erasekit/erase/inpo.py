@@ -24,6 +24,13 @@ Reading of the PDF text where the equations are loose (each choice is a setting)
   exponent or another optimizer's scale in the extraction); the presets use 1e-4, diffusers' LoRA
   default, and the toy runs measure their own.
 The forget term is bounded (Appendix B.1): it is at most 2 beta log 2 and decays as dS grows.
+
+Beyond the paper, *stop when erased* (``TrainConfig.stop_when_erased``): alpha switches the forget
+term off once dS passes tau, but AdamW normalises the gradient's size, so a fading term still
+moves the weights as fast as before; on the toy model every step after the concept goes wears
+down its neighbours (the run ends there instead). dS is measured at one random t a step, and at
+high noise a model hardly differs from its reference, so even an erased model exceeds tau on
+part of the steps only: the rule is a quarter of the last 20 (:meth:`InpoObjective.erased`).
 """
 
 from __future__ import annotations
@@ -126,9 +133,17 @@ class InpoObjective(Objective):
     """
 
     name = "inpo"
+    erased_window = 20  # steps
+    erased_fraction = 0.25  # of them with dS > tau
 
     def __init__(self, config: InpoConfig | None = None):
         self.config = config or InpoConfig()
+
+    def erased(self, history: list) -> bool:
+        """At least a quarter of the last 20 steps had dS > tau (see the module docstring)."""
+        last = [h["delta_s"] for h in history[-self.erased_window:] if "delta_s" in h]
+        return len(last) == self.erased_window and \
+            sum(d > self.config.tau for d in last) >= self.erased_fraction * self.erased_window
 
     def loss(self, batch, unet, reference_ctx, ctx) -> dict:
         import torch

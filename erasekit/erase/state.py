@@ -186,3 +186,16 @@ def peak_memory_mb(device) -> float | None:
     except ImportError:  # Windows
         return None
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def read_metrics(run_dir) -> list:
+    """The rows of a run's ``metrics.jsonl`` (one dict a step); a torn last line is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out

@@ -40,6 +40,7 @@ class EvalConfig:
     scheduler: str | None = None  # "ddim" (default), "euler_a", "ddpm"
     clip_sample: int | None = None  # None: as in the model's scheduler config
     thresholding: int | None = None  # Imagen dynamic thresholding (DDIM / DDPM)
+    sample_max_value: float | None = None  # its largest s; None: as in the model's scheduler config
     judge_scenes: int | None = None  # default 500 (quick: 40)
     only: str | None = None  # comma-separated metric names
     threads: int = 2
@@ -52,7 +53,7 @@ class EvalConfig:
             prompts=self.prompts or (6 if q else 100), seeds=self.seeds or (1 if q else 2),
             steps=self.steps or (4 if q else 25), eta=1.0 if self.eta is None else self.eta,
             cfg=self.cfg or 3.0, scheduler=self.scheduler or "ddim", clip_sample=self.clip_sample,
-            thresholding=self.thresholding, judge_scenes=self.judge_scenes or (40 if q else 500))
+            thresholding=self.thresholding, sample_max_value=self.sample_max_value, judge_scenes=self.judge_scenes or (40 if q else 500))
 
 
 # ----------------------------------------------------------------------------- prompt sets
@@ -101,6 +102,8 @@ def make_scheduler(pipe, cfg: EvalConfig):
     base = dict(pipe.scheduler.config)
     clip = bool(base.get("clip_sample", False)) if cfg.clip_sample is None else bool(cfg.clip_sample)
     thresh = bool(base.get("thresholding", False)) if cfg.thresholding is None else bool(cfg.thresholding)
+    if cfg.sample_max_value is not None:
+        base["sample_max_value"] = cfg.sample_max_value
     if cfg.scheduler == "ddim":
         sched = DDIMScheduler.from_config(base, clip_sample=clip, thresholding=thresh)
         desc = f"ddim eta={cfg.eta:g}, {cfg.steps} steps"
@@ -113,7 +116,7 @@ def make_scheduler(pipe, cfg: EvalConfig):
     else:
         raise ValueError(f"unknown scheduler {cfg.scheduler!r}: ddim, euler_a or ddpm")
     desc += ", x0 clip" if clip else ", no x0 clip"
-    desc += ", dynamic thresholding" if thresh else ""
+    desc += f", dynamic thresholding (s <= {base.get('sample_max_value', 1.0):g})" if thresh else ""
     return sched, desc
 
 

@@ -248,6 +248,40 @@ def test_target_presets_and_full_mode(data, tmp_path):
     assert lora and meta["erasekit.method"] == "inpo"
 
 
+class ErasedAfter(InpoObjective):
+    """INPO that counts the concept as erased once ``n`` steps are logged."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def erased(self, history):
+        return len(history) >= self.n
+
+
+def test_stop_when_erased_ends_exports_and_stays_stopped_on_resume(data, tmp_path):
+    cfg = config(tmp_path, steps=10, checkpoint_every=4, export=True, stop_when_erased=True)
+    result = train(cfg, ErasedAfter(3), data, tiny_components())
+    assert result.status == "done" and result.step == 3 and result.erased_at == 3
+    assert result.checkpoint.name == "checkpoint-000003" and result.lora and os.path.isfile(result.lora)
+    assert [r["step"] for r in metrics(cfg.out)] == [1, 2, 3]
+    # resumed, the history is read back from metrics.jsonl: the run is still erased, nothing more trains
+    cfg.resume = True
+    again = train(cfg, ErasedAfter(3), data, tiny_components())
+    assert again.step == 3 and again.erased_at == 3 and [r["step"] for r in metrics(cfg.out)] == [1, 2, 3]
+    # off (the default), the same objective trains every step
+    full = train(config(tmp_path, "full", steps=5), ErasedAfter(3), data, tiny_components())
+    assert full.step == 5 and full.erased_at is None
+
+
+def test_inpo_counts_the_concept_erased_from_delta_s():
+    inpo = InpoObjective()  # tau 0.1: a quarter of the last 20 steps above it
+    assert not inpo.erased([{"delta_s": 1.0}] * 19)  # too few steps to tell
+    assert not inpo.erased([{"delta_s": 0.0}] * 16 + [{"delta_s": 1.0}] * 4)
+    assert inpo.erased([{"delta_s": 0.0}] * 15 + [{"delta_s": 0.2}] * 5)
+    assert not inpo.erased([{"delta_s": 0.2}] * 5 + [{"delta_s": 0.0}] * 20)  # only the last 20 count
+
+
 def test_exported_lora_is_what_was_trained(data, tmp_path):
     comps = tiny_components()
     result = train(config(tmp_path, steps=2, export=True), InpoObjective(), data, comps)
