@@ -146,7 +146,8 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     objective = _objective(method, kind, inpo)
     result = train(config, objective, data, comps)
     train_seconds = time.time() - t0
-    log(f"trained {steps} steps in {train_seconds:.0f}s -> {result.lora}")
+    log(f"trained {result.step} steps in {train_seconds:.0f}s -> {result.lora}"
+        + (f" (erased at step {result.erased_at})" if result.erased_at is not None else ""))
 
     target_prompts, benign = concept_prompts(concept, n_prompts, n_prompts, seed)
     seeds = list(range(len(target_prompts)))

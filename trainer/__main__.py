@@ -41,7 +41,7 @@ FLAGS = {
     "mixed_precision": ("train", "mixed_precision"), "checkpoint_every": ("train", "checkpoint_every"),
     "sample_every": ("train", "sample_every"), "name": ("train", "name"),
     "gradient_checkpointing": ("train", "gradient_checkpointing"), "train_text_encoder": ("train", "train_text_encoder"),
-    "cpu": ("train", "cpu"), "eta": ("method", "eta"), "gamma": ("method", "gamma"), "tau": ("method", "tau"),
+    "cpu": ("train", "cpu"), "stop_when_erased": ("train", "stop_when_erased"), "eta": ("method", "eta"), "gamma": ("method", "gamma"), "tau": ("method", "tau"),
     "lambda_prior": ("method", "lambda_prior"), "forget_dir": ("data", "forget_dir"),
     "preserve_dir": ("data", "preserve_dir"), "forget_images": ("data", "forget_images"),
     "images_per_concept": ("data", "images_per_concept"), "neighbours": ("data", "neighbours"),
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="file name of the exported LoRA")
     for flag in ("gradient-checkpointing", "train-text-encoder", "cpu"):
         p.add_argument(f"--{flag}", action="store_true", default=None)
+    p.add_argument("--stop-when-erased", action="store_true", default=None,
+                   help="end once the method counts the concept as erased; --steps is then a maximum")
     for flag in ("forget-dir", "preserve-dir", "cache"):
         p.add_argument(f"--{flag}", default=None)
     p.add_argument("--mask-from", choices=("auto", "full", "guideline", "nudenet"), default=None,
@@ -222,6 +224,9 @@ def train_command(args) -> int:
     if result.status == "cancelled":
         print(f"Stopped at step {result.step}; checkpoint {result.checkpoint}. Continue with --resume.")
         return 130
+    if result.erased_at is not None:
+        print(f"The concept counts as erased after {result.erased_at} steps; training stopped there "
+              "(--stop-when-erased; --steps was the maximum).")
     print(f"Erasure LoRA: {result.lora}" if result.lora else f"Done at step {result.step}: {result.run_dir}")
     return 0
 

@@ -340,9 +340,12 @@ def test_cli_trains_from_a_folder_and_reports_errors(tmp_path, capsys):
     resolved = read_config(os.path.join(out, "config.toml"))
     assert resolved["train"]["steps"] == 2 and resolved["train"]["rank"] == 4  # flag over preset
     assert resolved["inpo"]["eta"] == 1.0 and resolved["data"]["neighbours"] == 1
+    assert resolved["train"]["stop_when_erased"] is False
     assert os.path.isfile(os.path.join(out, "data.safetensors"))  # the cached sets
     # --resume alone: target, base and settings come from the run's config.toml
-    assert main(["train", "--out", out, "--resume", "--steps", "3", "--threads", "1"]) == 0, capsys.readouterr().err
+    assert main(["train", "--out", out, "--resume", "--steps", "3", "--threads", "1", "--stop-when-erased"]) == 0, \
+        capsys.readouterr().err
+    assert read_config(os.path.join(out, "config.toml"))["train"]["stop_when_erased"] is True
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert "data: 2 forget / 2 preserve images from" in capsys.readouterr().err
 
