@@ -54,7 +54,7 @@ FIELDS = [
     ("eta", "eta (erasure strength)", 1.0), ("gamma", "gamma", 3.0), ("tau", "tau (margin)", 0.1),
     ("lambda_prior", "lambda_prior (preservation)", 0.6), ("sample_every", "Preview every N steps (0 = off)", 50),
     ("sample_steps", "Preview sampling steps", 20), ("checkpoint_every", "Checkpoint every N steps", 50),
-    ("seed", "Seed", 0),
+    ("seed", "Seed", 0), ("stop_when_erased", "Stop when erased (Steps is then the most)", False),
 ]
 KEYS = [k for k, _, _ in FIELDS]
 INT_KEYS = {"forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps", "steps", "rank", "batch_size",
@@ -115,6 +115,7 @@ class TrainerApp(ReviewHandlers):
             if s.get(k) not in (None, ""):
                 s[k] = int(s[k])
         s["alpha"] = float(s["alpha"]) if s.get("alpha") else None
+        s["stop_when_erased"] = bool(s.get("stop_when_erased"))
         s["preset"] = s.get("preset") or PRESET_OF_TYPE.get(s.get("concept_type"), "object")
         lines = [ln.strip() for ln in str(s.get("preserve") or "").replace(",", "\n").splitlines() if ln.strip()]
         suggestions = [self._suggested(s.get("target"), s.get("neighbours"), s.get("unrelated")),

@@ -90,6 +90,10 @@ def build_page(app):
                     for k in ("tau", "lambda_prior", "sample_every", "sample_steps", "checkpoint_every", "seed"):
                         comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
                                              precision=0 if k in INT_KEYS else None)
+                comps["stop_when_erased"] = gr.Checkbox(
+                    d["stop_when_erased"], label=dict((a, b) for a, b, _ in FIELDS)["stop_when_erased"],
+                    info="End once the method counts the concept as erased (INPO: dS above tau on a quarter of the last "
+                         "20 steps); later steps mostly wear down what must be kept.")
                 with gr.Row():
                     settings_file = gr.Textbox("settings.toml", label="Settings file (under the output root)")
                     save_btn = gr.Button("Save settings")

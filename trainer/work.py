@@ -45,7 +45,7 @@ def train_argv(s: dict, out: str, resume: bool = False, config: str | None = Non
                    "neighbours", "unrelated", "checkpoint_every", "sample_every", "threads"):
             value = int(value)
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    for key in ("gradient_checkpointing", "cpu"):
+    for key in ("gradient_checkpointing", "cpu", "stop_when_erased"):
         if s.get(key):
             argv.append(f"--{key.replace('_', '-')}")
     return argv

@@ -267,7 +267,8 @@ def test_paths_outside_the_root_are_refused(app):
 
 def test_settings_round_trip_as_toml(app):
     c = app["client"]
-    assert "Settings saved" in c.predict(file_name="presets/mine.toml", **small(app, "saved", steps=7),
+    assert "Settings saved" in c.predict(file_name="presets/mine.toml", **small(app, "saved", steps=7,
+                                                                                stop_when_erased=True),
                                          api_name="/save_settings")
     assert (app["root"] / "presets" / "mine.toml").is_file()
     values = c.predict(file_name="presets/mine.toml", api_name="/load_settings")
@@ -275,6 +276,12 @@ def test_settings_round_trip_as_toml(app):
 
     loaded = dict(zip(KEYS + ["message"], values))
     assert loaded["steps"] == 7 and loaded["run_name"] == "saved" and "Settings loaded" in loaded["message"]
+    assert loaded["stop_when_erased"] is True
+    # the page's settings reach the engine as the CLI's flags
+    from trainer.work import train_argv
+
+    argv = train_argv(app["app"].settings([loaded[k] for k in KEYS]), app["root"] / "saved")
+    assert "--stop-when-erased" in argv and argv[argv.index("--steps") + 1] == "7"
 
 
 def test_engine_errors_are_one_sentence(app):
