@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="file name of the exported LoRA")
     for flag in ("gradient-checkpointing", "train-text-encoder", "cpu"):
         p.add_argument(f"--{flag}", action="store_true", default=None)
-    p.add_argument("--stop-when-erased", action="store_true", default=None,
-                   help="end once the method counts the concept as erased; --steps is then a maximum")
+    p.add_argument("--stop-when-erased", action=argparse.BooleanOptionalAction, default=None,
+                   help="end once the method counts the concept as erased; --steps is then a maximum. A resumed "
+                        "run keeps its setting: --no-stop-when-erased trains an early-stopped run further")
     for flag in ("forget-dir", "preserve-dir", "cache"):
         p.add_argument(f"--{flag}", default=None)
     p.add_argument("--mask-from", choices=("auto", "full", "guideline", "nudenet"), default=None,

@@ -294,7 +294,7 @@ class TrainerApp(ReviewHandlers):
             return f"**Error:** {err}", 0
         return self._submit("train", f"training '{s['target']}' in {run_dir.name}", work.train_job(s, run_dir), run_dir)
 
-    def resume_training(self, run_name, steps):
+    def resume_training(self, run_name, steps, stop_when_erased=None):
         import gradio as gr
 
         from erasekit.erase.engine import latest_checkpoint
@@ -307,7 +307,8 @@ class TrainerApp(ReviewHandlers):
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
-        s = {"steps": int(steps) if steps else None, "threads": self.threads}
+        s = {"steps": int(steps) if steps else None, "threads": self.threads,
+             "stop_when_erased": None if stop_when_erased is None else bool(stop_when_erased)}
         return self._submit("train", f"resuming {run_dir.name}", work.train_job(s, run_dir, resume=True), run_dir)
 
     def stop(self):

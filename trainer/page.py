@@ -177,7 +177,8 @@ def build_page(app):
         start_btn.click(_with_signature(app.start_training, KEYS, **sig), inputs, [action, job_id],
                         api_name="start_training")
         stop_btn.click(app.stop, None, action, api_name="stop")
-        resume_btn.click(app.resume_training, [comps["run_name"], comps["steps"]], [action, job_id], api_name="resume")
+        resume_btn.click(app.resume_training, [comps["run_name"], comps["steps"], comps["stop_when_erased"]], [action, job_id],
+                         api_name="resume")
         check_btn.click(app.check, [comps["run_name"], check_seeds, check_steps], [action, job_id], api_name="check")
         export_btn.click(app.export, [comps["run_name"], lora_name, description, license_, destination, folder],
                          [export_msg, export_path], api_name="export")

@@ -150,6 +150,8 @@ def train_job(settings: dict, run_dir: Path, resume: bool = False):
             argv += ["--steps", str(int(settings["steps"]))]
         if resume and settings.get("threads"):
             argv += ["--threads", str(int(settings["threads"]))]
+        if resume and settings.get("stop_when_erased") is not None:
+            argv.append("--stop-when-erased" if settings["stop_when_erased"] else "--no-stop-when-erased")
         args = build_parser().parse_args(argv)
         job.log("python -m trainer " + " ".join(a if " " not in a else repr(a) for a in argv))
 
@@ -164,6 +166,8 @@ def train_job(settings: dict, run_dir: Path, resume: bool = False):
             job.state, job.message = "cancelled", f"stopped at step {result.step}; Resume continues from the checkpoint"
         else:
             job.message = f"the erasure LoRA is {result.lora}" if result.lora else f"done at step {result.step}"
+            if result.erased_at is not None:
+                job.message += f" (the concept counted as erased at step {result.erased_at}; training stopped there)"
         job.log(job.message)
         return {"lora": str(result.lora) if result.lora else None, "step": result.step, "status": result.status}
 

@@ -246,5 +246,6 @@ class Guidance:
             s = self.sld
             warm = SldSettings(round(s.warmup_steps * n_steps / 50), s.guidance_scale, s.threshold, s.momentum_scale,
                                s.mom_beta)
-            return sld_combine(pred_u, pred_p, safety_pass(None), sigma, cond_scale, step, warm, self.sld_state), True
+            out = sld_combine(pred_u, pred_p, safety_pass(None), sigma, cond_scale, step, warm, self.sld_state)
+            return out, step >= warm.warmup_steps  # SLD runs its pass in warm-up too (its momentum builds up)
         return pred_cfg, False

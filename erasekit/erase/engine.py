@@ -360,7 +360,7 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
             if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
                 status = "cancelled"
                 break
-            if config.stop_when_erased and objective.erased(history):
+            if config.stop_when_erased and _erased(accelerator, objective, history, device):
                 erased_at = step
                 break
             sums = {}
@@ -445,6 +445,19 @@ def _to_device(batch, device):
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch.to(device) if hasattr(batch, "to") else batch
+
+
+def _erased(accelerator, objective, history, device) -> bool:
+    """The objective's verdict on the main process's history (the one metrics.jsonl keeps and a
+    resume reads back), shared with every process so that all stop at the same step."""
+    import torch
+
+    flag = torch.tensor([int(bool(objective.erased(history)))], device=device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        flag = broadcast(flag, from_process=0)
+    return bool(flag.item())
 
 
 def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config):

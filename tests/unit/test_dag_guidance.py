@@ -126,6 +126,7 @@ def test_one_step_of_each_mode_calls_the_safety_pass_only_when_it_guides():
     assert guided and calls == [[1]] and torch.equal(out[0], eps_cfg[0]) and not torch.equal(out[1], eps_cfg[1])
     # SLD's preset counts warm-up steps of 50: medium's 10 are 5 of 25
     g = Guidance("sld", sld=SldSettings.preset("medium"))
-    assert torch.equal(g.apply(eps_cfg, eps_u, eps_p, safety_pass, 4, 25, 7.5)[0], eps_cfg)
-    out, _ = g.apply(eps_cfg, eps_u, eps_p, safety_pass, 5, 25, 7.5)
-    assert not torch.equal(out, eps_cfg)
+    out, guided = g.apply(eps_cfg, eps_u, eps_p, safety_pass, 4, 25, 7.5)
+    assert torch.equal(out, eps_cfg) and not guided
+    out, guided = g.apply(eps_cfg, eps_u, eps_p, safety_pass, 5, 25, 7.5)
+    assert not torch.equal(out, eps_cfg) and guided

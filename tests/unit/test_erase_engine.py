@@ -269,6 +269,10 @@ def test_stop_when_erased_ends_exports_and_stays_stopped_on_resume(data, tmp_pat
     cfg.resume = True
     again = train(cfg, ErasedAfter(3), data, tiny_components())
     assert again.step == 3 and again.erased_at == 3 and [r["step"] for r in metrics(cfg.out)] == [1, 2, 3]
+    # turned off on resume, it trains on to --steps
+    cfg.stop_when_erased = False
+    more = train(cfg, ErasedAfter(3), data, tiny_components())
+    assert more.step == 10 and more.erased_at is None and [r["step"] for r in metrics(cfg.out)] == list(range(1, 11))
     # off (the default), the same objective trains every step
     full = train(config(tmp_path, "full", steps=5), ErasedAfter(3), data, tiny_components())
     assert full.step == 5 and full.erased_at is None
