@@ -54,14 +54,16 @@ def _objective(method: str, preset_name: str, overrides: dict | None = None):
     return InpoObjective(InpoConfig(**{k: v for k, v in row.items() if k in InpoConfig.__dataclass_fields__}))
 
 
-def requested_labels(prompt: str) -> list[str]:
+def requested_labels(prompt: str, background: bool = False) -> list[str]:
     """The objects a bench prompt asks for: "a red square and an orange star on a striped
-    background" -> ["red square", "orange star"] (judge labels; characters by name)."""
-    body = prompt.split(" on a ")[0]
-    return [part.split(" ", 1)[1] for part in body.split(" and ")]
+    background" -> ["red square", "orange star"] (judge labels; characters by name), and with
+    ``background`` the style it names too ("striped background"): what a style erasure must keep."""
+    body, _, style = prompt.partition(" on a ")
+    return [part.split(" ", 1)[1] for part in body.split(" and ")] + ([style] if background and style else [])
 
 
-def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = frozenset()) -> dict:
+def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = frozenset(),
+                 backgrounds: bool = False) -> dict:
     """From ``{"target": (before, after), "benign": (before, after)}`` of :func:`_judge_found`
     rows and the prompts behind them (same prompts and seeds, in order):
 
@@ -72,7 +74,8 @@ def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = froz
       judge finds, summed over all images before and after (the papers' preservation: how well
       the model still follows prompts of other concepts, INPO Sec. 5.1's CLIP score on unrelated
       concepts, here judged exactly); ``asked_by_kind`` splits them into ``neighbour`` (labels in
-      ``neighbours``) and ``unrelated``, as ``[before, after]``.
+      ``neighbours``) and ``unrelated``, as ``[before, after]``. With ``backgrounds`` (a style
+      target) the background style a prompt names counts as one more asked-for label.
 
     Objects count as a multiset."""
     found_before = sum(b[0] for b in counts["target"][0])
@@ -87,7 +90,7 @@ def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = froz
                 if label in have:
                     kept += 1
                     have.remove(label)
-            for label in requested_labels(prompt):
+            for label in requested_labels(prompt, backgrounds):
                 row = by_kind["neighbour" if label in neighbours else "unrelated"]
                 b, a = int(label in rest_b), int(label in rest_a)
                 row[0], row[1] = row[0] + b, row[1] + a
@@ -99,11 +102,14 @@ def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = froz
 def _judge_found(images, concept):
     from .bench_dag import concept_mask
     from .toyworld.judge import judge
+    from .toyworld.vocab import STYLE_ADJECTIVES
 
     out = []
     for img in images:
         j = judge(img.permute(1, 2, 0).numpy())
         rest = [o.label for o in j.objects if not concept_mask(_Single(o), concept).any()]
+        if concept.kind == "style" and j.background != concept.style:  # the other styles are its neighbours
+            rest.append(f"{STYLE_ADJECTIVES[j.background]} background")
         out.append((concept.matches(j), rest))
     return out
 
@@ -161,7 +167,8 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
             before += _judge_found(sample(pipe_base, chunk, sd, steps=25, cfg=3.0).images, concept)
             after += _judge_found(sample(pipe_erased, chunk, sd, steps=25, cfg=3.0).images, concept)
         counts[name] = (before, after)
-    n = erase_counts(counts, {"target": target_prompts, "benign": benign}, {c.text for c in concept.neighbours()})
+    n = erase_counts(counts, {"target": target_prompts, "benign": benign}, {c.text for c in concept.neighbours()},
+                     backgrounds=concept.kind == "style")
     cost = _cost(model, target, seed) if cost else {}
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))

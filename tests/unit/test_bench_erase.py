@@ -7,6 +7,8 @@ def test_requested_labels_reads_bench_prompts():
     assert requested_labels("a red circle") == ["red circle"]
     assert requested_labels("a red square and an orange star on a striped background") == ["red square", "orange star"]
     assert requested_labels("a bobo and a blue ring") == ["bobo", "blue ring"]
+    assert requested_labels("a red square on a dotted background", background=True) == ["red square", "dotted background"]
+    assert requested_labels("a red square", background=True) == ["red square"]
 
 
 def test_erase_counts_by_hand():
@@ -25,3 +27,13 @@ def test_erase_counts_by_hand():
     # asked for and found: before 1 + 2 + 1 = 4 (the white ring was not asked for), after 1 + 1 + 1 = 3
     assert (n["asked_before"], n["asked_after"]) == (4, 3)
     assert n["asked_by_kind"] == {"neighbour": [3, 2], "unrelated": [1, 1]}  # blue squares / the green star
+
+
+def test_a_style_erasure_keeps_count_of_the_other_styles():
+    prompts = {"target": ["a red square on a striped background"], "benign": ["a blue star on a dotted background"]}
+    before = {"target": [(True, ["red square"])], "benign": [(False, ["blue star", "dotted background"])]}
+    after = {"target": [(False, ["red square", "grid background"])], "benign": [(False, ["blue star"])]}
+    n = erase_counts({k: (before[k], after[k]) for k in before}, prompts, neighbours={"dotted background"},
+                     backgrounds=True)
+    assert (n["drawn_before"], n["still"]) == (1, 0)
+    assert n["asked_by_kind"] == {"neighbour": [1, 0], "unrelated": [2, 2]}  # the dotted background was lost
