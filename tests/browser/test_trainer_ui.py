@@ -78,9 +78,9 @@ def test_click_through_data_train_check_export(browser, trainer_url):
     time.sleep(1.5)  # one more tick for the plot and the preview
     status = text(browser, "job-status")
     assert "erase-red-circle-inpo.safetensors" in status
-    assert browser.find_elements("css selector", "#loss-plot canvas, #loss-plot svg"), "no loss plot drawn"
+    assert until(lambda: browser.find_elements("css selector", "#loss-plot canvas, #loss-plot svg"), 20, "the loss plot")
     assert until(lambda: browser.find_elements("css selector", "#preview img"), 20, "the preview image")
-    assert "step 40/40" in field(browser, "log").get_attribute("value")
+    assert until(lambda: "step 40/40" in field(browser, "log").get_attribute("value"), 20, "the log's last step")
     _shot(browser, "trained", "loss-plot")
 
     # 5. Check: 2 seeds, 3 sampling steps
