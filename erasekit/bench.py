@@ -83,6 +83,7 @@ def main(argv=None) -> None:
     e.add_argument("--targets", default="attention",
                    help="LoRA target modules: cross-attention, attention (default), all, or names like to_k,to_v")
     e.add_argument("--batch-size", type=int, default=1, help="forget and preserve images per step (each)")
+    e.add_argument("--train-text-encoder", action="store_true", help="a LoRA on the text encoder too")
     e.add_argument("--stop-when-erased", action="store_true",
                    help="end training once the objective counts the concept as erased (--steps is then a maximum)")
     e.add_argument("--no-cost", action="store_true", help="skip the step time / memory measurement")
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
         print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
                                      images_per_concept=a.images_per_concept, neighbours=a.neighbours,
                                      comfyui_prompts=a.comfyui, inpo=inpo, targets=a.targets, batch_size=a.batch_size,
-                                     stop_when_erased=a.stop_when_erased,
+                                     stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
                                      cost=not a.no_cost)))
     if a.which == "lora-roundtrip":
         from .bench_lora import bench_lora_roundtrip

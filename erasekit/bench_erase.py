@@ -123,7 +123,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                 lr: float | None = None, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
                 forget_images: int = 16, images_per_concept: int = 25, neighbours: int = 4, comfyui_prompts: int = 0,
                 inpo: dict | None = None, targets: str = "attention", batch_size: int = 1,
-                stop_when_erased: bool = False,
+                stop_when_erased: bool = False, train_text_encoder: bool = False,
                 cost: bool = True, log=print) -> dict:
     import copy
 
@@ -140,6 +140,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     model = model or os.path.join(REPO, "models", "toy")
     comps = models.load(model)
     base_unet = copy.deepcopy(comps.unet)
+    base_te = copy.deepcopy(comps.text_encoder) if train_text_encoder else comps.text_encoder
     data = build_erase_data(comps, target, DataConfig(forget_images=forget_images, images_per_concept=images_per_concept,
                                                       neighbours=neighbours, seed=seed), log=log)
     steps = steps or preset(kind)["steps"]
@@ -147,7 +148,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
     config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=preset(kind)["rank"], seed=seed,
                          targets=targets, batch_size=batch_size, stop_when_erased=stop_when_erased,
-                         checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
+                         train_text_encoder=train_text_encoder, checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
     t0 = time.time()
     objective = _objective(method, kind, inpo)
     result = train(config, objective, data, comps)
@@ -157,8 +158,8 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
 
     target_prompts, benign = concept_prompts(concept, n_prompts, n_prompts, seed)
     seeds = list(range(len(target_prompts)))
-    pipe_base = _pipe(comps, base_unet)
-    pipe_erased = _pipe(comps, comps.unet)
+    pipe_base = _pipe(comps, base_unet, base_te)
+    pipe_erased = _pipe(comps, comps.unet, comps.text_encoder)
     counts = {}
     for name, prompts in (("target", target_prompts), ("benign", benign)):
         before, after = [], []
@@ -174,7 +175,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
     settings = {k: getattr(objective.config, k) for k in ("eta", "gamma", "tau", "lambda_prior")} if objective.config else {}
     return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr, "targets": targets, "batch_size": batch_size,
-            "steps_trained": result.step,
+            "steps_trained": result.step, "train_text_encoder": train_text_encoder,
             **settings,
             "preserved_concepts": list(data.preserved), "preserve_images": len(data.preserve or ()),
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
@@ -199,12 +200,12 @@ def _comfyui_check(lora: str, target: str, model: str, prompts: int, seed: int) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _pipe(comps, unet):
+def _pipe(comps, unet, text_encoder):
     class P:  # what erasekit.dag.sampling.sample needs of a pipeline
         pass
 
     p = P()
-    p.unet, p.text_encoder, p.tokenizer, p.vae, p.scheduler = unet, comps.text_encoder, comps.tokenizer, comps.vae, comps.scheduler
+    p.unet, p.text_encoder, p.tokenizer, p.vae, p.scheduler = unet, text_encoder, comps.tokenizer, comps.vae, comps.scheduler
     return p
 
 
