@@ -33,7 +33,7 @@ def _eval(args) -> int:
     cfg = EvalConfig(model=args.model, prompts=args.prompts, seeds=args.seeds, quick=args.quick,
                      steps=args.steps, eta=args.eta, cfg=args.cfg, scheduler=args.scheduler,
                      clip_sample=args.clip_sample, thresholding=args.thresholding,
-                     sample_max_value=args.sample_max_value,
+                     sample_max_value=args.sample_max_value, guidance_below=args.guidance_below,
                      judge_scenes=args.judge_scenes, only=args.only, threads=args.threads)
     result = evaluate(cfg)
     if args.card:
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     e.add_argument("--scheduler", default=None, choices=["ddim", "euler_a", "ddpm"])
     e.add_argument("--clip-sample", type=int, default=None, choices=[0, 1], help="override x0 clipping")
     e.add_argument("--thresholding", type=int, default=None, choices=[0, 1], help="dynamic thresholding")
+    e.add_argument("--guidance-below", type=int, default=None, metavar="T",
+                   help="guide only at timesteps t < T (limited-interval guidance; 1000 = everywhere)")
     e.add_argument("--sample-max-value", type=float, default=None,
                    help="dynamic thresholding's largest s (Imagen: x0 = clip(x0, -s, s) / s; 1 = plain x0 clipping)")
     e.add_argument("--judge-scenes", type=int, default=None, help="held-out scenes for judge_accuracy (500)")

@@ -41,6 +41,7 @@ class EvalConfig:
     clip_sample: int | None = None  # None: as in the model's scheduler config
     thresholding: int | None = None  # Imagen dynamic thresholding (DDIM / DDPM)
     sample_max_value: float | None = None  # its largest s; None: as in the model's scheduler config
+    guidance_below: int | None = None  # CFG only at timesteps t < this (limited-interval guidance)
     judge_scenes: int | None = None  # default 500 (quick: 40)
     only: str | None = None  # comma-separated metric names
     threads: int = 2
@@ -53,7 +54,8 @@ class EvalConfig:
             prompts=self.prompts or (6 if q else 100), seeds=self.seeds or (1 if q else 2),
             steps=self.steps or (4 if q else 25), eta=1.0 if self.eta is None else self.eta,
             cfg=self.cfg or 3.0, scheduler=self.scheduler or "ddim", clip_sample=self.clip_sample,
-            thresholding=self.thresholding, sample_max_value=self.sample_max_value, judge_scenes=self.judge_scenes or (40 if q else 500))
+            thresholding=self.thresholding, sample_max_value=self.sample_max_value,
+            guidance_below=self.guidance_below, judge_scenes=self.judge_scenes or (40 if q else 500))
 
 
 # ----------------------------------------------------------------------------- prompt sets
@@ -117,6 +119,7 @@ def make_scheduler(pipe, cfg: EvalConfig):
         raise ValueError(f"unknown scheduler {cfg.scheduler!r}: ddim, euler_a or ddpm")
     desc += ", x0 clip" if clip else ", no x0 clip"
     desc += f", dynamic thresholding (s <= {base.get('sample_max_value', 1.0):g})" if thresh else ""
+    desc += f", guidance only at t < {cfg.guidance_below}" if cfg.guidance_below is not None else ""
     return sched, desc
 
 
@@ -129,12 +132,36 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg: EvalConfig, guidan
     for i in range(0, len(prompts), cfg.batch):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + cfg.batch]]
         kwargs = {"eta": cfg.eta} if cfg.scheduler == "ddim" else {}
-        out = pipe(prompts[i:i + cfg.batch], num_inference_steps=cfg.steps, guidance_scale=guidance,
-                   generator=gens, output_type="np", **kwargs).images
+        first, interval = guidance, {}
+        if cfg.guidance_below is not None:
+            first, interval = limited_interval(pipe, cfg.steps, guidance, cfg.guidance_below)
+        out = pipe(prompts[i:i + cfg.batch], num_inference_steps=cfg.steps, guidance_scale=first,
+                   generator=gens, output_type="np", **kwargs, **interval).images
         images.append(np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8))
         if store is not None:
             store.flush()
     return np.concatenate(images)
+
+
+def limited_interval(pipe, steps: int, guidance: float, below: int):
+    """Guidance in a limited interval (Kynkaanniemi et al., NeurIPS 2024): the guidance scale at
+    timesteps t < ``below``, none above (at high noise, where the toy model's guided predictions
+    overshoot). Returns the first step's scale and the pipeline's ``callback_on_step_end``, which
+    sets the next step's. "None" is a scale of 1 + 1e-6, not 1: at exactly 1 the pipeline drops
+    its unconditional half mid-run, while its text embeddings stay doubled."""
+    import copy
+
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(steps)
+    ts = [int(t) for t in sched.timesteps]
+    scale = lambda t: guidance if t < below else 1.0 + 1e-6  # noqa: E731
+
+    def next_scale(p, i, t, kwargs):
+        if i + 1 < len(ts):
+            p._guidance_scale = scale(ts[i + 1])
+        return kwargs
+
+    return scale(ts[0]), {"callback_on_step_end": next_scale}
 
 
 class AttentionStore:

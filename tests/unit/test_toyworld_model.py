@@ -153,6 +153,23 @@ def test_pipeline_samples_a_128px_image(tiny_dir, scheduler):
     assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
 
+def test_limited_interval_guidance_switches_the_scale_by_timestep(tiny_dir):
+    """Guidance only at t < T: T above every timestep is plain CFG bit for bit, T = 0 is the
+    conditional prediction alone, and an interval in between differs from both."""
+    from erasekit.toyworld.evaluate import EvalConfig, generate
+
+    pipe = load_toy_pipeline(tiny_dir)
+    base = dict(model=str(tiny_dir), steps=4, batch=2)
+    run = lambda guidance, below=None: generate(  # noqa: E731
+        pipe, ["a red circle", "a blue star"], [3, 4], EvalConfig(**base, guidance_below=below).resolved(), guidance)
+    plain, everywhere = run(5.0), run(5.0, below=1000)
+    assert np.array_equal(plain, everywhere)
+    nowhere, unguided = run(5.0, below=0), run(1.0 + 1e-6)
+    assert np.array_equal(nowhere, unguided) and not np.array_equal(nowhere, plain)
+    half = run(5.0, below=500)
+    assert not np.array_equal(half, plain) and not np.array_equal(half, nowhere)
+
+
 def test_prompt_sets_are_deterministic_and_well_formed():
     from erasekit.toyworld.evaluate import prompt_set
 
