@@ -132,7 +132,10 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
     sched.set_timesteps(steps)
-    step_kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
+    params = inspect.signature(sched.step).parameters
+    step_kwargs = {"eta": eta} if "eta" in params else {}
+    if "use_clipped_model_output" in params:  # with x0 clipping, the noise direction from the clipped x0
+        step_kwargs["use_clipped_model_output"] = True  # (as ToyPipeline and ComfyUI's samplers do)
     step_gen = torch.Generator().manual_seed(int(seeds[0]) + 7919)
     res = SampleResult(images=None)
     # the tap only reads queries: attached in DAG mode, or to watch detection under plain CFG

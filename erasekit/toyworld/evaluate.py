@@ -117,7 +117,7 @@ def make_scheduler(pipe, cfg: EvalConfig):
         desc = f"euler_a, {cfg.steps} steps"
     else:
         raise ValueError(f"unknown scheduler {cfg.scheduler!r}: ddim, euler_a or ddpm")
-    desc += ", x0 clip" if clip else ", no x0 clip"
+    desc += (", x0 clip (noise from the clipped x0)" if cfg.scheduler == "ddim" else ", x0 clip") if clip else ", no x0 clip"
     desc += f", dynamic thresholding (s <= {base.get('sample_max_value', 1.0):g})" if thresh else ""
     desc += f", guidance only at t < {cfg.guidance_below}" if cfg.guidance_below is not None else ""
     return sched, desc

@@ -273,8 +273,10 @@ def toy_scheduler_config() -> dict:
 
     Valid for DDPMScheduler, DDIMScheduler and EulerAncestralDiscreteScheduler (they ignore the
     keys they do not know). `clip_sample` (x0 clipping to [-1, 1], standard for pixel-space
-    DDPMs) is on: the latent here *is* pixel space, and clipping is what keeps high-CFG samples
-    from saturating (see `models/toy/MODEL_CARD.md` for the measurements).
+    DDPMs) is on: the latent here *is* pixel space. DDIM must then take its noise direction from
+    the clipped x0 (`use_clipped_model_output`, which `ToyPipeline` and erasekit's sampler pass):
+    clipping x0 alone, diffusers' default, is what made this model collapse at CFG >= 3 (see
+    `models/toy/MODEL_CARD.md` for the measurements).
     """
     return dict(
         num_train_timesteps=1000,
@@ -310,6 +312,18 @@ class ToyPipeline(StableDiffusionPipeline):
                          image_encoder=image_encoder, requires_safety_checker=requires_safety_checker)
         if original is not None:
             scheduler._internal_dict = original
+
+    def prepare_extra_step_kwargs(self, generator, eta):
+        """DDIM's x0 clipping made consistent: with ``use_clipped_model_output`` the step's noise
+        direction is recomputed from the clipped x0, as ComfyUI's samplers do with a clamped
+        denoised prediction. Without it DDIM pairs the clipped x0 with the unclipped noise, and at
+        CFG >= 3 that mismatch wrecks the samples (measured in ``models/toy/MODEL_CARD.md``)."""
+        import inspect
+
+        kwargs = super().prepare_extra_step_kwargs(generator, eta)
+        if "use_clipped_model_output" in inspect.signature(self.scheduler.step).parameters:
+            kwargs["use_clipped_model_output"] = True
+        return kwargs
 
 
 def build_toy_pipeline(seed: int = 0, tiny: bool = False, text_hidden: int = 64) -> ToyPipeline:

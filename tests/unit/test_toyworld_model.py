@@ -122,6 +122,8 @@ def test_save_load_round_trip(tiny_pipe, tiny_dir):
     loaded = load_toy_pipeline(tiny_dir)
     assert isinstance(loaded.text_encoder, ToyCLIPTextModel) and isinstance(loaded.vae, ToyVAE)
     assert loaded.scheduler.config.clip_sample is True  # the SD pipeline's reset of it is undone
+    # and DDIM takes its noise direction from the clipped x0 (the pipeline's sampling and ours)
+    assert loaded.prepare_extra_step_kwargs(None, 1.0)["use_clipped_model_output"] is True
     for name in ("unet", "text_encoder"):
         a, b = getattr(tiny_pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys()
