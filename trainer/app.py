@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from erasekit.erase.state import read_metrics  # noqa: E402
 from erasekit.errors import ErasekitError  # noqa: E402
 from trainer import estimate, jobs, runs, work  # noqa: E402
 from trainer.review import ReviewHandlers  # noqa: E402
@@ -180,12 +181,9 @@ class TrainerApp(ReviewHandlers):
 
     def concept_type_changed(self, concept_type, base=None):
         target, anchor = EXAMPLES.get(concept_type, EXAMPLES["object"])
-        from erasekit.erase.inpo import preset
-
-        row = preset(PRESET_OF_TYPE.get(concept_type, "object"), toy=self._is_toy(base or self.base))
-        return (target, anchor, "\n".join(self._suggested(target)), PRESET_OF_TYPE[concept_type],
-                row["steps"], row["rank"], row["eta"], row["gamma"], row["tau"], row["lambda_prior"],
-                f"erase-{jobs.slug(target)}")
+        preset_name = PRESET_OF_TYPE[concept_type]
+        return (target, anchor, "\n".join(self._suggested(target)), preset_name,
+                *self.preset_changed(preset_name, base), f"erase-{jobs.slug(target)}")
 
     def preset_changed(self, name, base=None):
         from erasekit.erase.inpo import preset
@@ -420,7 +418,7 @@ class TrainerApp(ReviewHandlers):
         except ErasekitError:
             run_dir = None
         out = {}
-        metrics = runs.read_metrics(run_dir) if run_dir else []
+        metrics = read_metrics(run_dir) if run_dir else []
         key = (str(run_dir), len(metrics))
         if seen.get("plot") != repr(key):
             seen["plot"] = repr(key)

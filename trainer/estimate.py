@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from erasekit.erase.state import read_config, read_metrics
 from erasekit.errors import ErasekitError
-from trainer.runs import read_metrics
 
 
 def recent_runs(root) -> list:
@@ -22,8 +22,6 @@ def recent_runs(root) -> list:
 
 def same_base(run_dir, base: str) -> bool:
     """Whether the run in ``run_dir`` trained on ``base`` (as its config.toml records it)."""
-    from erasekit.erase.engine import read_config
-
     try:
         return read_config(Path(run_dir) / "config.toml").get("train", {}).get("base") == str(base or "").strip()
     except ErasekitError:

@@ -6,7 +6,6 @@ import os
 import re
 from pathlib import Path
 
-from erasekit.erase.state import read_metrics  # noqa: F401  (the run pages read them from here)
 from erasekit.errors import ErasekitError
 from trainer.jobs import JOBS, busy_with, slug  # noqa: F401  (slug: one spelling of names for runs and files)
 

@@ -8,7 +8,7 @@ A run is a folder:
                                       /state.safetensors     optimizer tensors, RNG; JSON metadata
     <out>/samples/step-000100.png    previews: one row per prompt, one column per fixed seed
     <out>/tensorboard/               SummaryWriter logs (the same terms, and the previews)
-    <out>/<name>.safetensors         the exported LoRA (kohya keys + metadata, :mod:`erasekit.lora_io`)
+    <out>/<name>.safetensors         the exported LoRA (kohya keys + metadata, :mod:`erasekit.erase.export`)
 
 :func:`train` reads top to bottom like diffusers' ``train_text_to_image_lora.py``: models ->
 LoRA adapters (or all UNet weights) -> optimizer and schedule -> resume -> loop -> export.
@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ErasekitError
+from .export import export_lora  # noqa: F401  (part of the engine's API)
 from .state import (  # noqa: F401
     _truncate_metrics,
     config_from_dict,
@@ -492,29 +492,3 @@ def _preview(components, config, prompts, step, run_dir, writer, accelerator):
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
     if writer is not None:
         writer.add_image("samples", grid, step)
-
-
-def export_lora(config: TrainConfig, method: str, components, unet, text_encoder=None, reference=None,
-                te_original=None, preserved=()) -> Path:
-    """Write ``<out>/<name>.safetensors``: a kohya LoRA with metadata (:func:`erasekit.lora_io.save_lora`).
-
-    LoRA mode exports the peft adapters as trained; full-parameter mode extracts a rank-``config.rank``
-    LoRA from the weight change by SVD (:func:`erasekit.lora_io.extract_lora`).
-    """
-    from .. import lora_io
-    from ..models import architecture_of_unet
-
-    if config.mode == "lora":
-        lora = lora_io.lora_from_peft(unet=unet, text_encoder=text_encoder)
-    else:
-        lora = lora_io.extract_lora(reference.state_dict(), unet.state_dict(), rank=config.rank).lora
-        if text_encoder is not None:
-            lora.update(lora_io.extract_lora(te_original, text_encoder.state_dict(), rank=config.rank,
-                                             component="text_encoder").lora)
-    architecture = components.architecture or architecture_of_unet(unet)
-    slug = re.sub(r"[^a-z0-9]+", "-", config.target.lower()).strip("-") or "concept"
-    name = config.name or f"erase-{slug}-{method}"
-    resolved = {"train": asdict(config), "method": method}
-    return Path(lora_io.save_lora(lora, Path(config.out) / f"{name}.safetensors", architecture,
-                                  erased_concept=config.target, method=method, preserved=preserved, config=resolved,
-                                  base_model=os.path.basename(os.path.normpath(config.base)) if config.base else ""))

@@ -55,13 +55,9 @@ def write_toml(path, tables: dict) -> Path:
 def write_config(run_dir, sections: dict) -> Path:
     """Write ``sections`` ({table: dict or dataclass}) to ``<run_dir>/config.toml`` atomically
     (None values are left out: TOML has no null, and they mean "the default")."""
-    import tomli_w
-
     tables = {name: {k: v for k, v in (asdict(s) if hasattr(s, "__dataclass_fields__") else s).items() if v is not None}
               for name, s in sections.items()}
-    path = Path(run_dir) / "config.toml"
-    _write_text_atomic(path, tomli_w.dumps(tables))
-    return path
+    return write_toml(Path(run_dir) / "config.toml", tables)
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -171,7 +167,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         _write_text_atomic(path, "".join(ln + "\n" for ln in lines))
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- metrics and memory
 
 
 def peak_memory_mb(device) -> float | None:
