@@ -76,10 +76,13 @@ def main(argv=None) -> None:
     e.add_argument("--steps", type=int, default=None, help="default: the method's preset for the concept type")
     e.add_argument("--lr", type=float, default=None, help="default: the preset's (with the toy model's tuning)")
     e.add_argument("--model", default=None)
-    for flag in ("eta", "gamma", "tau", "lambda-prior"):
+    for flag in ("eta", "gamma", "tau", "lambda-prior", "lambda-anchor"):
         e.add_argument(f"--{flag}", type=float, default=None, help="override the preset's value (INPO Eq. 14-16)")
     e.add_argument("--images-per-concept", type=int, default=25, help="preserve images per preserved concept (paper: 25)")
     e.add_argument("--neighbours", type=int, default=4, help="neighbouring concepts in the preserve set (paper: 4)")
+    e.add_argument("--seed", type=int, default=0, help="data, LoRA initialisation and training draws")
+    e.add_argument("--preserve-pairs", type=float, default=0.0,
+                   help="share of preserve prompts that show two preserved objects (the paper: 0)")
     e.add_argument("--targets", default="attention",
                    help="LoRA target modules: cross-attention, attention (default), all, or names like to_k,to_v")
     e.add_argument("--batch-size", type=int, default=1, help="forget and preserve images per step (each)")
@@ -98,9 +101,11 @@ def main(argv=None) -> None:
         from .bench_erase import bench_erase
 
         log = lambda msg: print(msg, file=sys.stderr)
-        inpo = {k: getattr(a, k) for k in ("eta", "gamma", "tau", "lambda_prior") if getattr(a, k) is not None}
+        inpo = {k: getattr(a, k) for k in ("eta", "gamma", "tau", "lambda_prior", "lambda_anchor")
+                if getattr(a, k) is not None}
         print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
                                      images_per_concept=a.images_per_concept, neighbours=a.neighbours,
+                                     preserve_pairs=a.preserve_pairs, seed=a.seed,
                                      comfyui_prompts=a.comfyui, inpo=inpo, targets=a.targets, batch_size=a.batch_size,
                                      stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
                                      cost=not a.no_cost)))

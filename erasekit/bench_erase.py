@@ -122,6 +122,7 @@ class _Single:
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
                 lr: float | None = None, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
                 forget_images: int = 16, images_per_concept: int = 25, neighbours: int = 4, comfyui_prompts: int = 0,
+                preserve_pairs: float = 0.0,
                 inpo: dict | None = None, targets: str = "attention", batch_size: int = 1,
                 stop_when_erased: bool = False, train_text_encoder: bool = False,
                 cost: bool = True, log=print) -> dict:
@@ -142,7 +143,8 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     base_unet = copy.deepcopy(comps.unet)
     base_te = copy.deepcopy(comps.text_encoder) if train_text_encoder else comps.text_encoder
     data = build_erase_data(comps, target, DataConfig(forget_images=forget_images, images_per_concept=images_per_concept,
-                                                      neighbours=neighbours, seed=seed), log=log)
+                                                      neighbours=neighbours, preserve_pairs=preserve_pairs,
+                                                      seed=seed), log=log)
     steps = steps or preset(kind)["steps"]
     lr = lr or preset(kind, toy=True)["lr"]
     run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
@@ -173,11 +175,12 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     cost = _cost(model, target, seed) if cost else {}
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
-    settings = {k: getattr(objective.config, k) for k in ("eta", "gamma", "tau", "lambda_prior")} if objective.config else {}
-    return {"bench": "erase", "method": method, "target": concept.text, "steps": steps, "lr": lr, "targets": targets, "batch_size": batch_size,
+    settings = {k: getattr(objective.config, k) for k in ("eta", "gamma", "tau", "lambda_prior", "lambda_anchor")} if objective.config else {}
+    return {"bench": "erase", "method": method, "target": concept.text, "seed": seed, "steps": steps, "lr": lr, "targets": targets, "batch_size": batch_size,
             "steps_trained": result.step, "train_text_encoder": train_text_encoder,
             **settings,
             "preserved_concepts": list(data.preserved), "preserve_images": len(data.preserve or ()),
+            "preserve_pairs": preserve_pairs,
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
             "targets_drawn_before": round(n["drawn_before"] / len(target_prompts), 4),
             "erase_rate": round(1 - n["still"] / max(n["drawn_before"], 1), 4),

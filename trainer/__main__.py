@@ -42,7 +42,8 @@ FLAGS = {
     "sample_every": ("train", "sample_every"), "name": ("train", "name"),
     "gradient_checkpointing": ("train", "gradient_checkpointing"), "train_text_encoder": ("train", "train_text_encoder"),
     "cpu": ("train", "cpu"), "stop_when_erased": ("train", "stop_when_erased"), "eta": ("method", "eta"), "gamma": ("method", "gamma"), "tau": ("method", "tau"),
-    "lambda_prior": ("method", "lambda_prior"), "forget_dir": ("data", "forget_dir"),
+    "lambda_prior": ("method", "lambda_prior"), "lambda_anchor": ("method", "lambda_anchor"),
+    "preserve_pairs": ("data", "preserve_pairs"), "forget_dir": ("data", "forget_dir"),
     "preserve_dir": ("data", "preserve_dir"), "forget_images": ("data", "forget_images"),
     "images_per_concept": ("data", "images_per_concept"), "neighbours": ("data", "neighbours"),
     "unrelated": ("data", "unrelated"), "cache": ("data", "cache"), "mask_from": ("data", "mask_from"),
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("steps", int), ("seed", int), ("lr", float), ("rank", int), ("alpha", float),
                        ("batch-size", int), ("grad-accum", int), ("checkpoint-every", int), ("sample-every", int),
                        ("eta", float), ("gamma", float), ("tau", float), ("lambda-prior", float),
+                       ("lambda-anchor", float), ("preserve-pairs", float),
                        ("forget-images", int), ("images-per-concept", int), ("neighbours", int), ("unrelated", int)):
         p.add_argument(f"--{flag}", type=kind, default=None)
     p.add_argument("--mode", choices=("lora", "full"), default=None)

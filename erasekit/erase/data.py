@@ -35,6 +35,7 @@ class DataConfig:
     neighbours: int = 4  # Appendix C.1: four neighbouring concepts ...
     unrelated: int = 4  # ... and four unrelated ones ...
     images_per_concept: int = 25  # ... with 25 image-text pairs each
+    preserve_pairs: float = 0.0  # toy: this share of them shows the concept beside another preserved one
     sample_steps: int = 25
     sample_cfg: float = 3.0
     batch: int = 16  # images per sampling call
@@ -177,8 +178,10 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
             preserved = list(config.preserve_prompts)
             prompts = [p for p in preserved for _ in range(config.images_per_concept)]
         elif concept is not None:
-            pairs = [(c, p) for c in preserve_concepts(concept, config.neighbours, config.unrelated, config.seed)
-                     for p in _prompts_for(c, config.images_per_concept, config.seed)]
+            kept = preserve_concepts(concept, config.neighbours, config.unrelated, config.seed)
+            pairs = [(c, p) for c in kept for p in _prompts_for(c, config.images_per_concept, config.seed)]
+            if config.preserve_pairs > 0:
+                pairs = _paired(pairs, kept, config.preserve_pairs, config.seed)
             preserved = list(dict.fromkeys(c.text for c, _ in pairs))
             prompts = [p for _, p in pairs]
         else:
@@ -245,6 +248,22 @@ def _prompts_for(concept, n: int, seed: int) -> list:
             out.append(f"{a(rng.choice(list(V.COLOURS)) + ' ' + rng.choice(V.SHAPES))} on a {concept.text}")
         else:  # an object "a red circle", or a character's bare name, as the training captions say it
             out.append(concept.text if concept.kind == "character" else a(concept.text))
+    return out
+
+
+def _paired(pairs: list, kept: list, share: float, seed: int) -> list:
+    """Rewrite ``share`` of each object concept's prompts as "a X and a Y", Y another preserved
+    object: neighbours are also drawn beside other things, and a prior on one-object images alone
+    leaves those compositions free to drift."""
+    rng = random.Random(f"{seed}:pairs")
+    objects = [c for c in kept if c.kind in ("object", "character")]
+    out = []
+    for i, (c, p) in enumerate(pairs):
+        others = [o for o in objects if o != c]
+        if c in objects and others and rng.random() < share:
+            other = rng.choice(others)
+            p = f"{p} and {_prompts_for(other, 1, seed + i)[0]}"
+        out.append((c, p))
     return out
 
 

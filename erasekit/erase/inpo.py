@@ -31,6 +31,13 @@ moves the weights as fast as before; on the toy model every step after the conce
 down its neighbours (the run ends there instead). dS is measured at one random t a step, and at
 high noise a model hardly differs from its reference, so even an erased model exceeds tau on
 part of the steps only: the rule is a quarter of the last 20 (:meth:`InpoObjective.erased`).
+
+Also beyond the paper, the *anchor* term (``lambda_anchor``, off by default): Eq. 16 on the forget
+images' x_t under a preserved concept's prompt ("a red square" over a noisy red circle), so the
+edit has to key on the target's words, not on what its image looks like. Why: on the toy model
+INPO erases "red circle" by erasing *red* (red squares vanish too); CLIP's text encoder is causal,
+so the "red" token of "a red circle" is the same vector as that of "a red square", and only the
+later tokens carry the binding. Cost: a third part in the batch (one more image per forget image).
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ class InpoConfig:
     lambda_prior: float = 0.6  # Alg. 1 step 5: weight of the prior preservation loss (Eq. 16)
     mask_norm: str = "mask"  # Eq. 11 as a mean over the mask's area ("mask") or all elements ("all")
     use_mask: bool = True  # False: the "w/o Mask" ablation (Table 4)
+    lambda_anchor: float = 0.0  # beyond the paper: Eq. 16 on the forget images under preserved prompts
     adaptive: bool = True  # False: the "w/o alpha" ablation (Table 4), alpha = 1
 
 
@@ -152,8 +160,12 @@ class InpoObjective(Objective):
         cfg = self.config
         forget, preserve = batch["forget"], batch.get("preserve")
         parts = [forget] + ([preserve] if preserve is not None and cfg.lambda_prior > 0 else [])
-        both = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "ids")}
         nf = forget["latents"].shape[0]
+        np_ = parts[1]["latents"].shape[0] if len(parts) > 1 else 0
+        if cfg.lambda_anchor > 0 and preserve is not None:
+            k = min(nf, preserve["latents"].shape[0])
+            parts.append({"latents": forget["latents"][:k], "embeds": preserve["embeds"][:k], "ids": preserve["ids"][:k]})
+        both = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "ids")}
 
         noise, t = ctx.noise_and_timesteps(both["latents"])
         noisy = ctx.add_noise(both["latents"], noise, t)  # x_t: [B_f + B_p, C, h, w]
@@ -167,11 +179,14 @@ class InpoObjective(Objective):
         s_ref = masked_score(pred_ref[:nf], target[:nf], mask, cfg.mask_norm)
         delta_s = s_theta - s_ref  # Eq. 13
         l_inpo = inpo_loss(delta_s, cfg.eta, cfg.gamma, cfg.tau, cfg.beta, cfg.adaptive).mean()  # Eq. 15
-        l_prior = prior_loss(pred[nf:], pred_ref[nf:]) if len(parts) > 1 else torch.zeros((), device=pred.device)
+        zero = torch.zeros((), device=pred.device)
+        l_prior = prior_loss(pred[nf:nf + np_], pred_ref[nf:nf + np_]) if np_ else zero
+        l_anchor = prior_loss(pred[nf + np_:], pred_ref[nf + np_:]) if pred.shape[0] > nf + np_ else zero
         return {
-            "loss": l_inpo + cfg.lambda_prior * l_prior,  # Alg. 1 step 5
+            "loss": l_inpo + cfg.lambda_prior * l_prior + cfg.lambda_anchor * l_anchor,  # Alg. 1 step 5
             "inpo": l_inpo.detach(),
             "prior": l_prior.detach(),
+            **({"anchor": l_anchor.detach()} if cfg.lambda_anchor > 0 else {}),
             "delta_s": delta_s.detach().mean(),
             "alpha": adaptive_negative_scaling(delta_s.detach(), cfg.gamma, cfg.tau).mean(),
             "s_theta": s_theta.detach().mean(),

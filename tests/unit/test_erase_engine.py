@@ -402,3 +402,16 @@ def test_kill_9_mid_run_keeps_a_loadable_checkpoint(data, tmp_path):
     result = train(config(tmp_path, "killed", steps=step + 2, resume=True), InpoObjective(), data, tiny_components())
     assert result.status == "done" and result.step == step + 2
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 3))
+
+
+def test_preserve_pairs_put_a_share_of_the_preserved_objects_beside_another():
+    from erasekit.erase.data import _paired, _prompts_for, preserve_concepts, resolve_concept
+
+    kept = preserve_concepts(resolve_concept("red circle"))
+    pairs = [(c, p) for c in kept for p in _prompts_for(c, 25, 0)]
+    out = _paired(pairs, kept, 0.5, 0)
+    assert [c for c, _ in out] == [c for c, _ in pairs]
+    changed = [(p0, p1) for (_, p0), (_, p1) in zip(pairs, out) if p0 != p1]
+    assert 0.3 * len(pairs) < len(changed) < 0.7 * len(pairs)
+    assert all(p1.startswith(p0 + " and ") and "red circle" not in p1 for p0, p1 in changed)
+    assert _paired(pairs, kept, 0.0, 0) == pairs

@@ -169,6 +169,45 @@ def test_objective_at_the_start_is_the_bound(scene_data):
     assert grads and all(gr is not None for gr in grads) and sum(gr.abs().sum() for gr in grads) > 0
 
 
+def test_anchor_term_is_eq16_on_the_forget_images_under_preserved_prompts(scene_data):
+    """lambda_anchor (beyond the paper): the third part of the batch is the forget latents with the
+    preserve prompts' embeddings, and its term is Eq. 16 between the trained and reference model."""
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    comps = tiny_components()
+    unet = comps.unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)  # a trained-looking adapter, so that model != reference
+
+    def ctx():
+        return StepContext(0, torch.Generator().manual_seed(7), DDPMScheduler.from_config(comps.scheduler.config), "cpu", {})
+
+    batch = scene_data.sample(torch.Generator().manual_seed(1), 2)
+    cfg = InpoConfig(lambda_anchor=2.0)
+    with torch.no_grad():
+        out = InpoObjective(cfg).loss(batch, unet, adapters_off(unet), ctx())
+        f, p = batch["forget"], batch["preserve"]
+        latents = torch.cat([f["latents"], p["latents"], f["latents"]])
+        embeds = torch.cat([f["embeds"], p["embeds"], p["embeds"]])
+        c = ctx()
+        noise, t = c.noise_and_timesteps(latents)
+        noisy = c.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=embeds).sample
+        unet.disable_adapters()
+        ref = unet(noisy, t, encoder_hidden_states=embeds).sample
+        unet.enable_adapters()
+    assert out["anchor"].item() == pytest.approx(prior_loss(pred[4:], ref[4:]).item(), rel=1e-5)
+    assert out["prior"].item() == pytest.approx(prior_loss(pred[2:4], ref[2:4]).item(), rel=1e-5)
+    assert out["anchor"].item() > 0
+    assert out["loss"].item() == pytest.approx(out["inpo"].item() + cfg.lambda_prior * out["prior"].item()
+                                               + 2.0 * out["anchor"].item(), rel=1e-5)
+    assert "anchor" not in InpoObjective(InpoConfig()).loss(batch, unet, adapters_off(unet), ctx())
+
+
 def test_training_raises_delta_s_and_lowers_the_loss(scene_data, tmp_path):
     """12 steps (~3 s): on fixed draws dS rises above 0 and the forget term falls below its start."""
     comps = tiny_components()
