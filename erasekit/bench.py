@@ -80,6 +80,7 @@ def main(argv=None) -> None:
         e.add_argument(f"--{flag}", type=float, default=None, help="override the preset's value (INPO Eq. 14-16)")
     e.add_argument("--images-per-concept", type=int, default=25, help="preserve images per preserved concept (paper: 25)")
     e.add_argument("--neighbours", type=int, default=4, help="neighbouring concepts in the preserve set (paper: 4)")
+    e.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the preset's, 4)")
     e.add_argument("--seed", type=int, default=0, help="data, LoRA initialisation and training draws")
     e.add_argument("--preserve-pairs", type=float, default=0.0,
                    help="share of preserve prompts that show two preserved objects (the paper: 0)")
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
                 if getattr(a, k) is not None}
         print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
                                      images_per_concept=a.images_per_concept, neighbours=a.neighbours,
-                                     preserve_pairs=a.preserve_pairs, seed=a.seed,
+                                     preserve_pairs=a.preserve_pairs, seed=a.seed, rank=a.rank,
                                      comfyui_prompts=a.comfyui, inpo=inpo, targets=a.targets, batch_size=a.batch_size,
                                      stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
                                      cost=not a.no_cost)))

@@ -122,7 +122,7 @@ class _Single:
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
                 lr: float | None = None, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
                 forget_images: int = 16, images_per_concept: int = 25, neighbours: int = 4, comfyui_prompts: int = 0,
-                preserve_pairs: float = 0.0,
+                preserve_pairs: float = 0.0, rank: int | None = None,
                 inpo: dict | None = None, targets: str = "attention", batch_size: int = 1,
                 stop_when_erased: bool = False, train_text_encoder: bool = False,
                 cost: bool = True, log=print) -> dict:
@@ -148,7 +148,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     steps = steps or preset(kind)["steps"]
     lr = lr or preset(kind, toy=True)["lr"]
     run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
-    config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=preset(kind)["rank"], seed=seed,
+    config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=rank or preset(kind)["rank"], seed=seed,
                          targets=targets, batch_size=batch_size, stop_when_erased=stop_when_erased,
                          train_text_encoder=train_text_encoder, checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
     t0 = time.time()
@@ -176,7 +176,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
     settings = {k: getattr(objective.config, k) for k in ("eta", "gamma", "tau", "lambda_prior", "lambda_anchor")} if objective.config else {}
-    return {"bench": "erase", "method": method, "target": concept.text, "seed": seed, "steps": steps, "lr": lr, "targets": targets, "batch_size": batch_size,
+    return {"bench": "erase", "method": method, "target": concept.text, "seed": seed, "steps": steps, "lr": lr, "rank": config.rank, "targets": targets, "batch_size": batch_size,
             "steps_trained": result.step, "train_text_encoder": train_text_encoder,
             **settings,
             "preserved_concepts": list(data.preserved), "preserve_images": len(data.preserve or ()),

@@ -8,7 +8,9 @@ Analysis by synthesis, with the renderer's own geometry:
    pixel in the object (the renderer's mask rule). Pixels far from every segment are background.
 2. Objects. 8-connected groups of object pixels are objects (the renderer keeps objects apart);
    groups smaller than `min_area` are noise. A group made of a character's two colours, the inner
-   one enclosed by the body, is that character; otherwise the majority colour names it.
+   one enclosed by the body, is that character; otherwise the majority colour names it, unless
+   the group is two well-formed shapes of two colours that touch (a generated image may draw
+   them so), which are split into two objects (`_plain_objects`).
 3. Shape. Every shape's template is rendered at the group's centroid, scaled to the group's area;
    the template overlapping the group best (IoU) names the shape.
 4. Background. The brightness of the non-object pixels is fitted with every style's pattern at
@@ -28,6 +30,7 @@ from erasekit.toyworld import vocab as V
 COLOUR_NAMES = tuple(V.COLOURS)
 MIN_AREA = 12  # px at 32x32; smaller groups are noise (rendered objects have >= ~23)
 TOL = 60.0  # max distance (0-255 RGB units) of a pixel from its colour segment, else background
+SPLIT_IOU = 0.8  # a group of two colours is two touching objects only if both look like shapes this well
 MIN_CONTRAST = 0.3  # a background pattern fainter than this share of the rendered one is "plain"
 _EIGHT = np.ones((3, 3), bool)
 
@@ -209,8 +212,9 @@ def to_judge_input(image) -> np.ndarray:
     return img.reshape(S.SIZE, f, S.SIZE, f, 3).mean(axis=(1, 3)) if f > 1 else img
 
 
-def judge(image, min_area: int = MIN_AREA, tol: float = TOL) -> Judgement:
-    """Detect the objects (colour, shape, mask, character) and background style of one image."""
+def judge(image, min_area: int = MIN_AREA, tol: float = TOL, split: bool = True) -> Judgement:
+    """Detect the objects (colour, shape, mask, character) and background style of one image.
+    ``split=False`` keeps touching objects of two colours as one (the judge before 2026-11-29)."""
     img = to_judge_input(image)
     label = classify_pixels(img, tol)
     foreground = label >= 0
@@ -227,9 +231,38 @@ def judge(image, min_area: int = MIN_AREA, tol: float = TOL) -> Judgement:
             colour, shape = V.CHARACTERS[name].body
             objects.append(Detection(colour, shape, region, area, character=name))
         else:
-            shape, score = classify_shape(region)
-            objects.append(Detection(COLOUR_NAMES[int(counts.argmax())], shape, region, area, score=score))
+            objects += _plain_objects(region, label, counts, min_area if split else area + 1)
     return Judgement(objects, classify_background(img, foreground))
+
+
+def _plain_objects(region, label, counts, min_area: int) -> list[Detection]:
+    """One object per colour of a group where two or more colours each cover a real share of it.
+
+    Rendered scenes keep objects apart, but a generated image may draw two objects touching (a red
+    star against a white one): one group, two objects. A colour counts when it has at least
+    ``min_area`` pixels and a fifth of the group; its connected parts are the candidate objects.
+    Analysis by synthesis decides: the group is split only if every candidate matches its shape's
+    template with IoU >= ``SPLIT_IOU`` (well-formed objects that touch), not when the colours
+    merely blend across one blob (a square turning from white to yellow), whose halves are no
+    shape. Soft edges between two colours give a few pixels of a third, below both bounds.
+    """
+    area = int(region.sum())
+    shape, score = classify_shape(region)
+    whole = [Detection(COLOUR_NAMES[int(counts.argmax())], shape, region, area, score=score)]
+    colours = [c for c in np.argsort(counts)[::-1] if counts[c] >= max(min_area, 0.2 * area)]
+    if len(colours) < 2:
+        return whole
+    out = []
+    for c in colours:
+        parts, n = ndimage.label(region & (label == c), _EIGHT)
+        for i in range(1, n + 1):
+            part = parts == i
+            if part.sum() >= min_area:
+                shape, score = classify_shape(part)
+                if score < SPLIT_IOU:
+                    return whole
+                out.append(Detection(COLOUR_NAMES[int(c)], shape, part, int(part.sum()), score=score))
+    return out
 
 
 def judge_batch(images) -> list[Judgement]:

@@ -133,3 +133,32 @@ def test_bad_inputs():
         J.judge(np.zeros((30, 30, 3), np.uint8))
     with pytest.raises(ValueError):
         J.judge(np.zeros((32, 32), np.uint8))
+
+
+def _touching(a, b, r=6.0):
+    """Objects a and b on a plain background, b moved in from the right until the two form one
+    8-connected group: what a generated image does and the renderer never does."""
+    for dx in np.arange(2.5 * r, r, -0.25):
+        img = S._background_image("plain", (0, 0), True, S.SIZE)[1].copy()
+        objs = S._draw(img, [(a, r, (13.0, 8.0)), (b, r, (15.0, 8.0 + dx))], S.SIZE)
+        if ndimage.label(objs[0].mask | objs[1].mask, np.ones((3, 3), bool))[1] == 1:
+            return np.rint(img).astype(np.uint8), objs
+    raise AssertionError("never touched")
+
+
+@pytest.mark.parametrize("a,b", [(("red", "star"), ("white", "star")), (("green", "triangle"), ("red", "square")),
+                                 (("orange", "circle"), ("white", "star")), (("blue", "ring"), ("purple", "circle"))])
+def test_touching_objects_of_two_colours_are_two_objects(a, b):
+    image, objs = _touching(a, b)
+    assert (objs[0].mask & objs[1].mask).sum() <= 2  # touching, hardly overlapping
+    assert J.judge(image).items() == tuple(sorted([" ".join(a), " ".join(b)]))
+
+
+def test_a_blob_whose_colour_changes_halfway_stays_one_object():
+    """Two colours in one shape (a square white on the left, yellow on the right) are no two shapes."""
+    img = S._background_image("plain", (0, 0), True, S.SIZE)[1].copy()
+    (sq,) = S._draw(img, [(("white", "square"), 8.0, (16.0, 16.0))], S.SIZE)
+    right = sq.mask & (np.arange(S.SIZE)[None, :] >= 16)
+    img[right] = V.COLOURS["yellow"]
+    j = J.judge(np.rint(img).astype(np.uint8))
+    assert len(j.objects) == 1 and j.objects[0].shape == "square"
