@@ -167,10 +167,7 @@ class InpoObjective(Objective):
             parts.append({"latents": forget["latents"][:k], "embeds": preserve["embeds"][:k], "ids": preserve["ids"][:k]})
         both = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "ids")}
 
-        noise, t = ctx.noise_and_timesteps(both["latents"])
-        na = both["latents"].shape[0] - nf - np_
-        if na:  # the anchor sees the forget images' own x_t: the same input under other words
-            noise[nf + np_:], t[nf + np_:] = noise[:na], t[:na]
+        noise, t = ctx.noise_and_timesteps(both["latents"])  # the anchor rows draw their own
         noisy = ctx.add_noise(both["latents"], noise, t)  # x_t: [B_f + B_p (+ B_a), C, h, w]
         target = ctx.target(both["latents"], noise, t)
         pred = unet(noisy, t, encoder_hidden_states=ctx.text(both)).sample
