@@ -163,8 +163,8 @@ class InpoObjective(Objective):
         nf = forget["latents"].shape[0]
         np_ = parts[1]["latents"].shape[0] if len(parts) > 1 else 0
         if cfg.lambda_anchor > 0 and preserve is not None:
-            k = min(nf, preserve["latents"].shape[0])
-            parts.append({"latents": forget["latents"][:k], "embeds": preserve["embeds"][:k], "ids": preserve["ids"][:k]})
+            na = min(nf, preserve["latents"].shape[0])  # anchor rows: forget images, preserved prompts
+            parts.append({"latents": forget["latents"][:na], "embeds": preserve["embeds"][:na], "ids": preserve["ids"][:na]})
         both = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "ids")}
 
         noise, t = ctx.noise_and_timesteps(both["latents"])  # the anchor rows draw their own
