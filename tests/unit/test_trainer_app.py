@@ -126,12 +126,14 @@ def test_generate_train_check_export(app):
     assert os.path.isfile(path[: -len(".safetensors")] + ".md")
 
 
-def test_guideline_tokens_train_check_export(app):
-    """Method "DAG guideline tokens": the embedding is trained from the run's images, Check samples
-    Detect-and-Guide with it, Export writes a file Load Guideline Embedding reads."""
+def test_guideline_tokens_train_check_export(app, tmp_path):
+    """Method "DAG guideline tokens": the embedding is trained from the run's images (uploaded: the
+    tiny random model draws no red circle the judge would see), Check samples Detect-and-Guide with
+    it, Export writes a file Load Guideline Embedding reads."""
     from erasekit.dag.guideline import GuidelineEmbedding
 
     c = app["client"]
+    assert "3 uploaded images (3 with a mask" in upload_scenes(app, "tokens", tmp_path, with_masks=3)
     assert c.predict(method="guideline", forget_images=2, preset="object", api_name="/method") == 200
     assert c.predict(method="inpo", forget_images=2, preset="style", api_name="/method") == 400
     kw = small(app, "tokens", method="guideline", steps=6)
