@@ -231,12 +231,12 @@ def judge(image, min_area: int = MIN_AREA, tol: float = TOL, split: bool = True)
             colour, shape = V.CHARACTERS[name].body
             objects.append(Detection(colour, shape, region, area, character=name))
         else:
-            objects += _plain_objects(region, label, counts, min_area if split else area + 1)
+            objects += _plain_objects(region, label, counts, min_area, split)
     return Judgement(objects, classify_background(img, foreground))
 
 
-def _plain_objects(region, label, counts, min_area: int) -> list[Detection]:
-    """One object per colour of a group where two or more colours each cover a real share of it.
+def _plain_objects(region, label, counts, min_area: int, split: bool = True) -> list[Detection]:
+    """The object a group shows, named by its majority colour, or two (or more) touching ones.
 
     Rendered scenes keep objects apart, but a generated image may draw two objects touching (a red
     star against a white one): one group, two objects. A colour counts when it has at least
@@ -250,7 +250,7 @@ def _plain_objects(region, label, counts, min_area: int) -> list[Detection]:
     shape, score = classify_shape(region)
     whole = [Detection(COLOUR_NAMES[int(counts.argmax())], shape, region, area, score=score)]
     colours = [c for c in np.argsort(counts)[::-1] if counts[c] >= max(min_area, 0.2 * area)]
-    if len(colours) < 2:
+    if not split or len(colours) < 2:
         return whole
     out = []
     for c in colours:
