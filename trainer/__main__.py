@@ -64,12 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("object", "character", "style", "nsfw"),
                    help="hyperparameters of this concept type (default: from the target)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    for flag, kind in (("steps", int), ("seed", int), ("lr", float), ("rank", int), ("alpha", float),
-                       ("batch-size", int), ("grad-accum", int), ("checkpoint-every", int), ("sample-every", int),
-                       ("eta", float), ("gamma", float), ("tau", float), ("lambda-prior", float),
-                       ("lambda-anchor", float), ("preserve-pairs", float),
-                       ("forget-images", int), ("images-per-concept", int), ("neighbours", int), ("unrelated", int)):
-        p.add_argument(f"--{flag}", type=kind, default=None)
+    for flag, kind, text in (
+            ("steps", int, "training steps (default: the preset's)"), ("seed", int, "data, init and noise draws"),
+            ("lr", float, "learning rate (default 1e-4; the toy model's tuning on the toy model)"),
+            ("rank", int, "LoRA rank (default: the preset's, 4)"), ("alpha", float, "LoRA alpha (default: the rank)"),
+            ("batch-size", int, "forget and preserve images per step (each)"),
+            ("grad-accum", int, "micro-batches accumulated into each optimizer step (default 1)"),
+            ("checkpoint-every", int, "steps between checkpoints (default 100; a kill loses at most this many)"),
+            ("sample-every", int, "steps between preview images (0: none)"),
+            ("eta", float, "INPO Eq. 13/15: erasure strength (preset: 1, style 3)"),
+            ("gamma", float, "INPO Eq. 14: sharpness of the adaptive scaling (preset 3)"),
+            ("tau", float, "INPO Eq. 14: target margin of dS (preset 0.1)"),
+            ("lambda-prior", float, "INPO Alg. 1: weight of the prior preservation loss, Eq. 16 (preset 0.6)"),
+            ("lambda-anchor", float, "beyond the paper: Eq. 16 on the forget images under preserved prompts (0: off)"),
+            ("preserve-pairs", float, "toy model: share of preserve prompts showing two preserved objects (0: off)"),
+            ("forget-images", int, "images of the concept to generate (default 16)"),
+            ("images-per-concept", int, "preserve images per preserved concept (default 25)"),
+            ("neighbours", int, "neighbouring concepts to preserve (default 4)"),
+            ("unrelated", int, "unrelated concepts to preserve (default 4)")):
+        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
     p.add_argument("--mode", choices=("lora", "full"), default=None)
     p.add_argument("--targets", default=None, help="cross-attention | attention | all | to_k,to_v,...")
     p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), default=None)
