@@ -51,6 +51,8 @@ def bench_startup(repeats: int = 3) -> dict:
 
 
 def main(argv=None) -> None:
+    from .bench_erase import INPO_SETTINGS  # light: its heavy imports are inside functions
+
     ap = argparse.ArgumentParser(prog="python -m erasekit.bench", description="Erasekit benchmarks (JSON lines).")
     sub = ap.add_subparsers(dest="which", required=True)
     s = sub.add_parser("startup", help="seconds the pack adds to ComfyUI's node loading")
@@ -76,8 +78,9 @@ def main(argv=None) -> None:
     e.add_argument("--steps", type=int, default=None, help="default: the method's preset for the concept type")
     e.add_argument("--lr", type=float, default=None, help="default: the preset's (with the toy model's tuning)")
     e.add_argument("--model", default=None)
-    for flag in ("eta", "gamma", "tau", "lambda-prior", "lambda-anchor"):
-        e.add_argument(f"--{flag}", type=float, default=None, help="override the preset's value (INPO Eq. 14-16)")
+    for key in INPO_SETTINGS:
+        e.add_argument(f"--{key.replace('_', '-')}", type=float, default=None,
+                       help="override the preset's value (INPO Eq. 14-16; lambda-anchor: beyond the paper)")
     e.add_argument("--images-per-concept", type=int, default=25, help="preserve images per preserved concept (paper: 25)")
     e.add_argument("--neighbours", type=int, default=4, help="neighbouring concepts in the preserve set (paper: 4)")
     e.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the preset's, 4)")
@@ -102,8 +105,7 @@ def main(argv=None) -> None:
         from .bench_erase import bench_erase
 
         log = lambda msg: print(msg, file=sys.stderr)
-        inpo = {k: getattr(a, k) for k in ("eta", "gamma", "tau", "lambda_prior", "lambda_anchor")
-                if getattr(a, k) is not None}
+        inpo = {k: getattr(a, k) for k in INPO_SETTINGS if getattr(a, k) is not None}
         print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
                                      images_per_concept=a.images_per_concept, neighbours=a.neighbours,
                                      preserve_pairs=a.preserve_pairs, seed=a.seed, rank=a.rank,

@@ -45,6 +45,9 @@ class PlainLoraObjective:
         return {"loss": loss}
 
 
+INPO_SETTINGS = ("eta", "gamma", "tau", "lambda_prior", "lambda_anchor")  # overridable, and reported
+
+
 def _objective(method: str, preset_name: str, overrides: dict | None = None):
     if method == "plain":
         return PlainLoraObjective()
@@ -175,7 +178,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     cost = _cost(model, target, seed) if cost else {}
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
-    settings = {k: getattr(objective.config, k) for k in ("eta", "gamma", "tau", "lambda_prior", "lambda_anchor")} if objective.config else {}
+    settings = {k: getattr(objective.config, k) for k in INPO_SETTINGS} if objective.config else {}
     return {"bench": "erase", "method": method, "target": concept.text, "seed": seed, "steps": steps, "lr": lr, "rank": config.rank, "targets": targets, "batch_size": batch_size,
             "steps_trained": result.step, "train_text_encoder": train_text_encoder,
             **settings,

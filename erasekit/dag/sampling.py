@@ -99,6 +99,17 @@ def encode_prompts(text_encoder, tokenizer, prompts):
         return text_encoder(ids)[0]
 
 
+def clipped_x0_step_kwargs(scheduler) -> dict:
+    """``scheduler.step`` keywords that make x0 clipping consistent: with ``use_clipped_model_output``
+    DDIM takes the step's noise direction from the clipped x0 (as ComfyUI's samplers do with a
+    clamped denoised prediction); diffusers' default pairs the clipped x0 with the unclipped noise.
+    Empty for schedulers without the option. Used by this sampler and by ``ToyPipeline``."""
+    import inspect
+
+    return {"use_clipped_model_output": True} \
+        if "use_clipped_model_output" in inspect.signature(scheduler.step).parameters else {}
+
+
 def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str = "cfg", safety_text: str | None = None,
            embeddings=(), dag: DagSettings | None = None, sld: SldSettings | str = "medium",
            sega: SegaSettings | None = None, scheduler=None, eta: float = 1.0, keep_maps: bool = False) -> SampleResult:
@@ -132,10 +143,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
     sched.set_timesteps(steps)
-    params = inspect.signature(sched.step).parameters
-    step_kwargs = {"eta": eta} if "eta" in params else {}
-    if "use_clipped_model_output" in params:  # with x0 clipping, the noise direction from the clipped x0
-        step_kwargs["use_clipped_model_output"] = True  # (as ToyPipeline and ComfyUI's samplers do)
+    step_kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
+    step_kwargs.update(clipped_x0_step_kwargs(sched))
     step_gen = torch.Generator().manual_seed(int(seeds[0]) + 7919)
     res = SampleResult(images=None)
     # the tap only reads queries: attached in DAG mode, or to watch detection under plain CFG

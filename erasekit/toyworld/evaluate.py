@@ -129,12 +129,12 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg: EvalConfig, guidan
     import torch
 
     images = []
+    kwargs = {"eta": cfg.eta} if cfg.scheduler == "ddim" else {}
+    first, interval = guidance, {}
+    if cfg.guidance_below is not None:
+        first, interval = limited_interval(pipe, cfg.steps, guidance, cfg.guidance_below)
     for i in range(0, len(prompts), cfg.batch):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + cfg.batch]]
-        kwargs = {"eta": cfg.eta} if cfg.scheduler == "ddim" else {}
-        first, interval = guidance, {}
-        if cfg.guidance_below is not None:
-            first, interval = limited_interval(pipe, cfg.steps, guidance, cfg.guidance_below)
         out = pipe(prompts[i:i + cfg.batch], num_inference_steps=cfg.steps, guidance_scale=first,
                    generator=gens, output_type="np", **kwargs, **interval).images
         images.append(np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8))

@@ -318,12 +318,9 @@ class ToyPipeline(StableDiffusionPipeline):
         direction is recomputed from the clipped x0, as ComfyUI's samplers do with a clamped
         denoised prediction. Without it DDIM pairs the clipped x0 with the unclipped noise, and at
         CFG >= 3 that mismatch wrecks the samples (measured in ``models/toy/MODEL_CARD.md``)."""
-        import inspect
+        from ..dag.sampling import clipped_x0_step_kwargs
 
-        kwargs = super().prepare_extra_step_kwargs(generator, eta)
-        if "use_clipped_model_output" in inspect.signature(self.scheduler.step).parameters:
-            kwargs["use_clipped_model_output"] = True
-        return kwargs
+        return {**super().prepare_extra_step_kwargs(generator, eta), **clipped_x0_step_kwargs(self.scheduler)}
 
 
 def build_toy_pipeline(seed: int = 0, tiny: bool = False, text_hidden: int = 64) -> ToyPipeline:
