@@ -9,8 +9,9 @@ Analysis by synthesis, with the renderer's own geometry:
 2. Objects. 8-connected groups of object pixels are objects (the renderer keeps objects apart);
    groups smaller than `min_area` are noise. A group made of a character's two colours, the inner
    one enclosed by the body, is that character; otherwise the majority colour names it, unless
-   the group is two well-formed shapes of two colours that touch (a generated image may draw
-   them so), which are split into two objects (`_plain_objects`).
+   the group is well-formed shapes that touch (a generated image may draw them so): parts of two
+   colours, or one colour's shapes meeting at a neck, are split into objects (`_plain_objects`,
+   `_separate`).
 3. Shape. Every shape's template is rendered at the group's centroid, scaled to the group's area;
    the template overlapping the group best (IoU) names the shape.
 4. Background. The brightness of the non-object pixels is fitted with every style's pattern at
@@ -214,7 +215,7 @@ def to_judge_input(image) -> np.ndarray:
 
 def judge(image, min_area: int = MIN_AREA, tol: float = TOL, split: bool = True) -> Judgement:
     """Detect the objects (colour, shape, mask, character) and background style of one image.
-    ``split=False`` keeps touching objects of two colours as one (the judge before 2026-11-29)."""
+    ``split=False`` keeps touching objects as one (the judge before 2026-11-29)."""
     img = to_judge_input(image)
     label = classify_pixels(img, tol)
     foreground = label >= 0
@@ -238,31 +239,75 @@ def judge(image, min_area: int = MIN_AREA, tol: float = TOL, split: bool = True)
 def _plain_objects(region, label, counts, min_area: int, split: bool = True) -> list[Detection]:
     """The object a group shows, named by its majority colour, or two (or more) touching ones.
 
-    Rendered scenes keep objects apart, but a generated image may draw two objects touching (a red
-    star against a white one): one group, two objects. A colour counts when it has at least
-    ``min_area`` pixels and a fifth of the group; its connected parts are the candidate objects.
-    Analysis by synthesis decides: the group is split only if every candidate matches its shape's
-    template with IoU >= ``SPLIT_IOU`` (well-formed objects that touch), not when the colours
-    merely blend across one blob (a square turning from white to yellow), whose halves are no
-    shape. Soft edges between two colours give a few pixels of a third, below both bounds.
+    Rendered scenes keep objects apart, but a generated image may draw objects touching (a red
+    star against a white one, two yellow rings): one group, several objects. A colour counts when
+    it has at least ``min_area`` pixels and a fifth of the group; its connected parts are the
+    candidate objects, and a part (or a one-colour group) that is no shape is cut at its necks
+    (:func:`_separate`). Analysis by synthesis decides: the group is split only if every
+    candidate matches its shape's template with IoU >= ``SPLIT_IOU`` (well-formed objects that
+    touch), not when the colours merely blend across one blob (a square turning from white to
+    yellow), whose halves are no shape. Soft edges between two colours give a few pixels of a
+    third, below both bounds.
     """
     area = int(region.sum())
     shape, score = classify_shape(region)
     whole = [Detection(COLOUR_NAMES[int(counts.argmax())], shape, region, area, score=score)]
-    colours = [c for c in np.argsort(counts)[::-1] if counts[c] >= max(min_area, 0.2 * area)]
-    if not split or len(colours) < 2:
+    if not split:
         return whole
+    colours = [c for c in np.argsort(counts)[::-1] if counts[c] >= max(min_area, 0.2 * area)]
+    if len(colours) < 2:  # one colour: one object, unless it is no shape but several that touch
+        pieces = None if score >= SPLIT_IOU else _separate(region, min_area)
+        return whole if pieces is None else [_detection(whole[0].colour, p) for p in pieces]
     out = []
     for c in colours:
         parts, n = ndimage.label(region & (label == c), _EIGHT)
         for i in range(1, n + 1):
             part = parts == i
-            if part.sum() >= min_area:
-                shape, score = classify_shape(part)
-                if score < SPLIT_IOU:
-                    return whole
-                out.append(Detection(COLOUR_NAMES[int(c)], shape, part, int(part.sum()), score=score))
+            if part.sum() < min_area:
+                continue
+            shape, score = classify_shape(part)
+            pieces = [(shape, part, int(part.sum()), score)] if score >= SPLIT_IOU else _separate(part, min_area)
+            if pieces is None:
+                return whole
+            out += [_detection(COLOUR_NAMES[int(c)], p) for p in pieces]
     return out
+
+
+def _detection(colour: str, piece) -> Detection:
+    shape, mask, area, score = piece
+    return Detection(colour, shape, mask, area, score=score)
+
+
+def _separate(mask, min_area: int, max_erosion: int = 3):
+    """Cut a one-colour group that is no shape into the shapes that touch in it, or None.
+
+    Touching objects meet at a neck narrower than either object. Eroding the group (holes filled,
+    so a ring counts as its disc) opens the necks first: after k = 1, 2, ... erosions the group
+    falls apart into cores, one per object (a convex shape never falls apart). Every pixel goes to
+    its nearest core; the cut is kept only if each piece has ``min_area`` pixels and matches a
+    shape template with IoU >= ``SPLIT_IOU``. Returns [(shape, mask, area, score)].
+    """
+    filled = ndimage.binary_fill_holes(mask)
+    for k in range(1, max_erosion + 1):
+        cores, n = ndimage.label(ndimage.binary_erosion(filled, iterations=k))
+        if n == 0:
+            return None
+        if n < 2:
+            continue
+        _, (iy, ix) = ndimage.distance_transform_edt(cores == 0, return_indices=True)
+        owner = cores[iy, ix]
+        pieces = []
+        for j in range(1, n + 1):
+            piece = mask & (owner == j)
+            if piece.sum() < min_area:
+                break
+            shape, score = classify_shape(piece)
+            if score < SPLIT_IOU:
+                break
+            pieces.append((shape, piece, int(piece.sum()), score))
+        else:
+            return pieces
+    return None
 
 
 def judge_batch(images) -> list[Judgement]:
