@@ -36,14 +36,12 @@ def _eval(args) -> int:
                      sample_max_value=args.sample_max_value, guidance_below=args.guidance_below,
                      judge_scenes=args.judge_scenes, only=args.only, threads=args.threads)
     result = evaluate(cfg)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2), flush=True)  # first: never lost
     if args.card:
+        from .model import DEFAULT_MODEL_DIR
         from .train import write_model_card
 
-        write_model_card(cfg.model, result)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(json.dumps(result, indent=2))
+        print(f"model card: {write_model_card(cfg.model or DEFAULT_MODEL_DIR, result)}", file=sys.stderr)
     return 0
 
 
