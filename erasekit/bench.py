@@ -94,6 +94,8 @@ def main(argv=None) -> None:
     e.add_argument("--stop-when-erased", action="store_true",
                    help="end training once the objective counts the concept as erased (--steps is then a maximum)")
     e.add_argument("--no-cost", action="store_true", help="skip the step time / memory measurement")
+    e.add_argument("--strengths", default="", metavar="S,S,...",
+                   help="also judge the LoRA applied at these strengths (as a LoRA loader's weight), e.g. 0.6,0.8")
     e.add_argument("--out", default="out/bench/erase")
     e.add_argument("--comfyui", type=int, default=0, metavar="N",
                    help="also sample N target + N preservation prompts in real ComfyUI with the exported LoRA")
@@ -111,7 +113,8 @@ def main(argv=None) -> None:
                                      preserve_pairs=a.preserve_pairs, seed=a.seed, rank=a.rank,
                                      comfyui_prompts=a.comfyui, inpo=inpo, targets=a.targets, batch_size=a.batch_size,
                                      stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
-                                     cost=not a.no_cost)))
+                                     cost=not a.no_cost,
+                                     strengths=[float(x) for x in a.strengths.split(",") if x.strip()])))
     if a.which == "lora-roundtrip":
         from .bench_lora import bench_lora_roundtrip
 

@@ -128,7 +128,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                 preserve_pairs: float = 0.0, rank: int | None = None,
                 inpo: dict | None = None, targets: str = "attention", batch_size: int = 1,
                 stop_when_erased: bool = False, train_text_encoder: bool = False,
-                cost: bool = True, log=print) -> dict:
+                cost: bool = True, strengths: list[float] | None = None, log=print) -> dict:
     import copy
 
     from . import models
@@ -162,19 +162,26 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
         + (f" (erased at step {result.erased_at})" if result.erased_at is not None else ""))
 
     target_prompts, benign = concept_prompts(concept, n_prompts, n_prompts, seed)
-    seeds = list(range(len(target_prompts)))
-    pipe_base = _pipe(comps, base_unet, base_te)
+    prompts = {"target": target_prompts, "benign": benign}
+    neighbours = {c.text for c in concept.neighbours()}
+
+    def judged(pipe):  # {"target": [...], "benign": [...]} rows of _judge_found, seed i for prompt i
+        return {name: [row for s in range(0, len(ps), 50) for row in
+                       _judge_found(sample(pipe, ps[s:s + 50], list(range(s, min(s + 50, len(ps)))), steps=25,
+                                           cfg=3.0).images, concept)] for name, ps in prompts.items()}
+
+    before = judged(_pipe(comps, base_unet, base_te))
     pipe_erased = _pipe(comps, comps.unet, comps.text_encoder)
-    counts = {}
-    for name, prompts in (("target", target_prompts), ("benign", benign)):
-        before, after = [], []
-        for s in range(0, len(prompts), 50):
-            chunk, sd = prompts[s : s + 50], seeds[s : s + 50]
-            before += _judge_found(sample(pipe_base, chunk, sd, steps=25, cfg=3.0).images, concept)
-            after += _judge_found(sample(pipe_erased, chunk, sd, steps=25, cfg=3.0).images, concept)
-        counts[name] = (before, after)
-    n = erase_counts(counts, {"target": target_prompts, "benign": benign}, {c.text for c in concept.neighbours()},
-                     backgrounds=concept.kind == "style")
+    by_strength = {}
+    for strength in sorted({1.0, *(strengths or ())}, reverse=True):
+        _set_lora_strength(comps, strength)
+        after = judged(pipe_erased)
+        n = erase_counts({k: (before[k], after[k]) for k in prompts}, prompts, neighbours,
+                         backgrounds=concept.kind == "style")
+        by_strength[strength] = (n, after)
+    _set_lora_strength(comps, 1.0)
+    n, after = by_strength[1.0]
+    counts = {k: (before[k], after[k]) for k in prompts}
     cost = _cost(model, target, seed) if cost else {}
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
@@ -186,13 +193,30 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
             "preserve_pairs": preserve_pairs,
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
             "targets_drawn_before": round(n["drawn_before"] / len(target_prompts), 4),
-            "erase_rate": round(1 - n["still"] / max(n["drawn_before"], 1), 4),
-            "preservation": round(n["asked_after"] / max(n["asked_before"], 1), 4),
-            "preservation_same_seed": round(n["kept"] / max(n["total"], 1), 4),
-            "preservation_by_kind": {k: round(a / max(b, 1), 4) for k, (b, a) in n["asked_by_kind"].items()},
+            **_rates(n), "preservation_same_seed": round(n["kept"] / max(n["total"], 1), 4),
             "benign_target_rate_after": round(sum(a[0] for a in counts["benign"][1]) / len(benign), 4),
+            **({"by_strength": {f"{k:g}": _rates(v[0]) for k, v in by_strength.items()}}
+               if len(by_strength) > 1 else {}),
             "train_seconds": round(train_seconds, 1), "lora": str(result.lora), **cost,
             "sampler": "DDIM eta=1, 25 steps, cfg 3"}
+
+
+def _rates(n: dict) -> dict:
+    """erase_rate / preservation (and by kind) from :func:`erase_counts`."""
+    return {"erase_rate": round(1 - n["still"] / max(n["drawn_before"], 1), 4),
+            "preservation": round(n["asked_after"] / max(n["asked_before"], 1), 4),
+            "preservation_by_kind": {k: round(a / max(b, 1), 4) for k, (b, a) in n["asked_by_kind"].items()}}
+
+
+def _set_lora_strength(comps, strength: float) -> None:
+    """Apply the trained LoRA at ``strength`` (the weight a ComfyUI / A1111 user gives a LoRA):
+    peft's scale, ``strength * alpha / r``, on every LoRA layer of the UNet and text encoder."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in (comps.unet, comps.text_encoder):
+        for m in module.modules():
+            if isinstance(m, LoraLayer) and "default" in m.scaling:
+                m.set_scale("default", strength)
 
 
 def _comfyui_check(lora: str, target: str, model: str, prompts: int, seed: int) -> dict:

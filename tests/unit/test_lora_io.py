@@ -199,3 +199,21 @@ def test_svd_extraction_reconstructs_a_low_rank_update():
     assert lora_io.extract_lora(original, tuned, rank=1).max_error > 0.05
     # clamping each matrix at its own quantile keeps the error moderate
     assert 0 < lora_io.extract_lora(original, tuned, rank=2, clamp_quantile=0.99).max_error < 0.2
+
+
+def test_bench_strength_is_the_loaders_weight(case):
+    """The erase benchmark's strength sweep scales the trained peft LoRA exactly as a LoRA loader
+    merging the exported file at that weight does (per-layer alpha / rank patterns included)."""
+    from types import SimpleNamespace
+
+    from erasekit.bench_erase import _set_lora_strength
+
+    comps = SimpleNamespace(unet=copy.deepcopy(case["unet"]), text_encoder=copy.deepcopy(case["te"]))
+    for strength in (0.5, 0.0, 1.0):
+        _set_lora_strength(comps, strength)
+        unet, te = copy.deepcopy(case["base"]["unet"]), copy.deepcopy(case["base"]["text_encoder"])
+        lora_io.apply_lora(unet, case["lora"], strength=strength)
+        lora_io.apply_lora(te, case["lora"], strength=strength)
+        assert (_unet_out(comps.unet) - _unet_out(unet)).abs().max() < 1e-4, strength
+        assert (_te_out(comps.text_encoder) - _te_out(te)).abs().max() < 1e-4, strength
+    assert (_unet_out(comps.unet) - _unet_out(case["unet"])).abs().max() == 0  # back at 1: as trained
