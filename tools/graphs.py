@@ -26,7 +26,7 @@ def attention_graph(model_name: str, prompt: str, words: str, size: int = 64, st
 
 def dag_graph(model_name: str, prompt: str, guideline: str, safety_text: str = "", size: int = 128, steps: int = 20,
               sampler: str = "euler_ancestral", seed: int = 0, cfg: float = 5.0, mode: str = "DAG",
-              negative: str = "") -> dict:
+              negative: str = "", strength: float = 1.0) -> dict:
     """Side by side: the same prompt and seed sampled plainly and with Detect-and-Guide, plus the
     detection-map overlay. Outputs: "9" plain image, "19" guided image, "21" detection overlay."""
     g = {
@@ -42,7 +42,7 @@ def dag_graph(model_name: str, prompt: str, guideline: str, safety_text: str = "
         "11": {"class_type": "ErasekitLoadGuideline", "inputs": {"embedding_name": guideline}},
         "12": {"class_type": "ErasekitDetectAndGuide", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "guideline": ["11", 0], "safety_text": safety_text, "mode": mode,
-            "strength": 1.0, "warmup": 0.1, "unsafe_threshold": 0.5, "edit_threshold": 0.01, "sld_preset": "medium"}},
+            "strength": strength, "warmup": 0.1, "unsafe_threshold": 0.5, "edit_threshold": 0.01, "sld_preset": "medium"}},
         "16": {"class_type": "KSampler", "inputs": {
             "model": ["12", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
             "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0}},
