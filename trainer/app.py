@@ -315,7 +315,7 @@ class TrainerApp(ReviewHandlers):
             return "Nothing is running."
         return f"Stopping job {job.id} after the current step (a checkpoint is written; Resume continues)."
 
-    def check(self, run_name, seeds, steps):
+    def check(self, run_name, seeds, steps, strength=1.0):
         import gradio as gr
 
         try:
@@ -327,7 +327,8 @@ class TrainerApp(ReviewHandlers):
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
         return self._submit("check", f"before/after check of {run_dir.name}",
-                            work.check_job(run_dir, int(seeds or 4), int(steps or 20)), run_dir)
+                            work.check_job(run_dir, int(seeds or 4), int(steps or 20),
+                                           strength=1.0 if strength is None else float(strength)), run_dir)
 
     def export(self, run_name, lora_name, description, license, destination, folder):
         import gradio as gr

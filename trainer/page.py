@@ -120,6 +120,9 @@ def build_page(app):
             with gr.Row():
                 check_seeds = gr.Number(4, label="Seeds", precision=0, elem_id="check-seeds")
                 check_steps = gr.Number(20, label="Sampling steps", precision=0, elem_id="check-steps")
+                check_strength = gr.Slider(0.0, 5.0, value=1.0, step=0.05, label="Strength", elem_id="check-strength",
+                                           info="The LoRA's weight (as in a LoRA loader), or Detect-and-Guide's "
+                                                "strength (1 = the paper; raise it for small objects)")
                 check_btn = gr.Button("Check", elem_id="check")
             grid = gr.Image(label="Before | after", type="numpy", elem_id="check-grid")
             counts = gr.Dataframe(headers=["row", "prompt", "judged concept", "before", "after"], label="Judge counts",
@@ -179,7 +182,8 @@ def build_page(app):
         stop_btn.click(app.stop, None, action, api_name="stop")
         resume_btn.click(app.resume_training, [comps["run_name"], comps["steps"], comps["stop_when_erased"]], [action, job_id],
                          api_name="resume")
-        check_btn.click(app.check, [comps["run_name"], check_seeds, check_steps], [action, job_id], api_name="check")
+        check_btn.click(app.check, [comps["run_name"], check_seeds, check_steps, check_strength], [action, job_id],
+                        api_name="check")
         export_btn.click(app.export, [comps["run_name"], lora_name, description, license_, destination, folder],
                          [export_msg, export_path], api_name="export")
         save_btn.click(_with_signature(app.save_settings, ["file_name"] + KEYS, {"file_name": "settings.toml", **d}),

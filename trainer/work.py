@@ -225,10 +225,11 @@ def guideline_job(settings: dict, run_dir: Path):
     return fn
 
 
-def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0):
+def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0, strength: float = 1.0):
     """Before / after images (same seeds) on target, neighbour and unrelated prompts, judged on the
-    toy model. After = with the run's erasure LoRA, or (a guideline run) with Detect-and-Guide
-    using the run's guideline embedding and the concept as the safety text."""
+    toy model. After = with the run's erasure LoRA at ``strength`` (a LoRA loader's weight), or (a
+    guideline run) with Detect-and-Guide at ``strength`` using the run's guideline embedding and the
+    concept as the safety text."""
 
     def fn(job: Job):
         import numpy as np
@@ -256,15 +257,16 @@ def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0):
         if job.cancel.is_set():
             return None
         if guideline:
+            from erasekit.dag.guidance import DagSettings
             from erasekit.dag.guideline import GuidelineEmbedding
 
             emb = GuidelineEmbedding.load(str(made), comps.architecture)
             job.set_progress(1, 2, "sampling the same seeds with Detect-and-Guide")
             after = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg, mode="dag", embeddings=[emb],
-                           safety_text=target).images
+                           safety_text=target, dag=DagSettings(strength=float(strength))).images
         else:
-            _apply_lora(comps, made)
-            job.set_progress(1, 2, "sampling the same seeds with the LoRA applied")
+            _apply_lora(comps, made, float(strength))
+            job.set_progress(1, 2, f"sampling the same seeds with the LoRA applied at strength {float(strength):g}")
             after = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg).images
         job.set_progress(2, 2)
         rows = []
@@ -286,18 +288,18 @@ def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0):
     return fn
 
 
-def _apply_lora(comps, path: Path) -> None:
-    """Put a LoRA file into copies of the UNet (and text encoder) of ``comps``."""
+def _apply_lora(comps, path: Path, strength: float = 1.0) -> None:
+    """Put a LoRA file, at ``strength``, into copies of the UNet (and text encoder) of ``comps``."""
     import copy
 
     from erasekit import lora_io
 
     lora, _ = lora_io.load_lora(str(path))
     unet = copy.deepcopy(comps.unet)
-    lora_io.apply_lora(unet, lora)
+    lora_io.apply_lora(unet, lora, strength)
     if comps.text_encoder is not None and any(k.startswith("text_encoder.") for k in lora):
         te = copy.deepcopy(comps.text_encoder)
-        lora_io.apply_lora(te, lora, component="text_encoder")
+        lora_io.apply_lora(te, lora, strength, component="text_encoder")
         comps.text_encoders = [te] + comps.text_encoders[1:]
     comps.unet = unet
 

@@ -115,6 +115,17 @@ def test_generate_train_check_export(app):
     page = view(c, "flow")
     assert [r[0] for r in page["counts"]["data"]] == ["target", "neighbour", "unrelated"]
     assert page["grid"] and os.path.isfile(page["grid"])
+    # the Check's strength reaches the job; at 0 the LoRA is off (after = before, pixel for pixel), at 1 not
+    msg, job_id = c.predict(run_name="flow", seeds=2, steps=3, strength=0.0, api_name="/check")
+    assert wait(c, job_id)["state"] == "done"
+    assert "LoRA applied at strength 0" in view(c, "flow")["log"]
+    from trainer import jobs, work
+
+    for strength in (0.0, 1.0):
+        job = jobs.Job("check", "test", None)
+        g = work.check_job(app["app"].run_dir("flow"), 2, 3, strength=strength)(job)["grid"]
+        side = g.shape[0] // 3 * 2  # 3 prompt rows of square images, 2 seeds per panel
+        assert (g[:, :side] == g[:, -side:]).all() == (strength == 0.0), strength
 
     text, path = c.predict(run_name="flow", lora_name="my erasure", description="Removes red circles.",
                            license="mit", destination="output root", folder="loras/v1", api_name="/export")
