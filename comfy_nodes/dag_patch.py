@@ -111,7 +111,8 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
             if not state.cams:
                 return denoised
             per_concept = list(zip(*state.cams.values()))  # [concept][layer]
-            a_hat, _ = detect_concepts(per_concept, embeddings, denoised.shape[-2:])
+            timestep = float(args["model"].model_sampling.timestep(args["sigma"]).flatten()[0])  # 0..T, for the gate
+            a_hat, _ = detect_concepts(per_concept, embeddings, denoised.shape[-2:], timestep)
             state.cams = {}
             state.history.append(a_hat.cpu())
             if preview is not None:

@@ -16,7 +16,9 @@ upsampling. A-hat, what the guidance thresholds (0.5, 0.01) are applied to, is A
 image to [0, 1] (the paper: min-max), but only for images whose peak of A reaches the
 embedding's *gate*; other images get A-hat = 0. Min-max alone always "finds" something, even in
 a benign image; the gate restores "nothing here". Both the gate and the level mapped to 0 (the
-*floor*, see :func:`gated_normalise`) are calibrated on the embedding's training images.
+*floor*, see :func:`gated_normalise`) are calibrated on the embedding's training images; the
+gate rises late in sampling where the embedding's per-timestep schedule says so (a formed
+neighbour's CAM can pass the fixed gate there).
 Several concepts combine by a pixel-wise max of their A-hat.
 """
 
@@ -88,19 +90,21 @@ def gated_normalise(a, gate: float, floor: float | None = None, min_range: float
     return torch.where((hi >= gate) & (hi - lo >= min_range), norm, torch.zeros_like(a))
 
 
-def detect_concepts(per_concept_layer_maps, embeddings, size):
+def detect_concepts(per_concept_layer_maps, embeddings, size, timestep: float | None = None):
     """Multi-concept detection: (A-hat ``[B, H, W]``, scores ``[B]``).
 
     ``per_concept_layer_maps``: for each embedding, its ``[B, h, w]`` layer maps. Each concept's raw
-    map A is gated and normalised with its own gate and floor; A-hat is their pixel-wise max. The
-    score is the largest peak(A) / gate over the concepts (>= 1: detected)."""
+    map A is gated and normalised with its own gate and floor (at ``timestep`` when the embedding
+    has a per-timestep schedule); A-hat is their pixel-wise max. The score is the largest
+    peak(A) / gate over the concepts (>= 1: detected)."""
     import torch
 
     maps, scores = [], []
     for emb, layer_maps in zip(embeddings, per_concept_layer_maps):
         raw = detection_map(list(layer_maps), size)
-        scores.append(raw.flatten(1).amax(1) / emb.gate)
-        maps.append(gated_normalise(raw, emb.gate, emb.floor))
+        gate, floor = emb.gate_floor(timestep)
+        scores.append(raw.flatten(1).amax(1) / gate)
+        maps.append(gated_normalise(raw, gate, floor))
     return combine_concepts(maps), torch.stack(scores).amax(0)
 
 

@@ -71,4 +71,4 @@ def fit_guideline(components, data, concept: str, *, init_phrase: str | None = N
     log(f"guideline for '{concept}': {info}")
     arch = components.architecture.name if components.architecture is not None else "unknown"
     return GuidelineEmbedding(fit.tokens.cpu(), sink.cpu(), concept, arch, init_phrase or concept, info=info,
-                              gate=fit.gate, floor=fit.floor)
+                              gate=fit.gate, floor=fit.floor, schedule=fit.schedule)

@@ -39,6 +39,19 @@ class GuidelineEmbedding:
     gate: float = 0.5
     # Raw CAM level mapped to 0 in A-hat (calibrated background level); None: per-image min-max.
     floor: float | None = None
+    # Gate per timestep, [[t, gate], ...] by t (calibrate_gate); it only ever raises the fixed gate.
+    schedule: list | None = None
+
+    def gate_floor(self, timestep: float | None = None) -> tuple[float, float | None]:
+        """(gate, floor) at ``timestep`` (0..T): the schedule's gate where it is above the fixed one
+        (late in sampling, where a formed object's CAM is sharp and a neighbour's can pass the fixed
+        gate), else the fixed gate; the floor is fixed. No timestep or no schedule: the fixed pair."""
+        if timestep is None or not self.schedule:
+            return self.gate, self.floor
+        import numpy as np
+
+        t, g = (np.asarray(c, float) for c in zip(*self.schedule))
+        return max(float(np.interp(float(timestep), t, g)), self.gate), self.floor
 
     @property
     def width(self) -> int:
@@ -52,6 +65,8 @@ class GuidelineEmbedding:
             "architecture": self.architecture, "text_width": str(self.width), "tokens": str(self.tokens.shape[0]),
             "init_phrase": self.init_phrase, "levels": self.levels, "info": json.dumps(self.info),
             "detect_gate": f"{self.gate:.6g}", **({"detect_floor": f"{self.floor:.6g}"} if self.floor is not None else {}),
+            **({"detect_schedule": json.dumps([[int(t), round(g, 6)] for t, g in self.schedule])}
+               if self.schedule else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         return save_file_atomic({"guideline.tokens": self.tokens.detach().float().cpu(),
@@ -70,10 +85,12 @@ class GuidelineEmbedding:
         emb = cls(tensors["guideline.tokens"], tensors["guideline.sink"], meta.get("concept", "?"),
                   meta.get("architecture", "?"), meta.get("init_phrase", ""), meta.get("levels", "coarse"),
                   json.loads(meta.get("info", "{}")), float(meta.get("detect_gate", 0.5)),
-                  float(meta["detect_floor"]) if "detect_floor" in meta else None)
-        if not 0.0 < emb.gate < 1.0 or (emb.floor is not None and not 0.0 <= emb.floor < emb.gate):
-            raise ModelFileError(f"'{path}' has a detection gate of {emb.gate} and floor {emb.floor} (metadata "
-                                 "'detect_gate', 'detect_floor'); they must satisfy 0 <= floor < gate < 1. "
+                  float(meta["detect_floor"]) if "detect_floor" in meta else None,
+                  _schedule(meta.get("detect_schedule"), path))
+        pairs = [(emb.gate, emb.floor)] + [(g, None) for _, g in emb.schedule or ()]
+        if any(not 0.0 < g < 1.0 or (f is not None and not 0.0 <= f < g) for g, f in pairs):
+            raise ModelFileError(f"'{path}' has a detection gate / floor outside 0 <= floor < gate < 1 (metadata "
+                                 "'detect_gate', 'detect_floor', 'detect_schedule'). "
                                  "Re-export the embedding with the Erasekit trainer.")
         if architecture is not None:
             emb.check(architecture, path)
@@ -88,6 +105,17 @@ class GuidelineEmbedding:
             raise ArchitectureError(
                 f"'{source}' was trained for '{self.architecture}', but the model is {architecture.title}; "
                 "use an embedding trained for this model.")
+
+
+def _schedule(text: str | None, path: str) -> list | None:
+    if not text:
+        return None
+    try:
+        rows = [[float(t), float(g)] for t, g in json.loads(text)]
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(f"'{path}' has an unreadable 'detect_schedule' ({e}); re-export the embedding "
+                             "with the Erasekit trainer.") from None
+    return sorted(rows) or None
 
 
 def encode_phrase(text_encoder, tokenizer, phrase: str):
@@ -234,8 +262,8 @@ def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, 
         if callback:
             callback(step, float(loss))
     tokens = tokens.detach()
-    gate, floor, stats = calibrate_gate(cache, layers, sink, tokens, masks, unsafe, hw, n_train=n_train)
-    return GuidelineFit(tokens, history, gate, floor, stats)
+    gate, floor, stats, schedule = calibrate_gate(cache, layers, sink, tokens, masks, unsafe, hw, n_train=n_train)
+    return GuidelineFit(tokens, history, gate, floor, stats, schedule)
 
 
 @dataclass
@@ -245,36 +273,50 @@ class GuidelineFit:
     gate: float
     floor: float
     gate_stats: dict
+    schedule: list | None = None
 
 
 def calibrate_gate(cache: dict, layers: dict, sink, tokens, masks, unsafe, latent_hw, max_t_fraction: float = 0.7,
-                   n_train: int = 1000, floor_quantile: float = 0.95) -> tuple[float, float, dict]:
+                   n_train: int = 1000, floor_quantile: float = 0.95) -> tuple[float, float, dict, list]:
     """The detection gate and floor: raw-CAM levels learned from the training images.
 
-    For each training image and cached timestep t <= ``max_t_fraction`` x T (by then the object
-    has formed; DAG's warm-up skips the noisiest steps anyway):
+    From each training image's peak and background levels at each cached timestep t:
     * gate: the midpoint between the median peak of the unsafe images and the median peak of the
       safe ones (0.5 x the unsafe median when there are no safe images): above it, "detected";
     * floor: the ``floor_quantile`` of the raw values of background pixels (outside the masks,
-      and every pixel of the safe images): the level A-hat maps to 0 (kept below the gate).
-    Returns (gate, floor, stats).
+      and every pixel of the safe images): the level A-hat maps to 0 (kept below 0.9 x the gate).
+    The fixed pair pools t <= ``max_t_fraction`` x T (by then the object has formed). The
+    *schedule* is the gate at every cached t (pooling its two neighbours: a few images are few
+    samples). A CAM grows sharper as the image forms, and late in sampling a neighbouring concept
+    (a red square for "red circle") can pass the fixed gate; where the schedule is higher, it is
+    the gate (:meth:`GuidelineEmbedding.gate_floor`).
+    Returns (gate, floor, stats, schedule ``[[t, gate_t], ...]``).
     """
     import numpy as np
     import torch
 
-    peaks, background = {True: [], False: []}, []
+    per_t: dict[int, dict] = {}
     with torch.no_grad():
         for (i, t), queries in cache.items():
-            if t <= max_t_fraction * n_train:
-                a = detection_from_queries(queries, layers, sink, tokens, latent_hw)[0]
-                peaks[bool(unsafe[i])].append(float(a.max()))
-                background.append(a[masks[i].to(a.device) < 0.5].flatten().cpu())
-    pos = float(np.median(peaks[True]))
-    neg = float(np.median(peaks[False])) if peaks[False] else 0.0
-    gate = float(np.clip((pos + neg) / 2, 1e-3, 0.999))
-    bg = torch.cat(background).float()
-    floor = float(min(torch.quantile(bg, floor_quantile), 0.9 * gate)) if len(bg) else 0.0
+            a = detection_from_queries(queries, layers, sink, tokens, latent_hw)[0]
+            row = per_t.setdefault(int(t), {True: [], False: [], "bg": []})
+            row[bool(unsafe[i])].append(float(a.max()))
+            row["bg"].append(a[masks[i].to(a.device) < 0.5].flatten().cpu())
+
+    def levels(rows):
+        pos = float(np.median([p for r in rows for p in r[True]]))
+        safe = [p for r in rows for p in r[False]]
+        neg = float(np.median(safe)) if safe else 0.0
+        gate = float(np.clip((pos + neg) / 2, 1e-3, 0.999))
+        bg = torch.cat([b for r in rows for b in r["bg"]]).float()
+        floor = float(min(torch.quantile(bg, floor_quantile), 0.9 * gate)) if len(bg) else 0.0
+        return gate, floor, pos, neg, bg, safe
+
+    ts = sorted(per_t)
+    gate, floor, pos, neg, bg, safe = levels([per_t[t] for t in ts if t <= max_t_fraction * n_train])
+    schedule = [[t, levels([per_t[u] for u in ts[max(0, k - 1):k + 2]])[0]] for k, t in enumerate(ts)]
+    pos_all = [p for t in ts if t <= max_t_fraction * n_train for p in per_t[t][True]]
     return gate, floor, {"peak_unsafe_median": round(pos, 4), "peak_safe_median": round(neg, 4),
-                         "peak_unsafe_min": round(min(peaks[True]), 4),
-                         "peak_safe_max": round(max(peaks[False]), 4) if peaks[False] else None,
-                         "background_median": round(float(bg.median()), 4) if len(bg) else None}
+                         "peak_unsafe_min": round(min(pos_all), 4),
+                         "peak_safe_max": round(max(safe), 4) if safe else None,
+                         "background_median": round(float(bg.median()), 4) if len(bg) else None}, schedule

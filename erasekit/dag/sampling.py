@@ -77,8 +77,9 @@ class GuidelineTap:
                                for n, a in self.layers.items()} for e in self.embeddings]
         return self._keys
 
-    def detection(self, latent_hw):
-        """A-hat ``[B, H, W]`` at latent resolution from the last forward's queries.
+    def detection(self, latent_hw, timestep: float | None = None):
+        """A-hat ``[B, H, W]`` at latent resolution from the last forward's queries (at the
+        sampling ``timestep``, 0..T, for embeddings with a per-timestep gate).
 
         Also sets ``self.scores`` ``[B]``: the largest peak(A) / gate over the concepts (>= 1 means
         detected), a continuous image-level detection score."""
@@ -86,7 +87,7 @@ class GuidelineTap:
 
         per_concept = [[to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads), latent_hw)
                         for n in self.layers] for keys in self.keys()]
-        a_hat, self.scores = detect_concepts(per_concept, self.embeddings, latent_hw)
+        a_hat, self.scores = detect_concepts(per_concept, self.embeddings, latent_hw, timestep)
         return a_hat
 
 
@@ -156,7 +157,7 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
             eps_u, eps_p = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
             res.unet_passes += 1
             eps = eps_u + cfg * (eps_p - eps_u)
-            a_hat = tap.detection(hw) if tap is not None else None
+            a_hat = tap.detection(hw, float(t)) if tap is not None else None
             if a_hat is not None and keep_maps:
                 res.detection_maps.append(a_hat.cpu())
                 res.detection_scores.append(tap.scores.cpu())

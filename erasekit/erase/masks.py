@@ -92,7 +92,7 @@ def guideline_masks(components, embedding, latents, embeds, t_fraction: float = 
         for i in range(len(latents[s : s + 8])):
             with torch.no_grad():
                 raw = detection_from_queries(cache[(i, t)], layers, embedding.sink.to(device), embedding.tokens.to(device), hw)
-            region = gated_normalise(raw, embedding.gate, embedding.floor)[0] >= 0.5
+            region = gated_normalise(raw, *embedding.gate_floor(t))[0] >= 0.5
             found.append(bool(region.any()))
             masks.append((region if region.any() else torch.ones_like(region)).float().cpu()[None])
     return torch.stack(masks), torch.tensor(found)

@@ -56,10 +56,33 @@ def test_token_optimisation_learns_the_masks_and_calibrates_a_gate(tiny_pipe, tm
     st = fit.gate_stats
     assert st["peak_safe_median"] <= fit.gate <= st["peak_unsafe_median"]
     assert 0.0 <= fit.floor < fit.gate
-    path = GuidelineEmbedding(fit.tokens, sink, "red circle", "toy", gate=fit.gate, floor=fit.floor).save(
-        str(tmp_path / "g.safetensors"))
+    # the per-timestep gates: one per cached timestep
+    assert [row[0] for row in fit.schedule] == sorted(row[0] for row in fit.schedule) and len(fit.schedule) == 4
+    assert all(0.0 < g < 1.0 for _, g in fit.schedule)
+    path = GuidelineEmbedding(fit.tokens, sink, "red circle", "toy", gate=fit.gate, floor=fit.floor,
+                              schedule=fit.schedule).save(str(tmp_path / "g.safetensors"))
     back = GuidelineEmbedding.load(path)
     assert back.gate == pytest.approx(fit.gate, rel=1e-5) and back.floor == pytest.approx(fit.floor, rel=1e-5)
+    assert sum(back.schedule, []) == pytest.approx(sum(fit.schedule, []), rel=1e-5)
+    assert back.gate_floor(None) == (back.gate, back.floor)
+
+
+def test_gate_schedule_interpolates_in_the_timestep():
+    from erasekit.dag.guideline import GuidelineEmbedding
+
+    emb = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.4,
+                             schedule=[[100, 0.7], [500, 0.5], [900, 0.3]])
+    assert emb.gate_floor(300) == pytest.approx((0.6, 0.4))  # interpolated, above the fixed gate
+    assert emb.gate_floor(0) == pytest.approx((0.7, 0.4))
+    assert emb.gate_floor(900) == (0.5, 0.4) and emb.gate_floor(None) == (0.5, 0.4)  # never below the fixed one
+    raw = torch.full((1, 2, 2), 0.1)
+    raw[0, 0, 0] = 0.65  # above the fixed gate, below the late one (0.7 at t=100)
+    from erasekit.dag.detect import detect_concepts
+
+    a_mid, score_mid = detect_concepts([[raw]], [emb], (2, 2), timestep=500)
+    a_late, score_late = detect_concepts([[raw]], [emb], (2, 2), timestep=100)
+    assert a_mid[0, 0, 0] == 1.0 and score_mid.item() == pytest.approx(1.3)
+    assert torch.equal(a_late, torch.zeros(1, 2, 2)) and score_late.item() == pytest.approx(0.65 / 0.7)
 
 
 def test_a_gate_outside_0_1_is_refused(tmp_path):
@@ -72,4 +95,8 @@ def test_a_gate_outside_0_1_is_refused(tmp_path):
     path = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.7).save(
         str(tmp_path / "f.safetensors"))
     with pytest.raises(ModelFileError, match="floor < gate"):
+        GuidelineEmbedding.load(path)
+    path = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.4,
+                              schedule=[[100, 0.6], [900, 1.2]]).save(str(tmp_path / "s.safetensors"))
+    with pytest.raises(ModelFileError, match="detect_schedule"):
         GuidelineEmbedding.load(path)
