@@ -301,22 +301,22 @@ def calibrate_gate(cache: dict, layers: dict, sink, tokens, masks, unsafe, laten
             a = detection_from_queries(queries, layers, sink, tokens, latent_hw)[0]
             row = per_t.setdefault(int(t), {True: [], False: [], "bg": []})
             row[bool(unsafe[i])].append(float(a.max()))
-            row["bg"].append(a[masks[i].to(a.device) < 0.5].flatten().cpu())
+            if t <= max_t_fraction * n_train:  # the floor comes from the formed images only
+                row["bg"].append(a[masks[i].to(a.device) < 0.5].flatten().cpu())
 
-    def levels(rows):
-        pos = float(np.median([p for r in rows for p in r[True]]))
-        safe = [p for r in rows for p in r[False]]
+    def gate_of(rows):  # (gate, unsafe peaks, safe peaks) of a pool of timesteps
+        pos, safe = [p for r in rows for p in r[True]], [p for r in rows for p in r[False]]
         neg = float(np.median(safe)) if safe else 0.0
-        gate = float(np.clip((pos + neg) / 2, 1e-3, 0.999))
-        bg = torch.cat([b for r in rows for b in r["bg"]]).float()
-        floor = float(min(torch.quantile(bg, floor_quantile), 0.9 * gate)) if len(bg) else 0.0
-        return gate, floor, pos, neg, bg, safe
+        return float(np.clip((float(np.median(pos)) + neg) / 2, 1e-3, 0.999)), pos, safe
 
     ts = sorted(per_t)
-    gate, floor, pos, neg, bg, safe = levels([per_t[t] for t in ts if t <= max_t_fraction * n_train])
-    schedule = [[t, levels([per_t[u] for u in ts[max(0, k - 1):k + 2]])[0]] for k, t in enumerate(ts)]
-    pos_all = [p for t in ts if t <= max_t_fraction * n_train for p in per_t[t][True]]
-    return gate, floor, {"peak_unsafe_median": round(pos, 4), "peak_safe_median": round(neg, 4),
-                         "peak_unsafe_min": round(min(pos_all), 4),
+    formed = [per_t[t] for t in ts if t <= max_t_fraction * n_train]
+    gate, pos, safe = gate_of(formed)
+    bg = torch.cat([b for r in formed for b in r["bg"]]).float()
+    floor = float(min(torch.quantile(bg, floor_quantile), 0.9 * gate)) if len(bg) else 0.0
+    schedule = [[t, gate_of([per_t[u] for u in ts[max(0, k - 1):k + 2]])[0]] for k, t in enumerate(ts)]
+    return gate, floor, {"peak_unsafe_median": round(float(np.median(pos)), 4),
+                         "peak_safe_median": round(float(np.median(safe)) if safe else 0.0, 4),
+                         "peak_unsafe_min": round(min(pos), 4),
                          "peak_safe_max": round(max(safe), 4) if safe else None,
                          "background_median": round(float(bg.median()), 4) if len(bg) else None}, schedule
