@@ -256,8 +256,8 @@ def _plain_objects(region, label, counts, min_area: int, split: bool = True) -> 
         return whole
     colours = [c for c in np.argsort(counts)[::-1] if counts[c] >= max(min_area, 0.2 * area)]
     if len(colours) < 2:  # one colour: one object, unless it is no shape but several that touch
-        pieces = None if score >= SPLIT_IOU else _separate(region, min_area)
-        return whole if pieces is None else [_detection(whole[0].colour, p) for p in pieces]
+        pieces = None if score >= SPLIT_IOU else _separate(region, whole[0].colour, min_area)
+        return whole if pieces is None else pieces
     out = []
     for c in colours:
         parts, n = ndimage.label(region & (label == c), _EIGHT)
@@ -266,26 +266,23 @@ def _plain_objects(region, label, counts, min_area: int, split: bool = True) -> 
             if part.sum() < min_area:
                 continue
             shape, score = classify_shape(part)
-            pieces = [(shape, part, int(part.sum()), score)] if score >= SPLIT_IOU else _separate(part, min_area)
+            colour = COLOUR_NAMES[int(c)]
+            pieces = [Detection(colour, shape, part, int(part.sum()), score=score)] if score >= SPLIT_IOU \
+                else _separate(part, colour, min_area)
             if pieces is None:
                 return whole
-            out += [_detection(COLOUR_NAMES[int(c)], p) for p in pieces]
+            out += pieces
     return out
 
 
-def _detection(colour: str, piece) -> Detection:
-    shape, mask, area, score = piece
-    return Detection(colour, shape, mask, area, score=score)
-
-
-def _separate(mask, min_area: int, max_erosion: int = 3):
+def _separate(mask, colour: str, min_area: int, max_erosion: int = 3) -> list[Detection] | None:
     """Cut a one-colour group that is no shape into the shapes that touch in it, or None.
 
     Touching objects meet at a neck narrower than either object. Eroding the group (holes filled,
     so a ring counts as its disc) opens the necks first: after k = 1, 2, ... erosions the group
     falls apart into cores, one per object (a convex shape never falls apart). Every pixel goes to
     its nearest core; the cut is kept only if each piece has ``min_area`` pixels and matches a
-    shape template with IoU >= ``SPLIT_IOU``. Returns [(shape, mask, area, score)].
+    shape template with IoU >= ``SPLIT_IOU``. Returns the pieces as objects of ``colour``.
     """
     filled = ndimage.binary_fill_holes(mask)
     for k in range(1, max_erosion + 1):
@@ -304,7 +301,7 @@ def _separate(mask, min_area: int, max_erosion: int = 3):
             shape, score = classify_shape(piece)
             if score < SPLIT_IOU:
                 break
-            pieces.append((shape, piece, int(piece.sum()), score))
+            pieces.append(Detection(colour, shape, piece, int(piece.sum()), score=score))
         else:
             return pieces
     return None
