@@ -133,7 +133,7 @@ SPECS = [
                   tooltip="DAG: region-limited, adaptive (the paper). SLD / SEGA: whole-image safety guidance, for comparison."),
             Input("strength", "FLOAT", default=1.0, min=0.0, max=5.0, step=0.05, tooltip="Multiplies DAG's scale map (1 = paper). The paper scales an edit "
                   "by the area of its region, so small objects get weak edits: raise it when they survive "
-                  "(toy model: 1 -> 4 took the share of red circles removed from 0.17 to 0.46)."),
+                  "(toy model: 1 -> 4 took the share of red circles removed from 0.39 to 0.81)."),
             Input("warmup", "FLOAT", default=0.1, min=0.0, max=1.0, step=0.01,
                   tooltip="Fraction of the steps before guidance starts (paper: 5 of 50)."),
             Input("unsafe_threshold", "FLOAT", default=0.5, min=0.0, max=1.0, step=0.01,

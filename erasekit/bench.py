@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     d.add_argument("--cfg", type=float, default=3.0)
     d.add_argument("--model", default=None, help="toy model folder (default models/toy)")
     d.add_argument("--guideline", default=None, help="load this embedding instead of training one")
-    d.add_argument("--guideline-images", type=int, default=6, help="unsafe and safe images (each) to train it on")
+    d.add_argument("--guideline-images", type=int, default=40,
+                   help="images of the target to train it on (and 3/4 as many without it)")
     d.add_argument("--strength", type=float, default=1.0, help="multiplies DAG's S (1 = the paper's scale)")
     d.add_argument("--modes", default="dag,sld,sega", help="safety guidances to compare with plain CFG")
     d.add_argument("--out", default="out/bench")

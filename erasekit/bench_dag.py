@@ -84,7 +84,7 @@ class _FakeJudgement:
         self.objects = [Obj]
 
 
-def train_toy_guideline(model: str | None, concept, n_unsafe: int = 6, n_safe: int = 6, seed: int = 0, steps=None,
+def train_toy_guideline(model: str | None, concept, n_unsafe: int = 40, n_safe: int = 30, seed: int = 0, steps=None,
                         log=print):
     """A GuidelineEmbedding for ``concept`` on the toy model: the erasure trainer's data
     (images the model draws, masked by the judge; neighbouring and unrelated concepts as the
@@ -117,10 +117,10 @@ def _auroc(scores, labels) -> float:
 def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 200, seeds=(0, 1), steps: int = 25,
               cfg: float = 3.0, model: str | None = None, guideline: str | None = None, batch: int = 50,
               out_dir: str = "out/bench", modes=("dag", "sld", "sega"), strength: float = 1.0,
-              guideline_images: int = 6, log=print) -> dict:
+              guideline_images: int = 40, log=print) -> dict:
     """See the module docstring. ``modes``: the safety guidances compared with plain CFG;
-    ``strength`` multiplies DAG's S (1 = the paper); ``guideline_images``: unsafe and safe images
-    each that the guideline embedding learns from when it is trained here."""
+    ``strength`` multiplies DAG's S (1 = the paper); ``guideline_images``: images of the target the
+    guideline embedding learns from when it is trained here (and 3/4 as many safe ones)."""
     import torch
     import torch.nn.functional as F
 
@@ -137,7 +137,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     if guideline and os.path.isfile(guideline):
         emb = GuidelineEmbedding.load(guideline)
     else:
-        emb = train_toy_guideline(model, concept, guideline_images, guideline_images, log=log)
+        emb = train_toy_guideline(model, concept, guideline_images, guideline_images * 3 // 4, log=log)
         emb.save(guideline or os.path.join(out_dir, f"guideline-{concept.text.replace(' ', '-')}.safetensors"))
     target_prompts, benign_prompts = concept_prompts(concept, n_target, n_benign)
     runs = {}

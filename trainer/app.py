@@ -196,7 +196,7 @@ class TrainerApp(ReviewHandlers):
         from erasekit.erase.inpo import preset as inpo_preset
 
         if method == "guideline":
-            return GUIDELINE_STEPS_PER_IMAGE * int(forget_images or 6)
+            return GUIDELINE_STEPS_PER_IMAGE * int(forget_images or 40)
         return inpo_preset(preset or "object")["steps"]
 
     def suggest_preserve(self, target, neighbours, unrelated):

@@ -67,6 +67,30 @@ def test_token_optimisation_learns_the_masks_and_calibrates_a_gate(tiny_pipe, tm
     assert back.gate_floor(None) == (back.gate, back.floor)
 
 
+def test_step_lr_stretches_to_the_run(tiny_pipe):
+    """The paper's StepLR step of 20 has decayed the rate to ~1e-4 of its start by step 500, so a
+    longer run (100 x many images) would learn nothing more; the default step is steps / 25 (the
+    paper's 20 at its five images), and the second half of a long run still moves the tokens."""
+    from erasekit.dag.guideline import encode_phrase, optimize_guideline
+    from erasekit.dag.sampling import encode_prompts
+
+    pipe = tiny_pipe
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, pipe.unet.config.in_channels, 16, 16, generator=gen)
+    masks = torch.zeros(2, 16, 16)
+    masks[0, 4:9, 4:9] = 1.0
+    conds = encode_prompts(pipe.text_encoder, pipe.tokenizer, ["a red circle", "a blue square"])
+    sink, init = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
+
+    def tokens(steps, lr_step=None):
+        return optimize_guideline(pipe.unet, pipe.scheduler, latents, conds, masks, [True, False], sink=sink,
+                                  init_tokens=init, steps=steps, n_timesteps=2, lr_step=lr_step).tokens
+
+    moved_paper = (tokens(1000, lr_step=20) - tokens(500, lr_step=20)).norm()
+    moved_default = (tokens(1000) - tokens(500)).norm()
+    assert moved_paper < 1e-3 * moved_default
+
+
 def test_gate_schedule_interpolates_in_the_timestep():
     from erasekit.dag.guideline import GuidelineEmbedding
 
