@@ -76,3 +76,16 @@ def build(layout: str, seed: int = 0) -> dict:
         prediction_type="v_prediction" if layout == "sd_v2" else "epsilon", steps_offset=1,
     )
     return parts
+
+
+def save_sd1_folder(folder: str, tokenizer, seed: int = 0) -> dict:
+    """A tiny SD1-layout diffusers folder (random weights, a real CLIP tokenizer) written to ``folder``,
+    for loader and graph tests; returns :func:`build`'s parts."""
+    from diffusers import StableDiffusionPipeline
+
+    p = build("sd_v1", seed)
+    pipe = StableDiffusionPipeline(vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=tokenizer, unet=p["unet"],
+                                   scheduler=p["scheduler"], safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return p

@@ -3,17 +3,15 @@ Detect-and-Guide detection map drawn on the node while the sampler runs."""
 
 import json
 import os
-import sys
 import time
 import urllib.request
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "comfy"))
-
-from tools.comfy_headless import REPO  # noqa: E402
-from tools.graphs import dag_graph  # noqa: E402
-from tools.workflows import api_to_ui  # noqa: E402
+from tools.comfy_headless import REPO
+from tools.comfy_server import serve
+from tools.graphs import dag_graph
+from tools.workflows import api_to_ui
 
 SCREENSHOTS = os.path.join(REPO, "out", "screenshots")
 
@@ -21,8 +19,6 @@ SCREENSHOTS = os.path.join(REPO, "out", "screenshots")
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
     """ComfyUI main.py with the pack, a tiny toy model and a guideline embedding."""
-    from test_server import start_server  # the server fixture's helper (tests/comfy)
-
     from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase
     from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
 
@@ -32,7 +28,7 @@ def ui_server(tmp_path_factory):
     (base / "models" / "guideline").mkdir(parents=True)
     sink, tokens = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
     GuidelineEmbedding(tokens * 3, sink, "red circle", "toy").save(str(base / "models" / "guideline" / "g.safetensors"))
-    with start_server(base) as url:
+    with serve(base) as url:
         yield url
 
 

@@ -27,24 +27,12 @@ def sd1_tokenizer():
     return CLIPTokenizer.from_pretrained(os.path.join(COMFY_DIR, "comfy", "sd1_tokenizer"))
 
 
-def save_tiny_sd1(folder: str, tokenizer, seed: int = 0):
-    """A tiny SD1-layout diffusers folder (random weights) for loader and graph tests."""
-    from diffusers import StableDiffusionPipeline
-
-    from erasekit import tiny
-
-    p = tiny.build("sd_v1", seed)
-    pipe = StableDiffusionPipeline(vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=tokenizer, unet=p["unet"],
-                                   scheduler=p["scheduler"], safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return p
-
-
 @pytest.fixture(scope="session")
 def tiny_sd1_in_comfy(comfy, sd1_tokenizer):
     """Name of a tiny SD1 diffusers folder registered in ComfyUI's models/diffusers."""
-    save_tiny_sd1(os.path.join(comfy.work_dir, "models", "diffusers", "tiny-sd1"), sd1_tokenizer)
+    from erasekit.tiny import save_sd1_folder
+
+    save_sd1_folder(os.path.join(comfy.work_dir, "models", "diffusers", "tiny-sd1"), sd1_tokenizer)
     return "tiny-sd1"
 
 

@@ -50,9 +50,9 @@ def test_heatmap_errors_are_one_actionable_sentence(comfy, tiny_sd1_in_comfy):
 
 def test_v1_fallback_runs_the_same_graph(tmp_path, sd1_tokenizer):
     """A ComfyUI without comfy_api gets NODE_CLASS_MAPPINGS; the same graph runs through it."""
-    from conftest import save_tiny_sd1
+    from erasekit.tiny import save_sd1_folder
 
-    save_tiny_sd1(str(tmp_path / "models" / "diffusers" / "tiny-sd1"), sd1_tokenizer)
+    save_sd1_folder(str(tmp_path / "models" / "diffusers" / "tiny-sd1"), sd1_tokenizer)
     graph = tmp_path / "graph.json"
     graph.write_text(json.dumps(attention_graph("tiny-sd1", "a red cat", "cat")))
     code = (

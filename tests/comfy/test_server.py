@@ -3,74 +3,38 @@
 import contextlib
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
 from comfy_nodes.registry import all_specs
-from tools.comfy_headless import COMFY_DIR, REPO
+from tools.comfy_server import get_json, serve
 from tools.graphs import attention_graph
 
 pytestmark = pytest.mark.server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
+_get = get_json
 
 
 @contextlib.contextmanager
 def start_server(base):
-    """ComfyUI's main.py on a free loopback port, with ``base`` as its base directory and the
-    pack linked into ``base/custom_nodes``; yields the URL, stops the server afterwards."""
-    (base / "custom_nodes").mkdir(exist_ok=True)
-    if not (base / "custom_nodes" / "erasekit").exists():
-        os.symlink(REPO, base / "custom_nodes" / "erasekit")
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(COMFY_DIR, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--disable-auto-launch", "--base-directory", str(base),
-         "--database-url", f"sqlite:///{base}/comfyui.db"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(base),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                break
-            try:
-                _get(url + "/system_stats", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("ComfyUI did not answer within 120 s")
-        if proc.poll() is not None:
-            pytest.fail("ComfyUI exited: " + (base / "server.log").read_text()[-3000:])
+    """:func:`tools.comfy_server.serve`; a server that does not start fails the test with its log."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(serve(base))
+        except RuntimeError as err:
+            pytest.fail(str(err))
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, sd1_tokenizer):
-    from conftest import save_tiny_sd1
+    from erasekit.tiny import save_sd1_folder
 
     base = tmp_path_factory.mktemp("comfy-server")
-    save_tiny_sd1(str(base / "models" / "diffusers" / "tiny-sd1"), sd1_tokenizer)
+    save_sd1_folder(str(base / "models" / "diffusers" / "tiny-sd1"), sd1_tokenizer)
     with start_server(base) as url:
         yield url, base
 

@@ -75,9 +75,9 @@ def test_single_file_loads_offline_and_matches(tmp_path, comfy, sd1_tokenizer, l
 
 
 def test_diffusers_folder_loads_with_its_architecture(tmp_path, comfy, sd1_tokenizer):
-    from conftest import save_tiny_sd1
+    from erasekit.tiny import save_sd1_folder
 
-    p = save_tiny_sd1(str(tmp_path / "tiny"), sd1_tokenizer, seed=2)
+    p = save_sd1_folder(str(tmp_path / "tiny"), sd1_tokenizer, seed=2)
     comps = models.load(str(tmp_path / "tiny"))
     assert comps.architecture.name == "sd_v1" and comps.tokenizer is not None
     x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 5, tiny.TINY_WIDTH)
