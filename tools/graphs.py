@@ -56,9 +56,10 @@ def dag_graph(model_name: str, prompt: str, guideline: str, safety_text: str = "
 
 
 def single_dag_graph(model_name: str, prompt: str, guideline: str, size: int = 128, steps: int = 25,
-                     sampler: str = "euler_ancestral", seed: int = 0, cfg: float = 3.0) -> dict:
+                     sampler: str = "euler_ancestral", seed: int = 0, cfg: float = 3.0, strength: float = 1.0) -> dict:
     """The graph a user builds: loader -> Detect-and-Guide -> KSampler -> image, plus the detection map."""
-    g = dag_graph(model_name, prompt, guideline, size=size, steps=steps, sampler=sampler, seed=seed, cfg=cfg)
+    g = dag_graph(model_name, prompt, guideline, size=size, steps=steps, sampler=sampler, seed=seed, cfg=cfg,
+                  strength=strength)
     for plain in ("6", "7", "9"):
         del g[plain]
     return g

@@ -176,7 +176,7 @@ def train_job(settings: dict, run_dir: Path, resume: bool = False):
 
 def guideline_argv(s: dict, out: Path) -> list:
     """The CLI's ``guideline`` arguments for the app's settings: the forget-images field is the
-    number of images of the concept, the images per preserved concept make the safe set."""
+    number of images of the concept; the safe set is the CLI's default (``--safe-images``)."""
     argv = ["guideline", "--target", s["target"], "--out", str(out)]
     for flag, key in (("--base", "base"), ("--steps", "steps"), ("--seed", "seed"), ("--threads", "threads"),
                       ("--forget-dir", "forget_dir"), ("--images", "forget_images")):
