@@ -43,11 +43,9 @@ def fit_guideline(components, data, concept: str, *, init_phrase: str | None = N
     import torch
     import torch.nn.functional as F
 
-    from .guideline import GuidelineEmbedding, encode_phrase, optimize_guideline
+    from .conditioning import Conditioning, encode
+    from .guideline import GuidelineEmbedding, encode_phrase_for, optimize_guideline
 
-    if len(components.text_encoders) > 1:
-        raise ErasekitError("Guideline training reads one text encoder's states; this model has two (SDXL), "
-                            "which is not supported yet. Use an SD1.x / SD2.x model.")
     forget, preserve = data.forget, data.preserve
     if forget is None or len(forget) == 0:
         raise ErasekitError(f"No images of '{concept}' to learn from: the forget set is empty.")
@@ -62,9 +60,13 @@ def fit_guideline(components, data, concept: str, *, init_phrase: str | None = N
         unsafe += [False] * len(preserve)
     unet = components.unet
     device = unet.device
-    sink, init = encode_phrase(components.text_encoder, components.tokenizer, init_phrase or concept)
+    conds = torch.cat(conds).to(device)
+    if len(components.text_encoders) > 1:  # SDXL: both encoders' states and its extra inputs, from the prompts
+        prompts = list(forget.prompts) + (list(preserve.prompts) if preserve is not None and len(preserve) else [])
+        conds = Conditioning.cat([encode(components, prompts[i:i + 16], hw) for i in range(0, len(prompts), 16)])
+    sink, init = encode_phrase_for(components, init_phrase or concept)
     t0 = time.time()
-    fit = optimize_guideline(unet, components.scheduler, torch.cat(latents).to(device), torch.cat(conds).to(device),
+    fit = optimize_guideline(unet, components.scheduler, torch.cat(latents).to(device), conds,
                              masks.to(device), unsafe, sink=sink, init_tokens=init, steps=steps, seed=seed,
                              callback=callback)
     hist = fit.history

@@ -130,11 +130,30 @@ def encode_phrase(text_encoder, tokenizer, phrase: str):
     its words (no start, end or padding tokens). This is the initialisation of c*."""
     import torch
 
-    enc = tokenizer(phrase, padding="max_length", max_length=min(tokenizer.model_max_length, 77),
-                    truncation=True, return_tensors="pt")
-    ids = enc.input_ids.to(text_encoder.device)
+    ids = _phrase_ids(tokenizer, phrase).to(text_encoder.device)
     with torch.no_grad():
         states = text_encoder(ids)[0][0]
+    return _sink_and_words(states, ids, tokenizer, phrase)
+
+
+def encode_phrase_for(model, phrase: str):
+    """:func:`encode_phrase` for any model (:class:`~erasekit.models.Components` or a pipeline):
+    for SDXL the rows of its conditioning, both encoders' states side by side (width 2048)."""
+    from .conditioning import encode, encoders
+
+    tes, toks = encoders(model)
+    if len(tes) < 2:
+        return encode_phrase(tes[0], toks[0], phrase)
+    ids = _phrase_ids(toks[0], phrase)
+    return _sink_and_words(encode(model, [phrase]).states[0], ids, toks[0], phrase)
+
+
+def _phrase_ids(tokenizer, phrase):
+    return tokenizer(phrase, padding="max_length", max_length=min(tokenizer.model_max_length, 77),
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def _sink_and_words(states, ids, tokenizer, phrase):
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     keep = [i for i, t in enumerate(ids[0].tolist()) if t not in special]
     if not keep:
@@ -186,11 +205,13 @@ def coarse_layers(unet) -> dict[str, object]:
 def cache_queries(unet, scheduler, latents, conds, timesteps, seed: int = 0):
     """Queries of the coarse layers for each (image, timestep): ``{(i, t): {layer: [1, N, inner]}}``.
 
-    ``latents``: ``[N, C, H, W]`` clean latents; ``conds``: ``[N, L, D]`` their prompts' states.
+    ``latents``: ``[N, C, H, W]`` clean latents; ``conds``: ``[N, L, D]`` their prompts' states, or a
+    :class:`~erasekit.dag.conditioning.Conditioning` (SDXL's extra inputs).
     """
     import torch
 
     layers = coarse_layers(unet)
+    cond_kwargs = conds.unet_kwargs() if hasattr(conds, "unet_kwargs") else {"encoder_hidden_states": conds}
     store, cache = {}, {}
     saved = {n: m.processor for n, m in layers.items()}
     gen = torch.Generator().manual_seed(seed)
@@ -201,7 +222,7 @@ def cache_queries(unet, scheduler, latents, conds, timesteps, seed: int = 0):
             for t in timesteps:
                 noise = torch.randn(latents.shape, generator=gen).to(latents)
                 tt = torch.full((latents.shape[0],), int(t), dtype=torch.long, device=latents.device)
-                unet(scheduler.add_noise(latents, noise, tt), tt, encoder_hidden_states=conds)
+                unet(scheduler.add_noise(latents, noise, tt), tt, **cond_kwargs)
                 for i in range(latents.shape[0]):
                     cache[(i, int(t))] = {n: q[i : i + 1].clone() for n, q in store.items()}
     finally:

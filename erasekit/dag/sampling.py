@@ -92,12 +92,10 @@ class GuidelineTap:
 
 
 def encode_prompts(text_encoder, tokenizer, prompts):
-    import torch
+    """Last hidden states of one text encoder (see :mod:`erasekit.dag.conditioning` for SDXL)."""
+    from .conditioning import encode_last_states
 
-    ids = tokenizer(list(prompts), padding="max_length", max_length=min(tokenizer.model_max_length, 77),
-                    truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
-    with torch.no_grad():
-        return text_encoder(ids)[0]
+    return encode_last_states(text_encoder, tokenizer, prompts)
 
 
 def clipped_x0_step_kwargs(scheduler) -> dict:
@@ -117,7 +115,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     """Generate one image per (prompt, seed) with the chosen guidance.
 
     Args:
-        pipe: a diffusers StableDiffusionPipeline-like object (unet, text_encoder, tokenizer, vae, scheduler).
+        pipe: a diffusers StableDiffusionPipeline / StableDiffusionXLPipeline, or
+            :class:`erasekit.models.Components` (SD1.x, SD2.x, SDXL, toy).
         mode: "cfg" (plain), "dag", "sld" or "sega". DAG needs ``embeddings`` (GuidelineEmbedding) and
             ``safety_text``; SLD/SEGA need ``safety_text``.
         eta: DDIM's eta when the scheduler is DDIM (1 = ancestral-like, the toy model's default).
@@ -134,13 +133,15 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
         raise ValueError("mode 'dag' needs at least one guideline embedding")
     guidance = Guidance(mode, dag or DagSettings(), sega or SegaSettings(),
                         SldSettings.preset(sld) if isinstance(sld, str) else sld)
+    from .conditioning import Conditioning, encode, unconditional
+
     unet, sched = pipe.unet, scheduler or pipe.scheduler
     device = unet.device
     b = len(prompts)
-    cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
-    uncond = encode_prompts(pipe.text_encoder, pipe.tokenizer, [""] * b)
-    safety = encode_prompts(pipe.text_encoder, pipe.tokenizer, [safety_text] * b) if safety_text else None
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    cond = encode(pipe, prompts, shape[1:])
+    both = Conditioning.cat([unconditional(pipe, cond, shape[1:]), cond])  # CFG's pair, one UNet call
+    safety = encode(pipe, [safety_text] * b, shape[1:]) if safety_text else None
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
     sched.set_timesteps(steps)
@@ -154,7 +155,7 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     with torch.no_grad(), (tap if tap is not None else _Null()):
         for i, t in enumerate(sched.timesteps):
             x = sched.scale_model_input(latents, t)
-            eps_u, eps_p = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            eps_u, eps_p = unet(torch.cat([x, x]), t, **both.unet_kwargs()).sample.chunk(2)
             res.unet_passes += 1
             eps = eps_u + cfg * (eps_p - eps_u)
             a_hat = tap.detection(hw, float(t)) if tap is not None else None
@@ -164,8 +165,7 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
 
             def safety_pass(rows, x=x, t=t):
                 res.extra_passes += 1
-                return unet(x if rows is None else x[rows], t,
-                            encoder_hidden_states=safety if rows is None else safety[rows]).sample
+                return unet(x if rows is None else x[rows], t, **safety.unet_kwargs(rows)).sample
 
             eps, guided = guidance.apply(eps, eps_u, eps_p, safety_pass, i, steps, cfg, a_hat=a_hat)
             res.guided_steps += guided

@@ -1,0 +1,101 @@
+"""Detect-and-Guide's diffusers path and guideline training on SDXL (a random tiny model with
+SDXL's layout: two text encoders whose states are concatenated, pooled embedding and size ids)."""
+
+import os
+
+import pytest
+import torch
+
+from erasekit import checkpoints, tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROMPTS = ["a red circle and a blue square", "a green star"]
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    from diffusers import DDIMScheduler
+    from transformers import AutoTokenizer
+
+    from erasekit.models import Components
+
+    torch.set_num_threads(1)
+    p = tiny.build("sdxl", seed=0)
+    tok = AutoTokenizer.from_pretrained(os.path.join(REPO, "models", "toy", "tokenizer"))  # the toy's words
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    arch = checkpoints.sdxl((tiny.TINY_WIDTH, tiny.TINY_WIDTH_2))
+    return Components(p["unet"], [p["text_encoder"], p["text_encoder_2"]], [tok, tok], p["vae"], sched, arch)
+
+
+def test_conditioning_is_diffusers_sdxl_encoding(sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    from erasekit.dag.conditioning import encode, unconditional
+
+    c = encode(sdxl, PROMPTS, (8, 8))
+    width = tiny.TINY_WIDTH + tiny.TINY_WIDTH_2
+    assert c.states.shape == (2, sdxl.tokenizer.model_max_length, width) and c.pooled.shape[0] == 2
+    assert c.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]] * 2  # 8x8 latents, the VAE's 8x downsampling
+    pipe = StableDiffusionXLPipeline(vae=sdxl.vae, text_encoder=sdxl.text_encoders[0],
+                                     text_encoder_2=sdxl.text_encoders[1], tokenizer=sdxl.tokenizer,
+                                     tokenizer_2=sdxl.tokenizers[1], unet=sdxl.unet, scheduler=sdxl.scheduler)
+    ref, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1)
+    assert torch.equal(c.states, ref) and torch.equal(c.pooled, pooled)
+    u = unconditional(sdxl, c, (8, 8))
+    assert torch.equal(u.states, neg) and torch.equal(u.pooled, neg_pooled)  # zeros, as diffusers' pipeline
+    from erasekit.dag.sampling import sample
+
+    assert sample(pipe, PROMPTS, [1, 2], steps=2).images.shape[:2] == (2, 3)  # the pipeline object itself
+
+
+def test_dag_on_sdxl_lazy_and_guided(sdxl):
+    """Plain CFG runs with SDXL's extra inputs; DAG with nothing detected is bit-identical to it and
+    runs no extra pass; SEGA's safety pass (all rows) and DAG's (the detected rows) change the image."""
+    from erasekit.dag.guidance import DagSettings
+    from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase_for
+    from erasekit.dag.sampling import sample
+
+    sink, tokens = encode_phrase_for(sdxl, "red circle")
+    assert tokens.shape == (2, tiny.TINY_WIDTH + tiny.TINY_WIDTH_2)
+    quiet = GuidelineEmbedding(tokens, sink, "red circle", "sdxl_base_v1-0", gate=0.999, floor=0.0)
+    kw = dict(steps=3, cfg=5.0, safety_text="red circle")
+    plain = sample(sdxl, PROMPTS, [1, 2], embeddings=[quiet], keep_maps=True, **kw)
+    assert plain.images.shape[0] == 2 and len(plain.detection_maps) == 3
+    lazy = sample(sdxl, PROMPTS, [1, 2], mode="dag", embeddings=[quiet], **kw)
+    assert torch.equal(lazy.images, plain.images) and lazy.extra_passes == 0
+    sega = sample(sdxl, PROMPTS, [1, 2], mode="sega", **kw)
+    assert sega.extra_passes > 0 and not torch.equal(sega.images, plain.images)
+    # a gate every map passes, min-max maps, and an edit region of the upper half of each map (under the
+    # AreaScaler's 80% rule): DAG edits the detected rows
+    loud = GuidelineEmbedding(tokens, sink, "red circle", "sdxl_base_v1-0", gate=1e-3, floor=None)
+    guided = sample(sdxl, PROMPTS, [1, 2], mode="dag", embeddings=[loud],
+                    dag=DagSettings(warmup_fraction=0.0, tau_low=0.5), **kw)
+    assert guided.extra_passes > 0 and not torch.equal(guided.images, plain.images)
+
+
+def test_guideline_training_on_sdxl(sdxl, tmp_path):
+    from erasekit.dag.fit import fit_guideline
+    from erasekit.dag.guideline import GuidelineEmbedding
+    from erasekit.erase.data import EraseData, ImageSet
+    from erasekit.errors import ArchitectureError
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, :, 2:5, 2:5] = 1.0
+
+    def images(prompts, with_masks):
+        n = len(prompts)
+        # embeds / ids as the data builder stores them (the first encoder's); SDXL re-encodes the prompts
+        return ImageSet(torch.randn(n, 4, 8, 8, generator=gen), torch.zeros(n, 24, tiny.TINY_WIDTH),
+                        torch.zeros(n, 24, dtype=torch.long), prompts, masks[:n] if with_masks else None)
+
+    data = EraseData("red circle", images(["a red circle", "a red circle on a dotted background"], True),
+                     images(["a blue square"], False), ["blue square"])
+    emb = fit_guideline(sdxl, data, "red circle", steps=6, log=lambda m: None)
+    assert emb.width == tiny.TINY_WIDTH + tiny.TINY_WIDTH_2 and emb.architecture == "sdxl_base_v1-0"
+    back = GuidelineEmbedding.load(emb.save(str(tmp_path / "g.safetensors")), sdxl.architecture)
+    assert torch.equal(back.tokens, emb.tokens.float())
+    sd1 = checkpoints.detect_architecture({k: list(v.shape) for k, v in tiny.build("sd_v1")["unet"].state_dict().items()},
+                                          "a tiny SD1 UNet")
+    with pytest.raises(ArchitectureError, match="width"):
+        GuidelineEmbedding.load(str(tmp_path / "g.safetensors"), sd1)
