@@ -34,13 +34,13 @@ class PlainLoraObjective:
     config = None
 
     def loss(self, batch, unet, reference_ctx, ctx) -> dict:
-        import torch
         import torch.nn.functional as F
 
-        parts = [batch["forget"]] + ([batch["preserve"]] if "preserve" in batch else [])
-        both = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "ids")}
+        from .erase.engine import join_parts
+
+        both = join_parts([batch["forget"]] + ([batch["preserve"]] if "preserve" in batch else []))
         noise, t = ctx.noise_and_timesteps(both["latents"])
-        pred = unet(ctx.add_noise(both["latents"], noise, t), t, encoder_hidden_states=ctx.text(both)).sample
+        pred = unet(ctx.add_noise(both["latents"], noise, t), t, **ctx.unet_inputs(both)).sample
         loss = F.mse_loss(pred, ctx.target(both["latents"], noise, t))
         return {"loss": loss}
 

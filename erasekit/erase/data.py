@@ -59,14 +59,17 @@ class ImageSet:
     ids: object  # [N, L] token ids
     prompts: list
     masks: object = None  # [N, 1, h, w] in [0, 1] (forget set)
+    pooled: object = None  # [N, P] SDXL's pooled text embedding (its UNet's added conditioning)
+    time_ids: object = None  # [N, 6] SDXL's size / crop ids
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def take(self, idx) -> dict:
         part = {"latents": self.latents[idx], "embeds": self.embeds[idx], "ids": self.ids[idx]}
-        if self.masks is not None:
-            part["masks"] = self.masks[idx]
+        for key in ("masks", "pooled", "time_ids"):
+            if getattr(self, key) is not None:
+                part[key] = getattr(self, key)[idx]
         return part
 
 
@@ -106,7 +109,8 @@ class EraseData:
         for name in ("forget", "preserve"):
             if f"{name}.latents" in tensors:
                 sets[name] = ImageSet(tensors[f"{name}.latents"], tensors[f"{name}.embeds"], tensors[f"{name}.ids"],
-                                      meta[f"{name}_prompts"], tensors.get(f"{name}.masks"))
+                                      meta[f"{name}_prompts"], *(tensors.get(f"{name}.{k}") for k in
+                                                                 ("masks", "pooled", "time_ids")))
         return cls(meta["target"], sets["forget"], sets.get("preserve"), meta["preserved"], meta["key"])
 
 
@@ -367,6 +371,13 @@ def make_image_set(components, images, prompts, masks=None, chunk: int = 16) -> 
                   return_tensors="pt").input_ids
         embeds = torch.cat([te(ids[i:i + chunk].to(te.device))[0].float().cpu() for i in range(0, len(ids), chunk)])
     latents = torch.cat(latents)
+    pooled = time_ids = None
+    if len(components.text_encoders) > 1:  # SDXL: its own conditioning (both encoders, pooled, size ids)
+        from ..dag.conditioning import Conditioning, encode
+
+        cond = Conditioning.cat([encode(components, prompts[i:i + chunk], latents.shape[-2:])
+                                 for i in range(0, len(prompts), chunk)])
+        embeds, pooled, time_ids = (x.float().cpu() for x in (cond.states, cond.pooled, cond.time_ids))
     if masks is not None:
         masks = F.interpolate(masks.float(), size=latents.shape[-2:], mode="area").clamp(0, 1)
-    return ImageSet(latents, embeds, ids, list(prompts), masks)
+    return ImageSet(latents, embeds, ids, list(prompts), masks, pooled, time_ids)

@@ -105,6 +105,15 @@ class TrainConfig:
     cpu: bool = False  # force the CPU even where an accelerator is present
 
 
+def join_parts(parts) -> dict:
+    """One UNet batch from several parts (forget, preserve, ...): their latents and conditioning
+    (``embeds``, ``ids`` and, for SDXL, ``pooled`` and ``time_ids``) concatenated in order."""
+    import torch
+
+    keys = [k for k in ("latents", "embeds", "ids", "pooled", "time_ids") if all(k in p for p in parts)]
+    return {k: torch.cat([p[k] for p in parts]) for k in keys}
+
+
 @dataclass
 class StepContext:
     """What an objective gets besides the batch, for one micro-step."""
@@ -154,6 +163,15 @@ class StepContext:
         ``part["embeds"]``, which are the base encoder's own output)."""
         return part["embeds"] if self.text_encoder is None else self.text_encoder(part["ids"])[0]
 
+    def unet_inputs(self, part, reference: bool = False) -> dict:
+        """Keyword arguments of a UNet call on ``part``: its text states (:meth:`text`; for the
+        reference the cached base ones) and, where the part carries them, SDXL's pooled embedding
+        and size ids."""
+        kwargs = {"encoder_hidden_states": part["embeds"] if reference else self.text(part)}
+        if part.get("pooled") is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": part["pooled"], "time_ids": part["time_ids"]}
+        return kwargs
+
 
 class Objective:
     """An erasure method's loss. Subclasses set ``name`` and ``config`` (a dataclass, written
@@ -172,8 +190,9 @@ class Objective:
         """Named loss terms (scalar tensors) of one micro-batch; ``"loss"`` is minimised.
 
         batch: ``{"forget": part, "preserve": part}`` (see ``EraseData.sample``), each part with
-            ``latents`` [B, C, h, w], ``embeds`` [B, L, D], ``ids`` [B, L] and, for the forget
-            set, ``masks`` [B, 1, h, w] in [0, 1].
+            ``latents`` [B, C, h, w], ``embeds`` [B, L, D], ``ids`` [B, L], for the forget
+            set ``masks`` [B, 1, h, w] in [0, 1], and for SDXL ``pooled`` and ``time_ids``
+            (:meth:`StepContext.unet_inputs` turns a part into the UNet's keyword arguments).
         unet: the model being trained (maybe wrapped by accelerate): ``unet(x_t, t,
             encoder_hidden_states=c).sample``.
         reference_ctx: ``with reference_ctx() as ref: ref(x_t, t, encoder_hidden_states=c)`` runs
@@ -265,8 +284,9 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
 
     # 2. Models: everything frozen, then LoRA adapters (or all UNet weights) made trainable.
     unet, text_encoder = components.unet, components.text_encoder
-    if getattr(unet.config, "addition_embed_type", None):
-        raise ErasekitError("Erasure training supports SD1.x, SD2.x and the toy model for now; this UNet needs SDXL's extra conditioning.")
+    if getattr(unet.config, "addition_embed_type", None) and config.train_text_encoder:
+        raise ErasekitError("A text-encoder LoRA is not supported for SDXL yet (it has two encoders); "
+                            "train the UNet only (leave --train-text-encoder off).")
     unet.requires_grad_(False)
     if text_encoder is not None:
         text_encoder.requires_grad_(False)

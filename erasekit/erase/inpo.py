@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import Objective
+from .engine import Objective, join_parts
 
 # Appendix C.1, Table 6 (FLUX, LoRA rank 4), with the concept types of the toy world mapped on:
 # object / colour / shape -> object, character -> IP, style (background) -> style.
@@ -164,15 +164,16 @@ class InpoObjective(Objective):
         np_ = parts[1]["latents"].shape[0] if len(parts) > 1 else 0
         if cfg.lambda_anchor > 0 and preserve is not None:
             na = min(nf, preserve["latents"].shape[0])  # anchor rows: forget images, preserved prompts
-            parts.append({"latents": forget["latents"][:na], "embeds": preserve["embeds"][:na], "ids": preserve["ids"][:na]})
-        both = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "ids")}
+            parts.append({"latents": forget["latents"][:na],
+                          **{k: v[:na] for k, v in preserve.items() if k in ("embeds", "ids", "pooled", "time_ids")}})
+        both = join_parts(parts)
 
         noise, t = ctx.noise_and_timesteps(both["latents"])  # the anchor rows draw their own
         noisy = ctx.add_noise(both["latents"], noise, t)  # x_t: [B_f + B_p (+ B_a), C, h, w]
         target = ctx.target(both["latents"], noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=ctx.text(both)).sample
+        pred = unet(noisy, t, **ctx.unet_inputs(both)).sample
         with reference_ctx() as ref:
-            pred_ref = ref(noisy, t, encoder_hidden_states=both["embeds"]).sample
+            pred_ref = ref(noisy, t, **ctx.unet_inputs(both, reference=True)).sample
 
         mask = forget.get("masks") if cfg.use_mask else None
         s_theta = masked_score(pred[:nf], target[:nf], mask, cfg.mask_norm)  # Eq. 11, [B_f]

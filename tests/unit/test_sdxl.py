@@ -1,5 +1,6 @@
-"""Detect-and-Guide's diffusers path and guideline training on SDXL (a random tiny model with
-SDXL's layout: two text encoders whose states are concatenated, pooled embedding and size ids)."""
+"""SDXL through erasekit's own code (a random tiny model with SDXL's layout: two text encoders
+whose states are concatenated, a pooled embedding and size ids): Detect-and-Guide's diffusers
+path, guideline training, and INPO training with an SDXL LoRA export."""
 
 import os
 
@@ -12,8 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PROMPTS = ["a red circle and a blue square", "a green star"]
 
 
-@pytest.fixture(scope="module")
-def sdxl():
+def tiny_sdxl():
     from diffusers import DDIMScheduler
     from transformers import AutoTokenizer
 
@@ -25,6 +25,11 @@ def sdxl():
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
     arch = checkpoints.sdxl((tiny.TINY_WIDTH, tiny.TINY_WIDTH_2))
     return Components(p["unet"], [p["text_encoder"], p["text_encoder_2"]], [tok, tok], p["vae"], sched, arch)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_sdxl()
 
 
 def test_conditioning_is_diffusers_sdxl_encoding(sdxl):
@@ -99,3 +104,40 @@ def test_guideline_training_on_sdxl(sdxl, tmp_path):
                                           "a tiny SD1 UNet")
     with pytest.raises(ArchitectureError, match="width"):
         GuidelineEmbedding.load(str(tmp_path / "g.safetensors"), sd1)
+
+
+def test_inpo_trains_and_exports_an_sdxl_lora(tmp_path):
+    """The data carries SDXL's conditioning, INPO trains on it, and the exported LoRA is an SDXL LoRA
+    that changes an SDXL UNet's output (and is refused by an SD1 one)."""
+    from erasekit import lora_io
+    from erasekit.erase.data import EraseData, make_image_set
+    from erasekit.erase.engine import TrainConfig, train
+    from erasekit.erase.inpo import InpoObjective
+    from erasekit.errors import ArchitectureError
+
+    comps = tiny_sdxl()
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 3, 64, 64, generator=gen)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[..., 16:40, 16:40] = 1.0
+    forget = make_image_set(comps, images[:2], ["a red circle"] * 2, masks)
+    preserve = make_image_set(comps, images[2:], ["a blue square"] * 2)
+    assert forget.pooled.shape == (2, tiny.TINY_WIDTH_2) and forget.time_ids[0].tolist() == [64, 64, 0, 0, 64, 64]
+    data = EraseData("red circle", forget, preserve, ["blue square"])
+    cfg = TrainConfig(out=str(tmp_path / "run"), target="red circle", steps=2, batch_size=1, lr=1e-2,
+                      checkpoint_every=2, tensorboard=False, export=True)
+    result = train(cfg, InpoObjective(), data, comps)
+    assert lora_io.check_compatible(str(result.lora), comps.architecture) == "sdxl"
+    sd1 = checkpoints.detect_architecture({k: list(v.shape) for k, v in tiny.build("sd_v1")["unet"].state_dict().items()},
+                                          "a tiny SD1 UNet")
+    with pytest.raises(ArchitectureError, match="SDXL|XL"):
+        lora_io.check_compatible(str(result.lora), sd1)
+    fresh = tiny_sdxl()
+    x, t = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500])
+    kw = {"encoder_hidden_states": forget.embeds[:1], "added_cond_kwargs": {"text_embeds": forget.pooled[:1],
+                                                                             "time_ids": forget.time_ids[:1]}}
+    with torch.no_grad():
+        before = fresh.unet(x, t, **kw).sample
+        assert lora_io.apply_lora(fresh.unet, lora_io.load_lora(str(result.lora))[0]) > 0
+        after = fresh.unet(x, t, **kw).sample
+    assert not torch.allclose(before, after)
