@@ -112,23 +112,36 @@ def default_config_dir(arch: Architecture) -> str:
 
 
 def _load_single_file(path: str, config: str | None, torch_dtype) -> Components:
+    """A single-file checkpoint through diffusers' ``from_single_file``, which needs the model's
+    configs and tokenizer(s) (no weights): from ``config``, else ``models/configs/<architecture>``,
+    else diffusers fetches them from the Hugging Face Hub as it does for any single file."""
     shapes, _ = checkpoints.read_header(path, "checkpoint")
     arch = checkpoints.detect_architecture(shapes, path)
-    config = config or default_config_dir(arch)
-    if not os.path.isfile(os.path.join(config, "model_index.json")):
+    local = default_config_dir(arch)
+    if config is not None and not os.path.isfile(os.path.join(config, "model_index.json")):
         raise ModelFileError(
             f"'{path}' is a {arch.title} checkpoint, but the config folder '{config}' it needs (diffusers "
             "configs and tokenizer, no weights) is missing; pass config=<a diffusers folder of the same model>."
         )
+    config = config or (local if os.path.isfile(os.path.join(local, "model_index.json")) else None)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     cls = StableDiffusionXLPipeline if arch.name.startswith("sdxl") else StableDiffusionPipeline
     kwargs = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None}
     try:
-        pipe = cls.from_single_file(path, config=config, local_files_only=True, torch_dtype=torch_dtype, **kwargs)
+        pipe = cls.from_single_file(path, config=config, local_files_only=config is not None, torch_dtype=torch_dtype,
+                                    **kwargs)
+    except OSError as err:  # no local configs and the Hub not reachable (offline, or HF_HUB_OFFLINE=1)
+        raise ModelFileError(
+            f"'{path}' is a {arch.title} checkpoint; loading it needs that model's diffusers configs and tokenizer "
+            f"(no weights), which diffusers fetches from the Hugging Face Hub, and the Hub is not reachable "
+            f"({str(err).splitlines()[0][:120]}). Pass a local diffusers folder of the same model (its weights are "
+            f"not needed) with --model-config, or put one at '{local}'."
+        ) from None
     except (ValueError, RuntimeError, KeyError) as err:
         raise ArchitectureError(
-            f"'{path}' looks like {arch.title} but does not fit the config in '{config}' ({str(err).splitlines()[0]})."
+            f"'{path}' looks like {arch.title} but does not fit the config in '{config or 'the Hub'}' "
+            f"({str(err).splitlines()[0]})."
         ) from None
     comps = _from_pipeline(pipe, path)
     comps.architecture = arch

@@ -51,6 +51,10 @@ FLAGS = {
 }
 
 
+MODEL_CONFIG_HELP = ("for a single-file checkpoint: a local diffusers folder of the same model (configs and tokenizer, "
+                     "no weights needed); default models/configs/<architecture>, else diffusers fetches them from the Hub")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Erase a concept from a text-to-image model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="inpo")
     p.add_argument("--target", help='the concept to erase, e.g. "red circle", "bobo", "striped background"')
     p.add_argument("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: models/toy)")
+    p.add_argument("--model-config", default=None, help=MODEL_CONFIG_HELP)
     p.add_argument("--out", default=None, help="run folder (default: runs/erase-<target>-<method>)")
     p.add_argument("--config", help="a TOML file with [train], [<method>] and [data] tables")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -104,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("guideline", help="learn a Detect-and-Guide guideline embedding (DAG Sec. 3.1)")
     g.add_argument("--target", required=True, help='the concept to detect, e.g. "red circle", "nudity"')
     g.add_argument("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: models/toy)")
+    g.add_argument("--model-config", default=None, help=MODEL_CONFIG_HELP)
     g.add_argument("--out", default=None, help="the .safetensors file to write (default: runs/guideline-<target>.safetensors)")
     g.add_argument("--init", default=None, help="words the tokens start from (default: the target)")
     g.add_argument("--forget-dir", default=None,
@@ -170,7 +176,7 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
     if not os.path.exists(args.base):
         raise ErasekitError(f"The base model '{args.base}' does not exist; pass --base <a diffusers folder or a .safetensors "
                             "checkpoint> (the toy model is made by `python -m erasekit.toyworld train --out models/toy`).")
-    components = models.load(str(args.base))
+    components = models.load(str(args.base), config=args.model_config)
     toy = components.architecture is not None and components.architecture.name == "toy"
 
     target = args.target or _from_files(args, "target")
@@ -263,7 +269,7 @@ def run_guideline(args, *, progress=None, log=None):
     if not os.path.exists(base):
         raise ErasekitError(f"The base model '{base}' does not exist; pass --base <a diffusers folder or a .safetensors "
                             "checkpoint>.")
-    components = models.load(str(base))
+    components = models.load(str(base), config=getattr(args, "model_config", None))
     toy = components.architecture is not None and components.architecture.name == "toy"
     if not toy and not args.forget_dir:
         raise ErasekitError("Only the toy model can draw and mask its own training images; for this model pass "

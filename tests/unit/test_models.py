@@ -21,7 +21,7 @@ def test_folder_without_model_index_is_refused(tmp_path):
         models.load(str(tmp_path))
 
 
-def test_single_file_without_config_folder_says_what_is_missing(tmp_path):
+def test_single_file_without_config_folder_says_what_is_missing(tmp_path, monkeypatch):
     from erasekit import checkpoints
 
     path = tmp_path / "sd15.safetensors"
@@ -32,3 +32,7 @@ def test_single_file_without_config_folder_says_what_is_missing(tmp_path):
     }, str(path))
     with pytest.raises(ModelFileError, match=r"is a Stable Diffusion 1.x checkpoint, but the config folder"):
         models.load(str(path), config=str(tmp_path / "nowhere"))
+    # no folder given or in models/configs, and the Hub out of reach (this machine): one sentence on both ways out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelFileError, match=r"Stable Diffusion 1.x checkpoint; loading it needs .* Hugging Face Hub.*--model-config"):
+        models.load(str(path))
