@@ -288,7 +288,7 @@ def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, 
         loss.backward()
         opt.step()
         sched.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         if callback:
             callback(step, float(loss))
     tokens = tokens.detach()

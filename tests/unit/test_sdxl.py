@@ -141,3 +141,38 @@ def test_inpo_trains_and_exports_an_sdxl_lora(tmp_path):
         assert lora_io.apply_lora(fresh.unet, lora_io.load_lora(str(result.lora))[0]) > 0
         after = fresh.unet(x, t, **kw).sample
     assert not torch.allclose(before, after)
+
+
+def test_sdxl_folder_through_the_cli(tmp_path):
+    """A user's SDXL diffusers folder and folders of images: `trainer guideline` and `trainer train`
+    (then --resume from the cached data, which keeps SDXL's conditioning) end with SDXL files."""
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from erasekit import lora_io
+    from erasekit.dag.guideline import GuidelineEmbedding
+    from trainer.__main__ import main
+
+    c = tiny_sdxl()
+    StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+                              tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=c.unet,
+                              scheduler=c.scheduler).save_pretrained(tmp_path / "xl")
+    forget, keep = tmp_path / "forget", tmp_path / "keep"
+    forget.mkdir(), keep.mkdir()
+    rng = np.random.default_rng(0)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 16:40] = 255
+    for i in range(2):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(forget / f"{i}.png")
+        Image.fromarray(mask).save(forget / f"{i}_mask.png")
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(keep / f"{i}.png")
+    common = ["--target", "red circle", "--base", str(tmp_path / "xl"), "--forget-dir", str(forget),
+              "--preserve-dir", str(keep)]
+    assert main(["guideline", *common, "--steps", "4", "--out", str(tmp_path / "g.safetensors")]) == 0
+    assert GuidelineEmbedding.load(str(tmp_path / "g.safetensors")).width == tiny.TINY_WIDTH + tiny.TINY_WIDTH_2
+    run = tmp_path / "run"
+    assert main(["train", *common, "--steps", "2", "--out", str(run)]) == 0
+    assert main(["train", *common, "--steps", "3", "--out", str(run), "--resume"]) == 0
+    lora = run / "erase-red-circle-inpo.safetensors"
+    assert lora_io.check_compatible(str(lora), c.architecture) == "sdxl"
