@@ -47,3 +47,26 @@ def test_safety_pass_runs_for_detected_images_of_a_batch_only(comfy, toy_in_comf
     guided = [np.asarray(Image.open(comfy.output_path(i))) for i in out["19"]["images"]]
     assert len(plain) == len(guided) == 2
     assert np.array_equal(plain[1], guided[1]) and not np.array_equal(plain[0], guided[0])
+
+
+def test_sega_mask_reaches_the_guidance_and_old_graphs_still_run(comfy, toy_in_comfy, monkeypatch):
+    """The node's sega_mask is DAG's top-p mask on the safety direction; an API graph saved before the
+    input existed (no sega_mask) runs with the whole region, as before."""
+    from erasekit.dag import guidance
+
+    seen = []
+
+    def combine(x0, x0_u, x0_cs, a_hat, s, dag):
+        seen.append(dag.top_p)
+        return x0
+
+    monkeypatch.setattr(guidance, "detected_rows", lambda a_hat, dag: [0])
+    monkeypatch.setattr(guidance, "dag_combine", combine)
+    graph = dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors", "red circle", steps=3, seed=5)
+    graph["12"]["inputs"]["sega_mask"] = 0.9
+    comfy.run(graph)
+    assert seen and set(seen) == {0.9}
+    seen.clear()
+    del graph["12"]["inputs"]["sega_mask"]
+    comfy.run(graph)
+    assert seen and set(seen) == {0.0}
