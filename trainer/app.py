@@ -40,6 +40,7 @@ EXAMPLES = {  # target, anchor (what the concept turns into) on the toy model
 }
 METHODS = (("INPO: an erasure LoRA", "inpo"), ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
 GUIDELINE_STEPS_PER_IMAGE = 100  # DAG Table 4: 100 x the number of unsafe images
+GUIDELINE_IMAGES = 40  # the guideline CLI's default (erasekit.dag.fit): more images detect earlier, sharper
 
 # (key, label, default): the settings fields, in the order of the handlers' parameters
 FIELDS = [
@@ -192,12 +193,16 @@ class TrainerApp(ReviewHandlers):
         return row["steps"], row["rank"], row["eta"], row["gamma"], row["tau"], row["lambda_prior"]
 
     def method_changed(self, method, forget_images, preset):
-        """The steps field follows the method: DAG's 100 x the unsafe images, or INPO's preset."""
+        """(steps, forget images) for the method: DAG's 100 x the unsafe images, or INPO's preset. The
+        image count moves between the two methods' defaults; a number the user typed stays."""
         from erasekit.erase.inpo import preset as inpo_preset
 
+        inpo_images = dict((k, d) for k, _, d in FIELDS)["forget_images"]
+        n = int(forget_images or 0)
         if method == "guideline":
-            return GUIDELINE_STEPS_PER_IMAGE * int(forget_images or 40)
-        return inpo_preset(preset or "object")["steps"]
+            n = GUIDELINE_IMAGES if n in (0, inpo_images) else n
+            return GUIDELINE_STEPS_PER_IMAGE * n, n
+        return inpo_preset(preset or "object")["steps"], inpo_images if n in (0, GUIDELINE_IMAGES) else n
 
     def suggest_preserve(self, target, neighbours, unrelated):
         import gradio as gr

@@ -162,7 +162,7 @@ def build_page(app):
              comps["eta"], comps["gamma"], comps["tau"], comps["lambda_prior"], comps["run_name"]],
             api_name="concept_type")
         comps["method"].input(app.method_changed, [comps["method"], comps["forget_images"], comps["preset"]],
-                              comps["steps"], api_name="method")
+                              [comps["steps"], comps["forget_images"]], api_name="method")
         comps["preset"].input(app.preset_changed, [comps["preset"], comps["base"]],
                               [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
                               api_name="preset")

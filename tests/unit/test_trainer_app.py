@@ -79,6 +79,11 @@ def test_detect_and_concept_presets(app):
     assert app["app"].preset_changed("object", "/not/a/toy")[-1] == 0.6  # other models: the paper's preset
     assert len(preserve.splitlines()) == 7  # 3 other styles + 4 unrelated concepts
     assert c.predict(target="bobo", neighbours=2, unrelated=1, api_name="/suggest_preserve").count("\n") == 2
+    # the method switch: DAG guideline tokens take 40 images (100 steps each), INPO its 16 and its preset's
+    # steps; a count the user typed is kept
+    assert tuple(c.predict(method="guideline", forget_images=16, preset="object", api_name="/method")) == (4000, 40)
+    assert tuple(c.predict(method="inpo", forget_images=40, preset="object", api_name="/method")) == (300, 16)
+    assert tuple(c.predict(method="guideline", forget_images=8, preset="object", api_name="/method")) == (800, 8)
 
 
 def test_generate_train_check_export(app):
@@ -145,8 +150,8 @@ def test_guideline_tokens_train_check_export(app, tmp_path):
 
     c = app["client"]
     assert "3 uploaded images (3 with a mask" in upload_scenes(app, "tokens", tmp_path, with_masks=3)
-    assert c.predict(method="guideline", forget_images=2, preset="object", api_name="/method") == 200
-    assert c.predict(method="inpo", forget_images=2, preset="style", api_name="/method") == 400
+    assert tuple(c.predict(method="guideline", forget_images=2, preset="object", api_name="/method")) == (200, 2)
+    assert tuple(c.predict(method="inpo", forget_images=2, preset="style", api_name="/method")) == (400, 2)
     kw = small(app, "tokens", method="guideline", steps=6)
     st = wait(c, c.predict(**kw, api_name="/generate_data")[1])  # the data step works whatever the method
     assert st["state"] == "done", st
