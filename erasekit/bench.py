@@ -52,6 +52,7 @@ def bench_startup(repeats: int = 3) -> dict:
 
 def main(argv=None) -> None:
     from .bench_erase import INPO_SETTINGS  # light: its heavy imports are inside functions
+    from .dag.fit import GUIDELINE_IMAGES
 
     ap = argparse.ArgumentParser(prog="python -m erasekit.bench", description="Erasekit benchmarks (JSON lines).")
     sub = ap.add_subparsers(dest="which", required=True)
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
     d.add_argument("--cfg", type=float, default=3.0)
     d.add_argument("--model", default=None, help="toy model folder (default models/toy)")
     d.add_argument("--guideline", default=None, help="load this embedding instead of training one")
-    d.add_argument("--guideline-images", type=int, default=40,
+    d.add_argument("--guideline-images", type=int, default=GUIDELINE_IMAGES,
                    help="images of the target to train it on (and 3/4 as many without it)")
     d.add_argument("--strength", type=float, default=1.0, help="multiplies DAG's S (1 = the paper's scale)")
     d.add_argument("--modes", default="dag,sld,sega", help="safety guidances to compare with plain CFG")

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from .dag.fit import GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES
+
 
 def concept_mask(judgement, concept) -> np.ndarray:
     """Boolean mask (judge resolution) of where ``concept`` is in a judged image."""
@@ -84,7 +86,7 @@ class _FakeJudgement:
         self.objects = [Obj]
 
 
-def train_toy_guideline(model: str | None, concept, n_unsafe: int = 40, n_safe: int = 30, seed: int = 0, steps=None,
+def train_toy_guideline(model: str | None, concept, n_unsafe: int = GUIDELINE_IMAGES, n_safe: int = GUIDELINE_SAFE_IMAGES, seed: int = 0, steps=None,
                         log=print):
     """A GuidelineEmbedding for ``concept`` on the toy model: the erasure trainer's data
     (images the model draws, masked by the judge; neighbouring and unrelated concepts as the
@@ -117,7 +119,7 @@ def _auroc(scores, labels) -> float:
 def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 200, seeds=(0, 1), steps: int = 25,
               cfg: float = 3.0, model: str | None = None, guideline: str | None = None, batch: int = 50,
               out_dir: str = "out/bench", modes=("dag", "sld", "sega"), strength: float = 1.0,
-              guideline_images: int = 40, log=print) -> dict:
+              guideline_images: int = GUIDELINE_IMAGES, log=print) -> dict:
     """See the module docstring. ``modes``: the safety guidances compared with plain CFG;
     ``strength`` multiplies DAG's S (1 = the paper); ``guideline_images``: images of the target the
     guideline embedding learns from when it is trained here (and 3/4 as many safe ones)."""

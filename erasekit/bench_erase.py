@@ -36,7 +36,7 @@ class PlainLoraObjective:
     def loss(self, batch, unet, reference_ctx, ctx) -> dict:
         import torch.nn.functional as F
 
-        from .erase.engine import join_parts
+        from .erase.objective import join_parts
 
         both = join_parts([batch["forget"]] + ([batch["preserve"]] if "preserve" in batch else []))
         noise, t = ctx.noise_and_timesteps(both["latents"])

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from erasekit.dag.fit import GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES  # noqa: E402
 from erasekit.errors import ErasekitError  # noqa: E402
 
 DEFAULT_BASE = REPO / "models" / "toy"
@@ -115,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--forget-dir", default=None,
                    help="images of the concept (name.png + name_mask.png, white = concept); default: drawn by the toy model")
     g.add_argument("--preserve-dir", default=None, help="images without the concept (zero masks)")
-    g.add_argument("--images", type=int, default=40, help="images of the concept to generate (toy model)")
-    g.add_argument("--safe-images", type=int, default=30, help="images without it to generate (toy model)")
+    g.add_argument("--images", type=int, default=GUIDELINE_IMAGES, help="images of the concept to generate (toy model)")
+    g.add_argument("--safe-images", type=int, default=GUIDELINE_SAFE_IMAGES, help="images without it to generate (toy model)")
     g.add_argument("--steps", type=int, default=None, help="optimisation steps (default 100 x unsafe images, Table 4)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from erasekit.dag.fit import GUIDELINE_IMAGES  # noqa: E402
 from erasekit.erase.state import read_metrics  # noqa: E402
 from erasekit.errors import ErasekitError  # noqa: E402
 from trainer import estimate, jobs, runs, work  # noqa: E402
@@ -40,7 +41,6 @@ EXAMPLES = {  # target, anchor (what the concept turns into) on the toy model
 }
 METHODS = (("INPO: an erasure LoRA", "inpo"), ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
 GUIDELINE_STEPS_PER_IMAGE = 100  # DAG Table 4: 100 x the number of unsafe images
-GUIDELINE_IMAGES = 40  # the guideline CLI's default (erasekit.dag.fit): more images detect earlier, sharper
 
 # (key, label, default): the settings fields, in the order of the handlers' parameters
 FIELDS = [

@@ -29,6 +29,9 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = {"text_embeds": pick(self.pooled), "time_ids": pick(self.time_ids)}
         return kwargs
 
+    def to(self, device) -> Conditioning:
+        return Conditioning(*(None if x is None else x.to(device) for x in (self.states, self.pooled, self.time_ids)))
+
     def __len__(self) -> int:
         return int(self.states.shape[0])
 

@@ -16,8 +16,10 @@ import time
 
 from ..errors import ErasekitError
 
+GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES = 40, 30  # the defaults (see above): images with / without the concept
 
-def guideline_data_config(n_unsafe: int = 40, n_safe: int = 30, seed: int = 0, forget_dir: str | None = None,
+
+def guideline_data_config(n_unsafe: int = GUIDELINE_IMAGES, n_safe: int = GUIDELINE_SAFE_IMAGES, seed: int = 0, forget_dir: str | None = None,
                           preserve_dir: str | None = None):
     """The erasure trainer's :class:`~erasekit.erase.data.DataConfig`, sized for a guideline: a few
     images of the concept, and ``n_safe`` safe ones (two thirds neighbouring concepts, which
@@ -43,30 +45,25 @@ def fit_guideline(components, data, concept: str, *, init_phrase: str | None = N
     import torch
     import torch.nn.functional as F
 
-    from .conditioning import Conditioning, encode
+    from .conditioning import Conditioning
     from .guideline import GuidelineEmbedding, encode_phrase_for, optimize_guideline
 
     forget, preserve = data.forget, data.preserve
     if forget is None or len(forget) == 0:
         raise ErasekitError(f"No images of '{concept}' to learn from: the forget set is empty.")
+    sets = [forget] + ([preserve] if preserve is not None and len(preserve) else [])
     hw = tuple(forget.latents.shape[-2:])
     masks = forget.masks if forget.masks is not None else torch.ones(len(forget), 1, *hw)
     masks = F.interpolate(masks.float(), size=hw, mode="area")[:, 0]
-    latents, conds = [forget.latents], [forget.embeds]
-    unsafe = [True] * len(forget)
-    if preserve is not None and len(preserve):
-        latents.append(preserve.latents), conds.append(preserve.embeds)
-        masks = torch.cat([masks, torch.zeros(len(preserve), *hw)])
-        unsafe += [False] * len(preserve)
+    masks = torch.cat([masks] + [torch.zeros(len(s), *hw) for s in sets[1:]])
+    unsafe = [True] * len(forget) + [False] * sum(len(s) for s in sets[1:])
     unet = components.unet
     device = unet.device
-    conds = torch.cat(conds).to(device)
-    if len(components.text_encoders) > 1:  # SDXL: both encoders' states and its extra inputs, from the prompts
-        prompts = list(forget.prompts) + (list(preserve.prompts) if preserve is not None and len(preserve) else [])
-        conds = Conditioning.cat([encode(components, prompts[i:i + 16], hw) for i in range(0, len(prompts), 16)])
+    # the UNet's text inputs as the data holds them (SDXL: with its pooled embedding and size ids)
+    conds = Conditioning.cat([Conditioning(s.embeds, s.pooled, s.time_ids) for s in sets]).to(device)
     sink, init = encode_phrase_for(components, init_phrase or concept)
     t0 = time.time()
-    fit = optimize_guideline(unet, components.scheduler, torch.cat(latents).to(device), conds,
+    fit = optimize_guideline(unet, components.scheduler, torch.cat([s.latents for s in sets]).to(device), conds,
                              masks.to(device), unsafe, sink=sink, init_tokens=init, steps=steps, seed=seed,
                              callback=callback)
     hist = fit.history

@@ -290,7 +290,7 @@ def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, 
         sched.step()
         history.append(float(loss.detach()))
         if callback:
-            callback(step, float(loss))
+            callback(step, history[-1])
     tokens = tokens.detach()
     gate, floor, stats, schedule = calibrate_gate(cache, layers, sink, tokens, masks, unsafe, hw, n_train=n_train)
     return GuidelineFit(tokens, history, gate, floor, stats, schedule)

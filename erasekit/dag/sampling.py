@@ -91,13 +91,6 @@ class GuidelineTap:
         return a_hat
 
 
-def encode_prompts(text_encoder, tokenizer, prompts):
-    """Last hidden states of one text encoder (see :mod:`erasekit.dag.conditioning` for SDXL)."""
-    from .conditioning import encode_last_states
-
-    return encode_last_states(text_encoder, tokenizer, prompts)
-
-
 def clipped_x0_step_kwargs(scheduler) -> dict:
     """``scheduler.step`` keywords that make x0 clipping consistent: with ``use_clipped_model_output``
     DDIM takes the step's noise direction from the clipped x0 (as ComfyUI's samplers do with a

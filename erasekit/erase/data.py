@@ -360,7 +360,9 @@ def make_image_set(components, images, prompts, masks=None, chunk: int = 16) -> 
     import torch
     import torch.nn.functional as F
 
-    vae, te, tok = components.vae, components.text_encoder, components.tokenizer
+    from ..dag.conditioning import Conditioning, encode
+
+    vae, tok = components.vae, components.tokenizer
     shift, scale = getattr(vae.config, "shift_factor", None) or 0.0, vae.config.scaling_factor
     latents = []
     with torch.no_grad():
@@ -369,15 +371,11 @@ def make_image_set(components, images, prompts, masks=None, chunk: int = 16) -> 
             latents.append(((vae.encode(x).latent_dist.mode() - shift) * scale).float().cpu())
         ids = tok(list(prompts), padding="max_length", max_length=min(tok.model_max_length, 77), truncation=True,
                   return_tensors="pt").input_ids
-        embeds = torch.cat([te(ids[i:i + chunk].to(te.device))[0].float().cpu() for i in range(0, len(ids), chunk)])
     latents = torch.cat(latents)
-    pooled = time_ids = None
-    if len(components.text_encoders) > 1:  # SDXL: its own conditioning (both encoders, pooled, size ids)
-        from ..dag.conditioning import Conditioning, encode
-
-        cond = Conditioning.cat([encode(components, prompts[i:i + chunk], latents.shape[-2:])
-                                 for i in range(0, len(prompts), chunk)])
-        embeds, pooled, time_ids = (x.float().cpu() for x in (cond.states, cond.pooled, cond.time_ids))
+    # the UNet's text inputs, as sampling gives them (SDXL: both encoders, pooled embedding, size ids)
+    cond = Conditioning.cat([encode(components, prompts[i:i + chunk], latents.shape[-2:])
+                             for i in range(0, len(prompts), chunk)])
+    embeds, pooled, time_ids = (None if x is None else x.float().cpu() for x in (cond.states, cond.pooled, cond.time_ids))
     if masks is not None:
         masks = F.interpolate(masks.float(), size=latents.shape[-2:], mode="area").clamp(0, 1)
     return ImageSet(latents, embeds, ids, list(prompts), masks, pooled, time_ids)

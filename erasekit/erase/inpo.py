@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import Objective, join_parts
+from .objective import Objective, join_parts
 
 # Appendix C.1, Table 6 (FLUX, LoRA rank 4), with the concept types of the toy world mapped on:
 # object / colour / shape -> object, character -> IP, style (background) -> style.

@@ -34,8 +34,8 @@ def test_token_optimisation_learns_the_masks_and_calibrates_a_gate(tiny_pipe, tm
     import numpy as np
     import torch.nn.functional as F
 
+    from erasekit.dag.conditioning import encode_last_states
     from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase, optimize_guideline
-    from erasekit.dag.sampling import encode_prompts
     from erasekit.toyworld.scenes import render_scene
     from erasekit.toyworld.train import scene_latents
 
@@ -47,7 +47,7 @@ def test_token_optimisation_learns_the_masks_and_calibrates_a_gate(tiny_pipe, tm
         m = torch.from_numpy(scene.objects[0].mask.astype(np.float32))[None, None]
         latents.append(lat), prompts.append(f"a {colour} circle"), unsafe.append(want)
         masks.append(F.interpolate(m, size=lat.shape[-2:], mode="area")[0, 0] * float(want))
-    conds = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
+    conds = encode_last_states(pipe.text_encoder, pipe.tokenizer, prompts)
     sink, init = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
     fit = optimize_guideline(pipe.unet, pipe.scheduler, torch.stack(latents), conds, torch.stack(masks), unsafe,
                              sink=sink, init_tokens=init, steps=60, n_timesteps=4)
@@ -71,15 +71,15 @@ def test_step_lr_stretches_to_the_run(tiny_pipe):
     """The paper's StepLR step of 20 has decayed the rate to ~1e-4 of its start by step 500, so a
     longer run (100 x many images) would learn nothing more; the default step is steps / 25 (the
     paper's 20 at its five images), and the second half of a long run still moves the tokens."""
+    from erasekit.dag.conditioning import encode_last_states
     from erasekit.dag.guideline import encode_phrase, optimize_guideline
-    from erasekit.dag.sampling import encode_prompts
 
     pipe = tiny_pipe
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(2, pipe.unet.config.in_channels, 16, 16, generator=gen)
     masks = torch.zeros(2, 16, 16)
     masks[0, 4:9, 4:9] = 1.0
-    conds = encode_prompts(pipe.text_encoder, pipe.tokenizer, ["a red circle", "a blue square"])
+    conds = encode_last_states(pipe.text_encoder, pipe.tokenizer, ["a red circle", "a blue square"])
     sink, init = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
 
     def tokens(steps, lr_step=None):

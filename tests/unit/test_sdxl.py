@@ -81,21 +81,16 @@ def test_dag_on_sdxl_lazy_and_guided(sdxl):
 def test_guideline_training_on_sdxl(sdxl, tmp_path):
     from erasekit.dag.fit import fit_guideline
     from erasekit.dag.guideline import GuidelineEmbedding
-    from erasekit.erase.data import EraseData, ImageSet
+    from erasekit.erase.data import EraseData, make_image_set
     from erasekit.errors import ArchitectureError
 
     gen = torch.Generator().manual_seed(0)
-    masks = torch.zeros(2, 1, 8, 8)
-    masks[:, :, 2:5, 2:5] = 1.0
-
-    def images(prompts, with_masks):
-        n = len(prompts)
-        # embeds / ids as the data builder stores them (the first encoder's); SDXL re-encodes the prompts
-        return ImageSet(torch.randn(n, 4, 8, 8, generator=gen), torch.zeros(n, 24, tiny.TINY_WIDTH),
-                        torch.zeros(n, 24, dtype=torch.long), prompts, masks[:n] if with_masks else None)
-
-    data = EraseData("red circle", images(["a red circle", "a red circle on a dotted background"], True),
-                     images(["a blue square"], False), ["blue square"])
+    images = torch.rand(3, 3, 64, 64, generator=gen)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[..., 16:40, 16:40] = 1.0
+    data = EraseData("red circle",
+                     make_image_set(sdxl, images[:2], ["a red circle", "a red circle on a dotted background"], masks),
+                     make_image_set(sdxl, images[2:], ["a blue square"]), ["blue square"])
     emb = fit_guideline(sdxl, data, "red circle", steps=6, log=lambda m: None)
     assert emb.width == tiny.TINY_WIDTH + tiny.TINY_WIDTH_2 and emb.architecture == "sdxl_base_v1-0"
     back = GuidelineEmbedding.load(emb.save(str(tmp_path / "g.safetensors")), sdxl.architecture)
