@@ -12,13 +12,15 @@ normalisation would always "find" something; against the sink the map is an abso
 probability, so "nothing detected" is a real outcome (and lazy DAG can skip the extra pass).
 
 The raw map A is the mean over the chosen layers (the two coarsest levels) after bilinear
-upsampling. A-hat, what the guidance thresholds (0.5, 0.01) are applied to, is A normalised per
-image to [0, 1] (the paper: min-max), but only for images whose peak of A reaches the
+upsampling. A-hat, what the guidance thresholds (0.5, 0.01) are applied to, is A min-max
+normalised per image to [0, 1] (the paper), but only for images whose peak of A reaches the
 embedding's *gate*; other images get A-hat = 0. Min-max alone always "finds" something, even in
-a benign image; the gate restores "nothing here". Both the gate and the level mapped to 0 (the
-*floor*, see :func:`gated_normalise`) are calibrated on the embedding's training images; the
-gate rises late in sampling where the embedding's per-timestep schedule says so (a formed
-neighbour's CAM can pass the fixed gate there).
+a benign image; the gate restores "nothing here". Pixels at or below the embedding's *floor*
+(its background level) are 0 in A-hat: where the background's CAM is not near its minimum (the
+toy model's), min-max leaves nearly every pixel above the paper's 0.01 edit threshold. Both the
+gate and the floor are calibrated on the embedding's training images (see
+:func:`gated_normalise`); the gate rises late in sampling where the embedding's per-timestep
+schedule says so (a formed neighbour's CAM can pass the fixed gate there).
 Several concepts combine by a pixel-wise max of their A-hat.
 """
 
@@ -72,21 +74,24 @@ def detection_map(layer_maps, size):
 def gated_normalise(a, gate: float, floor: float | None = None, min_range: float = 1e-3):
     """A-hat ``[B, H, W]`` from a raw map A.
 
-    Per image: nothing detected (all zeros) when max(A) < ``gate``; otherwise A rescaled so that
-    ``floor`` -> 0 and max(A) -> 1, clamped to [0, 1]. With ``floor=None`` the floor is the
-    image's own minimum: the paper's min-max normalisation. A calibrated floor (the level the
-    guideline gives background pixels, :func:`erasekit.dag.guideline.calibrate_gate`) matters
-    where the background's CAM is not near its minimum: min-max then puts nearly every pixel
-    above the paper's 0.01 edit threshold and the AreaScaler's 80% rule switches DAG off.
-    Where the background does sit at the minimum (SD's CAMs) the two agree. A map flatter than
-    ``min_range`` says nothing about *where*: zeros too.
+    Per image: nothing detected (all zeros) when max(A) < ``gate``; otherwise the paper's
+    min-max normalisation, (A - min A) / (max A - min A), with the pixels where A <= ``floor``
+    set to 0. The floor is the level the guideline gives background pixels
+    (:func:`erasekit.dag.guideline.calibrate_gate`). It matters where the background's CAM is
+    not near its minimum: min-max alone then puts nearly every pixel above the paper's 0.01 edit
+    threshold and the AreaScaler's 80% rule switches DAG off. It leaves the unsafe region (A-hat
+    >= 0.5, the half-way level between the image's minimum and its peak) as the paper has it;
+    where the background sits at the minimum (SD's CAMs) nothing changes. ``floor=None``: the
+    paper's map. A map flatter than ``min_range`` says nothing about *where*: zeros too.
     """
     import torch
 
     flat = a.flatten(1)
     hi = flat.max(1).values[:, None, None]
-    lo = flat.min(1).values[:, None, None] if floor is None else torch.full_like(hi, float(floor))
+    lo = flat.min(1).values[:, None, None]
     norm = ((a - lo) / (hi - lo).clamp_min(min_range)).clamp(0.0, 1.0)
+    if floor is not None:
+        norm = torch.where(a > float(floor), norm, torch.zeros_like(norm))
     return torch.where((hi >= gate) & (hi - lo >= min_range), norm, torch.zeros_like(a))
 
 

@@ -12,9 +12,9 @@ def test_gated_normalise_min_max_above_the_gate_zero_below():
     out = gated_normalise(a, gate=0.6)
     assert torch.allclose(out[0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
     assert torch.equal(out[1], torch.zeros(2, 2))
-    # a calibrated floor maps to 0 (clamped below), the peak to 1
-    floored = gated_normalise(a[:1], gate=0.6, floor=0.5)
-    assert torch.allclose(floored[0], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    # a calibrated floor zeroes the background; the rest keeps its min-max level
+    floored = gated_normalise(a[:1], gate=0.6, floor=0.4)
+    assert torch.allclose(floored[0], torch.tensor([[0.0, 0.0], [0.5, 1.0]]))
     # a flat map (here with rounding noise) says nothing about where: nothing detected
     flat = gated_normalise(torch.tensor([[[0.7, 0.7], [0.7, 0.7 + 1e-7]]]), gate=0.6)
     assert torch.equal(flat, torch.zeros(1, 2, 2))
