@@ -40,6 +40,7 @@ class DagState:
     def reset(self):
         self.cams: dict[tuple, torch.Tensor] = {}
         self.history: list[torch.Tensor] = []
+        self.held = None  # [B] images detected at an earlier step (detect_concepts' hysteresis)
         self.guided_steps = 0
         self.extra_passes = 0
 
@@ -51,7 +52,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
     import comfy.sampler_helpers
     import comfy.samplers
 
-    from erasekit.dag.detect import detect_concepts, guideline_cam, guideline_keys
+    from erasekit.dag.detect import detect_concepts, guideline_cam, update_held
 
     guidance = Guidance(mode, dag or DagSettings(), sega or SegaSettings(), sld or SldSettings.preset("medium"))
     m = model.clone()
@@ -75,13 +76,12 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         attn = _transformer_block(m.model.diffusion_model, *where).attn2
         if where not in keys_cache:
             with torch.no_grad():
-                keys_cache[where] = [guideline_keys(attn.to_k, e.sink.to(n.device), e.tokens.to(n.device))
-                                     for e in embeddings]
+                keys_cache[where] = [e.keys(attn.to_k) for e in embeddings]
         with torch.no_grad():
             q = attn.to_q(torch.cat(cond))
             h, w = math.ceil(H / 2**level), math.ceil(W / 2**level)
-            state.cams[where] = [guideline_cam(q, k, extra_options["n_heads"]).reshape(-1, h, w)
-                                 for k in keys_cache[where]]
+            state.cams[where] = [guideline_cam(q, k, extra_options["n_heads"], e.n_tokens).reshape(-1, h, w)
+                                 for k, e in zip(keys_cache[where], embeddings)]
         return n, context, value
 
     def step_index(sigma, model_options):
@@ -112,7 +112,9 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 return denoised
             per_concept = list(zip(*state.cams.values()))  # [concept][layer]
             timestep = float(args["model"].model_sampling.timestep(args["sigma"]).flatten()[0])  # 0..T, for the gate
-            a_hat, _ = detect_concepts(per_concept, embeddings, denoised.shape[-2:], timestep)
+            held = state.held if guidance.dag.hold and state.held is not None and len(state.held) == len(denoised) else None
+            a_hat, scores = detect_concepts(per_concept, embeddings, denoised.shape[-2:], timestep, held)
+            state.held = update_held(held, scores)
             state.cams = {}
             state.history.append(a_hat.cpu())
             if preview is not None:

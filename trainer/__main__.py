@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-config", default=None, help=MODEL_CONFIG_HELP)
     g.add_argument("--out", default=None, help="the .safetensors file to write (default: runs/guideline-<target>.safetensors)")
     g.add_argument("--init", default=None, help="words the tokens start from (default: the target)")
+    g.add_argument("--contrast", default=None,
+                   help="comma-separated concepts that are NOT the target (e.g. 'clothed person, swimsuit'): their "
+                        "words compete with the guideline tokens, so look-alikes are not detected; default: the "
+                        "safe images' concepts (toy) or captions (--preserve-dir); 'none': the paper's plain tokens")
     g.add_argument("--forget-dir", default=None,
                    help="images of the concept (name.png + name_mask.png, white = concept); default: drawn by the toy model")
     g.add_argument("--preserve-dir", default=None, help="images without the concept (zero masks)")
@@ -280,7 +284,11 @@ def run_guideline(args, *, progress=None, log=None):
                             guideline_data_config(args.images, args.safe_images, args.seed, args.forget_dir,
                                                   args.preserve_dir), log=log)
     total = args.steps or 100 * len(data.forget)
+    contrast = getattr(args, "contrast", None)
+    if contrast is not None:
+        contrast = [] if contrast.strip().lower() == "none" else [p.strip() for p in contrast.split(",") if p.strip()]
     emb = fit_guideline(components, data, args.target, init_phrase=args.init, steps=args.steps, seed=args.seed,
+                        contrast=contrast,
                         callback=(lambda step, loss: progress(step, total, loss)) if progress else None, log=log)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     emb.save(out)

@@ -2,14 +2,21 @@
 
 A guideline embedding holds K token states c* in the text encoder's output space (the space a
 cross-attention layer's ``to_k`` reads). At a chosen layer, the image queries Q attend over
-keys [k_sink; to_k(c*)]. The *sink* is the state of the start token, identical for every
-prompt in a causal CLIP encoder, so it carries nothing about any concept: it gives a pixel
-somewhere to put its attention when the concept is not there. The CAM of a pixel is the
-probability mass its queries give the K guideline keys (softmax over the K + 1 keys, averaged
-over heads). This is OVAM's attribution map with one choice the papers leave open made
-explicit: with a lone guideline token a softmax over it alone is constant 1, and min-max
-normalisation would always "find" something; against the sink the map is an absolute
-probability, so "nothing detected" is a real outcome (and lazy DAG can skip the extra pass).
+keys [k_sink; to_k(contrast); to_k(c*)]. The *sink* is the state of the start token, identical
+for every prompt in a causal CLIP encoder, so it carries nothing about any concept: it gives a
+pixel somewhere to put its attention when the concept is not there. The CAM of a pixel is the
+probability mass its queries give the K guideline keys (softmax over all keys, averaged over
+heads). This is OVAM's attribution map with one choice the papers leave open made explicit:
+with a lone guideline token a softmax over it alone is constant 1, and min-max normalisation
+would always "find" something; against the sink the map is an absolute probability, so
+"nothing detected" is a real outcome (and lazy DAG can skip the extra pass).
+
+Beyond the paper, *contrast* keys: the encoded words of concepts that are not the target (by
+default those of the guideline's safe training images: "orange circle", "red square" for "red
+circle"). A pixel of an orange circle then puts its attention on "orange circle" rather than on
+the guideline, which alone would be its nearest match. The tokens are learned with the contrast
+keys in place, so they only need to beat them where the target is. On the toy model this lifts
+the image-level AUROC and finds the target earlier in sampling (the README's DAG section).
 
 The raw map A is the mean over the chosen layers (the two coarsest levels) after bilinear
 upsampling. A-hat, what the guidance thresholds (0.5, 0.01) are applied to, is A min-max
@@ -27,31 +34,33 @@ Several concepts combine by a pixel-wise max of their A-hat.
 from __future__ import annotations
 
 
-def guideline_keys(to_k, sink, tokens):
-    """Keys ``[1 + K, inner]`` of [sink; tokens] through a layer's ``to_k`` (a Linear).
+def guideline_keys(to_k, sink, tokens, contrast=None):
+    """Keys ``[1 + M + K, inner]`` of [sink; contrast; tokens] through a layer's ``to_k`` (a Linear),
+    on its device and dtype.
 
-    ``sink``: ``[D]``; ``tokens``: ``[K, D]``."""
+    ``sink``: ``[D]``; ``tokens``: ``[K, D]``; ``contrast``: ``[M, D]`` or None."""
     import torch
 
-    states = torch.cat([sink[None], tokens], 0).to(to_k.weight.dtype)
-    return to_k(states)
+    parts = [sink[None]] + ([contrast] if contrast is not None and len(contrast) else []) + [tokens]
+    return to_k(torch.cat([p.to(to_k.weight) for p in parts], 0))
 
 
-def guideline_cam(q, keys, heads: int):
+def guideline_cam(q, keys, heads: int, n_tokens: int):
     """Per-pixel attention mass on the guideline tokens.
 
     Args:
         q: ``[B, N, heads * d]`` projected image queries of one cross-attention layer.
-        keys: ``[1 + K, heads * d]`` from :func:`guideline_keys` (sink first).
+        keys: ``[1 + M + K, heads * d]`` from :func:`guideline_keys` (the K guideline tokens last).
+        n_tokens: K.
     Returns:
-        ``[B, N]`` in [0, 1]: softmax over the 1 + K keys, guideline tokens summed, heads averaged.
+        ``[B, N]`` in [0, 1]: softmax over all keys, the last ``n_tokens`` summed, heads averaged.
     """
     b, n, inner = q.shape
     d = inner // heads
     qh = q.reshape(b, n, heads, d).transpose(1, 2).float()  # [B, h, N, d]
-    kh = keys.reshape(-1, heads, d).transpose(0, 1).float()  # [h, 1+K, d]
-    probs = (qh @ kh.transpose(-1, -2) * d**-0.5).softmax(-1)  # [B, h, N, 1+K]
-    return probs[..., 1:].sum(-1).mean(1)
+    kh = keys.reshape(-1, heads, d).transpose(0, 1).float()  # [h, 1+M+K, d]
+    probs = (qh @ kh.transpose(-1, -2) * d**-0.5).softmax(-1)  # [B, h, N, 1+M+K]
+    return probs[..., -n_tokens:].sum(-1).mean(1)
 
 
 def to_grid(cam, latent_hw):
@@ -74,7 +83,7 @@ def detection_map(layer_maps, size):
 def gated_normalise(a, gate: float, floor: float | None = None, min_range: float = 1e-3):
     """A-hat ``[B, H, W]`` from a raw map A.
 
-    Per image: nothing detected (all zeros) when max(A) < ``gate``; otherwise the paper's
+    Per image: nothing detected (all zeros) when max(A) < ``gate`` (a float, or ``[B]``); otherwise the paper's
     min-max normalisation, (A - min A) / (max A - min A), with the pixels where A <= ``floor``
     set to 0. The floor is the level the guideline gives background pixels
     (:func:`erasekit.dag.guideline.calibrate_gate`). It matters where the background's CAM is
@@ -89,19 +98,25 @@ def gated_normalise(a, gate: float, floor: float | None = None, min_range: float
     flat = a.flatten(1)
     hi = flat.max(1).values[:, None, None]
     lo = flat.min(1).values[:, None, None]
+    gate = torch.as_tensor(gate, dtype=a.dtype, device=a.device).reshape(-1, 1, 1)  # a float or one per image
     norm = ((a - lo) / (hi - lo).clamp_min(min_range)).clamp(0.0, 1.0)
     if floor is not None:
         norm = torch.where(a > float(floor), norm, torch.zeros_like(norm))
     return torch.where((hi >= gate) & (hi - lo >= min_range), norm, torch.zeros_like(a))
 
 
-def detect_concepts(per_concept_layer_maps, embeddings, size, timestep: float | None = None):
+def detect_concepts(per_concept_layer_maps, embeddings, size, timestep: float | None = None, held=None):
     """Multi-concept detection: (A-hat ``[B, H, W]``, scores ``[B]``).
 
     ``per_concept_layer_maps``: for each embedding, its ``[B, h, w]`` layer maps. Each concept's raw
     map A is gated and normalised with its own gate and floor (at ``timestep`` when the embedding
     has a per-timestep schedule); A-hat is their pixel-wise max. The score is the largest
-    peak(A) / gate over the concepts (>= 1: detected)."""
+    peak(A) / gate over the concepts (>= 1: detected).
+
+    ``held`` ``[B]`` bool: images where the concept was detected at an earlier step. Beyond the
+    paper, their gate is the floor (hysteresis, as in Canny's edge tracking): the edit weakens the
+    concept's CAM, and with the entry gate the guidance would stop as soon as it starts working and
+    let the model draw the object back. The entry gate stays high, so benign images stay untouched."""
     import torch
 
     maps, scores = [], []
@@ -109,8 +124,16 @@ def detect_concepts(per_concept_layer_maps, embeddings, size, timestep: float | 
         raw = detection_map(list(layer_maps), size)
         gate, floor = emb.gate_floor(timestep)
         scores.append(raw.flatten(1).amax(1) / gate)
+        if held is not None and floor is not None:
+            gate = torch.where(held.to(raw.device), torch.tensor(float(floor)), torch.tensor(float(gate))).to(raw)
         maps.append(gated_normalise(raw, gate, floor))
     return combine_concepts(maps), torch.stack(scores).amax(0)
+
+
+def update_held(held, scores):
+    """``held`` after this step: images detected now (score >= 1) or before. ``held`` may be None."""
+    now = scores >= 1.0
+    return now if held is None else held | now
 
 
 def combine_concepts(maps):

@@ -32,7 +32,7 @@ def guideline_data_config(n_unsafe: int = GUIDELINE_IMAGES, n_safe: int = GUIDEL
 
 
 def fit_guideline(components, data, concept: str, *, init_phrase: str | None = None, steps: int | None = None,
-                  seed: int = 0, callback=None, log=print):
+                  contrast: list | None = None, seed: int = 0, callback=None, log=print):
     """A :class:`~erasekit.dag.guideline.GuidelineEmbedding` for ``concept``.
 
     Args:
@@ -40,6 +40,9 @@ def fit_guideline(components, data, concept: str, *, init_phrase: str | None = N
         data: :class:`erasekit.erase.data.EraseData` (forget set with masks; preserve set optional).
         init_phrase: the words c* starts from (default: the concept).
         steps: default 100 x the number of unsafe images (Table 4).
+        contrast: phrases of concepts that are not this one, whose encoded words compete with the
+            guideline tokens for each pixel's attention (``erasekit/dag/detect.py``); default: the
+            concepts of the safe images (``data.preserved``); ``[]``: none (the paper).
     """
     import numpy as np
     import torch
@@ -62,15 +65,19 @@ def fit_guideline(components, data, concept: str, *, init_phrase: str | None = N
     # the UNet's text inputs as the data holds them (SDXL: with its pooled embedding and size ids)
     conds = Conditioning.cat([Conditioning(s.embeds, s.pooled, s.time_ids) for s in sets]).to(device)
     sink, init = encode_phrase_for(components, init_phrase or concept)
+    phrases = [p for p in dict.fromkeys(data.preserved if contrast is None else contrast) if p and p != concept]
+    contrast_states = torch.cat([encode_phrase_for(components, p)[1] for p in phrases]).to(device) if phrases else None
     t0 = time.time()
     fit = optimize_guideline(unet, components.scheduler, torch.cat([s.latents for s in sets]).to(device), conds,
                              masks.to(device), unsafe, sink=sink, init_tokens=init, steps=steps, seed=seed,
-                             callback=callback)
+                             contrast=contrast_states, callback=callback)
     hist = fit.history
     info = {"n_unsafe": int(sum(unsafe)), "n_safe": int(len(unsafe) - sum(unsafe)), "steps": len(hist),
             "loss_first": round(hist[0], 4), "loss_last": round(float(np.mean(hist[-10:])), 4),
-            "seconds": round(time.time() - t0, 1), **fit.gate_stats, "floor": round(fit.floor, 4)}
+            "seconds": round(time.time() - t0, 1), **fit.gate_stats, "floor": round(fit.floor, 4),
+            "contrast_tokens": 0 if contrast_states is None else len(contrast_states)}
     log(f"guideline for '{concept}': {info}")
     arch = components.architecture.name if components.architecture is not None else "unknown"
     return GuidelineEmbedding(fit.tokens.cpu(), sink.cpu(), concept, arch, init_phrase or concept, info=info,
-                              gate=fit.gate, floor=fit.floor, schedule=fit.schedule)
+                              gate=fit.gate, floor=fit.floor, schedule=fit.schedule,
+                              contrast=None if contrast_states is None else contrast_states.cpu(), contrast_phrases=phrases)

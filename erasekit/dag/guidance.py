@@ -106,6 +106,7 @@ class DagSettings:
     top_p: float = 0.0  # SEGA-style top-p mask on the safety direction; 0 = whole detected region
     warmup_fraction: float = 0.1  # paper: 5 of 50 steps
     strength: float = 1.0  # multiplies S (1 = the paper)
+    hold: bool = True  # beyond the paper: once detected, an image is gated at the floor (detect_concepts)
 
 
 def detected_rows(a_hat, settings: DagSettings) -> list[int]:

@@ -48,6 +48,19 @@ class GuidelineEmbedding:
     floor: float | None = None
     # Gate per timestep, [[t, gate], ...] by t (calibrate_gate); it only ever raises the fixed gate.
     schedule: list | None = None
+    # Contrast states [M, D]: encoded words of concepts that are not this one (detect.py), and the phrases.
+    contrast: object = None
+    contrast_phrases: list = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def keys(self, to_k):
+        """This embedding's keys ``[1 + M + K, inner]`` at a layer (:func:`~erasekit.dag.detect.guideline_keys`)."""
+        from .detect import guideline_keys
+
+        return guideline_keys(to_k, self.sink, self.tokens, self.contrast)
 
     def gate_floor(self, timestep: float | None = None) -> tuple[float, float | None]:
         """(gate, floor) at ``timestep`` (0..T): the schedule's gate where it is above the fixed one
@@ -74,10 +87,13 @@ class GuidelineEmbedding:
             "detect_gate": f"{self.gate:.6g}", **({"detect_floor": f"{self.floor:.6g}"} if self.floor is not None else {}),
             **({"detect_schedule": json.dumps([[int(t), round(g, 6)] for t, g in self.schedule])}
                if self.schedule else {}),
+            **({"contrast_phrases": json.dumps(list(self.contrast_phrases))} if self.contrast_phrases else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        return save_file_atomic({"guideline.tokens": self.tokens.detach().float().cpu(),
-                                 "guideline.sink": self.sink.detach().float().cpu()}, path, meta)
+        tensors = {"guideline.tokens": self.tokens.detach().float().cpu(), "guideline.sink": self.sink.detach().float().cpu()}
+        if self.contrast is not None and len(self.contrast):
+            tensors["guideline.contrast"] = self.contrast.detach().float().cpu()
+        return save_file_atomic(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str, architecture=None) -> GuidelineEmbedding:
@@ -93,7 +109,12 @@ class GuidelineEmbedding:
                   meta.get("architecture", "?"), meta.get("init_phrase", ""), meta.get("levels", "coarse"),
                   json.loads(meta.get("info", "{}")), float(meta.get("detect_gate", 0.5)),
                   float(meta["detect_floor"]) if "detect_floor" in meta else None,
-                  _schedule(meta.get("detect_schedule"), path))
+                  _schedule(meta.get("detect_schedule"), path), tensors.get("guideline.contrast"),
+                  json.loads(meta.get("contrast_phrases", "[]")))
+        widths = {int(t.shape[-1]) for t in (emb.tokens, emb.sink, emb.contrast) if t is not None}
+        if len(widths) > 1:
+            raise ModelFileError(f"'{path}' holds guideline tensors of different widths {sorted(widths)}; "
+                                 "the file is damaged. Re-export the embedding with the Erasekit trainer.")
         pairs = [(emb.gate, emb.floor)] + [(g, None) for _, g in emb.schedule or ()]
         if any(not 0.0 < g < 1.0 or (f is not None and not 0.0 <= f < g) for g, f in pairs):
             raise ModelFileError(f"'{path}' has a detection gate / floor outside 0 <= floor < gate < 1 (metadata "
@@ -231,18 +252,20 @@ def cache_queries(unet, scheduler, latents, conds, timesteps, seed: int = 0):
     return cache, layers
 
 
-def detection_from_queries(queries: dict, layers: dict, sink, tokens, latent_hw):
-    """Raw A ``[1, H, W]`` (latent resolution, before gating) from cached queries and guideline tokens."""
+def detection_from_queries(queries: dict, layers: dict, sink, tokens, latent_hw, contrast=None):
+    """Raw A ``[1, H, W]`` (latent resolution, before gating) from cached queries and guideline tokens
+    (against the sink and the ``contrast`` states ``[M, D]``, if any)."""
     from .detect import detection_map, guideline_cam, guideline_keys, to_grid
 
-    maps = [to_grid(guideline_cam(q, guideline_keys(layers[n].to_k, sink, tokens), layers[n].heads), latent_hw)
+    maps = [to_grid(guideline_cam(q, guideline_keys(layers[n].to_k, sink, tokens, contrast), layers[n].heads,
+                                  tokens.shape[0]), latent_hw)
             for n, q in queries.items()]
     return detection_map(maps, latent_hw)
 
 
 def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, init_tokens,
                        steps: int | None = None, lr: float = 200.0, lr_step: int | None = None, gamma: float = 0.7,
-                       n_timesteps: int = 20, seed: int = 0, callback=None):
+                       n_timesteps: int = 20, seed: int = 0, contrast=None, callback=None):
     """Token optimisation (Eq. 2-3), then the detection gate (:func:`calibrate_gate`).
 
     Returns a :class:`GuidelineFit` (tokens ``[K, D]``, loss history, gate and its statistics).
@@ -253,6 +276,7 @@ def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, 
         unsafe: ``[N]`` bool, which images show the concept.
         steps: default 100 x n_unsafe (Table 4).
         lr_step: StepLR's step; default steps / 25 (at least 20), the paper's 20 at five images.
+        contrast: ``[M, D]`` contrast states (detect.py), fixed while the tokens learn; None: the paper.
     """
     import torch
     import torch.nn.functional as F
@@ -281,7 +305,7 @@ def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, 
         loss = 0.0
         for i in batch:
             t = timesteps[int(torch.randint(len(timesteps), (1,), generator=gen))]
-            a = detection_from_queries(cache[(i, t)], layers, sink, tokens, hw).clamp(1e-6, 1 - 1e-6)
+            a = detection_from_queries(cache[(i, t)], layers, sink, tokens, hw, contrast).clamp(1e-6, 1 - 1e-6)
             loss = loss + F.binary_cross_entropy(a, masks[i : i + 1].float())
         loss = loss / len(batch)
         opt.zero_grad()
@@ -292,7 +316,8 @@ def optimize_guideline(unet, scheduler, latents, conds, masks, unsafe, *, sink, 
         if callback:
             callback(step, history[-1])
     tokens = tokens.detach()
-    gate, floor, stats, schedule = calibrate_gate(cache, layers, sink, tokens, masks, unsafe, hw, n_train=n_train)
+    gate, floor, stats, schedule = calibrate_gate(cache, layers, sink, tokens, masks, unsafe, hw, n_train=n_train,
+                                                  contrast=contrast)
     return GuidelineFit(tokens, history, gate, floor, stats, schedule)
 
 
@@ -307,12 +332,15 @@ class GuidelineFit:
 
 
 def calibrate_gate(cache: dict, layers: dict, sink, tokens, masks, unsafe, latent_hw, max_t_fraction: float = 0.7,
-                   n_train: int = 1000, floor_quantile: float = 0.95) -> tuple[float, float, dict, list]:
+                   n_train: int = 1000, floor_quantile: float = 0.95, contrast=None) -> tuple[float, float, dict, list]:
     """The detection gate and floor: raw-CAM levels learned from the training images.
 
     From each training image's peak and background levels at each cached timestep t:
-    * gate: the midpoint between the median peak of the unsafe images and the median peak of the
-      safe ones (0.5 x the unsafe median when there are no safe images): above it, "detected";
+    * gate: the peak level that best tells the unsafe images from the safe ones (Youden's J: the
+      largest true-positive rate minus false-positive rate; halfway down to the next lower peak),
+      0.5 x the unsafe median when there are no safe images: above it, "detected". The midpoint
+      of the two median peaks, used before, sits too low once contrast keys push most safe peaks
+      near 0 while a few stay high: on the toy model it fired on half the benign samplings;
     * floor: the ``floor_quantile`` of the raw values of background pixels (outside the masks,
       and every pixel of the safe images): the level A-hat maps to 0 (kept below 0.9 x the gate).
     The fixed pair pools t <= ``max_t_fraction`` x T (by then the object has formed). The
@@ -328,7 +356,7 @@ def calibrate_gate(cache: dict, layers: dict, sink, tokens, masks, unsafe, laten
     per_t: dict[int, dict] = {}
     with torch.no_grad():
         for (i, t), queries in cache.items():
-            a = detection_from_queries(queries, layers, sink, tokens, latent_hw)[0]
+            a = detection_from_queries(queries, layers, sink, tokens, latent_hw, contrast)[0]
             row = per_t.setdefault(int(t), {True: [], False: [], "bg": []})
             row[bool(unsafe[i])].append(float(a.max()))
             if t <= max_t_fraction * n_train:  # the floor comes from the formed images only
@@ -336,8 +364,13 @@ def calibrate_gate(cache: dict, layers: dict, sink, tokens, masks, unsafe, laten
 
     def gate_of(rows):  # (gate, unsafe peaks, safe peaks) of a pool of timesteps
         pos, safe = [p for r in rows for p in r[True]], [p for r in rows for p in r[False]]
-        neg = float(np.median(safe)) if safe else 0.0
-        return float(np.clip((float(np.median(pos)) + neg) / 2, 1e-3, 0.999)), pos, safe
+        if not safe:
+            return float(np.clip(0.5 * np.median(pos), 1e-3, 0.999)), pos, safe
+        levels = np.unique(pos + safe)
+        youden = [np.mean(np.asarray(pos) >= c) - np.mean(np.asarray(safe) >= c) for c in levels]
+        k = int(np.argmax(youden))
+        gate = (levels[k] + levels[k - 1]) / 2 if k else levels[k]
+        return float(np.clip(gate, 1e-3, 0.999)), pos, safe
 
     ts = sorted(per_t)
     formed = [per_t[t] for t in ts if t <= max_t_fraction * n_train]

@@ -38,12 +38,14 @@ class GuidelineTap:
     Several embeddings combine by a pixel-wise max (multi-concept detection).
     """
 
-    def __init__(self, unet, embeddings, cond_slice=slice(None)):
+    def __init__(self, unet, embeddings, cond_slice=slice(None), hold: bool = True):
         from .guideline import coarse_layers
 
         self.layers = coarse_layers(unet)
         self.embeddings = list(embeddings)
         self.cond_slice = cond_slice
+        self.hold = hold  # hysteresis (detect_concepts): a detected image stays held until the end
+        self.held = None
         self.queries = {}
         self._keys = None
         self._hooks = []
@@ -69,12 +71,9 @@ class GuidelineTap:
         """Guideline keys per embedding and layer, projected once by each layer's own to_k."""
         import torch
 
-        from .detect import guideline_keys
-
         if self._keys is None:
             with torch.no_grad():
-                self._keys = [{n: guideline_keys(a.to_k, e.sink.to(a.to_k.weight.device), e.tokens.to(a.to_k.weight.device))
-                               for n, a in self.layers.items()} for e in self.embeddings]
+                self._keys = [{n: e.keys(a.to_k) for n, a in self.layers.items()} for e in self.embeddings]
         return self._keys
 
     def detection(self, latent_hw, timestep: float | None = None):
@@ -83,11 +82,13 @@ class GuidelineTap:
 
         Also sets ``self.scores`` ``[B]``: the largest peak(A) / gate over the concepts (>= 1 means
         detected), a continuous image-level detection score."""
-        from .detect import detect_concepts, guideline_cam, to_grid
+        from .detect import detect_concepts, guideline_cam, to_grid, update_held
 
-        per_concept = [[to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads), latent_hw)
-                        for n in self.layers] for keys in self.keys()]
-        a_hat, self.scores = detect_concepts(per_concept, self.embeddings, latent_hw, timestep)
+        per_concept = [[to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads, e.n_tokens), latent_hw)
+                        for n in self.layers] for keys, e in zip(self.keys(), self.embeddings)]
+        a_hat, self.scores = detect_concepts(per_concept, self.embeddings, latent_hw, timestep,
+                                             self.held if self.hold else None)
+        self.held = update_held(self.held, self.scores)
         return a_hat
 
 
@@ -143,7 +144,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     step_gen = torch.Generator().manual_seed(int(seeds[0]) + 7919)
     res = SampleResult(images=None)
     # the tap only reads queries: attached in DAG mode, or to watch detection under plain CFG
-    tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None)) if embeddings and (mode == "dag" or keep_maps) else None
+    tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None), hold=guidance.dag.hold) \
+        if embeddings and (mode == "dag" or keep_maps) else None
     hw = latents.shape[-2:]
     with torch.no_grad(), (tap if tap is not None else _Null()):
         for i, t in enumerate(sched.timesteps):

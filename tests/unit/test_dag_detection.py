@@ -20,6 +20,44 @@ def test_gated_normalise_min_max_above_the_gate_zero_below():
     assert torch.equal(flat, torch.zeros(1, 2, 2))
 
 
+def test_contrast_keys_take_attention_where_they_match(tmp_path):
+    """A pixel that looks like a contrast concept gives its attention to it, not to the guideline
+    token (against the sink alone it would split it); a pixel like the target keeps it. The
+    contrast states survive a save/load round trip, and a file whose widths disagree is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from erasekit.dag.detect import guideline_cam, guideline_keys
+    from erasekit.dag.guideline import GuidelineEmbedding
+    from erasekit.errors import ModelFileError
+
+    to_k = torch.nn.Linear(4, 4, bias=False)
+    to_k.weight.data = torch.eye(4)
+    sink, token, other = torch.zeros(4), torch.tensor([[8.0, 0, 0, 0]]), torch.tensor([[0, 8.0, 0, 0]])
+    q = torch.tensor([[[4.0, 0, 0, 0], [0, 4.0, 0, 0]]])  # pixel 0 like the target, pixel 1 like the other
+    with torch.no_grad():
+        plain = guideline_cam(q, guideline_keys(to_k, sink, token), 1, n_tokens=1)[0]
+        contrast = guideline_cam(q, guideline_keys(to_k, sink, token, other), 1, n_tokens=1)[0]
+    assert plain[1] == pytest.approx(0.5) and contrast[1] < 1e-6
+    assert plain[0] > 0.99 and contrast[0] > 0.99
+
+    emb = GuidelineEmbedding(token, sink, "red circle", "toy", gate=0.5, floor=0.1, contrast=other,
+                             contrast_phrases=["a blue circle"])
+    path = emb.save(str(tmp_path / "g.safetensors"))
+    back = GuidelineEmbedding.load(path)
+    assert torch.equal(back.contrast, other) and back.contrast_phrases == ["a blue circle"]
+    with torch.no_grad():
+        assert back.keys(to_k).shape == (3, 4) and back.n_tokens == 1
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors["guideline.contrast"] = torch.zeros(1, 6)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ModelFileError, match="different widths"):
+        GuidelineEmbedding.load(str(tmp_path / "bad.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe():
     from erasekit.toyworld.model import build_toy_pipeline
@@ -54,7 +92,8 @@ def test_token_optimisation_learns_the_masks_and_calibrates_a_gate(tiny_pipe, tm
     assert fit.tokens.shape == init.shape and not torch.equal(fit.tokens, init)
     assert np.mean(fit.history[-10:]) < np.mean(fit.history[:5])
     st = fit.gate_stats
-    assert st["peak_safe_median"] <= fit.gate <= st["peak_unsafe_median"]
+    # Youden's level: above the typical safe peak, not above every peak
+    assert st["peak_safe_median"] <= fit.gate <= max(st["peak_unsafe_median"], st["peak_safe_max"])
     assert 0.0 <= fit.floor < fit.gate
     # the per-timestep gates: one per cached timestep
     assert [row[0] for row in fit.schedule] == sorted(row[0] for row in fit.schedule) and len(fit.schedule) == 4
@@ -124,3 +163,18 @@ def test_a_gate_outside_0_1_is_refused(tmp_path):
                               schedule=[[100, 0.6], [900, 1.2]]).save(str(tmp_path / "s.safetensors"))
     with pytest.raises(ModelFileError, match="detect_schedule"):
         GuidelineEmbedding.load(path)
+
+
+def test_a_detected_image_is_held_at_the_floor():
+    """Hysteresis: a map between the floor and the gate is nothing in a fresh image, but an image
+    detected at an earlier step stays detected (its gate is the floor) until the map sinks to it."""
+    from erasekit.dag.detect import detect_concepts, update_held
+    from erasekit.dag.guideline import GuidelineEmbedding
+
+    emb = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.2)
+    raw = torch.full((2, 2, 2), 0.1)
+    raw[:, 0, 0] = 0.35  # below the gate, above the floor
+    a_hat, scores = detect_concepts([[raw]], [emb], (2, 2), held=torch.tensor([False, True]))
+    assert torch.equal(a_hat[0], torch.zeros(2, 2)) and a_hat[1, 0, 0] == 1.0 and a_hat[1, 1, 1] == 0.0
+    assert update_held(None, scores).tolist() == [False, False]
+    assert update_held(torch.tensor([False, True]), torch.tensor([1.2, 0.1])).tolist() == [True, True]

@@ -21,6 +21,7 @@ def folders(tmp_path):
         (forget / f"{i}.txt").write_text("a red circle")
         s = render_scene(10 + i, objects=[("blue", "circle")])
         Image.fromarray(upscale_for_display(s.image)).save(preserve / f"{i}.png")
+        (preserve / f"{i}.txt").write_text("a blue circle")
     return forget, preserve
 
 
@@ -38,3 +39,11 @@ def test_guideline_from_folders_loads_back_with_its_gate(tmp_path, folders):
     emb = GuidelineEmbedding.load(str(out))
     assert emb.concept == "red circle" and emb.architecture == "toy" and 0 < emb.gate < 1
     assert emb.info["n_unsafe"] == 2 and emb.info["n_safe"] == 2 and emb.info["steps"] == 6
+    # the safe images' captions are the contrast: their words' states, saved with the tokens
+    assert emb.contrast_phrases == ["a blue circle"] and emb.contrast.shape == (3, emb.width)
+    assert emb.info["contrast_tokens"] == 3
+    out2 = tmp_path / "g" / "plain.safetensors"
+    assert main(["guideline", "--target", "red circle", "--base", str(tmp_path / "toy"), "--forget-dir", str(folders[0]),
+                 "--preserve-dir", str(folders[1]), "--steps", "6", "--contrast", "none", "--out", str(out2)]) == 0
+    plain = GuidelineEmbedding.load(str(out2))
+    assert plain.contrast is None and plain.contrast_phrases == []
