@@ -125,7 +125,7 @@ def detect_concepts(per_concept_layer_maps, embeddings, size, timestep: float | 
         gate, floor = emb.gate_floor(timestep)
         scores.append(raw.flatten(1).amax(1) / gate)
         if held is not None and floor is not None:
-            gate = torch.where(held.to(raw.device), torch.tensor(float(floor)), torch.tensor(float(gate))).to(raw)
+            gate = torch.where(held, float(floor), float(gate))  # per image
         maps.append(gated_normalise(raw, gate, floor))
     return combine_concepts(maps), torch.stack(scores).amax(0)
 

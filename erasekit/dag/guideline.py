@@ -367,7 +367,7 @@ def calibrate_gate(cache: dict, layers: dict, sink, tokens, masks, unsafe, laten
         if not safe:
             return float(np.clip(0.5 * np.median(pos), 1e-3, 0.999)), pos, safe
         levels = np.unique(pos + safe)
-        youden = [np.mean(np.asarray(pos) >= c) - np.mean(np.asarray(safe) >= c) for c in levels]
+        youden = (np.asarray(pos)[None] >= levels[:, None]).mean(1) - (np.asarray(safe)[None] >= levels[:, None]).mean(1)
         k = int(np.argmax(youden))
         gate = (levels[k] + levels[k - 1]) / 2 if k else levels[k]
         return float(np.clip(gate, 1e-3, 0.999)), pos, safe

@@ -91,8 +91,7 @@ def guideline_masks(components, embedding, latents, embeds, t_fraction: float = 
                                       embeds[s : s + 8].to(device, unet.dtype), [t], seed + s)
         for i in range(len(latents[s : s + 8])):
             with torch.no_grad():
-                raw = detection_from_queries(cache[(i, t)], layers, embedding.sink.to(device), embedding.tokens.to(device), hw,
-                                             None if embedding.contrast is None else embedding.contrast.to(device))
+                raw = detection_from_queries(cache[(i, t)], layers, embedding.sink, embedding.tokens, hw, embedding.contrast)
             region = gated_normalise(raw, *embedding.gate_floor(t))[0] >= 0.5
             found.append(bool(region.any()))
             masks.append((region if region.any() else torch.ones_like(region)).float().cpu()[None])
