@@ -175,6 +175,26 @@ def test_a_detected_image_is_held_at_the_floor():
     raw = torch.full((2, 2, 2), 0.1)
     raw[:, 0, 0] = 0.35  # below the gate, above the floor
     a_hat, scores = detect_concepts([[raw]], [emb], (2, 2), held=torch.tensor([False, True]))
-    assert torch.equal(a_hat[0], torch.zeros(2, 2)) and a_hat[1, 0, 0] == 1.0 and a_hat[1, 1, 1] == 0.0
+    assert torch.equal(a_hat[0], torch.zeros(2, 2)) and a_hat[1, 1, 1] == 0.0
+    assert a_hat[1, 0, 0] == pytest.approx((0.35 - 0.1) / (0.5 - 0.1))  # scaled against the gate, not to 1
     assert update_held(None, scores).tolist() == [False, False]
     assert update_held(torch.tensor([False, True]), torch.tensor([1.2, 0.1])).tolist() == [True, True]
+
+
+def test_a_held_map_is_not_stretched_onto_a_neighbour():
+    """Once the detected object fades, min-max would stretch a neighbour's weaker response to 1 and
+    the AreaScaler would edit it; a held map is scaled against the gate instead."""
+    from erasekit.dag.detect import detect_concepts, gated_normalise
+    from erasekit.dag.guideline import GuidelineEmbedding
+
+    emb = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.2)
+    raw = torch.full((1, 2, 2), 0.1)
+    raw[0, 0, 0], raw[0, 0, 1] = 0.25, 0.24  # the faded object and a neighbour, both above the floor
+    stretched = gated_normalise(raw, 0.2, 0.2)
+    assert stretched[0, 0, 1] >= 0.5  # what min-max alone would hand the AreaScaler
+    a_hat, _ = detect_concepts([[raw]], [emb], (2, 2), held=torch.tensor([True]))
+    assert a_hat[0, 0, 1] == pytest.approx((0.24 - 0.1) / (0.5 - 0.1)) and a_hat.max() < 0.5
+    strong = raw.clone()
+    strong[0, 1, 1] = 0.9  # above the gate: plain min-max, as for a fresh detection
+    a_hat, _ = detect_concepts([[strong]], [emb], (2, 2), held=torch.tensor([True]))
+    assert a_hat[0, 1, 1] == 1.0
