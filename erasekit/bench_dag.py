@@ -119,9 +119,11 @@ def _auroc(scores, labels) -> float:
 def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 200, seeds=(0, 1), steps: int = 25,
               cfg: float = 3.0, model: str | None = None, guideline: str | None = None, batch: int = 50,
               out_dir: str = "out/bench", modes=("dag", "sld", "sega"), strength: float = 1.0,
+              sega_mask: float = 0.0,
               guideline_images: int = GUIDELINE_IMAGES, log=print) -> dict:
     """See the module docstring. ``modes``: the safety guidances compared with plain CFG;
-    ``strength`` multiplies DAG's S (1 = the paper); ``guideline_images``: images of the target the
+    ``strength`` multiplies DAG's S (1 = the paper); ``sega_mask``: DAG's top-p mask on the safety
+    direction (the node's input; 0 = the whole region); ``guideline_images``: images of the target the
     guideline embedding learns from when it is trained here (and 3/4 as many safe ones)."""
     import torch
     import torch.nn.functional as F
@@ -154,7 +156,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
                     # plain CFG carries the guideline tap too (it only reads queries; its cost is
                     # cam_cost_ratio), so the detection maps come from the very images judged
                     r = sample(pipe, chunk, seed_list, steps=steps, cfg=cfg, mode=mode, safety_text=concept.text,
-                               embeddings=[emb], keep_maps=(mode == "cfg"), dag=DagSettings(strength=strength))
+                               embeddings=[emb], keep_maps=(mode == "cfg"), dag=DagSettings(strength=strength, top_p=sega_mask))
                     secs += time.perf_counter() - t0
                     imgs.append(r.images)
                     if mode == "cfg":
@@ -164,7 +166,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
             log(f"{kind:6s} {mode:4s} {secs:7.1f}s")
     judged = {k: _judge_all(v["images"]) for k, v in runs.items()}
     result = {"bench": "dag", "target": concept.text, "n_target_prompts": n_target, "n_benign_prompts": n_benign,
-              "strength": strength, "guideline": emb.info,
+              "strength": strength, "sega_mask": sega_mask, "guideline": emb.info,
               "seeds": len(seeds), "sampler": f"DDIM eta=1, {steps} steps, cfg {cfg}"}
 
     # detection: A-hat of the last step of the plain runs vs the judge's masks of those images;

@@ -105,12 +105,15 @@ class GuidelineEmbedding:
         if meta.get("erasekit.format") != FORMAT or "guideline.tokens" not in tensors:
             raise ModelFileError(f"'{path}' is not an Erasekit guideline embedding (it has no guideline tokens); "
                                  "pick a file made by the Erasekit trainer or shipped in models/guideline.")
+        if "guideline.sink" not in tensors:
+            raise ModelFileError(f"'{path}' has guideline tokens but no 'guideline.sink' tensor; the file is damaged. "
+                                 "Re-export the embedding with the Erasekit trainer.")
         emb = cls(tensors["guideline.tokens"], tensors["guideline.sink"], meta.get("concept", "?"),
                   meta.get("architecture", "?"), meta.get("init_phrase", ""), meta.get("levels", "coarse"),
-                  json.loads(meta.get("info", "{}")), float(meta.get("detect_gate", 0.5)),
-                  float(meta["detect_floor"]) if "detect_floor" in meta else None,
+                  _metadata(meta, "info", json.loads, {}, path), _metadata(meta, "detect_gate", float, 0.5, path),
+                  _metadata(meta, "detect_floor", float, None, path),
                   _schedule(meta.get("detect_schedule"), path), tensors.get("guideline.contrast"),
-                  json.loads(meta.get("contrast_phrases", "[]")))
+                  _metadata(meta, "contrast_phrases", json.loads, [], path))
         widths = {int(t.shape[-1]) for t in (emb.tokens, emb.sink, emb.contrast) if t is not None}
         if len(widths) > 1:
             raise ModelFileError(f"'{path}' holds guideline tensors of different widths {sorted(widths)}; "
@@ -133,6 +136,17 @@ class GuidelineEmbedding:
             raise ArchitectureError(
                 f"'{source}' was trained for '{self.architecture}', but the model is {architecture.title}; "
                 "use an embedding trained for this model.")
+
+
+def _metadata(meta: dict, key: str, parse, default, path: str):
+    """``parse(meta[key])``, ``default`` when absent; unreadable text is a damaged file, said so."""
+    if key not in meta:
+        return default
+    try:
+        return parse(meta[key])
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(f"'{path}' has unreadable metadata '{key}' ({e}); re-export the embedding "
+                             "with the Erasekit trainer.") from None
 
 
 def _schedule(text: str | None, path: str) -> list | None:

@@ -198,3 +198,27 @@ def test_a_held_map_is_not_stretched_onto_a_neighbour():
     strong[0, 1, 1] = 0.9  # above the gate: plain min-max, as for a fresh detection
     a_hat, _ = detect_concepts([[strong]], [emb], (2, 2), held=torch.tensor([True]))
     assert a_hat[0, 1, 1] == 1.0
+
+
+@pytest.mark.parametrize("key, text", [("info", "{not json"), ("contrast_phrases", "[\"a\", "),
+                                       ("detect_gate", "high"), ("detect_floor", "")])
+def test_damaged_metadata_is_named_in_the_error(tmp_path, key, text):
+    """A hand-edited or truncated header gets the file's name and the field, not a bare JSON error."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from erasekit.dag.guideline import GuidelineEmbedding
+    from erasekit.errors import ModelFileError
+
+    good = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.2,
+                              contrast=torch.zeros(1, 8), contrast_phrases=["y"]).save(str(tmp_path / "g.safetensors"))
+    with safe_open(good, "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(good)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, key: text})
+    with pytest.raises(ModelFileError, match=f"bad.safetensors.*'{key}'"):
+        GuidelineEmbedding.load(str(tmp_path / "bad.safetensors"))
+    del tensors["guideline.sink"]
+    save_file(tensors, str(tmp_path / "nosink.safetensors"), metadata=meta)
+    with pytest.raises(ModelFileError, match="no 'guideline.sink'"):
+        GuidelineEmbedding.load(str(tmp_path / "nosink.safetensors"))
