@@ -40,7 +40,6 @@ class DagState:
     def reset(self):
         self.cams: dict[tuple, torch.Tensor] = {}
         self.history: list[torch.Tensor] = []
-        self.held = None  # [B] images detected at an earlier step (detect_concepts' hysteresis)
         self.guided_steps = 0
         self.extra_passes = 0
 
@@ -52,11 +51,12 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
     import comfy.sampler_helpers
     import comfy.samplers
 
-    from erasekit.dag.detect import detect_concepts, guideline_cam, update_held
+    from erasekit.dag.detect import Detector, guideline_cam
 
     guidance = Guidance(mode, dag or DagSettings(), sega or SegaSettings(), sld or SldSettings.preset("medium"))
     m = model.clone()
     state = DagState()
+    detector = Detector(embeddings, guidance.dag.hold)
     keys_cache: dict[tuple, list] = {}
     safety = comfy.sampler_helpers.convert_cond(safety_cond)
 
@@ -112,9 +112,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 return denoised
             per_concept = list(zip(*state.cams.values()))  # [concept][layer]
             timestep = float(args["model"].model_sampling.timestep(args["sigma"]).flatten()[0])  # 0..T, for the gate
-            held = state.held if guidance.dag.hold and state.held is not None and len(state.held) == len(denoised) else None
-            a_hat, scores = detect_concepts(per_concept, embeddings, denoised.shape[-2:], timestep, held)
-            state.held = update_held(held, scores)
+            a_hat, _ = detector(per_concept, denoised.shape[-2:], timestep)
             state.cams = {}
             state.history.append(a_hat.cpu())
             if preview is not None:
@@ -127,6 +125,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
 
     def outer_sample(executor, *args, **kwargs):
         state.reset()
+        detector.reset()
         guidance.reset()
         keys_cache.clear()  # weights may have been patched (LoRA) since the last run
         return executor(*args, **kwargs)

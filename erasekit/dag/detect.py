@@ -147,6 +147,29 @@ def update_held(held, scores):
     return now if held is None else held | now
 
 
+class Detector:
+    """:func:`detect_concepts` over the steps of one sampling, carrying the hysteresis state.
+
+    The diffusers sampler and the ComfyUI patch both call it once per step; ``reset()`` before a
+    new sampling. ``hold=False``: the paper's per-step detection (no memory)."""
+
+    def __init__(self, embeddings, hold: bool = True):
+        self.embeddings = list(embeddings)
+        self.hold = hold
+        self.held = None  # [B] bool: images detected at an earlier step
+
+    def reset(self):
+        self.held = None
+
+    def __call__(self, per_concept_layer_maps, size, timestep: float | None = None):
+        """(A-hat ``[B, H, W]``, scores ``[B]``) of this step; see :func:`detect_concepts`."""
+        batch = len(per_concept_layer_maps[0][0])
+        held = self.held if self.hold and self.held is not None and len(self.held) == batch else None
+        a_hat, scores = detect_concepts(per_concept_layer_maps, self.embeddings, size, timestep, held)
+        self.held = update_held(held, scores)
+        return a_hat, scores
+
+
 def combine_concepts(maps):
     """Multi-concept A-hat: pixel-wise max over the concepts' maps."""
     import torch

@@ -39,13 +39,13 @@ class GuidelineTap:
     """
 
     def __init__(self, unet, embeddings, cond_slice=slice(None), hold: bool = True):
+        from .detect import Detector
         from .guideline import coarse_layers
 
         self.layers = coarse_layers(unet)
         self.embeddings = list(embeddings)
         self.cond_slice = cond_slice
-        self.hold = hold  # hysteresis (detect_concepts): a detected image stays held until the end
-        self.held = None
+        self.detector = Detector(self.embeddings, hold)  # one tap per sampling: its hysteresis starts fresh
         self.queries = {}
         self._keys = None
         self._hooks = []
@@ -82,13 +82,11 @@ class GuidelineTap:
 
         Also sets ``self.scores`` ``[B]``: the largest peak(A) / gate over the concepts (>= 1 means
         detected), a continuous image-level detection score."""
-        from .detect import detect_concepts, guideline_cam, to_grid, update_held
+        from .detect import guideline_cam, to_grid
 
         per_concept = [[to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads, e.n_tokens), latent_hw)
                         for n in self.layers] for keys, e in zip(self.keys(), self.embeddings)]
-        a_hat, self.scores = detect_concepts(per_concept, self.embeddings, latent_hw, timestep,
-                                             self.held if self.hold else None)
-        self.held = update_held(self.held, self.scores)
+        a_hat, self.scores = self.detector(per_concept, latent_hw, timestep)
         return a_hat
 
 

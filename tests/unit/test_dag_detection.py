@@ -222,3 +222,22 @@ def test_damaged_metadata_is_named_in_the_error(tmp_path, key, text):
     save_file(tensors, str(tmp_path / "nosink.safetensors"), metadata=meta)
     with pytest.raises(ModelFileError, match="no 'guideline.sink'"):
         GuidelineEmbedding.load(str(tmp_path / "nosink.safetensors"))
+
+
+def test_the_detector_carries_hysteresis_across_steps_until_reset():
+    from erasekit.dag.detect import Detector
+    from erasekit.dag.guideline import GuidelineEmbedding
+
+    emb = GuidelineEmbedding(torch.zeros(2, 8), torch.zeros(8), "x", "toy", gate=0.5, floor=0.2)
+    strong, faded = torch.full((2, 2, 2), 0.1), torch.full((2, 2, 2), 0.1)
+    strong[1, 0, 0] = 0.9  # image 1 detected at the first step
+    faded[:, 0, 0] = 0.35  # both below the gate at the next
+    detector = Detector([emb])
+    detector([[strong]], (2, 2))
+    a_hat, _ = detector([[faded]], (2, 2))
+    assert a_hat[0].max() == 0 and a_hat[1, 0, 0] > 0
+    assert Detector([emb], hold=False)([[faded]], (2, 2))[0].max() == 0
+    assert detector([[faded[:1]]], (2, 2))[0].max() == 0  # another batch: a new sampling
+    detector([[strong]], (2, 2))
+    detector.reset()
+    assert detector([[faded]], (2, 2))[0].max() == 0
