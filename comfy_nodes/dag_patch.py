@@ -61,7 +61,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
     safety = comfy.sampler_helpers.convert_cond(safety_cond)
 
     def attn2_patch(n, context, value, extra_options):
-        if mode != "dag":
+        if mode != "dag" or extra_options["block"][0] == "middle":  # no mid block, as coarse_layers (OVAM's hooks)
             return n, context, value
         H, W = extra_options["original_shape"][-2:]
         level = round(math.log2(math.sqrt(H * W / n.shape[1])))

@@ -70,3 +70,31 @@ def test_sega_mask_reaches_the_guidance_and_old_graphs_still_run(comfy, toy_in_c
     del graph["12"]["inputs"]["sega_mask"]
     comfy.run(graph)
     assert seen and set(seen) == {0.0}
+
+
+def test_the_patch_reads_the_same_layers_as_the_diffusers_path(comfy, toy_in_comfy, monkeypatch):
+    """The ComfyUI patch's CAMs come from the layers ``coarse_layers`` picks for the diffusers path:
+    the mid block sits at the toy's (and SDXL's) coarsest level but is left out. With it, the CAM
+    was a mean over one layer more, whose map is flat, and detection scores fell by ~15%."""
+    from erasekit.dag import detect
+    from erasekit.dag.guideline import coarse_layers
+    from erasekit.toyworld.model import build_toy_pipeline
+
+    seen = []
+    call = detect.Detector.__call__
+
+    def record(self, per_concept_layer_maps, size, timestep=None):
+        seen.append(sorted(tuple(m.shape[-2:]) for m in per_concept_layer_maps[0]))
+        return call(self, per_concept_layer_maps, size, timestep)
+
+    monkeypatch.setattr(detect.Detector, "__call__", record)
+    comfy.run(dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors", "red circle", steps=2))
+    unet = build_toy_pipeline(seed=0, tiny=True).unet
+    n, side = len(unet.config.down_block_types), unet.config.sample_size  # the graph's 128 px: latent 16
+
+    def level(name):  # as coarse_layers counts: down block i is level i, up block j level n - 1 - j
+        kind, i = name.split(".")[:2]
+        return int(i) if kind == "down_blocks" else n - 1 - int(i)
+
+    expected = sorted((side >> level(name),) * 2 for name in coarse_layers(unet))
+    assert seen and all(s == expected for s in seen), (seen[0], expected)
