@@ -110,17 +110,13 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
 def example_graphs() -> dict[str, dict]:
     from tools.graphs import dag_graph, lora_before_after_graph, single_dag_graph
 
-    # Detect-and-Guide at strength 4 on the toy model, as `make demo`: the paper scales an edit by its
-    # region's area and the toy's objects are small (bench dag: 0.39 of the red circles erased at 1, 0.81 at 4)
-    toy_strength = 4.0
+    # Detect-and-Guide at the node's defaults (strength 1, the paper's scale), as `make demo`
     return {
         # the trainer app's default export (runs/... or ComfyUI's models/loras): erase-red-circle.safetensors
         "erasure_lora_before_after": lora_before_after_graph("toy", "erase-red-circle.safetensors",
                                                              "a red circle and a blue square"),
-        "detect_and_guide": single_dag_graph("toy", "a red circle and a blue square", "toy-red-circle.safetensors",
-                                             strength=toy_strength),
-        "detect_and_guide_side_by_side": dag_graph("toy", "a red circle and a blue square", "toy-red-circle.safetensors",
-                                                   strength=toy_strength),
+        "detect_and_guide": single_dag_graph("toy", "a red circle and a blue square", "toy-red-circle.safetensors"),
+        "detect_and_guide_side_by_side": dag_graph("toy", "a red circle and a blue square", "toy-red-circle.safetensors"),
     }
 
 
