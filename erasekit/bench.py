@@ -70,6 +70,8 @@ def main(argv=None) -> None:
     d.add_argument("--guideline-images", type=int, default=GUIDELINE_IMAGES,
                    help="images of the target to train it on (and 3/4 as many without it)")
     d.add_argument("--strength", type=float, default=1.0, help="multiplies DAG's S (1 = the paper's scale)")
+    d.add_argument("--comfyui", type=int, default=0, metavar="N",
+                   help="also run N target + N benign prompts through the Detect-and-Guide node in real ComfyUI")
     d.add_argument("--sega-mask", type=float, default=0.0,
                    help="DAG: edit only the top (1 - this) of the safety direction in the region (0: all)")
     d.add_argument("--modes", default="dag,sld,sega", help="safety guidances to compare with plain CFG")
@@ -131,7 +133,7 @@ def main(argv=None) -> None:
         log = lambda msg: print(msg, file=sys.stderr)  # JSON alone on stdout
         print(json.dumps(bench_dag(a.target, a.prompts, a.prompts, tuple(range(a.seeds)), a.steps, a.cfg, a.model,
                                    a.guideline, out_dir=a.out, modes=tuple(a.modes.split(",")), strength=a.strength,
-                                   sega_mask=a.sega_mask,
+                                   sega_mask=a.sega_mask, comfyui_prompts=a.comfyui,
                                    guideline_images=a.guideline_images, log=log)))
 
 

@@ -119,11 +119,12 @@ def _auroc(scores, labels) -> float:
 def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 200, seeds=(0, 1), steps: int = 25,
               cfg: float = 3.0, model: str | None = None, guideline: str | None = None, batch: int = 50,
               out_dir: str = "out/bench", modes=("dag", "sld", "sega"), strength: float = 1.0,
-              sega_mask: float = 0.0,
+              sega_mask: float = 0.0, comfyui_prompts: int = 0,
               guideline_images: int = GUIDELINE_IMAGES, log=print) -> dict:
     """See the module docstring. ``modes``: the safety guidances compared with plain CFG;
     ``strength`` multiplies DAG's S (1 = the paper); ``sega_mask``: DAG's top-p mask on the safety
-    direction (the node's input; 0 = the whole region); ``guideline_images``: images of the target the
+    direction (the node's input; 0 = the whole region); ``comfyui_prompts``: also run that many target and
+    benign prompts through the node in real ComfyUI (tools/dag_check_comfy.py); ``guideline_images``: images of the target the
     guideline embedding learns from when it is trained here (and 3/4 as many safe ones)."""
     import torch
     import torch.nn.functional as F
@@ -142,7 +143,8 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
         emb = GuidelineEmbedding.load(guideline)
     else:
         emb = train_toy_guideline(model, concept, guideline_images, guideline_images * 3 // 4, log=log)
-        emb.save(guideline or os.path.join(out_dir, f"guideline-{concept.text.replace(' ', '-')}.safetensors"))
+        guideline = guideline or os.path.join(out_dir, f"guideline-{concept.text.replace(' ', '-')}.safetensors")
+        emb.save(guideline)
     target_prompts, benign_prompts = concept_prompts(concept, n_target, n_benign)
     runs = {}
     for kind, prompts in (("target", target_prompts), ("benign", benign_prompts)):
@@ -189,28 +191,55 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     result["detection_tpr"] = round(float(pred[truth].mean()), 4) if truth.any() else None
     result["detection_fpr"] = round(float(pred[~truth].mean()), 4) if (~truth).any() else None
     for mode in modes:
-        found_plain = found_mode = kept = others = 0
-        for jp, jm in zip(plain_target, judged[("target", mode)]):
-            if concept.matches(jp):
-                found_plain += 1
-                found_mode += concept.matches(jm)
-            rest = [o.label for o in jp.objects if not concept_mask(_One(o), concept).any()]
-            have = [o.label for o in jm.objects]
-            for label in rest:
-                others += 1
-                if label in have:
-                    kept += 1
-                    have.remove(label)
+        erase, kept = erase_and_preservation(concept, plain_target, judged[("target", mode)])
         same = [torch.equal(a, b) for a, b in zip(runs[("benign", "cfg")]["images"], runs[("benign", mode)]["images"])]
         prefix = "" if mode == "dag" else f"{mode}_"
-        result[f"{prefix}erase_rate"] = round(1 - found_mode / max(found_plain, 1), 4)
-        result[f"{prefix}preservation"] = round(kept / max(others, 1), 4)
+        result[f"{prefix}erase_rate"] = erase
+        result[f"{prefix}preservation"] = kept
         result[f"{prefix}benign_identical"] = round(float(np.mean(same)), 4)
         result[f"{prefix}time_ratio_benign"] = round(runs[("benign", mode)]["seconds"] / runs[("benign", "cfg")]["seconds"], 4)
         result[f"{prefix}time_ratio_unsafe"] = round(runs[("target", mode)]["seconds"] / runs[("target", "cfg")]["seconds"], 4)
     result["targets_drawn_plain"] = round(sum(concept.matches(j) for j in plain_target) / len(plain_target), 4)
     result["cam_cost_ratio"] = round(_cam_cost(pipe, emb, batch), 4)
+    if comfyui_prompts:
+        result.update(_comfyui_check(concept.text, guideline, model, comfyui_prompts, strength))
     return result
+
+
+def _comfyui_check(target: str, guideline: str, model: str | None, prompts: int, strength: float) -> dict:
+    """tools/dag_check_comfy.py in a fresh process (ComfyUI's imports must not leak into this one)."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(repo, "tools", "dag_check_comfy.py"), "--target", target, "--guideline", guideline,
+           "--prompts", str(prompts), "--strength", str(strength), "--json"] + (["--model", model] if model else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the ComfyUI check failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def erase_and_preservation(concept, plain, guided) -> tuple[float, float]:
+    """(erase_rate, preservation) of guided vs plain judgements of the same prompts and seeds.
+
+    erase_rate: 1 - (images where the judge still finds ``concept`` with guidance) / (those where it
+    finds it without), the paper's ER. preservation: of the other objects the judge finds without
+    guidance, the fraction it still finds (by label) with it. None where there is nothing to count."""
+    found_plain = found_guided = kept = others = 0
+    for jp, jg in zip(plain, guided):
+        if concept.matches(jp):
+            found_plain += 1
+            found_guided += concept.matches(jg)
+        have = [o.label for o in jg.objects]
+        for label in (o.label for o in jp.objects if not concept_mask(_One(o), concept).any()):
+            others += 1
+            if label in have:
+                kept += 1
+                have.remove(label)
+    return (round(1 - found_guided / found_plain, 4) if found_plain else None,  # None: nothing to erase
+            round(kept / others, 4) if others else None)
 
 
 class _One:

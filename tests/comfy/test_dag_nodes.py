@@ -98,3 +98,19 @@ def test_the_patch_reads_the_same_layers_as_the_diffusers_path(comfy, toy_in_com
 
     expected = sorted((side >> level(name),) * 2 for name in coarse_layers(unet))
     assert seen and all(s == expected for s in seen), (seen[0], expected)
+
+
+def test_dag_check_tool_compares_plain_and_guided_comfyui_images(comfy, toy_in_comfy):
+    """tools/dag_check_comfy.py (what `bench dag --comfyui` runs): with an embedding that never
+    detects, every guided image is the plain one, so nothing is erased and benign images are identical."""
+    import os
+
+    from tools.dag_check_comfy import check
+
+    base = os.path.join(comfy.work_dir, "models", "diffusers", toy_in_comfy)
+    nothing = os.path.join(comfy.work_dir, "models", "guideline", "tiny-nothing.safetensors")
+    r = check("red circle", nothing, base, prompts=2, steps=3, comfy=comfy, log=lambda m: None)
+    assert r["comfyui_prompts"] == 2 and r["comfyui_benign_prompts"] == 2
+    assert r["comfyui_erase_rate"] in (0.0, None)  # None: the random model drew no red circle to erase
+    assert r["comfyui_preservation"] in (1.0, None) and r["comfyui_benign_identical"] == 1.0
+    assert 0.0 <= r["comfyui_targets_drawn_plain"] <= 1.0
