@@ -56,8 +56,10 @@ def detect_and_guide(model, clip, guideline, safety_text: str, mode: str, streng
 
 
 def _preview_sender(node_id):
-    """Live preview: send each step's detection map to the front end (web/erasekit.js draws it on
-    the Detect-and-Guide node). A small PNG, only while a browser is connected to the server."""
+    """Live preview: send the detection map so far (max over the steps) to the front end at each step
+    (web/erasekit.js draws it on the Detect-and-Guide node); the edit makes an object's map fade,
+    so the last step's alone would end blank where the concept was removed. A small PNG, only while
+    a browser is connected to the server."""
     if node_id is None:
         return None
 

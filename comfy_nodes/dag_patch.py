@@ -40,6 +40,7 @@ class DagState:
     def reset(self):
         self.cams: dict[tuple, torch.Tensor] = {}
         self.history: list[torch.Tensor] = []
+        self.seen = None  # max of A-hat over the steps so far (the live preview)
         self.guided_steps = 0
         self.extra_passes = 0
 
@@ -115,8 +116,10 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
             a_hat, _ = detector(per_concept, denoised.shape[-2:], timestep)
             state.cams = {}
             state.history.append(a_hat.cpu())
-            if preview is not None:
-                preview(a_hat, i, n_steps)
+            if preview is not None:  # what was found so far: an erased object stays visible where it was
+                same = state.seen is not None and state.seen.shape == a_hat.shape
+                state.seen = torch.maximum(state.seen, a_hat) if same else a_hat
+                preview(state.seen, i, n_steps)
         sigma = args["sigma"].reshape(-1, *([1] * (denoised.dim() - 1))).to(denoised.dtype)
         out, guided = guidance.apply(denoised, x0_u, x0_p, lambda rows: extra_pass(args, rows), i, n_steps,
                                      args["cond_scale"], a_hat=a_hat, sigma=sigma)

@@ -1,5 +1,5 @@
 // Erasekit front-end extension: the live detection map of Detect-and-Guide, drawn on the node
-// while the sampler runs. The server sends one small PNG per step ("erasekit.detection").
+// while the sampler runs. The server sends one small PNG per step ("erasekit.detection"): the map so far.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 

@@ -114,3 +114,31 @@ def test_dag_check_tool_compares_plain_and_guided_comfyui_images(comfy, toy_in_c
     assert r["comfyui_erase_rate"] in (0.0, None)  # None: the random model drew no red circle to erase
     assert r["comfyui_preservation"] in (1.0, None) and r["comfyui_benign_identical"] == 1.0
     assert 0.0 <= r["comfyui_targets_drawn_plain"] <= 1.0
+
+
+def test_live_preview_keeps_what_was_found_so_far(comfy, toy_in_comfy, monkeypatch):
+    """The node's live preview is the running max of A-hat: a region the edit has faded stays visible."""
+    import sys
+
+    import torch
+
+    from erasekit.dag import detect
+
+    # the pack's module as ComfyUI imported it (under the custom node folder's name)
+    loaded = [m for name, m in list(sys.modules.items()) if name.endswith("comfy_nodes.dag_nodes")]
+
+    sent, maps = [], []
+    call = detect.Detector.__call__
+
+    def record(self, *args, **kwargs):
+        a_hat, scores = call(self, *args, **kwargs)
+        maps.append(a_hat.clone())
+        return a_hat, scores
+
+    monkeypatch.setattr(detect.Detector, "__call__", record)
+    for module in loaded:
+        monkeypatch.setattr(module, "_preview_sender", lambda node_id: lambda a_hat, i, n: sent.append(a_hat.clone()))
+    comfy.run(dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors", "red circle", steps=4, seed=3))
+    assert len(sent) == len(maps) >= 4
+    for k, shown in enumerate(sent):
+        assert torch.equal(shown, torch.stack(maps[: k + 1]).amax(0))
