@@ -123,9 +123,10 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
               guideline_images: int = GUIDELINE_IMAGES, log=print) -> dict:
     """See the module docstring. ``modes``: the safety guidances compared with plain CFG;
     ``strength`` multiplies DAG's S (1 = the paper); ``sega_mask``: DAG's top-p mask on the safety
-    direction (the node's input; 0 = the whole region); ``comfyui_prompts``: also run that many target and
-    benign prompts through the node in real ComfyUI (tools/dag_check_comfy.py); ``guideline_images``: images of the target the
-    guideline embedding learns from when it is trained here (and 3/4 as many safe ones)."""
+    direction (the node's input; 0 = the whole region); ``comfyui_prompts``: also run that many target
+    and benign prompts through the node in real ComfyUI (tools/dag_check_comfy.py);
+    ``guideline_images``: images of the target the guideline embedding learns from when it is
+    trained here (and 3/4 as many safe ones)."""
     import torch
     import torch.nn.functional as F
 

@@ -103,7 +103,9 @@ def gated_normalise(a, gate: float, floor: float | None = None, min_range: float
     hi = flat.max(1).values[:, None, None]
     lo = flat.min(1).values[:, None, None]
     gate = torch.as_tensor(gate, dtype=a.dtype, device=a.device).reshape(-1, 1, 1)  # a float or one per image
-    top = hi if peak_ref is None else torch.maximum(hi, torch.as_tensor(peak_ref, dtype=a.dtype, device=a.device).reshape(-1, 1, 1))
+    top = hi
+    if peak_ref is not None:
+        top = torch.maximum(hi, torch.as_tensor(peak_ref, dtype=a.dtype, device=a.device).reshape(-1, 1, 1))
     norm = ((a - lo) / (top - lo).clamp_min(min_range)).clamp(0.0, 1.0)
     if floor is not None:
         norm = torch.where(a > float(floor), norm, torch.zeros_like(norm))
