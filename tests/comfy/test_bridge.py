@@ -55,3 +55,44 @@ def test_recorder_keeps_only_conditional_entries_and_chosen_levels(comfy):
     for maps in rec.maps.values():
         assert maps[0].shape[0] == 2  # the two conditional entries only
         assert torch.allclose(maps[0].sum(-1), torch.ones(()), atol=1e-5)  # probabilities over tokens
+
+
+@pytest.mark.parametrize("layout", tiny.LAYOUTS)
+def test_dag_patch_cams_equal_the_diffusers_taps(comfy, layout, monkeypatch):
+    """Detect-and-Guide's CAMs in ComfyUI (attn2 patch) and in the diffusers sampler (to_q hooks):
+    the same layers, the same maps, for SD1, SD2 and SDXL. SDXL's (and the toy's) mid block sits at a
+    coarse level and must be left out on both sides."""
+    from comfy_nodes.comfy_bridge import load_diffusers_unet
+    from comfy_nodes.dag_patch import install
+    from erasekit.attention import attention_levels, coarse_levels
+    from erasekit.dag import detect
+    from erasekit.dag.guideline import GuidelineEmbedding
+    from erasekit.dag.sampling import GuidelineTap
+
+    parts = tiny.build(layout, seed=4)
+    unet = parts["unet"]
+    width = unet.config.cross_attention_dim
+    torch.manual_seed(2)
+    emb = GuidelineEmbedding(torch.randn(2, width), torch.randn(width), "x", layout)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([400.0]), torch.randn(1, 7, width)
+    kwargs, y = {}, None
+    if layout == "sdxl":
+        te, tid = torch.randn(1, tiny.TINY_WIDTH_2), torch.randn(1, 6)
+        kwargs, y = {"added_cond_kwargs": {"text_embeds": te, "time_ids": tid}}, _sdxl_y(te, tid)
+
+    cams = []
+    cam = detect.guideline_cam
+    monkeypatch.setattr(detect, "guideline_cam", lambda *a: cams.append(cam(*a)) or cams[-1])
+    with torch.no_grad(), GuidelineTap(unet, [emb]) as tap:
+        unet(x, t, encoder_hidden_states=ctx, **kwargs)
+        tap.detection((8, 8), 400.0)
+    ours, cams = cams, []
+    levels = set(coarse_levels(attention_levels(unet)))
+    patched = install(load_diffusers_unet(unet, parts["scheduler"]), [emb], [[torch.zeros(1, 7, width), {}]],
+                      levels=levels)
+    options = dict(patched.model_options["transformer_options"], cond_or_uncond=[0])
+    with torch.no_grad():
+        patched.model.diffusion_model(x, timesteps=t, context=ctx, y=y, transformer_options=options)
+    assert len(cams) == len(ours) >= 4
+    for a, b in zip(cams, ours):
+        assert a.numel() == b.numel() and torch.allclose(a.flatten(), b.flatten(), atol=1e-5)
