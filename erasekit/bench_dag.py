@@ -9,8 +9,9 @@
 Fields (one JSON line): detection_iou (A-hat >= 0.5 at the last step vs the judge's mask of the
 target in the plain image), detection_auroc (image level, score = max of A-hat), erase_rate
 (1 - targets found with guidance / targets found without), preservation (other objects found
-without guidance that are still found with it), benign_identical, time ratios against plain
-CFG in this run, the same for SLD and SEGA, and cam_cost_ratio (CAM work / one UNet pass).
+without guidance that are still found with it), benign_identical, benign_preservation (the same
+count on the benign images: what a false detection costs), time ratios against plain CFG in this
+run, the same for SLD and SEGA, and cam_cost_ratio (CAM work / one UNet pass).
 """
 
 from __future__ import annotations
@@ -198,6 +199,8 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
         result[f"{prefix}erase_rate"] = erase
         result[f"{prefix}preservation"] = kept
         result[f"{prefix}benign_identical"] = round(float(np.mean(same)), 4)
+        # what a false detection costs: the objects of the benign images still there with guidance
+        result[f"{prefix}benign_preservation"] = erase_and_preservation(concept, plain_benign, judged[("benign", mode)])[1]
         result[f"{prefix}time_ratio_benign"] = round(runs[("benign", mode)]["seconds"] / runs[("benign", "cfg")]["seconds"], 4)
         result[f"{prefix}time_ratio_unsafe"] = round(runs[("target", mode)]["seconds"] / runs[("target", "cfg")]["seconds"], 4)
     result["targets_drawn_plain"] = round(sum(concept.matches(j) for j in plain_target) / len(plain_target), 4)
