@@ -17,20 +17,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _comfy_run(with_pack: bool) -> dict:
-    cmd = [sys.executable, os.path.join(REPO, "tools", "comfy_headless.py"), "--object-info"]
-    if not with_pack:
-        cmd.append("--no-pack")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from .fresh_process import json_from
+
+    args = [os.path.join(REPO, "tools", "comfy_headless.py"), "--object-info"] + ([] if with_pack else ["--no-pack"])
+    return json_from(args, "ComfyUI's node loading", timeout=600)
 
 
 def bench_startup(repeats: int = 3) -> dict:

@@ -212,17 +212,12 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
 
 def _comfyui_check(target: str, guideline: str, model: str | None, prompts: int, strength: float) -> dict:
     """tools/dag_check_comfy.py in a fresh process (ComfyUI's imports must not leak into this one)."""
-    import json
-    import subprocess
-    import sys
+    from .fresh_process import json_from
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(repo, "tools", "dag_check_comfy.py"), "--target", target, "--guideline", guideline,
-           "--prompts", str(prompts), "--strength", str(strength), "--json"] + (["--model", model] if model else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the ComfyUI check failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = [os.path.join(repo, "tools", "dag_check_comfy.py"), "--target", target, "--guideline", guideline,
+            "--prompts", str(prompts), "--strength", str(strength), "--json"] + (["--model", model] if model else [])
+    return json_from(args, "the ComfyUI check")
 
 
 def erase_and_preservation(concept, plain, guided) -> tuple[float, float]:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,12 +220,10 @@ def _set_lora_strength(comps, strength: float) -> None:
 def _comfyui_check(lora: str, target: str, model: str, prompts: int, seed: int) -> dict:
     """The exported LoRA in real ComfyUI (tools/erase_check_comfy.py, in a fresh process:
     ComfyUI's imports must not leak into this one)."""
-    cmd = [sys.executable, os.path.join(REPO, "tools", "erase_check_comfy.py"), lora, "--target", target,
-           "--model", model, "--prompts", str(prompts), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the ComfyUI check failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from .fresh_process import json_from
+
+    return json_from([os.path.join(REPO, "tools", "erase_check_comfy.py"), lora, "--target", target, "--model", model,
+                      "--prompts", str(prompts), "--json"], "the ComfyUI check")
 
 
 def _pipe(comps, unet, text_encoder):
@@ -240,14 +236,13 @@ def _pipe(comps, unet, text_encoder):
 
 
 def _cost(model: str, target: str, seed: int) -> dict:
+    from .fresh_process import json_from
+
     runs = {}
     for method in ("plain", "inpo"):
         code = f"import sys; sys.path.insert(0, {REPO!r}); from erasekit.bench_erase import _measure_steps; " \
                f"_measure_steps({method!r}, {model!r}, {target!r}, {seed})"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        runs[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs[method] = json_from(["-c", code], f"measuring {method} steps", timeout=900)
     passes = {"plain": 1, "inpo": 2}
     raw = runs["inpo"]["step_seconds"] / runs["plain"]["step_seconds"]
     return {"step_time_ratio": round(raw / (passes["inpo"] / passes["plain"]), 4), "step_time_ratio_raw": round(raw, 4),

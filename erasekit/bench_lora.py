@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,12 +104,10 @@ def comfy_outputs_subprocess(lora_path: str, seed: int, out_file: str) -> dict:
     """Run tools/lora_roundtrip_comfy.py; returns its JSON and the outputs it saved."""
     import safetensors.torch
 
-    cmd = [sys.executable, os.path.join(REPO, "tools", "lora_roundtrip_comfy.py"), lora_path,
-           "--seed", str(seed), "--out", out_file]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    from .fresh_process import json_from
+
+    report = json_from([os.path.join(REPO, "tools", "lora_roundtrip_comfy.py"), lora_path, "--seed", str(seed),
+                        "--out", out_file], "the ComfyUI round trip", timeout=600, cwd=REPO)
     return {**report, **safetensors.torch.load_file(out_file)}
 
 

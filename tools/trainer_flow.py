@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -158,11 +157,10 @@ def main(argv=None):
     else:
         r = run_flow(a.out, **({"lr": a.lr} if a.lr else {}))
     if a.comfyui_prompts:
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "erase_check_comfy.py"), r["lora"],
-                               "--prompts", str(a.comfyui_prompts), "--json"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        r.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        from erasekit.fresh_process import json_from
+
+        r.update(json_from([os.path.join(REPO, "tools", "erase_check_comfy.py"), r["lora"],
+                            "--prompts", str(a.comfyui_prompts), "--json"], "the ComfyUI check"))
     print(json.dumps(r))
 
 
