@@ -240,6 +240,19 @@ def attention_levels(model_patcher) -> list[int]:
     return out
 
 
+def dag_layer_coordinates(model_patcher) -> set[tuple]:
+    """ComfyUI's ``(block, number, transformer_index)`` of the layers Detect-and-Guide reads: the
+    diffusers path's own rule (:func:`erasekit.dag.guideline.coarse_layer_names`) applied to the
+    model's layers under their diffusers names, so both paths read the same layers by construction."""
+    from erasekit.attention import coarse_levels
+    from erasekit.dag.guideline import coarse_layer_names
+
+    cfg = model_patcher.model.model_config.unet_config
+    names = attn2_layer_names(cfg)
+    keep = set(coarse_layer_names(names.values(), len(cfg["channel_mult"]), coarse_levels(attention_levels(model_patcher))))
+    return {where for where, name in names.items() if name in keep}
+
+
 def outer_sample_hook(model_patcher, before_sampling):
     """Run ``before_sampling()`` at the start of every sampling with this model (e.g. to clear
     a recorder), through ComfyUI's OUTER_SAMPLE wrapper."""

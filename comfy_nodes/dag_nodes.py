@@ -39,7 +39,6 @@ def detect_and_guide(model, clip, guideline, safety_text: str, mode: str, streng
                      guideline_2=None, node_id=None):
     from erasekit.dag.guidance import DagSettings, SegaSettings, SldSettings
 
-    from .comfy_bridge import attention_levels
     from .dag_patch import install
 
     embeddings = list(guideline) + list(guideline_2 or [])
@@ -48,11 +47,8 @@ def detect_and_guide(model, clip, guideline, safety_text: str, mode: str, streng
     safety_cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     dag = DagSettings(tau_high=unsafe_threshold, tau_low=edit_threshold, warmup_fraction=warmup, strength=strength,
                       top_p=sega_mask)
-    from erasekit.attention import coarse_levels
-
-    levels = set(coarse_levels(attention_levels(model)))
     return (install(model, embeddings, safety_cond, mode.lower(), dag, SldSettings.preset(sld_preset),
-                    SegaSettings(warmup_fraction=warmup), levels, preview=_preview_sender(node_id)),)
+                    SegaSettings(warmup_fraction=warmup), preview=_preview_sender(node_id)),)
 
 
 def _preview_sender(node_id):

@@ -46,7 +46,7 @@ class DagState:
 
 
 def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings | None = None,
-            sld: SldSettings | None = None, sega: SegaSettings | None = None, levels=None, preview=None):
+            sld: SldSettings | None = None, sega: SegaSettings | None = None, preview=None):
     """Return a clone of ``model`` (a ComfyUI ModelPatcher) with DAG / SLD / SEGA installed."""
     import comfy.patcher_extension
     import comfy.sampler_helpers
@@ -54,26 +54,28 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
 
     from erasekit.dag.detect import Detector, guideline_cam
 
+    from .comfy_bridge import dag_layer_coordinates
+
     guidance = Guidance(mode, dag or DagSettings(), sega or SegaSettings(), sld or SldSettings.preset("medium"))
     m = model.clone()
     state = DagState()
     detector = Detector(embeddings, guidance.dag.hold)
     keys_cache: dict[tuple, list] = {}
     safety = comfy.sampler_helpers.convert_cond(safety_cond)
+    layers = dag_layer_coordinates(model)  # (block, number, transformer index): the diffusers path's layers
 
     def attn2_patch(n, context, value, extra_options):
-        if mode != "dag" or extra_options["block"][0] == "middle":  # no mid block, as coarse_layers (OVAM's hooks)
+        block, index = tuple(extra_options["block"]), extra_options.get("block_index", 0)
+        if mode != "dag" or (*block, index) not in layers:
             return n, context, value
         H, W = extra_options["original_shape"][-2:]
         level = round(math.log2(math.sqrt(H * W / n.shape[1])))
-        if level not in levels:
-            return n, context, value
         chunks = extra_options.get("cond_or_uncond", [0])
         per = n.shape[0] // len(chunks)
         cond = [n[i * per : (i + 1) * per] for i, c in enumerate(chunks) if c == 0]
         if not cond:
             return n, context, value
-        where = (tuple(extra_options["block"]), extra_options.get("block_index", 0))
+        where = (block, index)
         attn = _transformer_block(m.model.diffusion_model, *where).attn2
         if where not in keys_cache:
             with torch.no_grad():

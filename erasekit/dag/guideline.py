@@ -217,24 +217,32 @@ class _QueryTap:
 
 
 def coarse_layers(unet) -> dict[str, object]:
-    """The cross-attention modules at the two coarsest down-path levels (and the up-path
-    layers at the same resolutions), where DAG reads its CAMs."""
+    """The cross-attention modules DAG reads its CAMs from (:func:`coarse_layer_names`)."""
     from ..attention import attention_levels, coarse_levels, cross_attention_layers
 
-    levels = set(coarse_levels(attention_levels(unet)))
-    n = len(unet.config.down_block_types)
-    out = {}
-    for name, module in cross_attention_layers(unet).items():
-        parts = name.split(".")
-        if parts[0] == "down_blocks":
-            level = int(parts[1])
-        elif parts[0] == "up_blocks":
-            level = n - 1 - int(parts[1])
+    layers = cross_attention_layers(unet)
+    keep = coarse_layer_names(layers, len(unet.config.down_block_types), coarse_levels(attention_levels(unet)))
+    return {name: layers[name] for name in keep}
+
+
+def coarse_layer_names(names, n_levels: int, levels) -> list[str]:
+    """Of the diffusers cross-attention layer ``names``, those DAG reads its CAMs from: the down-path
+    layers at ``levels`` (the two coarsest with cross-attention) and the up-path layers at the same
+    resolutions (up block j is level ``n_levels`` - 1 - j). The mid block is left out, as in OVAM's
+    default hooks. One rule for the diffusers sampler and the ComfyUI patch, which maps ComfyUI's
+    layer coordinates to these names (``comfy_nodes.comfy_bridge.dag_layer_coordinates``)."""
+    keep = []
+    for name in names:
+        kind, index = name.split(".")[:2]
+        if kind == "down_blocks":
+            level = int(index)
+        elif kind == "up_blocks":
+            level = n_levels - 1 - int(index)
         else:
-            continue  # mid block: left out, as in OVAM's default hooks
+            continue  # mid block
         if level in levels:
-            out[name] = module
-    return out
+            keep.append(name)
+    return keep
 
 
 def cache_queries(unet, scheduler, latents, conds, timesteps, seed: int = 0):

@@ -64,7 +64,6 @@ def test_dag_patch_cams_equal_the_diffusers_taps(comfy, layout, monkeypatch):
     coarse level and must be left out on both sides."""
     from comfy_nodes.comfy_bridge import load_diffusers_unet
     from comfy_nodes.dag_patch import install
-    from erasekit.attention import attention_levels, coarse_levels
     from erasekit.dag import detect
     from erasekit.dag.guideline import GuidelineEmbedding
     from erasekit.dag.sampling import GuidelineTap
@@ -87,9 +86,7 @@ def test_dag_patch_cams_equal_the_diffusers_taps(comfy, layout, monkeypatch):
         unet(x, t, encoder_hidden_states=ctx, **kwargs)
         tap.detection((8, 8), 400.0)
     ours, cams = cams, []
-    levels = set(coarse_levels(attention_levels(unet)))
-    patched = install(load_diffusers_unet(unet, parts["scheduler"]), [emb], [[torch.zeros(1, 7, width), {}]],
-                      levels=levels)
+    patched = install(load_diffusers_unet(unet, parts["scheduler"]), [emb], [[torch.zeros(1, 7, width), {}]])
     options = dict(patched.model_options["transformer_options"], cond_or_uncond=[0])
     with torch.no_grad():
         patched.model.diffusion_model(x, timesteps=t, context=ctx, y=y, transformer_options=options)
