@@ -142,3 +142,36 @@ def test_live_preview_keeps_what_was_found_so_far(comfy, toy_in_comfy, monkeypat
     assert len(sent) == len(maps) >= 4
     for k, shown in enumerate(sent):
         assert torch.equal(shown, torch.stack(maps[: k + 1]).amax(0))
+
+
+def test_every_builtin_sampler_and_scheduler(comfy, toy_in_comfy, monkeypatch):
+    """Each of ComfyUI's samplers (scheduler "normal") and schedulers (sampler "euler") runs the
+    node: with a never-detecting embedding the image is plain CFG's bit for bit; with a detection
+    forced at every step the extra pass runs and changes the image (a stand-in edit, as above)."""
+    from comfy.samplers import KSampler
+
+    from erasekit.dag import guidance
+
+    combine = guidance.dag_combine
+    pairs = [(s, "normal") for s in KSampler.SAMPLERS] + [("euler", s) for s in KSampler.SCHEDULERS if s != "normal"]
+    failed = []
+    for sampler, scheduler in pairs:
+        for forced in (False, True):
+            monkeypatch.setattr(guidance, "detected_rows", (lambda a_hat, dag: [0]) if forced else guidance.detected_rows)
+            monkeypatch.setattr(guidance, "dag_combine", (lambda x0, x0_u, x0_cs, a_hat, s, dag: x0 + 0.5 * (x0_cs - x0_u))
+                                if forced else combine)
+            graph = dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors" if forced else
+                              "tiny-nothing.safetensors", "red circle", steps=4, seed=1, sampler=sampler)
+            del graph["20"], graph["21"]
+            for node in ("6", "16"):
+                graph[node]["inputs"]["scheduler"] = scheduler
+            try:
+                out = comfy.run(graph)
+            except Exception as err:  # collect them all: one message lists every sampler that fails
+                failed.append(f"{sampler}/{scheduler} forced={forced}: {str(err)[:200]}")
+                continue
+            same = np.array_equal(_img(comfy, out, "9"), _img(comfy, out, "19"))
+            if same == forced:
+                failed.append(f"{sampler}/{scheduler} forced={forced}: guided {'==' if same else '!='} plain")
+        monkeypatch.undo()
+    assert not failed, "\n".join(failed)
