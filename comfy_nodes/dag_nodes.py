@@ -27,7 +27,11 @@ def load_guideline(embedding_name: str):
 
 
 def _check_fits(model, embeddings):
-    width = model.model.model_config.unet_config.get("context_dim")
+    config = model.model.model_config.unet_config
+    if not config.get("context_dim") or "num_res_blocks" not in config:
+        raise ValueError(f"Detect-and-Guide works on UNet models with cross-attention (SD1.x, SD2.x, SDXL); this model "
+                         f"({type(model.model).__name__}) is not one.")
+    width = config["context_dim"]
     for e in embeddings:
         if e.width != width:
             raise ValueError(f"The guideline embedding for '{e.concept}' has width {e.width} (made for {e.architecture}), "

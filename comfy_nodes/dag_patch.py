@@ -19,6 +19,10 @@ import torch
 
 from erasekit.dag.guidance import DagSettings, Guidance, SegaSettings, SldSettings
 
+# set in transformer_options during a safety pass, so that no Detect-and-Guide patch (this node's or a
+# chained one's) reads CAMs from features conditioned on the safety text
+SAFETY_PASS = "erasekit_dag_safety_pass"
+
 
 def _transformer_block(diffusion_model, block, index):
     """The BasicTransformerBlock ComfyUI calls ``(block, index)`` (its patch coordinates)."""
@@ -38,7 +42,8 @@ class DagState:
         self.reset()
 
     def reset(self):
-        self.cams: dict[tuple, torch.Tensor] = {}
+        self.cams: dict[tuple, list] = {}  # layer -> [(level, [per-concept CAM [B, h, w]]), ...] of this step
+        self.sample_inputs: dict = {}  # latent_image, denoise_mask, seed of the sampling (for the safety cond)
         self.history: list[torch.Tensor] = []
         self.seen = None  # max of A-hat over the steps so far (the live preview)
         self.guided_steps = 0
@@ -66,7 +71,7 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
 
     def attn2_patch(n, context, value, extra_options):
         block, index = tuple(extra_options["block"]), extra_options.get("block_index", 0)
-        if mode != "dag" or (*block, index) not in layers:
+        if mode != "dag" or extra_options.get(SAFETY_PASS) or (*block, index) not in layers:
             return n, context, value
         H, W = extra_options["original_shape"][-2:]
         level = round(math.log2(math.sqrt(H * W / n.shape[1])))
@@ -79,13 +84,26 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         attn = _transformer_block(m.model.diffusion_model, *where).attn2
         if where not in keys_cache:
             with torch.no_grad():
-                keys_cache[where] = [e.keys(attn.to_k) for e in embeddings]
+                keys_cache[where] = [e.keys(attn.to_k, like=n) for e in embeddings]
         with torch.no_grad():
-            q = attn.to_q(torch.cat(cond))
             h, w = math.ceil(H / 2**level), math.ceil(W / 2**level)
-            state.cams[where] = [guideline_cam(q, k, extra_options["n_heads"], e.n_tokens).reshape(-1, h, w)
-                                 for k, e in zip(keys_cache[where], embeddings)]
+            for c in cond:  # one chunk per positive cond batched in this call (Conditioning (Combine): several)
+                q = attn.to_q(c)
+                state.cams.setdefault(where, []).append(
+                    (level, [guideline_cam(q, k, extra_options["n_heads"], e.n_tokens).reshape(-1, h, w)
+                             for k, e in zip(keys_cache[where], embeddings)]))
         return n, context, value
+
+    def step_cams(latent_hw, batch):
+        """This step's CAMs ``[concept][layer] -> [B, h, w]``: per layer, the mean over the positive
+        conds whose map covers the whole latent (an area cond's crop is left out)."""
+        per_layer = []
+        for entries in state.cams.values():
+            full = [cams for level, cams in entries if tuple(cams[0].shape) ==
+                    (batch, math.ceil(latent_hw[0] / 2**level), math.ceil(latent_hw[1] / 2**level))]
+            if full:
+                per_layer.append([torch.stack(maps).mean(0) for maps in zip(*full)])
+        return list(zip(*per_layer))
 
     def step_index(sigma, model_options):
         sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
@@ -100,23 +118,38 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         x, sigma = args["input"], args["sigma"]
         if rows is not None:
             x, sigma = x[rows], sigma[rows]
-        mdl, opts = args["model"], args["model_options"]
-        processed = comfy.samplers.encode_model_conds(mdl.extra_conds, safety, x, x.device, "negative")
+        mdl, batch = args["model"], args["input"].shape[0]
+        opts = {**args["model_options"], "transformer_options": {**args["model_options"].get("transformer_options", {}),
+                                                                 SAFETY_PASS: True}}
+        # the sampling's latent and mask (inpainting models concatenate them) and the negative's ControlNet
+        inputs = dict(state.sample_inputs)
+        latent = inputs.get("latent_image")
+        if latent is not None:  # as CFGGuider.inner_sample hands it to the conds
+            latent = latent.to(x.device, torch.float32)
+            inputs["latent_image"] = mdl.process_latent_in(latent) if torch.count_nonzero(latent) > 0 else latent
+        inputs = {k: v[rows] if rows is not None and torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
+                  for k, v in inputs.items()}
+        negative = (args.get("uncond") or [{}])[0]
+        conds = [{**c, **{k: negative[k] for k in ("control", "gligen") if k in negative}} for c in safety]
+        processed = comfy.samplers.encode_model_conds(mdl.extra_conds, conds, x, x.device, "negative", **inputs)
         (x0_cs,) = comfy.samplers.calc_cond_batch(mdl, [processed], x, sigma, opts)
         state.extra_passes += 1
         return x0_cs
 
     def post_cfg(args):
         denoised, x0_u, x0_p = args["denoised"], args["uncond_denoised"], args["cond_denoised"]
+        if args.get("uncond") is None:  # ComfyUI then passes zeros as the unconditional prediction
+            raise RuntimeError("Detect-and-Guide needs the sampler's unconditional (negative) prediction, and this "
+                               "guider has none (e.g. BasicGuider). Use KSampler, or CFGGuider with a negative prompt.")
         i, n_steps = step_index(args["sigma"], args["model_options"])
         a_hat = None
         if mode == "dag":
-            if not state.cams:
+            per_concept = step_cams(denoised.shape[-2:], denoised.shape[0])  # [concept][layer]
+            state.cams = {}
+            if not per_concept:
                 return denoised
-            per_concept = list(zip(*state.cams.values()))  # [concept][layer]
             timestep = float(args["model"].model_sampling.timestep(args["sigma"]).flatten()[0])  # 0..T, for the gate
             a_hat, _ = detector(per_concept, denoised.shape[-2:], timestep)
-            state.cams = {}
             state.history.append(a_hat.cpu())
             if preview is not None:  # what was found so far: an erased object stays visible where it was
                 same = state.seen is not None and state.seen.shape == a_hat.shape
@@ -130,6 +163,10 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
 
     def outer_sample(executor, *args, **kwargs):
         state.reset()
+        # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+        names = ("noise", "latent_image", "sampler", "sigmas", "denoise_mask", "callback", "disable_pbar", "seed")
+        given = {**dict(zip(names, args)), **kwargs}
+        state.sample_inputs = {k: given.get(k) for k in ("latent_image", "denoise_mask", "seed")}
         detector.reset()
         guidance.reset()
         keys_cache.clear()  # weights may have been patched (LoRA) since the last run

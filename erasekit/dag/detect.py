@@ -34,15 +34,17 @@ Several concepts combine by a pixel-wise max of their A-hat.
 from __future__ import annotations
 
 
-def guideline_keys(to_k, sink, tokens, contrast=None):
-    """Keys ``[1 + M + K, inner]`` of [sink; contrast; tokens] through a layer's ``to_k`` (a Linear),
-    on its device and dtype.
+def guideline_keys(to_k, sink, tokens, contrast=None, like=None):
+    """Keys ``[1 + M + K, inner]`` of [sink; contrast; tokens] through a layer's ``to_k`` (a Linear).
 
-    ``sink``: ``[D]``; ``tokens``: ``[K, D]``; ``contrast``: ``[M, D]`` or None."""
+    ``sink``: ``[D]``; ``tokens``: ``[K, D]``; ``contrast``: ``[M, D]`` or None. The states go in on
+    the device and dtype of ``like`` (the layer's input; ComfyUI's layers cast their weights to it,
+    which may be stored elsewhere: low-VRAM offload, fp8), else of ``to_k``'s weight."""
     import torch
 
     parts = [sink[None]] + ([contrast] if contrast is not None and len(contrast) else []) + [tokens]
-    return to_k(torch.cat([p.to(to_k.weight) for p in parts], 0))
+    ref = to_k.weight if like is None else like
+    return to_k(torch.cat([p.to(device=ref.device, dtype=ref.dtype) for p in parts], 0))
 
 
 def guideline_cam(q, keys, heads: int, n_tokens: int):

@@ -56,11 +56,11 @@ class GuidelineEmbedding:
     def n_tokens(self) -> int:
         return int(self.tokens.shape[0])
 
-    def keys(self, to_k):
+    def keys(self, to_k, like=None):
         """This embedding's keys ``[1 + M + K, inner]`` at a layer (:func:`~erasekit.dag.detect.guideline_keys`)."""
         from .detect import guideline_keys
 
-        return guideline_keys(to_k, self.sink, self.tokens, self.contrast)
+        return guideline_keys(to_k, self.sink, self.tokens, self.contrast, like)
 
     def gate_floor(self, timestep: float | None = None) -> tuple[float, float | None]:
         """(gate, floor) at ``timestep`` (0..T): the schedule's gate where it is above the fixed one

@@ -175,3 +175,85 @@ def test_every_builtin_sampler_and_scheduler(comfy, toy_in_comfy, monkeypatch):
                 failed.append(f"{sampler}/{scheduler} forced={forced}: guided {'==' if same else '!='} plain")
         monkeypatch.undo()
     assert not failed, "\n".join(failed)
+
+
+def _positive(graph, node):
+    """Point both samplers' positive input at ``node``."""
+    for sampler in ("6", "16"):
+        graph[sampler]["inputs"]["positive"] = [node, 0]
+
+
+@pytest.mark.parametrize("layout", ["combine", "area", "chained"])
+def test_several_prompts_areas_and_chained_nodes(comfy, toy_in_comfy, layout, monkeypatch):
+    """Graphs beyond one prompt and one node: two positive prompts (Conditioning (Combine): one CAM per
+    prompt, averaged per image), a prompt limited to an area (its cropped CAMs are left out), and two
+    Detect-and-Guide nodes in a row (the first one's safety pass must not hand the second CAMs of the
+    safety text). Detection sees one full-latent map per layer and image, as with one prompt; never
+    detecting, the image is plain CFG's bit for bit; detecting at every step, it is edited."""
+    import comfy.samplers as samplers
+
+    from erasekit.dag import detect, guidance
+
+    def graph_for(guideline, layout):
+        g = dag_graph(toy_in_comfy, "a red circle", guideline, "red circle", steps=4, seed=2)
+        g["30"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue square", "clip": ["1", 1]}}
+        if layout in ("combine", "area"):
+            second = ["30", 0]
+            if layout == "area":
+                g["32"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["30", 0], "width": 64,
+                                                                          "height": 64, "x": 0, "y": 0, "strength": 1.0}}
+                second = ["32", 0]
+            g["31"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["2", 0], "conditioning_2": second}}
+            _positive(g, "31")
+        elif layout == "chained":
+            g["33"] = dict(g["12"], inputs=dict(g["12"]["inputs"], model=["12", 0], safety_text="blue square"))
+            g["16"]["inputs"]["model"] = ["33", 0]
+            g["20"]["inputs"]["model"] = ["33", 0]
+        return g
+
+    out = comfy.run(graph_for("tiny-nothing.safetensors", layout))
+    assert np.array_equal(_img(comfy, out, "9"), _img(comfy, out, "19"))
+
+    seen, in_safety_pass, cams_in_safety_pass = [], [False], []
+    call, batch_call, cam = detect.Detector.__call__, samplers.calc_cond_batch, detect.guideline_cam
+
+    def record(self, per_concept_layer_maps, size, timestep=None):
+        seen.append(sorted(tuple(m.shape) for m in per_concept_layer_maps[0]))
+        return call(self, per_concept_layer_maps, size, timestep)
+
+    def calc_cond_batch(model, conds, *args, **kwargs):  # one cond list: Detect-and-Guide's safety pass
+        in_safety_pass[0] = len(conds) == 1
+        try:
+            return batch_call(model, conds, *args, **kwargs)
+        finally:
+            in_safety_pass[0] = False
+
+    monkeypatch.setattr(detect.Detector, "__call__", record)
+    monkeypatch.setattr(samplers, "calc_cond_batch", calc_cond_batch)
+    monkeypatch.setattr(detect, "guideline_cam", lambda *a: cams_in_safety_pass.append(in_safety_pass[0]) or cam(*a))
+    monkeypatch.setattr(guidance, "detected_rows", lambda a_hat, dag: [0])
+    monkeypatch.setattr(guidance, "dag_combine", lambda x0, x0_u, x0_cs, a_hat, s, dag: x0 + 0.5 * (x0_cs - x0_u))
+    comfy.run(graph_for("tiny-red-circle.safetensors", "one prompt"))
+    single, seen[:] = seen[0], []
+    out = comfy.run(graph_for("tiny-red-circle.safetensors", layout))
+    assert not np.array_equal(_img(comfy, out, "9"), _img(comfy, out, "19"))
+    assert _img(comfy, out, "21").shape == (128, 128, 3)  # the detection maps of the (last) node
+    assert seen and all(shapes == single for shapes in seen), (layout, seen[0], single)
+    assert cams_in_safety_pass and not any(cams_in_safety_pass)
+
+
+def test_a_guider_without_negative_is_refused_with_a_sentence(comfy, toy_in_comfy):
+    g = dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors", "red circle", steps=2)
+    for node in ("6", "7", "9", "16", "20", "21"):
+        del g[node]
+    g.update({
+        "40": {"class_type": "BasicGuider", "inputs": {"model": ["12", 0], "conditioning": ["2", 0]}},
+        "41": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+        "42": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "43": {"class_type": "BasicScheduler", "inputs": {"model": ["12", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0}},
+        "44": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["41", 0], "guider": ["40", 0], "sampler": ["42", 0],
+                                                                 "sigmas": ["43", 0], "latent_image": ["5", 0]}},
+    })
+    g["17"]["inputs"]["samples"] = ["44", 0]
+    with pytest.raises(RuntimeError, match="needs the sampler's unconditional"):
+        comfy.run(g)
