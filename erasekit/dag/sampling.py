@@ -135,7 +135,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     both = Conditioning.cat([unconditional(pipe, cond, shape[1:]), cond])  # CFG's pair, one UNet call
     safety = encode(pipe, [safety_text] * b, shape[1:]) if safety_text else None
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
+    # the noise is drawn in float32 on the CPU (the same images on any device), then moved to the UNet's dtype
+    latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, unet.dtype) * sched.init_noise_sigma
     sched.set_timesteps(steps)
     step_kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
     step_kwargs.update(clipped_x0_step_kwargs(sched))
@@ -163,7 +164,7 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
             eps, guided = guidance.apply(eps, eps_u, eps_p, safety_pass, i, steps, cfg, a_hat=a_hat)
             res.guided_steps += guided
             latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
-        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        images = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)).sample
     res.images = ((images.float() + 1) / 2).clamp(0, 1).cpu()
     return res
 

@@ -171,3 +171,19 @@ def test_sdxl_folder_through_the_cli(tmp_path):
     assert main(["train", *common, "--steps", "3", "--out", str(run), "--resume"]) == 0
     lora = run / "erase-red-circle-inpo.safetensors"
     assert lora_io.check_compatible(str(lora), c.architecture) == "sdxl"
+
+
+def test_sampling_in_half_precision():
+    """A pipeline loaded in bfloat16 (as users load fp16 on GPUs) samples under CFG and DAG: the noise is
+    drawn in float32 and moved to the UNet's dtype (a float32 latent met bf16 weights before)."""
+    from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase_for
+    from erasekit.dag.sampling import sample
+
+    comps = tiny_sdxl()
+    for module in (comps.unet, comps.vae, *comps.text_encoders):
+        module.to(torch.bfloat16)
+    sink, tokens = encode_phrase_for(comps, "red circle")
+    emb = GuidelineEmbedding(tokens.float(), sink.float(), "red circle", "sdxl")
+    for mode in ("cfg", "dag"):
+        r = sample(comps, PROMPTS, [1, 2], steps=2, mode=mode, safety_text="red circle", embeddings=[emb])
+        assert r.images.shape[:2] == (2, 3) and torch.isfinite(r.images).all()
