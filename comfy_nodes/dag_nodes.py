@@ -126,8 +126,9 @@ SPECS = [
         display_name="Detect-and-Guide",
         description="Safe generation without retraining (DAG, CVPR 2025): while sampling, the guideline tokens find where "
                     "the unsafe concept appears and a safety guidance edits only that region, scaled by its size and "
-                    "confidence. Nothing detected: the output is exactly plain CFG, at no extra cost. "
-                    "Put it between the model loader and the sampler.",
+                    "confidence. Nothing detected: the output is exactly plain CFG, at no extra cost (at CFG 1 the "
+                    "unconditional pass that ComfyUI otherwise skips still runs: the guidance needs it). "
+                    "Put it between the model loader and the sampler; it needs a negative prompt (KSampler, CFGGuider).",
         inputs=[
             Input("model", "MODEL"),
             Input("clip", "CLIP", tooltip="Encodes the safety concept text."),
