@@ -183,7 +183,6 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
         raise ErasekitError(f"The folder '{run_dir}' already holds a run (last checkpoint '{resume_from.name}'); "
                             "resume it with --resume or pick another --out folder.")
     if main:
-        write_config(run_dir, {"train": config, objective.name: objective.config or {}, **(sections or {})})
         for stale in (run_dir / "checkpoints").glob("*.tmp-*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -239,11 +238,15 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
     noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
 
     # 4. Resume: weights, optimizer moments, schedule and RNG from the last complete checkpoint.
+    # The run's record (config.toml) is written once the checkpoint is known to fit: a resume with the
+    # wrong rank fails above and leaves the record of what the run was made with.
     step = 0
     if resume_from is not None:
         step = load_checkpoint(resume_from, trainable, optimizer, lr_scheduler)
-        if main:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
+        _use_current_settings(optimizer, lr_scheduler, config)
+    if main:
+        write_config(run_dir, {"train": config, objective.name: objective.config or {}, **(sections or {})})
+        _truncate_metrics(run_dir / "metrics.jsonl", step)  # steps logged after the checkpoint run again
     history = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step] if step else []
     if train_te:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
@@ -351,6 +354,22 @@ def _reset_accelerate_state() -> None:
     single = not PartialState._shared_state or PartialState().num_processes == 1
     AcceleratorState._reset_state(reset_partial_state=single)
     GradientState._reset_state()
+
+
+def _use_current_settings(optimizer, lr_scheduler, config: TrainConfig) -> None:
+    """After a resume, this run's learning rate, weight decay and momentum, not the checkpoint's:
+    what a user changes after a NaN stop (its message says to lower the learning rate and resume).
+    The schedule keeps its position; diffusers' schedules are LambdaLR (lr = base x lambda(step))."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
+        if "weight_decay" in group:
+            group["weight_decay"] = config.weight_decay
+        if "momentum" in group:
+            group["momentum"] = config.momentum
+    lr_scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, getattr(lr_scheduler, "lr_lambdas", [])):
+        group["lr"] = config.lr * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _make_optimizer(config: TrainConfig, params):

@@ -108,7 +108,8 @@ def load_checkpoint(path, trainable: dict, optimizer=None, lr_scheduler=None) ->
 
     path = Path(path)
     weights, _ = load_file(str(path / "weights.safetensors"), "checkpoint")
-    differ = sorted(set(weights) ^ set(trainable))
+    differ = sorted(set(weights) ^ set(trainable)) or \
+        [n for n, p in trainable.items() if tuple(weights[n].shape) != tuple(p.shape)]  # e.g. another rank
     if differ:
         raise ErasekitError(f"The checkpoint '{path}' does not fit this run's model ({len(differ)} weights differ, e.g. "
                             f"'{differ[0]}'); resume with the rank, targets and mode it was made with, or use a new --out folder.")
@@ -161,9 +162,16 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step``: a resumed run writes those steps again."""
+    """Drop metric lines past ``step`` (0: a fresh start, e.g. after a kill before the first checkpoint):
+    the run writes those steps again. Torn lines (a kill or a full disk mid-write) go too."""
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        def kept(line):
+            try:
+                return json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                return False
+
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and kept(ln)]
         _write_text_atomic(path, "".join(ln + "\n" for ln in lines))
 
 

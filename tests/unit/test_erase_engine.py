@@ -144,6 +144,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
 
 
+def test_resume_takes_the_new_learning_rate_and_a_misfit_keeps_the_record(data, tmp_path):
+    """What the NaN message tells users to do: resume with a lower learning rate. The resumed steps run
+    at it (the checkpoint's optimizer and schedule held the old one). A resume with another rank is
+    refused and leaves config.toml as the run was made, so a plain resume still works; a torn last
+    metrics line (a kill mid-write) does not stop the resume."""
+    stopper = []
+    cfg = config(tmp_path, steps=4, checkpoint_every=2, lr=5e-3)
+    train(cfg, InpoObjective(), data, tiny_components(), progress=lambda step, total, terms: step == 2 and stopper.append(1),
+          cancel=lambda: bool(stopper))
+    run = tmp_path / "run"
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    wrong = config(tmp_path, steps=4, checkpoint_every=2, lr=5e-3, rank=8, resume=True)
+    with pytest.raises(ErasekitError, match="rank, targets and mode"):
+        train(wrong, InpoObjective(), data, tiny_components())
+    assert read_config(run / "config.toml")["train"]["rank"] == 4
+    lower = config(tmp_path, steps=4, checkpoint_every=2, lr=1e-4, resume=True)
+    assert train(lower, InpoObjective(), data, tiny_components()).status == "done"
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == [5e-3, 5e-3, 1e-4, 1e-4]
+
+
 class HessianVector(Objective):
     """What ResAlign needs from the engine: its own gradients over ``ctx.trainable``, a
     Hessian-vector product, and a surrogate loss whose gradient is the vector to apply."""
