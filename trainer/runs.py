@@ -239,7 +239,7 @@ def remove_forget_image(run_dir, index: int) -> int:
     keep = [j for j in range(n) if j != i]
     f = data.forget
     data.forget = ImageSet(f.latents[keep], f.embeds[keep], f.ids[keep], [f.prompts[j] for j in keep],
-                           f.masks[keep] if f.masks is not None else None)
+                           *(None if x is None else x[keep] for x in (f.masks, f.pooled, f.time_ids)))  # SDXL's too
     data.save(str(Path(run_dir) / "data.safetensors"))
     folder = Path(run_dir) / REVIEW
     (folder / f"forget-{i:03d}.png").unlink(missing_ok=True)

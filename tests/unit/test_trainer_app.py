@@ -334,3 +334,27 @@ def test_listen_needs_auth(capsys):
     opts = launch_options(build_parser().parse_args(["app", "--listen", "--auth", "me:secret"]))
     assert opts["server_name"] == "0.0.0.0" and opts["auth"] == ("me", "secret")
     assert main(["app", "--auth", "nocolon"]) == 2
+
+
+def test_removing_an_image_keeps_sdxl_inputs(tmp_path):
+    """An SDXL run's forget images carry a pooled embedding and size ids; removing one keeps them
+    for the others (training without them failed with an error about SDXL's added inputs)."""
+    import torch
+
+    from erasekit.erase.data import EraseData, ImageSet
+    from trainer import runs
+
+    n = 3
+    forget = ImageSet(torch.zeros(n, 4, 8, 8), torch.zeros(n, 7, 16), torch.zeros(n, 7, dtype=torch.long),
+                      [f"p{i}" for i in range(n)], torch.ones(n, 1, 8, 8), torch.arange(n)[:, None].float().repeat(1, 5),
+                      torch.zeros(n, 6))
+    data = EraseData("x", forget, None, [], "key")
+    run = tmp_path / "run"
+    (run / runs.REVIEW).mkdir(parents=True)
+    data.save(str(run / "data.safetensors"))
+    (run / runs.REVIEW / "key.txt").write_text("key", encoding="utf-8")
+    for i in range(n):
+        (run / runs.REVIEW / f"forget-{i:03d}.png").write_bytes(b"")
+    assert runs.remove_forget_image(run, 2) == 2
+    left = EraseData.load(str(run / "data.safetensors")).forget
+    assert left.prompts == ["p0", "p2"] and left.pooled[:, 0].tolist() == [0.0, 2.0] and left.time_ids.shape == (2, 6)
