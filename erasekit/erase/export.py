@@ -30,7 +30,10 @@ def export_lora(config, method: str, components, unet, text_encoder=None, refere
     architecture = components.architecture or architecture_of_unet(unet)
     slug = re.sub(r"[^a-z0-9]+", "-", config.target.lower()).strip("-") or "concept"
     name = config.name or f"erase-{slug}-{method}"
-    resolved = {"train": asdict(config), "method": method}
+    base = os.path.basename(os.path.normpath(config.base)) if config.base else ""
+    # file names only: the metadata travels with the file to model hubs, the folders of this machine must not
+    resolved = {"train": {**asdict(config), "out": os.path.basename(os.path.normpath(config.out)), "base": base},
+                "method": method}
     return Path(lora_io.save_lora(lora, Path(config.out) / f"{name}.safetensors", architecture,
                                   erased_concept=config.target, method=method, preserved=preserved, config=resolved,
-                                  base_model=os.path.basename(os.path.normpath(config.base)) if config.base else ""))
+                                  base_model=base))

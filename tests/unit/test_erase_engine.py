@@ -311,9 +311,12 @@ def test_inpo_counts_the_concept_erased_from_delta_s():
 
 def test_exported_lora_is_what_was_trained(data, tmp_path):
     comps = tiny_components()
-    result = train(config(tmp_path, steps=2, export=True), InpoObjective(), data, comps)
+    base = str(tmp_path / "private" / "my-model.safetensors")
+    result = train(config(tmp_path, steps=2, export=True, base=base), InpoObjective(), data, comps)
     lora, meta = lora_io.load_lora(str(result.lora))
     assert meta["erasekit.erased_concept"] == "red circle" and meta["ss_base_model_version"] == "toy"
+    assert str(tmp_path) not in json.dumps(meta)  # no folder of this machine travels with the file
+    assert json.loads(meta["erasekit.config"])["train"]["base"] == "my-model.safetensors"
     assert json.loads(meta["erasekit.preserved"]) == ["blue square"]
     x, t, c = probe_inputs()
     with torch.no_grad():
