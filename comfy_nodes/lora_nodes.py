@@ -26,12 +26,16 @@ def model_architecture(model):
     known = model.model_options.get("transformer_options", {}).get(ARCH_KEY)
     if known is not None:
         return known
+    import comfy.supported_models as known_models
+
     cfg = model.model.model_config
-    name = type(cfg).__name__
     context = cfg.unet_config.get("context_dim")
-    if name.startswith("SDXL"):
+    if not context:
+        raise ValueError(f"Load Erasure LoRA checks LoRAs for SD1.x, SD2.x and SDXL UNet models; this model "
+                         f"({type(cfg).__name__}) is not one. Use ComfyUI's own LoRA loader for it.")
+    if isinstance(cfg, known_models.SDXL) or context == 2048:  # SSD-1B, Vega, KOALA are SDXL too
         return checkpoints.sdxl()
-    if name.startswith("SD2") or context == 1024:
+    if isinstance(cfg, known_models.SD20) or context == 1024:
         return checkpoints.sd_v2(context)
     return checkpoints.sd_v1(context)
 

@@ -57,3 +57,22 @@ def test_description_line():
     meta = {"erasekit.erased_concept": "red circle", "erasekit.method": "inpo", "ss_base_model_version": "toy",
             "erasekit.preserved": '["green circle", "red square"]'}
     assert describe(meta) == "erases: red circle; method: inpo; base: toy; keeps: green circle, red square"
+
+
+def test_base_model_is_read_from_comfyui_model_classes(comfy):
+    """SDXL's relatives (SSD-1B, Vega, KOALA) are SDXL, SD2 is SD2; a model without a cross-attention
+    UNet (Flux, SD3) is refused with a sentence rather than a TypeError."""
+    from types import SimpleNamespace
+
+    import comfy.supported_models as known
+
+    from comfy_nodes.lora_nodes import model_architecture
+
+    def patcher(cls):
+        return SimpleNamespace(model_options={}, model=SimpleNamespace(model_config=cls(dict(cls.unet_config))))
+
+    assert model_architecture(patcher(known.SSD1B)).name == model_architecture(patcher(known.SDXL)).name == "sdxl_base_v1-0"
+    assert model_architecture(patcher(known.SD20)).name == "sd_v2"
+    assert model_architecture(patcher(known.SD15)).name == "sd_v1"
+    with pytest.raises(ValueError, match="checks LoRAs for SD1.x, SD2.x and SDXL UNet models; this model \\(Flux\\)"):
+        model_architecture(patcher(known.Flux))
