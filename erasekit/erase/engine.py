@@ -285,7 +285,8 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
     unet.train()
     try:
         while step < config.steps:
-            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+            asked = cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel())
+            if _on_any_process(accelerator, asked, device):  # all stop at the same step, or the rest would hang
                 status = "cancelled"
                 break
             if config.stop_when_erased and _erased(accelerator, objective, history, device):
@@ -301,8 +302,11 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
                     with accelerator.autocast():
                         out = objective.loss(batch, unet, reference_ctx, ctx)
                     loss = out["loss"]
-                    if not torch.isfinite(loss.detach()).all():
-                        raise _not_finite(step + 1, float(loss.detach()), last_ckpt, optimizer)
+                    losses = loss.detach().float().reshape(1)
+                    if accelerator.num_processes > 1:
+                        losses = accelerator.gather(losses)  # every process's: all stop if one loss is bad
+                    if not torch.isfinite(losses).all():
+                        raise _not_finite(step + 1, float(losses[~torch.isfinite(losses)][0]), last_ckpt, optimizer)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
@@ -402,6 +406,16 @@ def _erased(accelerator, objective, history, device) -> bool:
 
         flag = broadcast(flag, from_process=0)
     return bool(flag.item())
+
+
+def _on_any_process(accelerator, flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any process (a Ctrl-C reaches them at different moments): a process
+    that left the loop alone would leave the others waiting in the next gradient all-reduce."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    import torch
+
+    return bool(accelerator.reduce(torch.tensor([int(bool(flag))], device=device), reduction="sum").item() > 0)
 
 
 def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config):
