@@ -76,6 +76,16 @@ def _with_signature(fn, names, defaults=None, extra=()):
     return wrapper
 
 
+
+def _run_steps(run_dir) -> str:
+    """The total steps a run was made with (its config.toml), as text."""
+    from erasekit.erase.state import read_config
+
+    try:
+        return str(read_config(Path(run_dir) / "config.toml")["train"]["steps"])
+    except (ErasekitError, KeyError):
+        return "an unknown number of steps"
+
 class TrainerApp(ReviewHandlers):
     def __init__(self, out_root="runs", comfyui: str | None = None, base: str | None = None, threads: int | None = None):
         self.root = Path(out_root).resolve()
@@ -304,9 +314,14 @@ class TrainerApp(ReviewHandlers):
 
         try:
             run_dir = self.run_dir(run_name)
-            if latest_checkpoint(run_dir) is None:
+            last = latest_checkpoint(run_dir)
+            if last is None:
                 raise ErasekitError(f"The run '{run_dir.name}' has no checkpoint to resume from; press Start instead "
                                     "(guideline tokens train in seconds and always start afresh).")
+            at = int(last.name.rsplit("-", 1)[-1])
+            if steps and int(steps) < at:  # e.g. the page's default after a reload: it would end the run where it is
+                raise ErasekitError(f"Steps ({int(steps)}) is below the step the run '{run_dir.name}' has reached ({at}); "
+                                    f"set Steps to the total you want it to train (it was made with {_run_steps(run_dir)}).")
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
