@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 from . import checkpoints
 from .checkpoints import Architecture
-from .errors import ArchitectureError, ModelFileError
+from .errors import ArchitectureError, ErasekitError, ModelFileError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -148,6 +148,9 @@ def save_lora(lora: Lora, path: str, architecture: Architecture, *, save_format:
     if save_format not in ("kohya", "peft"):
         raise ValueError(f"save_format must be 'kohya' or 'peft', not '{save_format}'")
     path = os.fspath(path)
+    if not lora:
+        raise ErasekitError(f"Nothing to write to '{path}': the LoRA has no layers (the weights did not change "
+                            "measurably; train longer or with a higher learning rate).")
     if save_format == "kohya":
         file = path if path.endswith(".safetensors") else path + ".safetensors"
         name = os.path.basename(file)[: -len(".safetensors")]

@@ -196,7 +196,7 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
         text_encoder.requires_grad_(False)
     train_te = config.train_text_encoder and text_encoder is not None
     torch.manual_seed(config.seed)  # LoRA's A matrices are random (B starts at zero)
-    reference, te_original = None, None
+    reference, te_original, base_weights = None, None, None
     if config.mode == "lora":
         from peft import LoraConfig
 
@@ -215,6 +215,8 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
         reference = copy.deepcopy(unet).eval().to(device)
         if weight_dtype != torch.float32:
             reference.to(dtype=weight_dtype)
+            # the export's LoRA is the change from these weights, not from their fp16/bf16 rounding
+            base_weights = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
         unet.requires_grad_(True).to(device)
         if train_te:
             te_original = {k: v.detach().cpu().clone() for k, v in text_encoder.state_dict().items()}
@@ -345,7 +347,8 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
     lora = None
     if status == "done" and config.export and main:
         lora = export_lora(config, objective.name, components, base_unet, accelerator.unwrap_model(text_encoder)
-                           if train_te else None, reference, te_original, list(getattr(data, "preserved", [])))
+                           if train_te else None, base_weights or (reference.state_dict() if reference is not None else None),
+                           te_original, list(getattr(data, "preserved", [])))
     return RunResult(status, step, run_dir, last_ckpt, lora, terms, erased_at)
 
 

@@ -9,13 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-def export_lora(config, method: str, components, unet, text_encoder=None, reference=None,
+def export_lora(config, method: str, components, unet, text_encoder=None, reference_weights=None,
                 te_original=None, preserved=()) -> Path:
     """Write ``<out>/<name>.safetensors``: a kohya LoRA with metadata (:func:`erasekit.lora_io.save_lora`).
     ``config`` is the run's :class:`~erasekit.erase.engine.TrainConfig`.
 
     LoRA mode exports the peft adapters as trained; full-parameter mode extracts a rank-``config.rank``
-    LoRA from the weight change by SVD (:func:`erasekit.lora_io.extract_lora`).
+    LoRA from the weight change against ``reference_weights`` (the base UNet's state dict, in float32)
+    by SVD (:func:`erasekit.lora_io.extract_lora`).
     """
     from .. import lora_io
     from ..models import architecture_of_unet
@@ -23,7 +24,7 @@ def export_lora(config, method: str, components, unet, text_encoder=None, refere
     if config.mode == "lora":
         lora = lora_io.lora_from_peft(unet=unet, text_encoder=text_encoder)
     else:
-        lora = lora_io.extract_lora(reference.state_dict(), unet.state_dict(), rank=config.rank).lora
+        lora = lora_io.extract_lora(reference_weights, unet.state_dict(), rank=config.rank).lora
         if text_encoder is not None:
             lora.update(lora_io.extract_lora(te_original, text_encoder.state_dict(), rank=config.rank,
                                              component="text_encoder").lora)

@@ -501,3 +501,12 @@ def test_accelerate_launch_with_two_processes(tmp_path):
     for rank in (0, 1):
         said = (tmp_path / f"rank{rank}.txt").read_text()
         assert "step 2" in said and "not a finite number" in said, (rank, said)
+
+
+def test_full_mode_in_bf16_exports_the_change_not_the_rounding(data, tmp_path):
+    """Full-parameter training under bf16 autocast keeps its reference in bf16; the exported LoRA is
+    the change from the float32 base weights, so a run that changed nothing (lr 0) has no layer to export
+    and says so (against the bf16 reference every layer's rounding error looked like a change)."""
+    with pytest.raises(ErasekitError, match="the LoRA has no layers"):
+        train(config(tmp_path, "bf16", steps=1, mode="full", lr=0.0, weight_decay=0.0, mixed_precision="bf16",
+                     export=True, cpu=True), InpoObjective(), data, tiny_components())
