@@ -485,14 +485,19 @@ def test_accelerate_launch_with_two_processes(tmp_path):
     """`accelerate launch --multi_gpu` with two processes (on the CPU here: gloo): one metrics line per
     step and one LoRA; a loss that is not finite on one process only stops both with the sentence (the
     other one went on, to wait forever in the next all-reduce)."""
+    import socket
     import subprocess
     import sys
 
     script = tmp_path / "launched.py"
     script.write_text(MULTI_PROCESS_SCRIPT)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with socket.socket() as free:  # a port no earlier run may still hold (torchrun's default is fixed)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path), repo]
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           str(tmp_path), repo]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}  # what `--cpu` sets; `--cpu` itself launches one process
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
