@@ -1,9 +1,11 @@
 """Detect-and-Guide inside ComfyUI's sampler: two patches on a cloned MODEL.
 
 1. An ``attn2_patch`` (called before every cross-attention with the normalised image states)
-   that, on the coarse layers and for the conditional batch entries only, computes the
-   layer's queries and their attention to the guideline keys: the CAMs. It returns its inputs
-   unchanged, so the attention ComfyUI computes is untouched.
+   that, on the layers the diffusers path reads (``comfy_bridge.dag_layer_coordinates``) and for
+   the positive prompts' batch entries only (``cond_or_uncond == 0``; one CAM per positive prompt,
+   averaged per image; an area prompt's crop left out), computes the layer's queries and their
+   attention to the guideline keys: the CAMs. It returns its inputs unchanged, so the attention
+   ComfyUI computes is untouched, and it stands down during any Detect-and-Guide safety pass.
 2. A ``sampler_post_cfg_function`` that turns this step's CAMs into A-hat. Where nothing is
    detected (or during warm-up) it returns ComfyUI's own CFG result object as is; where
    something is, it runs one extra pass for the safety condition (``calc_cond_batch``, as
