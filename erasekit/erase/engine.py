@@ -244,7 +244,7 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
     # wrong rank fails above and leaves the record of what the run was made with.
     step = 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, trainable, optimizer, lr_scheduler)
+        step = load_checkpoint(resume_from, trainable, optimizer, lr_scheduler, accelerator.scaler)
         _use_current_settings(optimizer, lr_scheduler, config)
     if main:
         write_config(run_dir, {"train": config, objective.name: objective.config or {}, **(sections or {})})
@@ -424,7 +424,8 @@ def _on_any_process(accelerator, flag: bool, device) -> bool:
 def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        return save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints)
+        return save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints,
+                               accelerator.scaler)
     return None
 
 

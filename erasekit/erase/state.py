@@ -68,8 +68,10 @@ def latest_checkpoint(run_dir) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(run_dir, step: int, trainable: dict, optimizer, lr_scheduler, keep: int = 2) -> Path:
-    """Write ``checkpoints/checkpoint-<step>/`` (weights + state) atomically; keep the newest ``keep``."""
+def save_checkpoint(run_dir, step: int, trainable: dict, optimizer, lr_scheduler, keep: int = 2, scaler=None) -> Path:
+    """Write ``checkpoints/checkpoint-<step>/`` (weights + state) atomically; keep the newest ``keep``.
+    ``scaler``: fp16's gradient scaler, whose scale a resume needs (from 65536 again, the first steps
+    would overflow and be skipped)."""
     import torch
     from safetensors.torch import save_file
 
@@ -87,6 +89,8 @@ def save_checkpoint(run_dir, step: int, trainable: dict, optimizer, lr_scheduler
         rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     meta = {"format": "erasekit.train_state/1", "step": str(step), "optimizer": json.dumps(opt_json),
             "lr_scheduler": json.dumps(lr_scheduler.state_dict())}
+    if scaler is not None:
+        meta["grad_scaler"] = json.dumps(scaler.state_dict())
     save_file(weights, str(tmp / "weights.safetensors"), metadata={"step": str(step)})
     save_file({**opt_tensors, **rng}, str(tmp / "state.safetensors"), metadata=meta)
     for f in tmp.iterdir():  # on disk before the rename makes the folder count
@@ -99,8 +103,9 @@ def save_checkpoint(run_dir, step: int, trainable: dict, optimizer, lr_scheduler
     return final
 
 
-def load_checkpoint(path, trainable: dict, optimizer=None, lr_scheduler=None) -> int:
-    """Restore weights (and optimizer, schedule, RNG when given) from a checkpoint; return its step."""
+def load_checkpoint(path, trainable: dict, optimizer=None, lr_scheduler=None, scaler=None) -> int:
+    """Restore weights (and optimizer, schedule, fp16 gradient scaler, RNG when given) from a
+    checkpoint; return its step."""
     import torch
     from safetensors import safe_open
 
@@ -123,6 +128,8 @@ def load_checkpoint(path, trainable: dict, optimizer=None, lr_scheduler=None) ->
         optimizer.load_state_dict(_unflatten_optimizer(json.loads(meta["optimizer"]), tensors))
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(json.loads(meta["lr_scheduler"]))
+    if scaler is not None and "grad_scaler" in meta:
+        scaler.load_state_dict(json.loads(meta["grad_scaler"]))
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

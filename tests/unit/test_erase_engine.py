@@ -233,11 +233,14 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
         for _ in range(2):
             sum((p ** 2).sum() for p in params.values()).backward()
             opt.step(), sched.step(), opt.zero_grad()
-        ckpt = save_checkpoint(tmp_path / name, 2, params, opt, sched)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # fp16's loss scale, as it stood
+        ckpt = save_checkpoint(tmp_path / name, 2, params, opt, sched, scaler=scaler)
         params2 = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in params.items()}
         opt2 = _make_optimizer(TrainConfig(optimizer=name, lr=1e-2), list(params2.values()))
         sched2 = get_scheduler("cosine", opt2, num_warmup_steps=1, num_training_steps=10)
-        assert load_checkpoint(ckpt, params2, opt2, sched2) == 2
+        scaler2 = torch.amp.GradScaler("cpu")
+        assert load_checkpoint(ckpt, params2, opt2, sched2, scaler2) == 2
+        assert scaler2.get_scale() == 1024.0
         assert all(torch.equal(params[k], params2[k]) for k in params)
         s1, s2 = opt.state_dict(), opt2.state_dict()
         for i in s1["state"]:
