@@ -15,6 +15,7 @@ SLD and SEGA modes run through the same post-CFG hook (always with the extra pas
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -50,6 +51,7 @@ class DagState:
         self.seen = None  # max of A-hat over the steps so far (the live preview)
         self.guided_steps = 0
         self.extra_passes = 0
+        self.warned = False  # the area-prompts warning, once per sampling
 
 
 def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings | None = None,
@@ -78,8 +80,9 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         H, W = extra_options["original_shape"][-2:]
         level = round(math.log2(math.sqrt(H * W / n.shape[1])))
         chunks = extra_options.get("cond_or_uncond", [0])
+        uuids = extra_options.get("uuids") or [None] * len(chunks)
         per = n.shape[0] // len(chunks)
-        cond = [n[i * per : (i + 1) * per] for i, c in enumerate(chunks) if c == 0]
+        cond = [(uuids[i], n[i * per : (i + 1) * per]) for i, c in enumerate(chunks) if c == 0]
         if not cond:
             return n, context, value
         where = (block, index)
@@ -89,19 +92,21 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 keys_cache[where] = [e.keys(attn.to_k, like=n) for e in embeddings]
         with torch.no_grad():
             h, w = math.ceil(H / 2**level), math.ceil(W / 2**level)
-            for c in cond:  # one chunk per positive cond batched in this call (Conditioning (Combine): several)
+            for uuid, c in cond:  # one chunk per cond batched in this call (Conditioning (Combine): several)
                 q = attn.to_q(c)
                 state.cams.setdefault(where, []).append(
-                    (level, [guideline_cam(q, k, extra_options["n_heads"], e.n_tokens).reshape(-1, h, w)
-                             for k, e in zip(keys_cache[where], embeddings)]))
+                    (level, uuid, [guideline_cam(q, k, extra_options["n_heads"], e.n_tokens).reshape(-1, h, w)
+                                   for k, e in zip(keys_cache[where], embeddings)]))
         return n, context, value
 
-    def step_cams(latent_hw, batch):
+    def step_cams(latent_hw, batch, positive):
         """This step's CAMs ``[concept][layer] -> [B, h, w]``: per layer, the mean over the positive
-        conds whose map covers the whole latent (an area cond's crop is left out)."""
+        prompts (by their uuids; ``cond_or_uncond`` 0 alone also tags another extension's own passes,
+        e.g. Self-Attention Guidance's) whose map covers the whole latent (an area prompt's crop is
+        left out: where it sits is not known here)."""
         per_layer = []
         for entries in state.cams.values():
-            full = [cams for level, cams in entries if tuple(cams[0].shape) ==
+            full = [cams for level, uuid, cams in entries if (uuid is None or uuid in positive) and tuple(cams[0].shape) ==
                     (batch, math.ceil(latent_hw[0] / 2**level), math.ceil(latent_hw[1] / 2**level))]
             if full:
                 per_layer.append([torch.stack(maps).mean(0) for maps in zip(*full)])
@@ -117,6 +122,10 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
 
     def extra_pass(args, rows=None):
         """x0 of the safety condition, for the images ``rows`` of the batch (default: all)."""
+        negative = (args.get("uncond") or [{}])[0]
+        if rows is not None and "control" in negative and len(rows) < args["input"].shape[0]:
+            # a ControlNet caches its hint per batch size: a smaller batch would shrink it for every later pass
+            return extra_pass(args)[rows]
         x, sigma = args["input"], args["sigma"]
         if rows is not None:
             x, sigma = x[rows], sigma[rows]
@@ -131,7 +140,6 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
             inputs["latent_image"] = mdl.process_latent_in(latent) if torch.count_nonzero(latent) > 0 else latent
         inputs = {k: v[rows] if rows is not None and torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
                   for k, v in inputs.items()}
-        negative = (args.get("uncond") or [{}])[0]
         conds = [{**c, **{k: negative[k] for k in ("control", "gligen") if k in negative}} for c in safety]
         processed = comfy.samplers.encode_model_conds(mdl.extra_conds, conds, x, x.device, "negative", **inputs)
         (x0_cs,) = comfy.samplers.calc_cond_batch(mdl, [processed], x, sigma, opts)
@@ -146,9 +154,14 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         i, n_steps = step_index(args["sigma"], args["model_options"])
         a_hat = None
         if mode == "dag":
-            per_concept = step_cams(denoised.shape[-2:], denoised.shape[0])  # [concept][layer]
-            state.cams = {}
+            positive = {c.get("uuid") for c in args.get("cond") or []}
+            per_concept = step_cams(denoised.shape[-2:], denoised.shape[0], positive)  # [concept][layer]
+            had_cams, state.cams = bool(state.cams), {}
             if not per_concept:
+                if had_cams and not state.warned:
+                    state.warned = True
+                    logging.warning("Detect-and-Guide: every positive prompt is limited to an area, so nothing is "
+                                    "detected; add a prompt over the whole image (Conditioning (Combine)).")
                 return denoised
             timestep = float(args["model"].model_sampling.timestep(args["sigma"]).flatten()[0])  # 0..T, for the gate
             a_hat, _ = detector(per_concept, denoised.shape[-2:], timestep)

@@ -33,7 +33,7 @@ def model_architecture(model):
     if not context:
         raise ValueError(f"Load Erasure LoRA checks LoRAs for SD1.x, SD2.x and SDXL UNet models; this model "
                          f"({type(cfg).__name__}) is not one. Use ComfyUI's own LoRA loader for it.")
-    if isinstance(cfg, known_models.SDXL) or context == 2048:  # SSD-1B, Vega, KOALA are SDXL too
+    if isinstance(cfg, (known_models.SDXL, known_models.SDXLRefiner)) or context == 2048:  # SSD-1B, Vega, KOALA too
         return checkpoints.sdxl()
     if isinstance(cfg, known_models.SD20) or context == 1024:
         return checkpoints.sd_v2(context)

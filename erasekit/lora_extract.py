@@ -49,7 +49,7 @@ def extract_lora(original, tuned, rank: int | None = None, sv_fro: float | None 
     for key, w1 in new.items():
         if key not in orig:
             raise ArchitectureError(f"The tuned weight '{key}' is not in the original model; compare like with like.")
-        w0 = orig[key].float()
+        w0 = orig[key].float().to(w1.device)  # e.g. base weights kept on the CPU, trained ones on the GPU
         diff = w1.float() - w0
         change = diff.norm().item()
         if change <= min_change * max(w0.norm().item(), 1e-12):

@@ -319,15 +319,18 @@ class TrainerApp(ReviewHandlers):
                 raise ErasekitError(f"The run '{run_dir.name}' has no checkpoint to resume from; press Start instead "
                                     "(guideline tokens train in seconds and always start afresh).")
             at = int(last.name.rsplit("-", 1)[-1])
-            if steps and int(steps) < at:  # e.g. the page's default after a reload: it would end the run where it is
-                raise ErasekitError(f"Steps ({int(steps)}) is below the step the run '{run_dir.name}' has reached ({at}); "
-                                    f"set Steps to the total you want it to train (it was made with {_run_steps(run_dir)}).")
+            if steps and int(steps) <= at:  # e.g. the page's default after a reload: it would end the run where it is
+                raise ErasekitError(f"Steps ({int(steps)}) is not above the step the run '{run_dir.name}' has reached "
+                                    f"({at}); set Steps to the total you want it to train (it was made with "
+                                    f"{_run_steps(run_dir)}).")
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
         s = {"steps": int(steps) if steps else None, "threads": self.threads,
              "stop_when_erased": None if stop_when_erased is None else bool(stop_when_erased)}
-        return self._submit("train", f"resuming {run_dir.name}", work.train_job(s, run_dir, resume=True), run_dir)
+        made = _run_steps(run_dir)
+        change = f" to {int(steps)} steps (made with {made})" if steps and str(int(steps)) != made else ""
+        return self._submit("train", f"resuming {run_dir.name}{change}", work.train_job(s, run_dir, resume=True), run_dir)
 
     def stop(self):
         job = jobs.cancel()

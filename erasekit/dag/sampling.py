@@ -164,7 +164,15 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
             eps, guided = guidance.apply(eps, eps_u, eps_p, safety_pass, i, steps, cfg, a_hat=a_hat)
             res.guided_steps += guided
             latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
-        images = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)).sample
+        vae = pipe.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE overflows in fp16
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        finally:
+            if upcast:
+                vae.to(torch.float16)
     res.images = ((images.float() + 1) / 2).clamp(0, 1).cpu()
     return res
 

@@ -422,11 +422,12 @@ def _on_any_process(accelerator, flag: bool, device) -> bool:
 
 
 def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config):
+    """The main process writes the checkpoint; every process gets its path (for the NaN message)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        return save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints,
-                               accelerator.scaler)
-    return None
+        save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints, accelerator.scaler)
+    accelerator.wait_for_everyone()
+    return Path(run_dir) / "checkpoints" / f"checkpoint-{step:06d}"
 
 
 def _not_finite(step: int, value: float, last_ckpt, optimizer) -> ErasekitError:

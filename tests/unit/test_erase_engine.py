@@ -463,15 +463,19 @@ comps = lambda: models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer
 data = EraseData("red circle", toy_scene_set(comps(), [("red", "circle")], 2, seed=0),
                  toy_scene_set(comps(), [("blue", "square")], 2, seed=100, masks=False), ["blue square"])
 
+asked = []  # Stop pressed on rank 1 only
+
+
 class NanOnRank1(InpoObjective):
     def loss(self, batch, unet, reference_ctx, ctx):
         out = super().loss(batch, unet, reference_ctx, ctx)
-        if rank == 1 and ctx.step == 1:
+        if rank == 1 and ctx.step == 2:
             out["loss"] = out["loss"] * float("nan")
         return out
 
 def config(name, **kw):
-    return TrainConfig(out=f"{out}/{name}", target="red circle", steps=3, lr=5e-3, checkpoint_every=2, tensorboard=False, **kw)
+    return TrainConfig(**{"out": f"{out}/{name}", "target": "red circle", "steps": 3, "lr": 5e-3, "checkpoint_every": 2,
+                          "tensorboard": False, **kw})
 
 train(config("ok"), InpoObjective(), data, comps())
 pipe = build_toy_pipeline(0, tiny=True)  # a fresh model: the first run left its adapter on this one
@@ -480,14 +484,17 @@ try:
     said = "went on"
 except ErasekitError as err:
     said = str(err)
-open(f"{out}/rank{rank}.txt", "w").write(said)
+pipe = build_toy_pipeline(0, tiny=True)
+stopped = train(config("stop", steps=6, checkpoint_every=100), InpoObjective(), data, comps(),
+                progress=lambda step, total, terms: step == 3 and rank == 1 and asked.append(1), cancel=lambda: bool(asked))
+open(f"{out}/rank{rank}.txt", "w").write(json.dumps([said, stopped.status, stopped.step]))
 '''
 
 
 def test_accelerate_launch_with_two_processes(tmp_path):
     """`accelerate launch --multi_gpu` with two processes (on the CPU here: gloo): one metrics line per
-    step and one LoRA; a loss that is not finite on one process only stops both with the sentence (the
-    other one went on, to wait forever in the next all-reduce)."""
+    step and one LoRA; a loss that is not finite on one process only, and a Stop on one process only, stop
+    both at the same step (the other one went on, to wait in the next all-reduce)."""
     import socket
     import subprocess
     import sys
@@ -507,8 +514,9 @@ def test_accelerate_launch_with_two_processes(tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "ok")] == [1, 2, 3]
     assert os.path.isfile(tmp_path / "ok" / "erase-red-circle-inpo.safetensors")
     for rank in (0, 1):
-        said = (tmp_path / f"rank{rank}.txt").read_text()
-        assert "step 2" in said and "not a finite number" in said, (rank, said)
+        said, status, step = json.loads((tmp_path / f"rank{rank}.txt").read_text())
+        assert "step 3" in said and "not a finite number" in said and "checkpoint-000002" in said, (rank, said)
+        assert (status, step) == ("cancelled", 3), rank  # a Stop on one process stops both, at the same step
 
 
 def test_full_mode_in_bf16_exports_the_change_not_the_rounding(data, tmp_path):

@@ -237,7 +237,7 @@ def test_reload_sees_the_job_stop_and_resume(app):
     # Start on a run with checkpoints is refused; Resume continues it
     assert "press Resume" in c.predict(**small(app, "long"), api_name="/start_training")[0]
     # Steps below where the run is (the page's default after a reload) would end it there: refused
-    assert "below the step the run 'long' has reached" in c.predict(run_name="long", steps=1, api_name="/resume")[0]
+    assert "not above the step the run 'long' has reached" in c.predict(run_name="long", steps=done, api_name="/resume")[0]
     msg, job_id = c.predict(run_name="long", steps=done + 2, api_name="/resume")
     st = wait(c, job_id)
     assert st["state"] == "done" and st["step"] == done + 2, st
