@@ -257,3 +257,34 @@ def test_a_guider_without_negative_is_refused_with_a_sentence(comfy, toy_in_comf
     g["17"]["inputs"]["samples"] = ["44", 0]
     with pytest.raises(RuntimeError, match="needs the sampler's unconditional"):
         comfy.run(g)
+
+
+def test_other_extensions_passes_are_not_read_as_the_prompt(comfy, toy_in_comfy, monkeypatch):
+    """Self-Attention Guidance after Detect-and-Guide runs its own pass on a degraded input with the
+    negative prompt, which ComfyUI tags like a positive one (cond_or_uncond 0). Detection reads the
+    maps of this step's prompt pass only (by the positive prompts' uuids), not an average with SAG's."""
+    import torch
+
+    from erasekit.dag import detect
+
+    cams, checked = [], []
+    cam, call = detect.guideline_cam, detect.Detector.__call__
+
+    def record_cam(*a):
+        cams.append(cam(*a))
+        return cams[-1]
+
+    def record_detection(self, per_concept_layer_maps, size, timestep=None):
+        maps = per_concept_layer_maps[0]
+        recent = cams[-len(maps):]  # this step's prompt pass (SAG's pass of the step before came earlier)
+        checked.append(all(any(m.numel() == r.numel() and torch.allclose(m.flatten(), r.flatten()) for r in recent)
+                           for m in maps))
+        return call(self, per_concept_layer_maps, size, timestep)
+
+    monkeypatch.setattr(detect, "guideline_cam", record_cam)
+    monkeypatch.setattr(detect.Detector, "__call__", record_detection)
+    g = dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors", "red circle", steps=4, seed=2)
+    g["50"] = {"class_type": "SelfAttentionGuidance", "inputs": {"model": ["12", 0], "scale": 0.5, "blur_sigma": 2.0}}
+    g["16"]["inputs"]["model"] = ["50", 0]
+    comfy.run(g)
+    assert len(checked) == 4 and all(checked), checked
