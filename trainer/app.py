@@ -327,7 +327,8 @@ class TrainerApp(ReviewHandlers):
             gr.Warning(str(err))
             return f"**Error:** {err}", 0
         s = {"steps": int(steps) if steps else None, "threads": self.threads,
-             "stop_when_erased": None if stop_when_erased is None else bool(stop_when_erased)}
+             # ticked: turn it on; unticked (also what a reloaded page shows): the run keeps its own setting
+             "stop_when_erased": True if stop_when_erased else None}
         made = _run_steps(run_dir)
         change = f" to {int(steps)} steps (made with {made})" if steps and str(int(steps)) != made else ""
         return self._submit("train", f"resuming {run_dir.name}{change}", work.train_job(s, run_dir, resume=True), run_dir)

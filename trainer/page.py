@@ -93,7 +93,8 @@ def build_page(app):
                 comps["stop_when_erased"] = gr.Checkbox(
                     d["stop_when_erased"], label=dict((a, b) for a, b, _ in FIELDS)["stop_when_erased"],
                     info="End once the method counts the concept as erased (INPO: dS above tau on a quarter of the last "
-                         "20 steps); later steps mostly wear down what must be kept.")
+                         "20 steps); later steps mostly wear down what must be kept. Resume: ticked turns it on; "
+                         "unticked keeps the run's own setting.")
                 with gr.Row():
                     settings_file = gr.Textbox("settings.toml", label="Settings file (under the output root)")
                     save_btn = gr.Button("Save settings")

@@ -241,6 +241,7 @@ def test_reload_sees_the_job_stop_and_resume(app):
     msg, job_id = c.predict(run_name="long", steps=done + 2, api_name="/resume")
     st = wait(c, job_id)
     assert st["state"] == "done" and st["step"] == done + 2, st
+    assert "--resume" in view(c, "long")["log"] and "stop-when-erased" not in view(c, "long")["log"]  # the run's own
     from erasekit.erase.state import read_metrics
 
     assert [m["step"] for m in read_metrics(app["root"] / "long")] == list(range(1, done + 3))
