@@ -332,11 +332,11 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
             if progress is not None:
                 progress(step, config.steps, terms)
             if step % config.checkpoint_every == 0 or step == config.steps:
-                last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config) or last_ckpt
+                last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config, last_ckpt)
             if main and config.sample_every and prompts and step % config.sample_every == 0:
                 _preview(components, config, prompts, step, run_dir, writer, accelerator)
         if (status == "cancelled" or erased_at is not None) and step > 0:
-            last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config) or last_ckpt
+            last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config, last_ckpt)
     finally:
         if metrics is not None:
             metrics.close()
@@ -421,11 +421,17 @@ def _on_any_process(accelerator, flag: bool, device) -> bool:
     return bool(accelerator.reduce(torch.tensor([int(bool(flag))], device=device), reduction="sum").item() > 0)
 
 
-def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config):
-    """The main process writes the checkpoint; every process gets its path (for the NaN message)."""
+def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config, last=None):
+    """The main process writes the checkpoint; every process gets its path (for the NaN message). A
+    failed write (a full disk) leaves the last good checkpoint as it was and says so."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints, accelerator.scaler)
+        try:
+            save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints, accelerator.scaler)
+        except OSError as err:
+            kept = f"the last good checkpoint '{last}' is kept" if last else "no earlier checkpoint exists"
+            raise ErasekitError(f"Could not write the checkpoint of step {step} ({err.strerror or err}); {kept}: "
+                                "free disk space and run again with --resume.") from None
     accelerator.wait_for_everyone()
     return Path(run_dir) / "checkpoints" / f"checkpoint-{step:06d}"
 

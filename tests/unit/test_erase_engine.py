@@ -167,6 +167,27 @@ def test_resume_takes_the_new_learning_rate_and_a_misfit_keeps_the_record(data, 
     assert [r["lr"] for r in rows] == [5e-3, 5e-3, 1e-4, 1e-4]
 
 
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_good_one(data, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # the checkpoint of step 2 (weights + state) fits, the next one does not
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(ErasekitError, match="checkpoint of step 4 \\(No space left on device\\); the last good checkpoint "
+                                            ".*checkpoint-000002' is kept: free disk space and run again with --resume"):
+        train(config(tmp_path, steps=6, checkpoint_every=2), InpoObjective(), data, tiny_components())
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-000002"
+    cfg = config(tmp_path, steps=6, checkpoint_every=2, resume=True)
+    assert train(cfg, InpoObjective(), data, tiny_components()).step == 6
+
+
 class HessianVector(Objective):
     """What ResAlign needs from the engine: its own gradients over ``ctx.trainable``, a
     Hessian-vector product, and a surrogate loss whose gradient is the vector to apply."""
