@@ -52,6 +52,9 @@ class DagState:
         self.guided_steps = 0
         self.extra_passes = 0
         self.warned = False  # the area-prompts warning, once per sampling
+        self.steps_before = 0  # steps of earlier segments of a split sampling (KSamplerAdvanced start / end)
+        self.ends_at = None  # (sigma, latent shape) where this sampling stopped: where a continuation starts
+        self.segment_steps = 0  # steps of the segment being sampled
 
 
 def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings | None = None,
@@ -113,12 +116,13 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         return list(zip(*per_layer))
 
     def step_index(sigma, model_options):
+        """(step, steps) of the whole sampling, a split one's earlier segments included."""
         sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         if sigmas is None:
-            return 0, 1
+            return state.steps_before, state.steps_before + 1
         s = float(sigma.flatten()[0])
         i = int(torch.argmin((sigmas.float() - s).abs()))
-        return i, max(len(sigmas) - 1, 1)
+        return state.steps_before + i, state.steps_before + max(len(sigmas) - 1, 1)
 
     def extra_pass(args, rows=None):
         """x0 of the safety condition, for the images ``rows`` of the batch (default: all)."""
@@ -177,13 +181,22 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         return out
 
     def outer_sample(executor, *args, **kwargs):
-        state.reset()
         # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
         names = ("noise", "latent_image", "sampler", "sigmas", "denoise_mask", "callback", "disable_pbar", "seed")
         given = {**dict(zip(names, args)), **kwargs}
+        sigmas, shape = given.get("sigmas"), tuple(getattr(given.get("noise"), "shape", ()))
+        # a sampling split over two KSamplerAdvanced (the first returns its leftover noise) is one sampling:
+        # it keeps the hold (hysteresis), the maps and its step count; anything else starts afresh
+        go_on = sigmas is not None and len(sigmas) > 1 and float(sigmas[0]) > 0 and \
+            state.ends_at == (float(sigmas[0]), shape)
+        before = state.steps_before + state.segment_steps if go_on else 0
+        if not go_on:
+            state.reset()
+            detector.reset()
+            guidance.reset()
+        state.steps_before, state.segment_steps = before, (len(sigmas) - 1 if sigmas is not None else 0)
+        state.ends_at = (float(sigmas[-1]), shape) if sigmas is not None and len(sigmas) else None
         state.sample_inputs = {k: given.get(k) for k in ("latent_image", "denoise_mask", "seed")}
-        detector.reset()
-        guidance.reset()
         keys_cache.clear()  # weights may have been patched (LoRA) since the last run
         return executor(*args, **kwargs)
 

@@ -284,7 +284,42 @@ def test_other_extensions_passes_are_not_read_as_the_prompt(comfy, toy_in_comfy,
     monkeypatch.setattr(detect, "guideline_cam", record_cam)
     monkeypatch.setattr(detect.Detector, "__call__", record_detection)
     g = dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors", "red circle", steps=4, seed=2)
+    g["12"]["inputs"]["safety_text"] = "red circle (SAG test)"  # a node ComfyUI has not cached: installed with the recorder
     g["50"] = {"class_type": "SelfAttentionGuidance", "inputs": {"model": ["12", 0], "scale": 0.5, "blur_sigma": 2.0}}
     g["16"]["inputs"]["model"] = ["50", 0]
     comfy.run(g)
     assert len(checked) == 4 and all(checked), checked
+
+
+def test_a_sampling_split_over_two_advanced_samplers_is_one_sampling(comfy, toy_in_comfy, monkeypatch):
+    """KSamplerAdvanced steps 0-3 (leftover noise) then 3-6: the second half goes on with the first's
+    hold and step count (it used to start afresh: warm-up again, an edited object's weakened map
+    below the entry gate); a new sampling afterwards starts afresh."""
+    from erasekit.dag import detect
+
+    seen = []
+    call = detect.Detector.__call__
+
+    def record(self, per_concept_layer_maps, size, timestep=None):
+        seen.append(self.held is not None)
+        return call(self, per_concept_layer_maps, size, timestep)
+
+    monkeypatch.setattr(detect.Detector, "__call__", record)
+    g = dag_graph(toy_in_comfy, "a red circle", "tiny-red-circle.safetensors", "red circle", steps=6, seed=2)
+    for node in ("6", "7", "9", "16", "20", "21"):
+        del g[node]
+    common = {"model": ["12", 0], "positive": ["2", 0], "negative": ["3", 0], "noise_seed": 2, "steps": 6, "cfg": 5.0,
+              "sampler_name": "euler", "scheduler": "normal"}
+    g["60"] = {"class_type": "KSamplerAdvanced", "inputs": {**common, "latent_image": ["5", 0], "add_noise": "enable",
+                                                           "start_at_step": 0, "end_at_step": 3,
+                                                           "return_with_leftover_noise": "enable"}}
+    g["61"] = {"class_type": "KSamplerAdvanced", "inputs": {**common, "latent_image": ["60", 0], "add_noise": "disable",
+                                                           "start_at_step": 3, "end_at_step": 10000,
+                                                           "return_with_leftover_noise": "disable"}}
+    g["17"]["inputs"]["samples"] = ["61", 0]
+    comfy.run(g)
+    assert seen == [False, True, True, True, True, True], seen  # one hold over all six steps
+    seen.clear()
+    g["60"]["inputs"]["noise_seed"] = g["61"]["inputs"]["noise_seed"] = 3  # queued again: a new sampling
+    comfy.run(g)
+    assert seen[:2] == [False, True] and seen[3] is True, seen
