@@ -76,7 +76,6 @@ def _with_signature(fn, names, defaults=None, extra=()):
     return wrapper
 
 
-
 def _run_steps(run_dir) -> str:
     """The total steps a run was made with (its config.toml), as text."""
     from erasekit.erase.state import read_config
@@ -85,6 +84,7 @@ def _run_steps(run_dir) -> str:
         return str(read_config(Path(run_dir) / "config.toml")["train"]["steps"])
     except (ErasekitError, KeyError):
         return "an unknown number of steps"
+
 
 class TrainerApp(ReviewHandlers):
     def __init__(self, out_root="runs", comfyui: str | None = None, base: str | None = None, threads: int | None = None):
@@ -310,7 +310,7 @@ class TrainerApp(ReviewHandlers):
     def resume_training(self, run_name, steps, stop_when_erased=None):
         import gradio as gr
 
-        from erasekit.erase.engine import latest_checkpoint
+        from erasekit.erase.state import checkpoint_step, latest_checkpoint
 
         try:
             run_dir = self.run_dir(run_name)
@@ -318,7 +318,7 @@ class TrainerApp(ReviewHandlers):
             if last is None:
                 raise ErasekitError(f"The run '{run_dir.name}' has no checkpoint to resume from; press Start instead "
                                     "(guideline tokens train in seconds and always start afresh).")
-            at = int(last.name.rsplit("-", 1)[-1])
+            at = checkpoint_step(last)
             if steps and int(steps) <= at:  # e.g. the page's default after a reload: it would end the run where it is
                 raise ErasekitError(f"Steps ({int(steps)}) is not above the step the run '{run_dir.name}' has reached "
                                     f"({at}); set Steps to the total you want it to train (it was made with "

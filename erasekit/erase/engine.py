@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from .export import export_lora  # noqa: F401  (part of the engine's API)
 from .objective import Objective, StepContext, join_parts  # noqa: F401  (the methods' side of the engine)
 from .state import (  # noqa: F401
     _truncate_metrics,
+    checkpoint_dir,
     config_from_dict,
     latest_checkpoint,
     load_checkpoint,
@@ -63,7 +63,6 @@ TARGET_PRESETS = {
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -433,7 +432,7 @@ def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, 
             raise ErasekitError(f"Could not write the checkpoint of step {step} ({err.strerror or err}); {kept}: "
                                 "free disk space and run again with --resume.") from None
     accelerator.wait_for_everyone()
-    return Path(run_dir) / "checkpoints" / f"checkpoint-{step:06d}"
+    return checkpoint_dir(run_dir, step)
 
 
 def _not_finite(step: int, value: float, last_ckpt, optimizer) -> ErasekitError:

@@ -60,6 +60,16 @@ def write_config(run_dir, sections: dict) -> Path:
     return write_toml(Path(run_dir) / "config.toml", tables)
 
 
+def checkpoint_dir(run_dir, step: int) -> Path:
+    """``<run>/checkpoints/checkpoint-<step>``: where the checkpoint of ``step`` lives."""
+    return Path(run_dir) / "checkpoints" / f"checkpoint-{step:06d}"
+
+
+def checkpoint_step(path) -> int:
+    """The step a checkpoint folder holds (from its name)."""
+    return int(_CHECKPOINT.match(Path(path).name).group(1))
+
+
 def latest_checkpoint(run_dir) -> Path | None:
     """The complete checkpoint folder with the highest step (temporary folders are ignored)."""
     root = Path(run_dir) / "checkpoints"
@@ -75,8 +85,8 @@ def save_checkpoint(run_dir, step: int, trainable: dict, optimizer, lr_scheduler
     import torch
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"checkpoint-{step:06d}"
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
     if final.exists():
         return final
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
