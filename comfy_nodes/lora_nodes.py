@@ -42,8 +42,8 @@ def model_architecture(model):
 
 def describe(meta: dict) -> str:
     """One line a person reads: what the LoRA erases, how, for which model."""
-    concept = meta.get("erasekit.erased_concept") or meta.get("modelspec.trigger_phrase") or "?"
-    parts = [f"erases: {concept}"]
+    concept = meta.get("erasekit.erased_concept")  # not modelspec.trigger_phrase: other LoRAs' is what they add
+    parts = [f"erases: {concept}" if concept else "not an Erasekit LoRA (no erased concept recorded)"]
     if meta.get("erasekit.method"):
         parts.append(f"method: {meta['erasekit.method']}")
     base = meta.get("ss_base_model_version") or meta.get("modelspec.architecture")

@@ -132,16 +132,32 @@ def save_file_atomic(tensors: dict, path: str, metadata: dict[str, str] | None =
     never leaves a half-written file under the final name."""
     import safetensors.torch
 
+    return _write_atomic(path, lambda tmp: safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
+
+
+def write_text_atomic(text: str, path: str) -> str:
+    """:func:`save_file_atomic` for a text file (a model card, a config)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return _write_atomic(path, write)
+
+
+def _write_atomic(path, write) -> str:
+    from safetensors import SafetensorError  # safetensors reports its own I/O errors ("File too large") as this
+
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise ModelFileError(f"Could not write '{path}' ({err.strerror or err}); free disk space or pick another folder.") from None
+        reason = getattr(err, "strerror", None) or str(err).removeprefix("Error while serializing: ")
+        raise ModelFileError(f"Could not write '{path}' ({reason}); free disk space or pick another folder.") from None
     return path
 
 

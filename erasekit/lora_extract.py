@@ -20,7 +20,7 @@ class Extraction(NamedTuple):
     lora: Lora
     errors: dict  # {module: ||dW - up@down||_F / ||dW||_F}
     max_error: float
-    skipped: dict  # {parameter: relative change} that a LoRA cannot hold (biases, norms)
+    skipped: dict  # {parameter: relative change} that a LoRA cannot hold (biases, norms, embeddings)
 
 
 def extract_lora(original, tuned, rank: int | None = None, sv_fro: float | None = None, sv_ratio: float | None = None,
@@ -54,7 +54,9 @@ def extract_lora(original, tuned, rank: int | None = None, sv_fro: float | None 
         change = diff.norm().item()
         if change <= min_change * max(w0.norm().item(), 1e-12):
             continue
-        if not key.endswith(".weight") or diff.dim() not in (2, 4):
+        # a LoRA holds Linear / Conv2d changes; text encoders' token and position embeddings are 2-D
+        # too, but no loader (ComfyUI, A1111, diffusers) applies a LoRA to them
+        if not key.endswith(".weight") or diff.dim() not in (2, 4) or key.endswith("_embedding.weight"):
             skipped[key] = change / max(w0.norm().item(), 1e-12)
             continue
         mat = diff.flatten(1)

@@ -71,10 +71,13 @@ Lora = dict  # {module name: LoraWeights}
 
 
 def family(name: str) -> str:
-    """``sd_v1`` / ``sd_v2`` / ``sdxl`` / ``toy`` from a kohya ``ss_base_model_version`` or
-    Architecture.name (``sd_v2_v`` and ``sdxl_base_v1-0`` included), else the name itself."""
-    for fam in ("sdxl", "sd_v2", "sd_v1", "toy"):
-        if name.startswith(fam):
+    """``sd_v1`` / ``sd_v2`` / ``sdxl`` / ``toy`` from a base-model name as trainers write it: kohya's
+    ``ss_base_model_version`` (``sd_v1``, ``sd_v2_v``, ``sdxl_base_v1-0``), ai-toolkit's (``sd_1.5``,
+    ``sd_2.1``, ``sdxl_1.0``), hub spellings (``SD 1.5``, ``SDXL 1.0``) or Architecture.name; else the
+    name itself (an unknown family: callers decide by layer widths)."""
+    flat = re.sub(r"[\s._-]", "", name.lower())  # "SD 1.5" / "sd_1.5" / "sd_v1" -> "sd15" / "sdv1"
+    for fam, prefixes in (("sdxl", ("sdxl",)), ("sd_v2", ("sdv2", "sd2")), ("sd_v1", ("sdv1", "sd1")), ("toy", ("toy",))):
+        if flat.startswith(prefixes):
             return fam
     return name
 
@@ -186,7 +189,8 @@ def save_lora(lora: Lora, path: str, architecture: Architecture, *, save_format:
         meta["ss_sd_model_name"] = base_model
     conv = [w for w in lora.values() if w.down.dim() == 4 and w.down.shape[-1] > 1]
     if conv:  # kohya LoCon convention for 3x3 convolutions
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": str(float(conv[0].alpha))})
+        conv_alpha = alphas.most_common(1)[0][0] if save_format == "kohya" else conv[0].alpha  # kohya: the file's one alpha
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": str(float(conv_alpha))})
     if save_format == "kohya":
         # One alpha for the whole file: a module whose alpha differs gets it folded into up
         # (alpha_i/r * up == alpha/r * (up * alpha_i/alpha)). Same weights in every loader, and it
@@ -207,9 +211,7 @@ def save_lora(lora: Lora, path: str, architecture: Architecture, *, save_format:
     checkpoints.save_file_atomic(tensors, file, meta)
     if model_card:  # written like the weights: a temporary file, then a rename
         card = os.path.join(path, "README.md") if save_format == "peft" else file[: -len(".safetensors")] + ".md"
-        with open(card + ".tmp", "w", encoding="utf-8") as f:
-            f.write(_model_card(lora, name, architecture, meta, save_format, base_model))
-        os.replace(card + ".tmp", card)
+        checkpoints.write_text_atomic(_model_card(lora, name, architecture, meta, save_format, base_model), card)
     return file
 
 
@@ -260,6 +262,12 @@ def _model_card(lora, name, architecture, meta, save_format, base_model) -> str:
     else:
         load = (f"- **diffusers**: `pipe.load_lora_weights(\"{name}\")` (this folder).\n"
                 "- ComfyUI and A1111/Forge want the kohya file: export again with `save_format=\"kohya\"`.\n")
+    extraction = json.loads(meta.get("erasekit.config") or "{}").get("extraction")
+    if extraction:
+        load += (f"\nExtracted from a full fine-tune by SVD at rank {extraction['rank']}: relative error "
+                 f"{extraction['mean_error']:.3f} on average, {extraction['max_error']:.3f} at worst "
+                 f"(`{extraction['worst_module']}`); {len(extraction['not_in_lora'])} changed parameter(s) "
+                 "(biases, norms, embeddings) cannot be held by a LoRA and are not in it.\n")
     skipped = a1111_skipped(lora, architecture) if save_format == "kohya" else []
     note = (f"\nA1111/Forge skip {len(skipped)} module(s) of this LoRA ({', '.join(skipped[:4])}"
             f"{', ...' if len(skipped) > 4 else ''}); ComfyUI and diffusers apply all of them.\n") if skipped else ""
@@ -323,6 +331,11 @@ def load_lora(path: str) -> tuple[Lora, dict]:
             prefix = next((p for p in _KOHYA_PREFIX if base.startswith(p)), None)
             if prefix is None:
                 raise ModelFileError(f"The LoRA file '{name}' has '{key}', which names no UNet or text-encoder layer.")
+            if base + ".lora_up.weight" not in sd:
+                raise _incomplete(name, key, "lora_up.weight")
+            if re.search(r"_(input_blocks|middle_block|output_blocks)_", base):
+                raise ModelFileError(f"The LoRA file '{name}' names its layers the original (LDM) way ('{base}'), "
+                                     "which Erasekit's own loader does not map; ComfyUI and A1111 load it directly.")
             down, up = sd[key], sd[base + ".lora_up.weight"]
             alpha = float(sd[base + ".alpha"]) if base + ".alpha" in sd else float(down.shape[0])  # no alpha: scale 1
             lora[_canonical(_KOHYA_PREFIX[prefix], _undot(base[len(prefix):]))] = LoraWeights(down, up, alpha)
@@ -338,10 +351,17 @@ def load_lora(path: str) -> tuple[Lora, dict]:
         component, rest = base_.split(".", 1)
         if component not in COMPONENTS:  # a bare peft state dict of a UNet
             component, rest = "unet", base_
+        if base + b_suffix not in sd:
+            raise _incomplete(name, base + a_suffix, b_suffix.lstrip("."))
         down, up = sd[base + a_suffix], sd[base + b_suffix]
         alpha = _peft_alpha(configs, component, rest, down.shape[0], sd.get(base + ".alpha"))
         lora[_canonical(component, rest)] = LoraWeights(down, up, alpha)
     return lora, meta
+
+
+def _incomplete(name: str, key: str, missing: str) -> ModelFileError:
+    return ModelFileError(f"The LoRA file '{name}' has '{key}' without its '{missing}': the file is incomplete; "
+                          "download or export it again.")
 
 
 def _peft_alpha(configs: dict, component: str, path: str, rank: int, alpha_tensor) -> float:
@@ -390,8 +410,9 @@ def check_compatible(lora_path: str, architecture: Architecture) -> str | None:
         raise ArchitectureError(f"'{name}' is a LoRA for {what}, but the model is {architecture.title}; "
                                 f"pick a LoRA made for {architecture.title}.")
 
-    if fam is not None and fam != family(architecture.name):
-        refuse(FAMILY_TITLES.get(fam, fam))
+    known = fam in FAMILY_TITLES or context is not None or any(w is not None for w in te)
+    if fam is not None and fam != family(architecture.name) and (fam in FAMILY_TITLES or not known):
+        refuse(FAMILY_TITLES.get(fam, fam))  # a name we do not know ("pony") leaves it to the widths
     if context is not None and context != architecture.context_dim:
         refuse(FAMILY_TITLES.get(_WIDTH_FAMILY.get(context, ""), f"a model with {context}-wide text embeddings"))
     for width, expected in zip(te, architecture.text_widths):

@@ -423,13 +423,16 @@ def _on_any_process(accelerator, flag: bool, device) -> bool:
 def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config, last=None):
     """The main process writes the checkpoint; every process gets its path (for the NaN message). A
     failed write (a full disk) leaves the last good checkpoint as it was and says so."""
+    from safetensors import SafetensorError
+
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
             save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints, accelerator.scaler)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # safetensors reports its own I/O errors as SafetensorError
             kept = f"the last good checkpoint '{last}' is kept" if last else "no earlier checkpoint exists"
-            raise ErasekitError(f"Could not write the checkpoint of step {step} ({err.strerror or err}); {kept}: "
+            reason = getattr(err, "strerror", None) or err
+            raise ErasekitError(f"Could not write the checkpoint of step {step} ({reason}); {kept}: "
                                 "free disk space and run again with --resume.") from None
     accelerator.wait_for_everyone()
     return checkpoint_dir(run_dir, step)

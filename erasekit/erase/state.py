@@ -15,6 +15,7 @@ import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from ..checkpoints import write_text_atomic
 from ..errors import ErasekitError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -48,7 +49,7 @@ def write_toml(path, tables: dict) -> Path:
     """Write ``tables`` ({table: dict}) to the TOML file ``path`` atomically."""
     import tomli_w
 
-    _write_text_atomic(Path(path), tomli_w.dumps(tables))
+    write_text_atomic(tomli_w.dumps(tables), path)
     return Path(path)
 
 
@@ -171,13 +172,6 @@ def _unflatten_optimizer(js: dict, tensors: dict) -> dict:
     return {"state": state, "param_groups": js["param_groups"]}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` (0: a fresh start, e.g. after a kill before the first checkpoint):
     the run writes those steps again. Torn lines (a kill or a full disk mid-write) go too."""
@@ -189,7 +183,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 return False
 
         lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and kept(ln)]
-        _write_text_atomic(path, "".join(ln + "\n" for ln in lines))
+        write_text_atomic("".join(ln + "\n" for ln in lines), path)
 
 
 # ----------------------------------------------------------------------------- metrics and memory

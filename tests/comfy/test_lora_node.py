@@ -57,6 +57,9 @@ def test_description_line():
     meta = {"erasekit.erased_concept": "red circle", "erasekit.method": "inpo", "ss_base_model_version": "toy",
             "erasekit.preserved": '["green circle", "red square"]'}
     assert describe(meta) == "erases: red circle; method: inpo; base: toy; keeps: green circle, red square"
+    # another trainer's LoRA: its trigger phrase is what it adds, not something it erases
+    other = {"modelspec.trigger_phrase": "ghibli style", "ss_base_model_version": "sd_1.5"}
+    assert describe(other) == "not an Erasekit LoRA (no erased concept recorded); base: sd_1.5"
 
 
 def test_base_model_is_read_from_comfyui_model_classes(comfy):

@@ -293,6 +293,11 @@ def test_target_presets_and_full_mode(data, tmp_path):
     assert all(torch.equal(ref_out, base) for ref_out, _ in probe.seen)  # the frozen copy
     lora, meta = lora_io.load_lora(str(result.lora))
     assert lora and meta["erasekit.method"] == "inpo"
+    # what the rank-r LoRA could not hold of the full fine-tune is reported in the metadata and the card
+    extraction = json.loads(meta["erasekit.config"])["extraction"]
+    assert 0 < extraction["max_error"] <= 1 and extraction["worst_module"] in lora
+    assert any(k.endswith(".bias") for k in extraction["not_in_lora"])  # AdamW moved the biases too
+    assert "Extracted from a full fine-tune by SVD at rank" in result.lora.with_suffix(".md").read_text()
 
 
 class ErasedAfter(InpoObjective):

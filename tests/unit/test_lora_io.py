@@ -21,7 +21,7 @@ def case():
     alpha/rank patterns, 3x3 and 1x1 conv LoRAs)."""
     parts = tiny.build("sd_v1", seed=0)
     unet = add_random_lora(copy.deepcopy(parts["unet"]), ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"],
-                           seed=1, r=4, lora_alpha=8.0, alpha_pattern={"to_k": 2.0}, rank_pattern={"conv1": 2})
+                           seed=1, r=4, lora_alpha=8.0, alpha_pattern={"to_k": 2.0, "conv1": 4.0}, rank_pattern={"conv1": 2})
     te = add_random_lora(copy.deepcopy(parts["text_encoder"]), ["q_proj", "v_proj", "fc1"], seed=2, r=2, lora_alpha=3.0)
     lora = lora_io.lora_from_peft(unet=unet, text_encoder=te)
     return {"base": parts, "unet": unet, "te": te, "lora": lora}
@@ -46,7 +46,7 @@ def test_alpha_comes_from_what_peft_applies(case):
     assert lora[q].rank == 4 and lora[q].alpha == 8.0
     assert lora[q.replace("to_q", "to_k")].alpha == 2.0  # alpha_pattern
     conv = lora["unet.down_blocks.0.resnets.0.conv1"]
-    assert conv.rank == 2 and conv.alpha == 8.0 and conv.down.shape[-2:] == (3, 3) and conv.up.shape[-2:] == (1, 1)
+    assert conv.rank == 2 and conv.alpha == 4.0 and conv.down.shape[-2:] == (3, 3) and conv.up.shape[-2:] == (1, 1)
     assert lora["text_encoder.text_model.encoder.layers.1.mlp.fc1"].alpha == 3.0  # text_model. restored
 
 
@@ -84,12 +84,15 @@ def test_kohya_keys_metadata_and_model_card(case, tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.sai_model_spec"] == "1.0.1"
     assert meta["modelspec.trigger_phrase"] == "Van Gogh" and meta["ss_output_name"] == "no-van-gogh"
     assert json.loads(meta["erasekit.preserved"]) == ["Monet", "Picasso"]
+    assert json.loads(meta["ss_network_args"])["conv_alpha"] == meta["ss_network_alpha"]  # the file has one alpha
     assert json.loads(meta["erasekit.config"])["steps"] == 200
     card = (tmp_path / "no-van-gogh.md").read_text()
     assert "Van Gogh" in card and "ComfyUI" in card and "<lora:no-van-gogh:1>" in card and "load_lora_weights" in card
 
 
-def test_write_is_atomic(case, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", ["os", "safetensors"])
+def test_write_is_atomic(case, tmp_path, monkeypatch, error):
+    import safetensors
     import safetensors.torch
 
     path = tmp_path / "erase.safetensors"
@@ -97,7 +100,10 @@ def test_write_is_atomic(case, tmp_path, monkeypatch):
 
     def full_disk(tensors, filename, metadata=None):
         open(filename, "wb").write(b"half")
-        raise OSError(28, "No space left on device")
+        if error == "os":
+            raise OSError(28, "No space left on device")
+        # how safetensors itself reports a failed write (e.g. over a file-size limit)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(ModelFileError, match="free disk space"):
@@ -149,6 +155,26 @@ def test_width_tells_sd1_from_sd2_without_metadata(tmp_path):
                               "Stable Diffusion 2.x; pick a LoRA made for Stable Diffusion 2.x.")
 
 
+@pytest.mark.parametrize("version, family", [("sd_1.5", "sd_v1"), ("SD 1.5", "sd_v1"), ("sd_v1", "sd_v1"),
+                                             ("sd_2.1", "sd_v2"), ("sd_v2_v", "sd_v2"), ("sdxl_1.0", "sdxl"),
+                                             ("sdxl_base_v1-0", "sdxl"), ("pony", "pony")])
+def test_other_trainers_base_model_names(tmp_path, version, family):
+    """ai-toolkit writes ss_base_model_version "sd_1.5" / "sdxl_1.0", hubs "SD 1.5": the same families
+    as kohya's "sd_v1" / "sdxl_base_v1-0". A name nobody knows ("pony") leaves it to the layer widths."""
+    assert lora_io.family(version) == family
+    sd = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(2, 768),
+          "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(320, 2)}
+    path = str(tmp_path / "l.safetensors")
+    checkpoints.save_file_atomic(sd, path, metadata={"ss_base_model_version": version})
+    if family in ("sd_v1", "pony"):  # 768-wide text: SD1
+        assert lora_io.check_compatible(path, checkpoints.sd_v1()) == family
+    else:
+        with pytest.raises(ArchitectureError, match=f"is a LoRA for {lora_io.FAMILY_TITLES[family]}, but"):
+            lora_io.check_compatible(path, checkpoints.sd_v1())
+    with pytest.raises(ArchitectureError, match="but the model is Stable Diffusion XL"):
+        lora_io.check_compatible(path, checkpoints.sdxl())
+
+
 def test_corrupt_and_non_lora_files_get_clear_errors(case, tmp_path):
     path = lora_io.save_lora(case["lora"], tmp_path / "ok.safetensors", SD1, model_card=False)
     data = open(path, "rb").read()
@@ -157,6 +183,16 @@ def test_corrupt_and_non_lora_files_get_clear_errors(case, tmp_path):
     for call in (lora_io.load_lora, lambda p: lora_io.check_compatible(p, SD1)):
         with pytest.raises(ModelFileError, match="'.*cut.safetensors' is not a valid safetensors file"):
             call(str(bad))
+    sd, _ = checkpoints.load_file(path)
+    half = {k: v for k, v in sd.items() if not k.endswith(".lora_up.weight")}  # a download that lost its up weights
+    checkpoints.save_file_atomic(half, str(tmp_path / "half.safetensors"))
+    with pytest.raises(ModelFileError, match="has '.*lora_down.weight' without its 'lora_up.weight': the file is incomplete"):
+        lora_io.load_lora(str(tmp_path / "half.safetensors"))
+    ldm = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k." + s: t for s, t in
+           (("lora_down.weight", torch.zeros(2, 768)), ("lora_up.weight", torch.zeros(640, 2)))}
+    checkpoints.save_file_atomic(ldm, str(tmp_path / "ldm.safetensors"))  # sd-scripts' SDXL names
+    with pytest.raises(ModelFileError, match=r"names its layers the original \(LDM\) way"):
+        lora_io.load_lora(str(tmp_path / "ldm.safetensors"))
     other = str(tmp_path / "unet.safetensors")
     checkpoints.save_file_atomic({"conv_in.weight": torch.zeros(4, 4, 3, 3)}, other)
     with pytest.raises(ModelFileError, match="is not a LoRA"):
@@ -195,6 +231,11 @@ def test_svd_extraction_reconstructs_a_low_rank_update():
     lora_io.apply_lora(merged, ext.lora)
     for k in keys:
         assert torch.allclose(merged.state_dict()[k], tuned[k], atol=1e-5)
+    # a text encoder's token embedding is 2-D, but no loader applies a LoRA to it: reported, not exported
+    te = tiny.build("sd_v1")["text_encoder"].state_dict()
+    emb = next(k for k in te if k.endswith("token_embedding.weight"))
+    te_ext = lora_io.extract_lora(te, {emb: te[emb] + 0.1}, rank=2, component="text_encoder")
+    assert not te_ext.lora and list(te_ext.skipped) == [emb]
     # a fixed rank below the true rank: the error is reported, not hidden
     assert lora_io.extract_lora(original, tuned, rank=1).max_error > 0.05
     # clamping each matrix at its own quantile keeps the error moderate
