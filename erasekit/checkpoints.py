@@ -156,9 +156,15 @@ def _write_atomic(path, write) -> str:
     except (OSError, SafetensorError) as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        reason = getattr(err, "strerror", None) or str(err).removeprefix("Error while serializing: ")
-        raise ModelFileError(f"Could not write '{path}' ({reason}); free disk space or pick another folder.") from None
+        raise ModelFileError(f"Could not write '{path}' ({write_error_reason(err)}); free disk space or pick another "
+                             "folder.") from None
     return path
+
+
+def write_error_reason(err: Exception) -> str:
+    """"No space left on device" from an OSError, or from safetensors' "Error while serializing: I/O error:
+    No space left on device (os error 28)"."""
+    return getattr(err, "strerror", None) or str(err).removeprefix("Error while serializing: ").removeprefix("I/O error: ")
 
 
 # ----------------------------------------------------------------------------- detection

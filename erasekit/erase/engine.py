@@ -425,14 +425,15 @@ def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, 
     failed write (a full disk) leaves the last good checkpoint as it was and says so."""
     from safetensors import SafetensorError
 
+    from ..checkpoints import write_error_reason
+
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
             save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints, accelerator.scaler)
         except (OSError, SafetensorError) as err:  # safetensors reports its own I/O errors as SafetensorError
             kept = f"the last good checkpoint '{last}' is kept" if last else "no earlier checkpoint exists"
-            reason = getattr(err, "strerror", None) or err
-            raise ErasekitError(f"Could not write the checkpoint of step {step} ({reason}); {kept}: "
+            raise ErasekitError(f"Could not write the checkpoint of step {step} ({write_error_reason(err)}); {kept}: "
                                 "free disk space and run again with --resume.") from None
     accelerator.wait_for_everyone()
     return checkpoint_dir(run_dir, step)

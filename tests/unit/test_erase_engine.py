@@ -167,7 +167,9 @@ def test_resume_takes_the_new_learning_rate_and_a_misfit_keeps_the_record(data, 
     assert [r["lr"] for r in rows] == [5e-3, 5e-3, 1e-4, 1e-4]
 
 
-def test_a_full_disk_at_a_checkpoint_keeps_the_last_good_one(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", ["os", "safetensors"])
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_good_one(data, tmp_path, monkeypatch, error):
+    import safetensors
     import safetensors.torch
 
     real, calls = safetensors.torch.save_file, []
@@ -175,11 +177,13 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_good_one(data, tmp_path, mon
     def save_file(*args, **kwargs):
         calls.append(1)
         if len(calls) > 2:  # the checkpoint of step 2 (weights + state) fits, the next one does not
-            raise OSError(28, "No space left on device")
+            if error == "os":
+                raise OSError(28, "No space left on device")
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    with pytest.raises(ErasekitError, match="checkpoint of step 4 \\(No space left on device\\); the last good checkpoint "
+    with pytest.raises(ErasekitError, match="checkpoint of step 4 \\(No space left on device( \\(os error 28\\))?\\); the last good checkpoint "
                                             ".*checkpoint-000002' is kept: free disk space and run again with --resume"):
         train(config(tmp_path, steps=6, checkpoint_every=2), InpoObjective(), data, tiny_components())
     monkeypatch.setattr(safetensors.torch, "save_file", real)
