@@ -158,6 +158,8 @@ def resolve(args, kind: str | None, toy: bool = False) -> dict:
     for attr, (table, key) in FLAGS.items():
         if getattr(args, attr, None) is not None:
             tables[table][key] = getattr(args, attr)
+    if getattr(args, "seed", None) is not None:  # --seed also draws the data (which prompts, which seeds)
+        tables["data"]["seed"] = args.seed
     tables["train"].update(out=args.out, base=str(args.base), resume=bool(args.resume))
     return tables
 

@@ -29,8 +29,13 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = {"text_embeds": pick(self.pooled), "time_ids": pick(self.time_ids)}
         return kwargs
 
-    def to(self, device) -> Conditioning:
-        return Conditioning(*(None if x is None else x.to(device) for x in (self.states, self.pooled, self.time_ids)))
+    def rows(self, idx) -> Conditioning:
+        """The rows ``idx`` (a slice, indices or a mask) of every part."""
+        return Conditioning(*(None if x is None else x[idx] for x in (self.states, self.pooled, self.time_ids)))
+
+    def to(self, *args) -> Conditioning:
+        """Every part ``.to(*args)`` (a device, and optionally a dtype)."""
+        return Conditioning(*(None if x is None else x.to(*args) for x in (self.states, self.pooled, self.time_ids)))
 
     def __len__(self) -> int:
         return int(self.states.shape[0])

@@ -24,6 +24,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 
+from ..dag.conditioning import Conditioning
 from ..errors import ErasekitError
 
 
@@ -133,8 +134,11 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     a folder holds no images, or no image of the target could be made.
     """
     config = config or DataConfig()
-    key = hashlib.sha256(json.dumps([target, components.source, {**asdict(config), "cache": None}],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    # what the data is made from, files by their size and time too: a guideline retrained in place, a mask
+    # repainted or a caption fixed in the forget folder, a base model replaced under its name make new data
+    inputs = [config.forget_dir, config.preserve_dir, config.guideline, components.source]
+    key = hashlib.sha256(json.dumps([target, components.source, {**asdict(config), "cache": None},
+                                     [_fingerprint(p) for p in inputs]], sort_keys=True).encode()).hexdigest()[:16]
     if config.cache and os.path.isfile(config.cache):
         data = EraseData.load(config.cache)
         if data.key == key:
@@ -142,40 +146,51 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
             return data
     toy = components.architecture is not None and components.architecture.name == "toy"
     concept = resolve_concept(target) if toy else None
+    # The mask source is settled before any image is drawn: a missing NudeNet or a guideline of the wrong
+    # width must not cost a sampling run. The toy judge's exact masks serve generated toy images, unless a
+    # guideline embedding is asked for by name; a user's images use their own _mask.png where they have one.
+    from .masks import choose_source, nudenet_masks, require_nudenet
+
+    source = None if concept is not None and not config.forget_dir and config.mask_from != "guideline" \
+        else choose_source(config.mask_from, target, config.guideline)
+    emb = None
+    if source == "guideline":
+        from ..dag.guideline import GuidelineEmbedding
+
+        emb = GuidelineEmbedding.load(config.guideline, components.architecture)
+        emb.check(components.architecture, "the guideline embedding for masks")
+    elif source == "nudenet":
+        require_nudenet()
 
     # Forget set: the user's folder, or images of the concept drawn by the base model.
-    source = None
     if config.forget_dir:
-        images, masks, prompts = read_folder(components, config.forget_dir, masks=True, caption=target)
+        images, masks, prompts, has_mask = read_folder(components, config.forget_dir, masks=True, caption=target)
     else:
         images, masks, prompts = _generate_forget(components, concept, target, config)
         if not prompts:
             raise ErasekitError(f"The base model drew '{target}' in none of the {config.forget_images * config.max_tries} "
                                 "images generated for it (checked by the toy judge), so there is nothing to erase; "
                                 "check that the model knows the concept, or supply images with --forget-dir.")
-        from .masks import choose_source, nudenet_masks
-
-        # the toy judge's exact masks, unless a guideline embedding is asked for by name
-        source = choose_source(config.mask_from, target, config.guideline) if concept is None or \
-            config.mask_from == "guideline" else None
-        if source == "nudenet":
-            masks, found = nudenet_masks(images)
-            log(f"masks: NudeNet found exposed parts in {int(found.sum())} of {len(found)} images "
-                "(the others keep a whole-image mask)")
+        has_mask = [source is None] * len(prompts)  # the toy judge's masks
+    todo = [i for i, h in enumerate(has_mask) if not h] if source in ("nudenet", "guideline") else []
+    if source == "nudenet" and todo:
+        masks[todo], found = nudenet_masks(images[todo])
+        log(f"masks: NudeNet found exposed parts in {int(found.sum())} of {len(found)} images "
+            "(the others keep a whole-image mask)")
     forget = make_image_set(components, images, prompts, masks)
-    if source == "guideline":
-        from ..dag.guideline import GuidelineEmbedding
+    if source == "guideline" and todo:
         from .masks import guideline_masks
 
-        emb = GuidelineEmbedding.load(config.guideline, components.architecture)
-        forget.masks, found = guideline_masks(components, emb, forget.latents, forget.embeds, seed=config.seed)
+        cond = Conditioning(forget.embeds, forget.pooled, forget.time_ids)
+        forget.masks[todo], found = guideline_masks(components, emb, forget.latents[todo], cond.rows(todo),
+                                                    seed=config.seed)
         log(f"masks: the guideline '{emb.concept}' found the concept in {int(found.sum())} of {len(found)} images "
             "(the others keep a whole-image mask)")
 
     # Preserve set: the user's folder, or the neighbouring and unrelated concepts.
     preserved, preserve = [], None
     if config.preserve_dir:
-        images, _, prompts = read_folder(components, config.preserve_dir, masks=False, caption="")
+        images, _, prompts, _ = read_folder(components, config.preserve_dir, masks=False, caption="")
         preserve, preserved = make_image_set(components, images, prompts), sorted(set(prompts))
     else:
         if config.preserve_prompts:
@@ -199,6 +214,20 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     if config.cache:
         data.save(config.cache)
     return data
+
+
+def _fingerprint(path) -> list:
+    """(name, size, modification time) of a file, or of the files in a folder and its subfolders; [] for none."""
+    if not path or not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
+        return []
+    walk = [(os.path.dirname(path), [], [os.path.basename(path)])] if os.path.isfile(path) else os.walk(path)
+    out = []
+    for root, _, files in walk:
+        for f in sorted(files):
+            st = os.stat(os.path.join(root, f))
+            out.append([os.path.relpath(os.path.join(root, f), path if os.path.isdir(path) else root), st.st_size,
+                        st.st_mtime_ns])
+    return sorted(out)
 
 
 def resolve_concept(text: str):
@@ -313,32 +342,102 @@ def _generate_forget(components, concept, target: str, config: DataConfig):
     return torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept]), [k[2] for k in kept]
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def read_folder(components, folder: str, masks: bool, caption: str):
-    """PNGs of ``folder`` resized to the model's resolution: (images [N, 3, S, S] in [0, 1],
-    masks [N, 1, S, S] or None, captions). ``name_mask.png`` is the mask of ``name.png`` (a
-    missing one means the whole image); ``name.txt`` its caption (default ``caption``)."""
+    """The images of ``folder`` at the model's resolution: (images [N, 3, S, S] in [0, 1], masks
+    [N, 1, S, S] or None, captions, has_mask [N] bool). ``name_mask.png`` is the mask of ``name.png``
+    (white, or opaque in its alpha channel, = concept; a missing one means the whole image, ``has_mask``
+    False); ``name.txt`` its caption (default ``caption``). Names match whatever their case. A non-square
+    image is scaled to S on its short side and centre-cropped, its mask the same way."""
+    import torch
+
+    if not os.path.isdir(folder):
+        raise ErasekitError(f"The image folder '{folder}' does not exist; check the path.")
+    files = {f.lower(): f for f in os.listdir(folder)}
+    names = sorted(f for low, f in files.items() if low.endswith(IMAGE_EXTENSIONS)
+                   and not os.path.splitext(low)[0].endswith("_mask"))
+    if not names:
+        raise ErasekitError(f"The folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}; files named "
+                            "*_mask.png are masks); add images or leave the option out to generate them.")
+    size = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    images, mask_list, captions, has_mask = [], [], [], []
+    for name in names:
+        stem = os.path.splitext(name)[0]
+        img = _open_image(os.path.join(folder, name))
+        images.append(_square(img.convert("RGB"), size, "bicubic"))
+        mask_name = next((files[stem.lower() + "_mask" + e] for e in IMAGE_EXTENSIONS if stem.lower() + "_mask" + e in files), None)
+        has_mask.append(masks and mask_name is not None)
+        if masks:
+            mask_list.append(_read_mask(os.path.join(folder, mask_name), img.size, size) if mask_name
+                             else torch.ones(1, size, size))
+        text = files.get(stem.lower() + ".txt")
+        captions.append(_read_caption(os.path.join(folder, text)) if text else caption)
+    return torch.stack(images), torch.stack(mask_list) if masks else None, captions, has_mask
+
+
+def _open_image(path: str):
+    """A PIL image, upright (EXIF orientation applied), 8 bits per channel, transparency flattened on
+    white; one sentence naming the file when it cannot be read."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as f:
+            img = ImageOps.exif_transpose(f)
+            img.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ErasekitError(f"Cannot read the image '{path}' ({err}); replace or remove it.") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: convert("L") would clip, not scale
+        img = Image.fromarray((np.asarray(img, np.float64) / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB") \
+            if rgba.getextrema()[3][0] < 255 else rgba.convert("RGB")
+        img.info["alpha"] = rgba.getchannel("A")  # a mask may be drawn in its alpha channel
+    return img
+
+
+def _square(img, size: int, resample: str):
+    """[C, S, S] in [0, 1]: the short side scaled to ``size``, the long side centre-cropped."""
     import numpy as np
     import torch
     from PIL import Image
 
-    if not os.path.isdir(folder):
-        raise ErasekitError(f"The image folder '{folder}' does not exist; check the path.")
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png") and not f.lower().endswith("_mask.png"))
-    if not names:
-        raise ErasekitError(f"The folder '{folder}' holds no .png images (files named *_mask.png are masks); "
-                            "add images of the concept or leave the option out to generate them.")
-    size = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
-    images, mask_list, captions = [], [], []
-    for name in names:
-        stem = os.path.join(folder, name[:-4])
-        img = Image.open(os.path.join(folder, name)).convert("RGB").resize((size, size), Image.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(img, np.float32) / 255.0).permute(2, 0, 1))
-        if masks:
-            m = Image.open(stem + "_mask.png").convert("L").resize((size, size), Image.NEAREST) \
-                if os.path.isfile(stem + "_mask.png") else Image.new("L", (size, size), 255)
-            mask_list.append(torch.from_numpy((np.asarray(m) > 127).astype(np.float32))[None])
-        captions.append(open(stem + ".txt", encoding="utf-8").read().strip() if os.path.isfile(stem + ".txt") else caption)
-    return torch.stack(images), torch.stack(mask_list) if masks else None, captions
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    resample = Image.BICUBIC if resample == "bicubic" else Image.NEAREST
+    img = img.resize((nw, nh), resample)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), np.float32) / 255.0
+    return torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1)
+
+
+def _read_mask(path: str, image_size: tuple, size: int):
+    """A mask [1, S, S] of 0 / 1: white (> half) or, where the mask has a varying alpha channel, opaque
+    = concept; a 0 / 1 mask (as numpy writes them) counts too. Refused when empty or of another size."""
+    img = _open_image(path)
+    if img.size != image_size:
+        raise ErasekitError(f"The mask '{path}' is {img.size[0]}x{img.size[1]}, its image {image_size[0]}x"
+                            f"{image_size[1]}; make the mask the image's size.")
+    alpha = img.info.get("alpha")
+    grey = alpha if alpha is not None and alpha.getextrema()[0] < alpha.getextrema()[1] else img.convert("L")
+    m = _square(grey, size, "nearest")
+    m = (m > (0.5 if m.max() > 1.5 / 255 else 0.0)).float()
+    if not m.any():
+        raise ErasekitError(f"The mask '{path}' marks nothing (all black); paint the concept white, or delete the "
+                            "mask to use the whole image.")
+    return m
+
+
+def _read_caption(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # utf-8-sig: Windows editors' byte-order mark is dropped
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ErasekitError(f"Cannot read the caption '{path}' ({err}); save it as UTF-8 text.") from None
 
 
 def toy_scene_set(components, objects, n: int, seed: int = 0, masks: bool = True) -> ImageSet:

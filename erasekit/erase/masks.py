@@ -51,16 +51,21 @@ def boxes_to_mask(detections, height: int, width: int, classes=NUDITY_CLASSES, m
     return mask
 
 
+def require_nudenet():
+    """NudeNet's detector class, or one sentence saying how to get it."""
+    try:
+        from nudenet import NudeDetector
+    except ImportError:
+        raise ErasekitError("Nudity masks need NudeNet: pip install nudenet (or choose another mask source).") from None
+    return NudeDetector
+
+
 def nudenet_masks(images, min_score: float = 0.5):
     """(masks ``[N, 1, H, W]`` float, found ``[N]`` bool) for images ``[N, 3, H, W]`` in [0, 1]."""
     import numpy as np
     import torch
 
-    try:
-        from nudenet import NudeDetector
-    except ImportError:
-        raise ErasekitError("Nudity masks need NudeNet: pip install nudenet (or choose another mask source).") from None
-    detector = NudeDetector()
+    detector = require_nudenet()()
     masks, found = [], []
     for img in images:
         rgb = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
@@ -71,10 +76,11 @@ def nudenet_masks(images, min_score: float = 0.5):
     return torch.stack(masks), torch.tensor(found)
 
 
-def guideline_masks(components, embedding, latents, embeds, t_fraction: float = 0.3, seed: int = 0):
+def guideline_masks(components, embedding, latents, cond, t_fraction: float = 0.3, seed: int = 0):
     """(masks ``[N, 1, h, w]`` at latent resolution, found ``[N]``): A-hat >= 0.5 of ``embedding``
     (a :class:`~erasekit.dag.guideline.GuidelineEmbedding`) on each image's latents noised to
-    ``t_fraction`` x T with its own prompt's states ``embeds``."""
+    ``t_fraction`` x T with its own prompt's conditioning ``cond`` (a
+    :class:`~erasekit.dag.conditioning.Conditioning`: SDXL's UNet also needs the pooled embedding and size ids)."""
     import torch
 
     from ..dag.detect import gated_normalise
@@ -88,7 +94,7 @@ def guideline_masks(components, embedding, latents, embeds, t_fraction: float = 
     masks, found = [], []
     for s in range(0, len(latents), 8):
         cache, layers = cache_queries(unet, components.scheduler, latents[s : s + 8].to(device, unet.dtype),
-                                      embeds[s : s + 8].to(device, unet.dtype), [t], seed + s)
+                                      cond.rows(slice(s, s + 8)).to(device, unet.dtype), [t], seed + s)
         for i in range(len(latents[s : s + 8])):
             with torch.no_grad():
                 raw = detection_from_queries(cache[(i, t)], layers, embedding.sink, embedding.tokens, hw, embedding.contrast)

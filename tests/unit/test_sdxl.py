@@ -147,6 +147,7 @@ def test_sdxl_folder_through_the_cli(tmp_path):
 
     from erasekit import lora_io
     from erasekit.dag.guideline import GuidelineEmbedding
+    from erasekit.erase.data import DataConfig, build_erase_data
     from trainer.__main__ import main
 
     c = tiny_sdxl()
@@ -171,6 +172,18 @@ def test_sdxl_folder_through_the_cli(tmp_path):
     assert main(["train", *common, "--steps", "3", "--out", str(run), "--resume"]) == 0
     lora = run / "erase-red-circle-inpo.safetensors"
     assert lora_io.check_compatible(str(lora), c.architecture) == "sdxl"
+    # images without masks get them from the guideline: its detection runs the SDXL UNet with its extra inputs
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for i in range(2):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(bare / f"{i}.png")
+    said = []
+    for forget_dir in (str(bare), None):  # a user's folder, or images the model draws
+        cfg = DataConfig(forget_dir=forget_dir, forget_images=2, sample_steps=2, preserve_dir=str(keep),
+                         mask_from="guideline", guideline=str(tmp_path / "g.safetensors"))
+        data = build_erase_data(c, "red circle", cfg, log=said.append)
+        assert data.forget.masks.shape == (2, 1, 8, 8)
+    assert sum("masks: the guideline 'red circle' found the concept in" in m for m in said) == 2
 
 
 def test_sampling_in_half_precision():
