@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from erasekit.dag.fit import GUIDELINE_IMAGES  # noqa: E402
+from erasekit.erase.data import IMAGE_EXTENSIONS  # noqa: E402
 from erasekit.erase.state import read_metrics  # noqa: E402
 from erasekit.errors import ErasekitError  # noqa: E402
 from trainer import estimate, jobs, runs, work  # noqa: E402
@@ -138,7 +139,7 @@ class TrainerApp(ReviewHandlers):
         if not s.get("target", "").strip():
             raise ErasekitError("No concept to erase: type one in step 2, e.g. 'red circle'.")
         uploads = self.run_dir(s["run_name"]) / "uploads" / "forget"
-        if uploads.is_dir() and any(uploads.glob("*.png")):
+        if uploads.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in uploads.iterdir()):
             s["forget_dir"] = str(uploads)  # the user's images replace the generated forget set
         return s
 
@@ -232,8 +233,9 @@ class TrainerApp(ReviewHandlers):
         return estimate.memory_line(estimate.recent_runs(self.root), base)
 
     def upload_images(self, run_name, files):
-        """Copy uploaded PNGs (``name.png``, optional ``name_mask.png`` and ``name.txt``) into the run's
-        ``uploads/forget`` folder: they become the forget set instead of generated images."""
+        """Copy uploaded images (``name.png`` / ``.jpg`` / ``.webp``, optional ``name_mask.png`` and
+        ``name.txt``) into the run's ``uploads/forget`` folder: they become the forget set instead of
+        generated images. Refused while a job uses the run (its data would change under it)."""
         import shutil
 
         import gradio as gr
@@ -243,6 +245,9 @@ class TrainerApp(ReviewHandlers):
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}"
+        busy = jobs.busy_with(folder.parent.parent)
+        if busy is not None:
+            return f"**Error:** the run '{folder.parent.parent.name}' is busy with job {busy.id} ({busy.kind}); upload once it ends."
         shutil.rmtree(folder, ignore_errors=True)
         # the data cache is keyed by the folder's path, not its files: new uploads mean new data
         (folder.parent.parent / "data.safetensors").unlink(missing_ok=True)
@@ -251,14 +256,15 @@ class TrainerApp(ReviewHandlers):
         for f in files or []:
             src = Path(f if isinstance(f, str) else getattr(f, "name", f))
             name = re.sub(r"[^A-Za-z0-9._-]+", "-", src.name)
-            if name.lower().endswith((".png", ".txt")):
+            if name.lower().endswith((*IMAGE_EXTENSIONS, ".txt")):
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, folder / name)
                 kept.append(name)
-        images = [n for n in kept if n.lower().endswith(".png") and not n.lower().endswith("_mask.png")]
+        stems = [os.path.splitext(n.lower()) for n in kept]
+        images = [stem for stem, ext in stems if ext in IMAGE_EXTENSIONS and not stem.endswith("_mask")]
         if not images:
             return "No uploaded images: the forget set is generated from the base model."
-        masks = sum(n.lower().endswith("_mask.png") for n in kept)
+        masks = sum(stem.endswith("_mask") and stem[:-5] in images for stem, ext in stems)
         return (f"{len(images)} uploaded images ({masks} with a mask; no mask = the whole image) replace the generated "
                 f"forget set of run '{folder.parent.parent.name}'.")
 

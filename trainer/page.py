@@ -4,6 +4,7 @@ every event to a :class:`trainer.app.TrainerApp` handler (each with an ``api_nam
 
 from __future__ import annotations
 
+from erasekit.erase.data import IMAGE_EXTENSIONS
 from trainer.app import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, _with_signature
 
 
@@ -52,7 +53,7 @@ def build_page(app):
                 comps["guideline"] = gr.Textbox(d["guideline"], label=dict((a, b) for a, b, _ in FIELDS)["guideline"],
                                                 placeholder="e.g. ComfyUI/models/guideline/my-concept.safetensors")
             with gr.Accordion("Upload forget images (optional)", open=False):
-                uploads = gr.File(file_count="multiple", file_types=[".png", ".txt"], elem_id="uploads",
+                uploads = gr.File(file_count="multiple", file_types=[*IMAGE_EXTENSIONS, ".txt"], elem_id="uploads",
                                   label="name.png, optional name_mask.png (white = concept) and name.txt (caption)")
                 upload_msg = gr.Markdown("")
             data_btn = gr.Button("Generate data", variant="secondary", elem_id="generate-data")

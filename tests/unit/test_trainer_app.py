@@ -247,7 +247,7 @@ def test_reload_sees_the_job_stop_and_resume(app):
     assert [m["step"] for m in read_metrics(app["root"] / "long")] == list(range(1, done + 3))
 
 
-def upload_scenes(app, run_name, folder, n=3, with_masks=2):
+def upload_scenes(app, run_name, folder, n=3, with_masks=2, last_as_jpeg=False):
     """Upload ``n`` rendered red-circle scenes (the first ``with_masks`` with their exact masks) as a run's
     forget images: what a user does for a concept the model draws too rarely (the tiny random model)."""
     import numpy as np
@@ -259,8 +259,9 @@ def upload_scenes(app, run_name, folder, n=3, with_masks=2):
     files = []
     for i in range(n):
         s = render_scene(i, objects=[("red", "circle")])
-        Image.fromarray(upscale_for_display(s.image)).save(folder / f"img{i}.png")
-        files.append(handle_file(str(folder / f"img{i}.png")))
+        ext = "jpg" if last_as_jpeg and i == n - 1 else "png"  # phones and browsers give JPEGs
+        Image.fromarray(upscale_for_display(s.image)).save(folder / f"img{i}.{ext}")
+        files.append(handle_file(str(folder / f"img{i}.{ext}")))
         if i < with_masks:
             mask = upscale_for_display(s.objects[0].mask[..., None].repeat(3, -1).astype(np.uint8) * 255)
             Image.fromarray(mask).save(folder / f"img{i}_mask.png")
@@ -270,7 +271,7 @@ def upload_scenes(app, run_name, folder, n=3, with_masks=2):
 
 def test_uploaded_images_replace_the_generated_forget_set(app, tmp_path):
     c = app["client"]
-    assert "3 uploaded images (2 with a mask" in upload_scenes(app, "up", tmp_path)
+    assert "3 uploaded images (2 with a mask" in upload_scenes(app, "up", tmp_path, last_as_jpeg=True)
     msg, job_id = c.predict(**small(app, "up"), api_name="/generate_data")
     assert wait(c, job_id)["state"] == "done"
     assert view(c, "up")["data_summary"].startswith("3 forget images of 'red circle'")
