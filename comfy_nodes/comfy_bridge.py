@@ -15,9 +15,9 @@ Imported only when a node runs (ComfyUI is importable then); ``erasekit/`` never
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from erasekit.dag.detect import grid_shape
 
 
 def comfy_unet_config(cfg: dict) -> dict:
@@ -209,13 +209,9 @@ class AttentionRecorder:
         return attn2
 
     def _record(self, name: str, probs: torch.Tensor, extra_options: dict) -> None:
-        H, W = extra_options["original_shape"][-2:]
-        nq = probs.shape[1]
-        ratio = math.sqrt(H * W / nq)
-        level = round(math.log2(ratio))
+        level, h, w = grid_shape(extra_options["original_shape"][-2:], probs.shape[1])
         if self.levels is not None and level not in self.levels:
             return
-        h, w = math.ceil(H / ratio), math.ceil(W / ratio)
         chunks = extra_options.get("cond_or_uncond", [0])
         per = probs.shape[0] // max(len(chunks), 1)
         cond = [probs[i * per : (i + 1) * per] for i, c in enumerate(chunks) if c == 0]

@@ -15,7 +15,6 @@ ComfyUI's attn2 patches; a test checks both agree on the same weights.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 
@@ -99,12 +98,11 @@ class CrossAttentionCapture:
         self._latent_hw = tuple(sample.shape[-2:])
 
     def _record(self, name, probs):
-        H, W = self._latent_hw
-        ratio = math.sqrt(H * W / probs.shape[1])
-        level = round(math.log2(ratio))
+        from .dag.detect import grid_shape
+
+        level, h, w = grid_shape(self._latent_hw, probs.shape[1])
         if self.levels is not None and level not in self.levels:
             return
-        h, w = math.ceil(H / ratio), math.ceil(W / ratio)
         if self.batch_slice is not None:
             probs = probs[self.batch_slice]
         lst = self.maps.setdefault(name, [])

@@ -89,8 +89,9 @@ def main(argv=None) -> None:
     e.add_argument("--seed", type=int, default=0, help="data, LoRA initialisation and training draws")
     e.add_argument("--preserve-pairs", type=float, default=0.0,
                    help="share of preserve prompts that show two preserved objects (the paper: 0)")
-    e.add_argument("--targets", default="attention",
-                   help="LoRA target modules: cross-attention, attention (default), all, or names like to_k,to_v")
+    e.add_argument("--targets", default=None,
+                   help="LoRA target modules: cross-attention, attention, feed-forward (the toy tuning's default), all, "
+                        "or names like to_k,to_v")
     e.add_argument("--batch-size", type=int, default=1, help="forget and preserve images per step (each)")
     e.add_argument("--train-text-encoder", action="store_true", help="a LoRA on the text encoder too")
     e.add_argument("--stop-when-erased", action="store_true",

@@ -124,7 +124,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                 lr: float | None = None, model: str | None = None, out_dir: str = "out/bench/erase", seed: int = 0,
                 forget_images: int = 16, images_per_concept: int = 25, neighbours: int = 4, comfyui_prompts: int = 0,
                 preserve_pairs: float = 0.0, rank: int | None = None,
-                inpo: dict | None = None, targets: str = "attention", batch_size: int = 1,
+                inpo: dict | None = None, targets: str | None = None, batch_size: int = 1,
                 stop_when_erased: bool = False, train_text_encoder: bool = False,
                 cost: bool = True, strengths: list[float] | None = None, log=print) -> dict:
     import copy
@@ -148,6 +148,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                                                       seed=seed), log=log)
     steps = steps or preset(kind)["steps"]
     lr = lr or preset(kind, toy=True)["lr"]
+    targets = targets or preset(kind, toy=True).get("targets", "attention")
     run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
     config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=rank or preset(kind)["rank"], seed=seed,
                          targets=targets, batch_size=batch_size, stop_when_erased=stop_when_erased,
@@ -180,7 +181,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     _set_lora_strength(comps, 1.0)
     n, after = by_strength[1.0]
     counts = {k: (before[k], after[k]) for k in prompts}
-    cost = _cost(model, target, seed) if cost else {}
+    cost = _cost(model, target, seed, targets) if cost else {}
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
     settings = {k: getattr(objective.config, k) for k in INPO_SETTINGS} if objective.config else {}
@@ -235,13 +236,13 @@ def _pipe(comps, unet, text_encoder):
     return p
 
 
-def _cost(model: str, target: str, seed: int) -> dict:
+def _cost(model: str, target: str, seed: int, targets: str = "attention") -> dict:
     from .fresh_process import json_from
 
     runs = {}
     for method in ("plain", "inpo"):
         code = f"import sys; sys.path.insert(0, {REPO!r}); from erasekit.bench_erase import _measure_steps; " \
-               f"_measure_steps({method!r}, {model!r}, {target!r}, {seed})"
+               f"_measure_steps({method!r}, {model!r}, {target!r}, {seed}, targets={targets!r})"
         runs[method] = json_from(["-c", code], f"measuring {method} steps", timeout=900)
     passes = {"plain": 1, "inpo": 2}
     raw = runs["inpo"]["step_seconds"] / runs["plain"]["step_seconds"]
@@ -251,7 +252,7 @@ def _cost(model: str, target: str, seed: int) -> dict:
             "peak_added_mb": {k: v["peak_added_mb"] for k, v in runs.items()}}
 
 
-def _measure_steps(method: str, model: str, target: str, seed: int, steps: int = 12) -> None:
+def _measure_steps(method: str, model: str, target: str, seed: int, steps: int = 12, targets: str = "attention") -> None:
     """In a fresh process: the same engine, synthetic forget/preserve batches of the toy's shapes;
     prints step time and the peak memory the steps add (resident set after each step, MiB)."""
     import tempfile
@@ -287,7 +288,7 @@ def _measure_steps(method: str, model: str, target: str, seed: int, steps: int =
     base_rss = proc.memory_info().rss
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(out=tmp, steps=steps, batch_size=4, checkpoint_every=10_000, tensorboard=False, export=False,
-                          cpu=True, seed=seed)
+                          cpu=True, seed=seed, targets=targets)
         train(cfg, _objective(method, "object"), data, comps, progress=progress)
     step_s = (times[-1] - times[1]) / (len(times) - 2)  # skip the first (warm-up) step
     print(json.dumps({"step_seconds": step_s, "peak_added_mb": (max(rss) - base_rss) / 2**20}))

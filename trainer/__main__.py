@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("unrelated", int, "unrelated concepts to preserve (default 4)")):
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
     p.add_argument("--mode", choices=("lora", "full"), default=None)
-    p.add_argument("--targets", default=None, help="cross-attention | attention | all | to_k,to_v,...")
+    p.add_argument("--targets", default=None, help="cross-attention | attention (default; the toy model: feed-forward) | "
+                   "feed-forward | all | to_k,to_v,...")
     p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), default=None)
     p.add_argument("--lr-scheduler", default=None, help="constant, cosine, linear, constant_with_warmup, ...")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None)
@@ -145,7 +146,8 @@ def resolve(args, kind: str | None, toy: bool = False) -> dict:
 
     tables = {"train": {}, "method": {}, "data": {}}
     row = preset(args.preset or kind or "object", toy=toy)
-    tables["train"].update(steps=row.pop("steps"), rank=row.pop("rank"), **({"lr": row.pop("lr")} if "lr" in row else {}))
+    tables["train"].update(steps=row.pop("steps"), rank=row.pop("rank"),
+                           **{k: row.pop(k) for k in ("lr", "targets") if k in row})  # the toy model's tuning
     tables["method"].update(row)
     files = ([os.path.join(args.out, "config.toml")] if args.resume and os.path.isfile(os.path.join(args.out, "config.toml")) else [])
     files += [args.config] if args.config else []

@@ -59,6 +59,7 @@ from .state import (  # noqa: F401
 TARGET_PRESETS = {
     "cross-attention": r".*attn2\.(to_q|to_k|to_v|to_out\.0)$",  # text -> image attention only
     "attention": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",  # self- and cross-attention (ResAlign)
+    "feed-forward": r".*\.ff\.net\.(0\.proj|2)$",  # the transformer blocks' GEGLU MLPs (the toy model's tuning)
     "all": None,  # every Linear and Conv2d of the down / mid / up blocks, listed from the model
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

@@ -53,3 +53,16 @@ def test_token_heatmap_is_normalised_and_follows_the_token():
     assert heat[0, :3, :3].min() > 0.9 and heat[0, 5:, 5:].max() < 0.1
     with pytest.raises(ValueError, match="no cross-attention maps were recorded"):
         token_heatmap({}, [1], size=(8, 8))
+
+
+def test_latents_that_do_not_halve_evenly(unet):
+    """600 x 800 px (a 75 x 100 latent): each downsampling rounds up, 38 x 50, 19 x 25, 10 x 13; one
+    common ratio gave 38 x 51 and a reshape error mid-sampling."""
+    from erasekit.dag.detect import grid_shape
+
+    assert [grid_shape((75, 100), n) for n in (7500, 1900, 475, 130)] == [(0, 75, 100), (1, 38, 50), (2, 19, 25),
+                                                                          (3, 10, 13)]
+    x, ctx = torch.randn(1, 4, 9, 13), torch.randn(1, 6, tiny.TINY_WIDTH)
+    with torch.no_grad(), CrossAttentionCapture(unet) as cap:
+        unet(x, 10, encoder_hidden_states=ctx)
+    assert {tuple(m[0].shape[1:3]) for m in cap.maps.values()} == {(9, 13), (5, 7), (3, 4), (2, 2)}  # + the mid block
