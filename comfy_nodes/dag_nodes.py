@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .folders import PACK_MODELS, find, missing
-from .spec import Input, NodeSpec, Output
+from .spec import Input, NodeSpec, Output, file_stamp
 
 PACK_GUIDELINES = os.path.join(PACK_MODELS, "guideline")
 GUIDELINE = "ERASEKIT_GUIDELINE"
@@ -120,6 +120,7 @@ SPECS = [
                       tooltip="A .safetensors guideline embedding made for the base model you sample with.")],
         outputs=[Output(GUIDELINE, "guideline")],
         function=load_guideline,
+        fingerprint=lambda embedding_name=None, **_: file_stamp(guideline_files().get(embedding_name)),  # retrained in place
     ),
     NodeSpec(
         node_id="ErasekitDetectAndGuide",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .spec import Input, NodeSpec, Output
+from .spec import Input, NodeSpec, Output, file_stamp
 
 ARCH_KEY = "erasekit_architecture"
 
@@ -61,11 +61,10 @@ def describe(meta: dict) -> str:
 def load_erasure_lora(model, lora_name: str, strength_model: float, strength_clip: float, clip=None, node_id=None):
     import comfy.sd
     import comfy.utils
-    import folder_paths
 
     from erasekit import checkpoints, lora_io
 
-    path = folder_paths.get_full_path("loras", lora_name)
+    path = _lora_path(lora_name)
     if path is None:
         raise ValueError(f"No LoRA named '{lora_name}' in ComfyUI's models/loras; refresh the list or copy the file there.")
     lora_io.check_compatible(path, model_architecture(model))
@@ -75,6 +74,12 @@ def load_erasure_lora(model, lora_name: str, strength_model: float, strength_cli
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
     _show_on_node(node_id, info)
     return (new_model, new_clip, info)
+
+
+def _lora_path(lora_name):
+    import folder_paths
+
+    return folder_paths.get_full_path("loras", lora_name) if lora_name else None
 
 
 def _show_on_node(node_id, text: str) -> None:
@@ -102,6 +107,7 @@ SPECS = [
         ],
         outputs=[Output("MODEL", "model"), Output("CLIP", "clip"), Output("STRING", "info", "What the LoRA erases.")],
         function=load_erasure_lora,
+        fingerprint=lambda lora_name=None, **_: file_stamp(_lora_path(lora_name)),  # re-exported under its name
         wants_node_id=True,
         search_aliases=["erasure lora", "unlearning", "safe lora"],
     ),

@@ -60,7 +60,20 @@ class NodeSpec:
     output_node: bool = False
     search_aliases: list[str] = field(default_factory=list)
     wants_node_id: bool = False  # the function gets ``node_id`` (ComfyUI's UNIQUE_ID), e.g. to message the UI
+    # ComfyUI re-runs a node only when its inputs change; a loader whose file is rewritten under the same
+    # name (the trainer exports over it) says so with this: the inputs -> anything that changes with the file
+    fingerprint: Callable[..., Any] | None = None
 
     def run(self, **kwargs) -> Result:
         out = self.function(**kwargs)
         return out if isinstance(out, Result) else Result(tuple(out))
+
+
+def file_stamp(path: str | None):
+    """What changes when a file is rewritten: (path, modification time, size); the path alone if missing."""
+    import os
+
+    if not path or not os.path.isfile(path):
+        return path
+    st = os.stat(path)
+    return (path, st.st_mtime_ns, st.st_size)

@@ -35,7 +35,9 @@ def make_node(spec: NodeSpec) -> type:
         res = spec.run(**kwargs)
         return {"ui": res.ui, "result": res.values} if res.ui else res.values
 
+    extra = {} if spec.fingerprint is None else {"IS_CHANGED": classmethod(lambda cls, **kwargs: spec.fingerprint(**kwargs))}
     return type(spec.node_id, (), {
+        **extra,
         "INPUT_TYPES": classmethod(INPUT_TYPES),
         "RETURN_TYPES": tuple(o.type for o in spec.outputs),
         "RETURN_NAMES": tuple(o.name for o in spec.outputs),

@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from .registry import all_specs
 from .spec import Input, NodeSpec
 
+_SCHEMA_HAS_ALIASES = "search_aliases" in getattr(io.Schema, "__dataclass_fields__", {"search_aliases": None})
 _SOCKETS = {
     "MODEL": io.Model, "CLIP": io.Clip, "VAE": io.Vae, "IMAGE": io.Image, "MASK": io.Mask,
     "LATENT": io.Latent, "CONDITIONING": io.Conditioning,
@@ -38,9 +39,10 @@ def _input(i: Input):
 
 def make_node(spec: NodeSpec) -> type[io.ComfyNode]:
     def define_schema(cls):
+        extra = {"search_aliases": spec.search_aliases} if _SCHEMA_HAS_ALIASES else {}  # newer ComfyUI only
         return io.Schema(
             node_id=spec.node_id, display_name=spec.display_name, category=spec.category,
-            description=spec.description, search_aliases=spec.search_aliases,
+            description=spec.description, **extra,
             inputs=[_input(i) for i in spec.inputs],
             outputs=[_socket(o.type).Output(display_name=o.name, tooltip=o.tooltip or None) for o in spec.outputs],
             is_output_node=spec.output_node,
@@ -53,9 +55,10 @@ def make_node(spec: NodeSpec) -> type[io.ComfyNode]:
         res = spec.run(**kwargs)
         return io.NodeOutput(*res.values, ui=res.ui)
 
-    return type(spec.node_id, (io.ComfyNode,), {
-        "define_schema": classmethod(define_schema), "execute": classmethod(execute), "__doc__": spec.description,
-    })
+    members = {"define_schema": classmethod(define_schema), "execute": classmethod(execute), "__doc__": spec.description}
+    if spec.fingerprint is not None:
+        members["fingerprint_inputs"] = classmethod(lambda cls, **kwargs: spec.fingerprint(**kwargs))
+    return type(spec.node_id, (io.ComfyNode,), members)
 
 
 class ErasekitExtension(ComfyExtension):

@@ -79,3 +79,23 @@ def test_base_model_is_read_from_comfyui_model_classes(comfy):
     assert model_architecture(patcher(known.SD15)).name == "sd_v1"
     with pytest.raises(ValueError, match="checks LoRAs for SD1.x, SD2.x and SDXL UNet models; this model \\(Flux\\)"):
         model_architecture(patcher(known.Flux))
+
+
+def test_a_lora_exported_again_under_its_name_is_read_again(comfy, tiny_sd1_in_comfy, loras, tmp_path):
+    """The trainer exports over the same file name; ComfyUI's cache must not keep the old LoRA."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from erasekit.bench_lora import export_case, roundtrip_case
+
+    images = []
+    for seed in (2, 3):
+        path = export_case(roundtrip_case(seed=seed), str(tmp_path / str(seed)))
+        dest = os.path.join(loras, "erase-again.safetensors")
+        shutil.copy(path, dest)
+        os.utime(dest, ns=(seed * 10**9, seed * 10**9))  # a new modification time, as a fresh export has
+        out = comfy.run(_graph(tiny_sd1_in_comfy, "erase-again.safetensors"))
+        images.append(np.asarray(Image.open(comfy.output_path(out["9"]["images"][0]))))
+    assert not np.array_equal(images[0], images[1])
