@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from .spec import Input, NodeSpec, Output
 
 RECORDER_KEY = "erasekit_attention_recorder"
@@ -14,6 +12,10 @@ def capture(model, layers: str):
 
     from .comfy_bridge import AttentionRecorder, attention_levels, outer_sample_hook
 
+    config = model.model.model_config.unet_config
+    if not config.get("context_dim") or "transformer_depth" not in config:
+        raise ValueError(f"Capture Cross-Attention works on UNet models with cross-attention (SD1.x, SD2.x, SDXL); "
+                         f"this model ({type(model.model).__name__}) is not one.")
     levels = None if layers == "all" else coarse_levels(attention_levels(model))
     rec = AttentionRecorder(levels=levels)
     patched = rec.patch(model)
@@ -23,18 +25,27 @@ def capture(model, layers: str):
 
 
 def word_token_positions(clip, prompt: str, words: str) -> list[int]:
-    """Token positions (in the encoded sequence) of each whitespace word of ``words``
-    found in ``prompt``, using the CLIP's own tokenizer and word ids."""
-    chunks = clip.tokenize(prompt, return_word_ids=True)
-    rows = next(iter(chunks.values()))  # first encoder; chunks are concatenated in order
-    flat = [r for chunk in rows for r in chunk]
-    prompt_words = [re.sub(r"[^\w-]", "", w).lower() for w in prompt.split()]
-    wanted = {re.sub(r"[^\w-]", "", w).lower() for w in words.replace(",", " ").split()}
-    word_ids = {i + 1 for i, w in enumerate(prompt_words) if w in wanted}
-    positions = [pos for pos, r in enumerate(flat) if len(r) > 2 and r[2] in word_ids]
+    """Token positions (in the encoded sequence) of each word of ``words`` (whitespace or comma
+    separated) in ``prompt``: every run of the word's own token ids, tokenized by the same CLIP.
+    ComfyUI's word ids number weighted segments, not words ("a photo of a red cat" is one), so the
+    ids are matched, not the word numbers; "(red circle:1.2)" still finds "circle"."""
+
+    def tokens(text):  # [(position, token id)] of the text's words: word id 0 marks start / end / padding
+        rows = next(iter(clip.tokenize(text, return_word_ids=True).values()))  # first encoder, chunks in order
+        flat = [r for chunk in rows for r in chunk]
+        return [(pos, int(r[0])) for pos, r in enumerate(flat) if len(r) > 2 and r[2] != 0 and isinstance(r[0], int)]
+
+    in_prompt = tokens(prompt)
+    ids = [t for _, t in in_prompt]
+    positions = set()
+    for word in words.replace(",", " ").split():
+        want = [t for _, t in tokens(word)]
+        for i in range(len(ids) - len(want) + 1) if want else ():
+            if ids[i:i + len(want)] == want:
+                positions.update(p for p, _ in in_prompt[i:i + len(want)])
     if not positions:
         raise ValueError(f"None of the words '{words}' occurs in the prompt '{prompt}'; type words from the prompt.")
-    return positions
+    return sorted(positions)
 
 
 def heatmap(model, image, clip, prompt: str, words: str, step: str):
@@ -56,7 +67,7 @@ def heatmap(model, image, clip, prompt: str, words: str, step: str):
         heat = sum(token_heatmap(rec.maps, positions, size, step=i) for i in range(n)) / n
     else:
         heat = token_heatmap(rec.maps, positions, size, step=-1)
-    heat = heat[: image.shape[0]] if heat.shape[0] >= image.shape[0] else heat.repeat(image.shape[0], 1, 1)
+    heat = heat[torch.arange(image.shape[0]) % heat.shape[0]]  # one map per image (the batch's maps in turn)
     return (heat.float(), heat_overlay(image, heat.to(image.dtype)).to(torch.float32))
 
 

@@ -93,3 +93,34 @@ def test_toy_architecture_runs_in_comfyui(comfy):
     # the toy VAE decodes a 32x32 scene shown at 4x: every 4x4 block is one colour
     blocks = image.reshape(32, 4, 32, 4, 3)
     assert (blocks == blocks[:, :1, :, :1]).all()
+
+
+def test_heatmap_words_with_comfyuis_own_tokenizer(comfy):
+    """ComfyUI's SD1 tokenizer numbers weighted segments, not words: "a photo of a red cat" is one
+    segment. The heatmap finds the word's tokens, also inside a weighted "(red cat:1.2)"."""
+    from types import SimpleNamespace
+
+    from comfy.sd1_clip import SD1Tokenizer
+
+    from comfy_nodes.attention_nodes import word_token_positions
+
+    tok = SD1Tokenizer()
+    clip = SimpleNamespace(tokenize=lambda text, return_word_ids=False: tok.tokenize_with_weights(text, return_word_ids))
+    # position 0 is the start token: a=1 photo=2 of=3 a=4 red=5 cat=6
+    assert word_token_positions(clip, "a photo of a red cat", "cat") == [6]
+    assert word_token_positions(clip, "a photo of a red cat", "red, cat") == [5, 6]
+    assert word_token_positions(clip, "a photo of a red cat", "a") == [1, 4]  # the word, not the whole segment
+    assert word_token_positions(clip, "a photo of a (red cat:1.2)", "cat") == [6]
+
+
+def test_heatmap_at_an_uneven_size_and_for_more_images_than_maps(comfy, tiny_sd1_in_comfy):
+    """72 x 104 px (a 9 x 13 latent: its grids round up at each level) with two images sampled and
+    four shown (Repeat Image Batch): a map per image, the batch's maps in turn."""
+    graph = attention_graph(tiny_sd1_in_comfy, "a photo of a red cat", "cat")
+    graph["5"]["inputs"].update(width=72, height=104, batch_size=2)
+    graph["11"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["7", 0], "amount": 2}}
+    graph["8"]["inputs"]["image"] = ["11", 0]
+    out = comfy.run(graph)
+    assert len(out["10"]["images"]) == 4
+    maps = [np.asarray(Image.open(comfy.output_path(i))) for i in out["10"]["images"]]
+    assert maps[0].shape == (104, 72, 3) and np.array_equal(maps[0], maps[2]) and np.array_equal(maps[1], maps[3])
