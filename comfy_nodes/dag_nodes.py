@@ -81,7 +81,8 @@ def _preview_sender(node_id):
             buf = io.BytesIO()
             Image.fromarray(rgb).resize((128, 128), Image.NEAREST).save(buf, format="PNG")
             server.send_sync("erasekit.detection", {"node": str(node_id), "step": step, "steps": n_steps,
-                                                    "image": base64.b64encode(buf.getvalue()).decode()})
+                                                    "image": base64.b64encode(buf.getvalue()).decode()},
+                             server.client_id)  # to the tab that queued the prompt, as ComfyUI's progress
         except Exception:  # a preview must never break sampling
             pass
 

@@ -7,12 +7,12 @@ app.registerExtension({
   name: "erasekit.detectionPreview",
   setup() {
     api.addEventListener("erasekit.detection", ({ detail }) => {
-      const node = app.graph.getNodeById(Number(detail.node));
+      // a node inside a subgraph runs as "5:12": draw on the subgraph node (5) the canvas shows
+      const node = app.graph.getNodeById(Number(String(detail.node).split(":")[0]));
       if (!node) return;
       const img = new Image();
       img.onload = () => {
         node.imgs = [img];
-        node.erasekitStep = `${detail.step + 1}/${detail.steps}`;
         node.setDirtyCanvas(true, true);
       };
       img.src = `data:image/png;base64,${detail.image}`;
