@@ -32,21 +32,24 @@ class _TokenizerAdapter:
         import comfy.sd1_clip
 
         tok = self.tokenizer
-        ids, weights, word_ids = [tok.bos_token_id], [1.0], [0]
+        ids, weights, word_ids = [], [], []
         for segment, weight in comfy.sd1_clip.token_weights(comfy.sd1_clip.escape_important(text), 1.0):
             segment = comfy.sd1_clip.unescape_important(segment)
             for word in segment.split():
-                word_index = len({w for w in word_ids if w}) + 1
+                word_index = len(set(word_ids)) + 1
                 for t in tok(word, add_special_tokens=False).input_ids:
                     ids.append(t), weights.append(weight), word_ids.append(word_index)
+        # chunks of max_length - 2 tokens between start and end, as ComfyUI's SDTokenizer: a long prompt
+        # is encoded chunk by chunk and the states concatenated, not cut off
         n = self.max_length
-        ids, weights, word_ids = ids[: n - 1], weights[: n - 1], word_ids[: n - 1]
-        ids.append(tok.eos_token_id), weights.append(1.0), word_ids.append(0)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        while len(ids) < n:
-            ids.append(pad), weights.append(1.0), word_ids.append(0)
-        rows = list(zip(ids, weights, word_ids)) if return_word_ids else list(zip(ids, weights))
-        return {"l": [rows]}
+        chunks = []
+        for s in range(0, max(len(ids), 1), n - 2):
+            body = list(zip(ids[s:s + n - 2], weights[s:s + n - 2], word_ids[s:s + n - 2]))
+            rows = [(tok.bos_token_id, 1.0, 0)] + body + [(tok.eos_token_id, 1.0, 0)]
+            rows += [(pad, 1.0, 0)] * (n - len(rows))
+            chunks.append(rows if return_word_ids else [r[:2] for r in rows])
+        return {"l": chunks}
 
     def untokenize(self, token_weight_pair):
         return [(p, self.tokenizer.convert_ids_to_tokens(p[0])) for p in token_weight_pair]
@@ -55,15 +58,32 @@ class _TokenizerAdapter:
         return {}
 
 
+class _Level(torch.nn.Module):
+    """One named level of the module tree (its children are the keyword arguments)."""
+
+    def __init__(self, **children):
+        super().__init__()
+        for name, module in children.items():
+            self.add_module(name, module)
+
+
 class _TextEncoderAdapter(torch.nn.Module):
-    """ComfyUI ``cond_stage_model`` interface over a transformers CLIP text encoder."""
+    """ComfyUI ``cond_stage_model`` interface over a transformers CLIP text encoder.
+
+    The encoder sits at ``clip_l.transformer.text_model``, where ComfyUI's SD1 CLIP has it: ComfyUI maps
+    a LoRA's ``lora_te_*`` keys to weights by those names (``comfy.lora.model_lora_keys_clip``)."""
 
     def __init__(self, text_encoder, empty_ids: list[int]):
         super().__init__()
-        self.transformer = text_encoder
+        inner = text_encoder if hasattr(text_encoder, "text_model") else _Level(text_model=text_encoder)  # transformers 5
+        self.clip_l = _Level(transformer=inner)
         self.empty_ids = empty_ids
         self.dtypes = {next(text_encoder.parameters()).dtype}
         self.options = {}
+
+    @property
+    def transformer(self):
+        return self.clip_l.transformer
 
     def reset_clip_options(self):
         self.options = {}
@@ -72,10 +92,16 @@ class _TextEncoderAdapter(torch.nn.Module):
         self.options.update(options)
 
     def _encode(self, ids: list[list[int]]):
-        device = next(self.transformer.parameters()).device
-        out = self.transformer(torch.tensor(ids, device=device))
+        te = self.transformer if not isinstance(self.transformer, _Level) else self.transformer.text_model
+        device = next(te.parameters()).device
+        layer = self.options.get("layer")  # CLIP Set Last Layer: -2 = the states one layer before the last
+        out = te(torch.tensor(ids, device=device), output_hidden_states=layer is not None)
         pooled = getattr(out, "pooler_output", None)
-        return out.last_hidden_state.float(), None if pooled is None else pooled.float()
+        z = out.last_hidden_state
+        if layer is not None and layer != -1:  # as ComfyUI's SD1 CLIP: that layer's states, then the final norm
+            model = getattr(te, "text_model", te)
+            z = model.final_layer_norm(out.hidden_states[layer])
+        return z.float(), None if pooled is None else pooled.float()
 
     @torch.no_grad()
     def encode_token_weights(self, token_weight_pairs):
@@ -95,7 +121,7 @@ class _TextEncoderAdapter(torch.nn.Module):
         return cond, (pooled[:1] if pooled is not None else None)
 
     def load_sd(self, sd):
-        return self.transformer.load_state_dict(sd, strict=False)
+        return torch.nn.Module.load_state_dict(self, sd, strict=False)  # keys as ComfyUI names them: clip_l.transformer...
 
 
 def make_clip(text_encoder, tokenizer):

@@ -99,3 +99,30 @@ def test_a_lora_exported_again_under_its_name_is_read_again(comfy, tiny_sd1_in_c
         out = comfy.run(_graph(tiny_sd1_in_comfy, "erase-again.safetensors"))
         images.append(np.asarray(Image.open(comfy.output_path(out["9"]["images"][0]))))
     assert not np.array_equal(images[0], images[1])
+
+
+def test_the_packs_clip_takes_lora_text_weights_clip_skip_and_long_prompts(comfy, tiny_sd1_in_comfy, loras):
+    """The CLIP of Load Diffusers Model keeps its encoder where ComfyUI's SD1 CLIP has it, so a LoRA's
+    lora_te_* weights apply (they were dropped: 'lora key not loaded'); CLIP Set Last Layer works; a
+    prompt longer than 75 tokens is encoded in chunks, not cut off."""
+    import os
+
+    import comfy.sd as comfy_sd
+    import torch
+
+    from comfy_nodes.model_nodes import load_diffusers
+    from erasekit import checkpoints
+
+    model, clip, _ = load_diffusers(tiny_sd1_in_comfy)
+    tensors, _ = checkpoints.load_file(os.path.join(loras, "erase-tiny.safetensors"))
+    assert any(k.startswith("lora_te_") for k in tensors)
+
+    def cond(c, text="a red cat"):
+        return c.encode_from_tokens(c.tokenize(text))
+
+    _, patched = comfy_sd.load_lora_for_models(model, clip, tensors, 0.0, 1.0)
+    assert not torch.allclose(cond(clip), cond(patched))
+    skip = clip.clone()
+    skip.clip_layer(-2)
+    assert not torch.allclose(cond(clip), cond(skip))
+    assert cond(clip, " ".join(["red cat"] * 60)).shape[1] == 2 * cond(clip).shape[1]
