@@ -23,6 +23,7 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 from ..dag.conditioning import Conditioning
 from ..errors import ErasekitError
@@ -164,7 +165,7 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
 
     # Forget set: the user's folder, or images of the concept drawn by the base model.
     if config.forget_dir:
-        images, masks, prompts, has_mask = read_folder(components, config.forget_dir, masks=True, caption=target)
+        images, masks, prompts, has_mask, sizes = read_folder(components, config.forget_dir, masks=True, caption=target)
     else:
         images, masks, prompts = _generate_forget(components, concept, target, config)
         if not prompts:
@@ -172,12 +173,13 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
                                 "images generated for it (checked by the toy judge), so there is nothing to erase; "
                                 "check that the model knows the concept, or supply images with --forget-dir.")
         has_mask = [source is None] * len(prompts)  # the toy judge's masks
+        sizes = None  # drawn at the model's size
     todo = [i for i, h in enumerate(has_mask) if not h] if source in ("nudenet", "guideline") else []
     if source == "nudenet" and todo:
         masks[todo], found = nudenet_masks(images[todo])
         log(f"masks: NudeNet found exposed parts in {int(found.sum())} of {len(found)} images "
             "(the others keep a whole-image mask)")
-    forget = make_image_set(components, images, prompts, masks)
+    forget = make_image_set(components, images, prompts, masks, sizes=sizes)
     if source == "guideline" and todo:
         from .masks import guideline_masks
 
@@ -190,8 +192,8 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     # Preserve set: the user's folder, or the neighbouring and unrelated concepts.
     preserved, preserve = [], None
     if config.preserve_dir:
-        images, _, prompts, _ = read_folder(components, config.preserve_dir, masks=False, caption="")
-        preserve, preserved = make_image_set(components, images, prompts), sorted(set(prompts))
+        images, _, prompts, _, sizes = read_folder(components, config.preserve_dir, masks=False, caption="")
+        preserve, preserved = make_image_set(components, images, prompts, sizes=sizes), sorted(set(prompts))
     else:
         if config.preserve_prompts:
             preserved = list(config.preserve_prompts)
@@ -345,9 +347,16 @@ def _generate_forget(components, concept, target: str, config: DataConfig):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def read_folder(components, folder: str, masks: bool, caption: str):
-    """The images of ``folder`` at the model's resolution: (images [N, 3, S, S] in [0, 1], masks
-    [N, 1, S, S] or None, captions, has_mask [N] bool). ``name_mask.png`` is the mask of ``name.png``
+class Folder(NamedTuple):
+    images: object  # [N, 3, S, S] in [0, 1]
+    masks: object  # [N, 1, S, S] of 0 / 1, or None
+    captions: list
+    has_mask: list  # [N] bool: a _mask file was there
+    sizes: list  # [N] (height, width, crop top, crop left): SDXL's size ids for each image
+
+
+def read_folder(components, folder: str, masks: bool, caption: str) -> Folder:
+    """The images of ``folder`` at the model's resolution (:class:`Folder`). ``name_mask.png`` is the mask of ``name.png``
     (white, or opaque in its alpha channel, = concept; a missing one means the whole image, ``has_mask``
     False); ``name.txt`` its caption (default ``caption``). Names match whatever their case. A non-square
     image is scaled to S on its short side and centre-cropped, its mask the same way."""
@@ -362,11 +371,13 @@ def read_folder(components, folder: str, masks: bool, caption: str):
         raise ErasekitError(f"The folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}; files named "
                             "*_mask.png are masks); add images or leave the option out to generate them.")
     size = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
-    images, mask_list, captions, has_mask = [], [], [], []
+    images, mask_list, captions, has_mask, sizes = [], [], [], [], []
     for name in names:
         stem = os.path.splitext(name)[0]
         img = _open_image(os.path.join(folder, name))
         images.append(_square(img.convert("RGB"), size, "bicubic"))
+        _, (left, top) = _crop_box(*img.size, size)
+        sizes.append((img.size[1], img.size[0], top, left))
         mask_name = next((files[stem.lower() + "_mask" + e] for e in IMAGE_EXTENSIONS if stem.lower() + "_mask" + e in files), None)
         has_mask.append(masks and mask_name is not None)
         if masks:
@@ -374,7 +385,7 @@ def read_folder(components, folder: str, masks: bool, caption: str):
                              else torch.ones(1, size, size))
         text = files.get(stem.lower() + ".txt")
         captions.append(_read_caption(os.path.join(folder, text)) if text else caption)
-    return torch.stack(images), torch.stack(mask_list) if masks else None, captions, has_mask
+    return Folder(torch.stack(images), torch.stack(mask_list) if masks else None, captions, has_mask, sizes)
 
 
 def _open_image(path: str):
@@ -405,14 +416,18 @@ def _square(img, size: int, resample: str):
     import torch
     from PIL import Image
 
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    (nw, nh), (left, top) = _crop_box(*img.size, size)
     resample = Image.BICUBIC if resample == "bicubic" else Image.NEAREST
     img = img.resize((nw, nh), resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
     arr = np.asarray(img.crop((left, top, left + size, top + size)), np.float32) / 255.0
     return torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1)
+
+
+def _crop_box(w: int, h: int, size: int):
+    """((new width, new height), (left, top)): the short side scaled to ``size``, the centre cut out."""
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return (nw, nh), ((nw - size) // 2, (nh - size) // 2)
 
 
 def _read_mask(path: str, image_size: tuple, size: int):
@@ -454,8 +469,10 @@ def toy_scene_set(components, objects, n: int, seed: int = 0, masks: bool = True
     return make_image_set(components, images, [s.caption for s in scenes], m)
 
 
-def make_image_set(components, images, prompts, masks=None, chunk: int = 16) -> ImageSet:
-    """Encode images [N, 3, H, W] in [0, 1] and their prompts; masks [N, 1, *, *] go to latent size."""
+def make_image_set(components, images, prompts, masks=None, chunk: int = 16, sizes=None) -> ImageSet:
+    """Encode images [N, 3, H, W] in [0, 1] and their prompts; masks [N, 1, *, *] go to latent size.
+    ``sizes``: per image (original height, width, crop top, crop left), SDXL's size ids for a user's
+    photo (as SDXL was trained: the size before resizing, where the crop began); default: the model's size."""
     import torch
     import torch.nn.functional as F
 
@@ -475,6 +492,8 @@ def make_image_set(components, images, prompts, masks=None, chunk: int = 16) -> 
     cond = Conditioning.cat([encode(components, prompts[i:i + chunk], latents.shape[-2:])
                              for i in range(0, len(prompts), chunk)])
     embeds, pooled, time_ids = (None if x is None else x.float().cpu() for x in (cond.states, cond.pooled, cond.time_ids))
+    if time_ids is not None and sizes is not None:
+        time_ids[:, :4] = torch.tensor([list(sz) for sz in sizes], dtype=time_ids.dtype)
     if masks is not None:
         masks = F.interpolate(masks.float(), size=latents.shape[-2:], mode="area").clamp(0, 1)
     return ImageSet(latents, embeds, ids, list(prompts), masks, pooled, time_ids)

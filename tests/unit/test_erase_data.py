@@ -54,7 +54,7 @@ def test_folder_of_real_world_files(comps, tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": stored lying on its side
     Image.fromarray(np.rot90(wide)).save(tmp_path / "e.jpg", exif=exif, quality=95)
 
-    images, masks, captions, has_mask = read_folder(comps, str(tmp_path), masks=True, caption="red circle")
+    images, masks, captions, has_mask, sizes = read_folder(comps, str(tmp_path), masks=True, caption="red circle")
     assert images.shape == (5, 3, S, S) and masks.shape == (5, 1, S, S)
     assert has_mask == [True, True, False, False, False]
     assert captions == ["a red circle on a dotted background"] + ["red circle"] * 4
@@ -63,6 +63,7 @@ def test_folder_of_real_world_files(comps, tmp_path):
     assert abs(images[2].mean().item() - 0x8000 / 65535) < 0.01  # mid grey, not white
     assert images[3].min() == 1.0  # transparency on white
     assert images[4].mean() > 0.97  # upright, then the white centre cropped out of the wide image
+    assert sizes[4] == (S, 2 * S, 0, S // 2)  # its size and crop, for SDXL's size ids
 
 
 @pytest.mark.parametrize("case, message", [

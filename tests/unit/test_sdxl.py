@@ -177,12 +177,18 @@ def test_sdxl_folder_through_the_cli(tmp_path):
     bare.mkdir()
     for i in range(2):
         Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(bare / f"{i}.png")
+    # a wide photo: SDXL's size ids carry its size and where the centre crop began, as SDXL was trained
+    Image.fromarray((rng.random((64, 96, 3)) * 255).astype(np.uint8)).save(bare / "wide.png")
     said = []
     for forget_dir in (str(bare), None):  # a user's folder, or images the model draws
         cfg = DataConfig(forget_dir=forget_dir, forget_images=2, sample_steps=2, preserve_dir=str(keep),
                          mask_from="guideline", guideline=str(tmp_path / "g.safetensors"))
         data = build_erase_data(c, "red circle", cfg, log=said.append)
-        assert data.forget.masks.shape == (2, 1, 8, 8)
+        assert data.forget.masks.shape == (2 if forget_dir is None else 3, 1, 8, 8)
+        if forget_dir:
+            assert data.forget.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]] * 2 + [[64, 96, 0, 16, 64, 64]]
+        else:
+            assert data.forget.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]] * 2
     assert sum("masks: the guideline 'red circle' found the concept in" in m for m in said) == 2
 
 
