@@ -209,7 +209,10 @@ class AttentionRecorder:
         return attn2
 
     def _record(self, name: str, probs: torch.Tensor, extra_options: dict) -> None:
-        level, h, w = grid_shape(extra_options["original_shape"][-2:], probs.shape[1])
+        try:
+            level, h, w = grid_shape(extra_options["original_shape"][-2:], probs.shape[1])
+        except ValueError:  # a layer that is no halving of the latent (Deep Shrink's scaled blocks): not recorded
+            return
         if self.levels is not None and level not in self.levels:
             return
         chunks = extra_options.get("cond_or_uncond", [0])

@@ -95,6 +95,8 @@ class _TextEncoderAdapter(torch.nn.Module):
         te = self.transformer if not isinstance(self.transformer, _Level) else self.transformer.text_model
         device = next(te.parameters()).device
         layer = self.options.get("layer")  # CLIP Set Last Layer: -2 = the states one layer before the last
+        if layer is not None and abs(layer) > te.config.num_hidden_layers:  # ComfyUI's rule: past the depth, the last
+            layer = None
         out = te(torch.tensor(ids, device=device), output_hidden_states=layer is not None)
         pooled = getattr(out, "pooler_output", None)
         z = out.last_hidden_state

@@ -21,9 +21,13 @@ def find(pack_subdir: str, comfy_kind: str, accept) -> dict[str, str]:
         roots += folder_paths.get_folder_paths(comfy_kind)
     except ImportError:  # outside ComfyUI
         pass
-    found = {}
+    found, seen = {}, set()
     for root in roots:
         for here, dirs, files in os.walk(root, followlinks=True):
+            if os.path.realpath(here) in seen:  # a link back up the tree: walked once
+                dirs[:] = []
+                continue
+            seen.add(os.path.realpath(here))
             for entry in sorted(dirs) + sorted(files):
                 path = os.path.join(here, entry)
                 if accept(path):

@@ -100,7 +100,10 @@ class CrossAttentionCapture:
     def _record(self, name, probs):
         from .dag.detect import grid_shape
 
-        level, h, w = grid_shape(self._latent_hw, probs.shape[1])
+        try:
+            level, h, w = grid_shape(self._latent_hw, probs.shape[1])
+        except ValueError:  # a layer that is no halving of the latent: not recorded, sampling goes on
+            return
         if self.levels is not None and level not in self.levels:
             return
         if self.batch_slice is not None:

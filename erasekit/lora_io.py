@@ -75,11 +75,13 @@ def family(name: str) -> str:
     ``ss_base_model_version`` (``sd_v1``, ``sd_v2_v``, ``sdxl_base_v1-0``), ai-toolkit's (``sd_1.5``,
     ``sd_2.1``, ``sdxl_1.0``), hub spellings (``SD 1.5``, ``SDXL 1.0``) or Architecture.name; else the
     name itself (an unknown family: callers decide by layer widths)."""
-    flat = re.sub(r"[\s._-]", "", name.lower())  # "SD 1.5" / "sd_1.5" / "sd_v1" -> "sd15" / "sdv1"
-    for fam, prefixes in (("sdxl", ("sdxl",)), ("sd_v2", ("sdv2", "sd2")), ("sd_v1", ("sdv1", "sd1")), ("toy", ("toy",))):
-        if flat.startswith(prefixes):
-            return fam
-    return name
+    low = name.lower()
+    if re.match(r"(sd_?xl|sdxl)[\s._-]?(refiner|turbo)?([\s._-]|base|v?1|$)", low) and "refiner" not in low:
+        return "sdxl"
+    m = re.match(r"sd[\s._-]?v?([12])(?:[\s._-]?\d)?(?:[\s._-]|$|v|base|512|768)", low)  # sd_v1, sd_1.5, SD 2.1, sd15
+    if m:
+        return "sd_v1" if m.group(1) == "1" else "sd_v2"
+    return "toy" if low == "toy" else name
 
 
 def _canonical(component: str, path: str) -> str:
@@ -410,9 +412,10 @@ def check_compatible(lora_path: str, architecture: Architecture) -> str | None:
         raise ArchitectureError(f"'{name}' is a LoRA for {what}, but the model is {architecture.title}; "
                                 f"pick a LoRA made for {architecture.title}.")
 
-    known = fam in FAMILY_TITLES or context is not None or any(w is not None for w in te)
-    if fam is not None and fam != family(architecture.name) and (fam in FAMILY_TITLES or not known):
-        refuse(FAMILY_TITLES.get(fam, fam))  # a name we do not know ("pony") leaves it to the widths
+    # a name we do not know ("pony") leaves it to the UNet's cross-attention width; without one (a Flux or SD3
+    # LoRA whose CLIP-L part matches SD1's width) the name stands
+    if fam is not None and fam != family(architecture.name) and (fam in FAMILY_TITLES or context is None):
+        refuse(FAMILY_TITLES.get(fam, fam))
     if context is not None and context != architecture.context_dim:
         refuse(FAMILY_TITLES.get(_WIDTH_FAMILY.get(context, ""), f"a model with {context}-wide text embeddings"))
     for width, expected in zip(te, architecture.text_widths):

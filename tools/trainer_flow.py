@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -151,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--browser", action="store_true", help="click through the page in headless Chromium")
     ap.add_argument("--screenshots", default=None, help="with --browser: the folder for the screenshots")
     a = ap.parse_args(argv)
+    # the flow starts from an empty runs folder: a run left by an earlier flow would make Start refuse
+    # ("already holds a run") and the flow would measure nothing
+    shutil.rmtree(os.path.join(a.out, "runs"), ignore_errors=True)
     os.makedirs(a.out, exist_ok=True)
     if a.browser:
         r = run_browser_flow(a.out, a.screenshots or os.path.join(a.out, "screenshots"))

@@ -137,9 +137,12 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     config = config or DataConfig()
     # what the data is made from, files by their size and time too: a guideline retrained in place, a mask
     # repainted or a caption fixed in the forget folder, a base model replaced under its name make new data
-    inputs = [config.forget_dir, config.preserve_dir, config.guideline, components.source]
-    key = hashlib.sha256(json.dumps([target, components.source, {**asdict(config), "cache": None},
-                                     [_fingerprint(p) for p in inputs]], sort_keys=True).encode()).hexdigest()[:16]
+    prints = [_fingerprint(config.forget_dir), _fingerprint(config.preserve_dir), _fingerprint(config.guideline),
+              _fingerprint(components.source, deep=True)]
+    if config.cache:  # the cache itself (kept in a folder fingerprinted above) is no input
+        prints = [[row for row in p if row[0] != os.path.basename(config.cache)] for p in prints]
+    key = hashlib.sha256(json.dumps([target, components.source, {**asdict(config), "cache": None}, prints],
+                                    sort_keys=True).encode()).hexdigest()[:16]
     if config.cache and os.path.isfile(config.cache):
         data = EraseData.load(config.cache)
         if data.key == key:
@@ -154,18 +157,20 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
 
     source = None if concept is not None and not config.forget_dir and config.mask_from != "guideline" \
         else choose_source(config.mask_from, target, config.guideline)
+    folder = read_folder(components, config.forget_dir, masks=True, caption=target) if config.forget_dir else None
     emb = None
-    if source == "guideline":
-        from ..dag.guideline import GuidelineEmbedding
+    if folder is None or not all(folder.has_mask):  # some image needs the source's masks
+        if source == "guideline":
+            from ..dag.guideline import GuidelineEmbedding
 
-        emb = GuidelineEmbedding.load(config.guideline, components.architecture)
-        emb.check(components.architecture, "the guideline embedding for masks")
-    elif source == "nudenet":
-        require_nudenet()
+            emb = GuidelineEmbedding.load(config.guideline, components.architecture)
+            emb.check(components.architecture, "the guideline embedding for masks")
+        elif source == "nudenet":
+            require_nudenet()
 
     # Forget set: the user's folder, or images of the concept drawn by the base model.
-    if config.forget_dir:
-        images, masks, prompts, has_mask, sizes = read_folder(components, config.forget_dir, masks=True, caption=target)
+    if folder is not None:
+        images, masks, prompts, has_mask, sizes = folder
     else:
         images, masks, prompts = _generate_forget(components, concept, target, config)
         if not prompts:
@@ -218,17 +223,26 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     return data
 
 
-def _fingerprint(path) -> list:
-    """(name, size, modification time) of a file, or of the files in a folder and its subfolders; [] for none."""
+def _fingerprint(path, deep: bool = False) -> list:
+    """(name, size, modification time) of a file, or of the files in a folder (``deep``: and its subfolders,
+    as a diffusers model folder has them); [] for none. Entries that cannot be read (a dangling link) are left out."""
     if not path or not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
         return []
-    walk = [(os.path.dirname(path), [], [os.path.basename(path)])] if os.path.isfile(path) else os.walk(path)
+    if os.path.isfile(path):
+        walk = [(os.path.dirname(path), [os.path.basename(path)])]
+    elif deep:
+        walk = [(root, files) for root, _, files in os.walk(path)]
+    else:
+        walk = [(path, [f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))])]
     out = []
-    for root, _, files in walk:
-        for f in sorted(files):
-            st = os.stat(os.path.join(root, f))
-            out.append([os.path.relpath(os.path.join(root, f), path if os.path.isdir(path) else root), st.st_size,
-                        st.st_mtime_ns])
+    for root, files in walk:
+        for f in files:
+            try:
+                st = os.stat(os.path.join(root, f))
+            except OSError:
+                continue
+            out.append([os.path.relpath(os.path.join(root, f), root if os.path.isfile(path) else path),
+                        st.st_size, st.st_mtime_ns])
     return sorted(out)
 
 
@@ -401,7 +415,9 @@ def _open_image(path: str):
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ErasekitError(f"Cannot read the image '{path}' ({err}); replace or remove it.") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: convert("L") would clip, not scale
-        img = Image.fromarray((np.asarray(img, np.float64) / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8))
+        arr = np.asarray(img, np.float64)
+        scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0  # a 0 / 1 (or 0..255) mask saved as 16 bits stays
+        img = Image.fromarray((arr * scale).round().clip(0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB") \
@@ -433,17 +449,24 @@ def _crop_box(w: int, h: int, size: int):
 def _read_mask(path: str, image_size: tuple, size: int):
     """A mask [1, S, S] of 0 / 1: white (> half) or, where the mask has a varying alpha channel, opaque
     = concept; a 0 / 1 mask (as numpy writes them) counts too. Refused when empty or of another size."""
+    from PIL import Image, ImageChops
+
     img = _open_image(path)
-    if img.size != image_size:
-        raise ErasekitError(f"The mask '{path}' is {img.size[0]}x{img.size[1]}, its image {image_size[0]}x"
-                            f"{image_size[1]}; make the mask the image's size.")
+    (w, h), (iw, ih) = img.size, image_size
+    if abs(w * ih - h * iw) > max(w, h, iw, ih):  # another shape; another resolution of the same shape is fine
+        raise ErasekitError(f"The mask '{path}' is {w}x{h}, its image {iw}x{ih}; make the mask the image's shape.")
+    grey = img.convert("L")
     alpha = img.info.get("alpha")
-    grey = alpha if alpha is not None and alpha.getextrema()[0] < alpha.getextrema()[1] else img.convert("L")
-    m = _square(grey, size, "nearest")
-    m = (m > (0.5 if m.max() > 1.5 / 255 else 0.0)).float()
-    if not m.any():
+    if alpha is not None:  # white where opaque: "white on black" and "white strokes on a transparent layer" alike
+        grey = ImageChops.multiply(grey, alpha)
+    if grey.getextrema()[1] == 0:
         raise ErasekitError(f"The mask '{path}' marks nothing (all black); paint the concept white, or delete the "
                             "mask to use the whole image.")
+    m = _square(grey.resize((iw, ih), Image.NEAREST), size, "nearest")
+    m = (m > (0.5 if m.max() > 1.5 / 255 else 0.0)).float()
+    if not m.any():
+        raise ErasekitError(f"The mask '{path}' marks only what the centre crop of its {iw}x{ih} image cuts off; "
+                            "crop the image around the concept.")
     return m
 
 

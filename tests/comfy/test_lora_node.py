@@ -125,4 +125,7 @@ def test_the_packs_clip_takes_lora_text_weights_clip_skip_and_long_prompts(comfy
     skip = clip.clone()
     skip.clip_layer(-2)
     assert not torch.allclose(cond(clip), cond(skip))
+    deep = clip.clone()
+    deep.clip_layer(-24)  # past the encoder's depth: the last layer, as ComfyUI's own CLIP does
+    assert torch.equal(cond(clip), cond(deep))
     assert cond(clip, " ".join(["red cat"] * 60)).shape[1] == 2 * cond(clip).shape[1]

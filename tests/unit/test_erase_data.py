@@ -54,7 +54,16 @@ def test_folder_of_real_world_files(comps, tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": stored lying on its side
     Image.fromarray(np.rot90(wide)).save(tmp_path / "e.jpg", exif=exif, quality=95)
 
+    Image.fromarray(rgb).save(tmp_path / "f.png")  # its mask: half the resolution, 16 bits, 0 / 1
+    Image.fromarray(_square_mask(S // 2, S // 2, value=1).astype(np.uint16)).save(tmp_path / "f_mask.png")
+    Image.fromarray(rgb).save(tmp_path / "g.png")  # its mask: white on opaque black inside a transparent margin
+    layer = np.zeros((S, S, 4), np.uint8)
+    layer[2:-2, 2:-2, 3] = 255
+    layer[..., :3] = _square_mask(S, S)[..., None]
+    Image.fromarray(layer, "RGBA").save(tmp_path / "g_mask.png")
     images, masks, captions, has_mask, sizes = read_folder(comps, str(tmp_path), masks=True, caption="red circle")
+    assert has_mask[5:] == [True, True] and 0.2 < masks[5].mean() < 0.3 and 0.2 < masks[6].mean() < 0.3
+    images, masks, captions, has_mask, sizes = images[:5], masks[:5], captions[:5], has_mask[:5], sizes[:5]
     assert images.shape == (5, 3, S, S) and masks.shape == (5, 1, S, S)
     assert has_mask == [True, True, False, False, False]
     assert captions == ["a red circle on a dotted background"] + ["red circle"] * 4
@@ -69,7 +78,7 @@ def test_folder_of_real_world_files(comps, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("corrupt", "Cannot read the image '.*x.png'"),
     ("empty mask", "The mask '.*x_mask.png' marks nothing"),
-    ("mask size", "The mask '.*x_mask.png' is 8x8, its image 32x32"),
+    ("mask shape", "The mask '.*x_mask.png' is 8x16, its image 32x32; make the mask the image's shape"),
     ("caption", "Cannot read the caption '.*x.txt'.*UTF-8"),
 ])
 def test_bad_files_are_named(comps, tmp_path, case, message):
@@ -79,8 +88,8 @@ def test_bad_files_are_named(comps, tmp_path, case, message):
         (tmp_path / "x.png").write_bytes(data[: len(data) // 2])
     elif case == "empty mask":
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "x_mask.png")
-    elif case == "mask size":
-        Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "x_mask.png")
+    elif case == "mask shape":
+        Image.fromarray(np.full((16, 8), 255, np.uint8)).save(tmp_path / "x_mask.png")
     else:
         (tmp_path / "x.txt").write_bytes(b"\xff\xfe\x00 caf\xe9")
     with pytest.raises(ErasekitError, match=message):
@@ -102,6 +111,12 @@ def test_mask_source_is_checked_before_sampling(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "nudenet", None)  # not installed
     with pytest.raises(ErasekitError, match="Nudity masks need NudeNet"):
         build_erase_data(sd1, "nudity", DataConfig(), log=lambda m: None)
+    # ... but a folder whose images all have their masks needs no detector
+    (tmp_path / "f").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "f" / "a.png")
+    Image.fromarray(_square_mask(32, 32)).save(tmp_path / "f" / "a_mask.png")
+    data = build_erase_data(sd1, "nudity", DataConfig(forget_dir=str(tmp_path / "f")), log=lambda m: None)
+    assert len(data.forget) == 1
     toy_guideline = os.path.join(repo, "models", "guideline", "toy-red-circle.safetensors")
     with pytest.raises(ErasekitError, match="width|made for"):
         build_erase_data(sd1, "red circle", DataConfig(mask_from="guideline", guideline=toy_guideline), log=lambda m: None)

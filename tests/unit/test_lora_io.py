@@ -175,6 +175,20 @@ def test_other_trainers_base_model_names(tmp_path, version, family):
         lora_io.check_compatible(path, checkpoints.sdxl())
 
 
+def test_a_flux_lora_with_clip_l_weights_is_refused(tmp_path):
+    """Flux / SD3 LoRAs carry CLIP-L weights as wide as SD1's text encoder and no cross-attention: the
+    name decides."""
+    sd = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 768),
+          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 2),
+          "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 3072),
+          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 2)}
+    path = str(tmp_path / "flux.safetensors")
+    checkpoints.save_file_atomic(sd, path, metadata={"ss_base_model_version": "flux1"})
+    for arch in (checkpoints.sd_v1(), checkpoints.sdxl()):
+        with pytest.raises(ArchitectureError, match="is a LoRA for flux1, but the model is"):
+            lora_io.check_compatible(path, arch)
+
+
 def test_corrupt_and_non_lora_files_get_clear_errors(case, tmp_path):
     path = lora_io.save_lora(case["lora"], tmp_path / "ok.safetensors", SD1, model_card=False)
     data = open(path, "rb").read()
