@@ -172,15 +172,37 @@ class DiffusersVAE:
         return None
 
     @torch.no_grad()
-    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+    def _decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Latents BCHW -> pixels BCHW in [0, 1] (CPU, float32)."""
         dtype = next(self.vae.parameters(), samples).dtype  # the toy VAE has no parameters
         x = self.vae.decode(samples.to(dtype)).sample
-        return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+        return ((x.float() + 1) / 2).clamp(0, 1).cpu()
 
     @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels BCHW in [0, 1] -> latents BCHW (CPU, float32)."""
+        dtype = next(self.vae.parameters(), pixels).dtype
+        return self.vae.encode((pixels[:, :3] * 2 - 1).to(dtype)).latent_dist.mode().float().cpu()
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        return self._decode(samples).movedim(1, -1)
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels[..., :3].movedim(-1, 1) * 2 - 1
-        return self.vae.encode(x).latent_dist.mode().cpu()
+        return self._encode(pixels.movedim(-1, 1))
+
+    def decode_tiled(self, samples, tile_x=64, tile_y=64, overlap=16, **kwargs):
+        """VAE Decode (Tiled): ComfyUI's own tiling (comfy.utils.tiled_scale) over this VAE."""
+        import comfy.utils
+
+        return comfy.utils.tiled_scale(samples, self._decode, tile_x, tile_y, overlap, upscale_amount=self.upscale_ratio,
+                                       out_channels=self.output_channels).movedim(1, -1)
+
+    def encode_tiled(self, pixels, tile_x=512, tile_y=512, overlap=64, **kwargs):
+        """VAE Encode (Tiled), as :meth:`decode_tiled`."""
+        import comfy.utils
+
+        return comfy.utils.tiled_scale(pixels.movedim(-1, 1), self._encode, tile_x, tile_y, overlap,
+                                       upscale_amount=1 / self.downscale_ratio, out_channels=self.latent_channels)
 
     def get_sd(self):
         return self.vae.state_dict()

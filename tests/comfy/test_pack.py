@@ -124,3 +124,34 @@ def test_heatmap_at_an_uneven_size_and_for_more_images_than_maps(comfy, tiny_sd1
     assert len(out["10"]["images"]) == 4
     maps = [np.asarray(Image.open(comfy.output_path(i))) for i in out["10"]["images"]]
     assert maps[0].shape == (104, 72, 3) and np.array_equal(maps[0], maps[2]) and np.array_equal(maps[1], maps[3])
+
+
+def test_tiled_vae_nodes_with_the_packs_vae(comfy):
+    """VAE Decode (Tiled) / VAE Encode (Tiled) on a model of Load Diffusers Model (they raised
+    AttributeError): ComfyUI's tiling over the diffusers VAE. The toy VAE maps each latent pixel to a
+    4x4 block, so tiles give exactly the plain decode."""
+    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+
+    folder = os.path.join(comfy.work_dir, "models", "diffusers", "toy-tiled")
+    save_toy_pipeline(build_toy_pipeline(seed=0, tiny=True), folder)
+    tiles = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}
+    graph = {
+        "1": {"class_type": "ErasekitLoadDiffusersModel", "inputs": {"model_name": "toy-tiled"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 128, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["5", 0], "seed": 0, "steps": 2, "cfg": 3.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["1", 2], **tiles}},
+        "11": {"class_type": "VAEEncodeTiled", "inputs": {"pixels": ["7", 0], "vae": ["1", 2], **tiles}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
+    }
+    for i, src in (("9", "7"), ("10", "8"), ("13", "12")):
+        graph[i] = {"class_type": "SaveImage", "inputs": {"images": [src, 0], "filename_prefix": f"tiled{i}"}}
+    out = comfy.run(graph)
+    plain, tiled, again = (np.asarray(Image.open(comfy.output_path(out[i]["images"][0]))).astype(int)
+                           for i in ("9", "10", "13"))
+    assert plain.shape == tiled.shape == again.shape == (128, 256, 3)
+    assert np.abs(plain - tiled).max() <= 1 and np.abs(plain - again).max() <= 2
