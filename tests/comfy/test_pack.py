@@ -135,23 +135,15 @@ def test_tiled_vae_nodes_with_the_packs_vae(comfy):
     folder = os.path.join(comfy.work_dir, "models", "diffusers", "toy-tiled")
     save_toy_pipeline(build_toy_pipeline(seed=0, tiny=True), folder)
     tiles = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}
-    graph = {
-        "1": {"class_type": "ErasekitLoadDiffusersModel", "inputs": {"model_name": "toy-tiled"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 128, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["5", 0], "seed": 0, "steps": 2, "cfg": 3.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["1", 2], **tiles}},
-        "11": {"class_type": "VAEEncodeTiled", "inputs": {"pixels": ["7", 0], "vae": ["1", 2], **tiles}},
-        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
-    }
-    for i, src in (("9", "7"), ("10", "8"), ("13", "12")):
+    graph = attention_graph("toy-tiled", "a red circle", "circle", steps=2)  # "7" decodes, "9" saves it
+    graph["5"]["inputs"].update(width=256, height=128)
+    graph["20"] = {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["1", 2], **tiles}}
+    graph["21"] = {"class_type": "VAEEncodeTiled", "inputs": {"pixels": ["7", 0], "vae": ["1", 2], **tiles}}
+    graph["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["1", 2]}}
+    for i, src in (("23", "20"), ("24", "22")):
         graph[i] = {"class_type": "SaveImage", "inputs": {"images": [src, 0], "filename_prefix": f"tiled{i}"}}
     out = comfy.run(graph)
     plain, tiled, again = (np.asarray(Image.open(comfy.output_path(out[i]["images"][0]))).astype(int)
-                           for i in ("9", "10", "13"))
+                           for i in ("9", "23", "24"))
     assert plain.shape == tiled.shape == again.shape == (128, 256, 3)
     assert np.abs(plain - tiled).max() <= 1 and np.abs(plain - again).max() <= 2
