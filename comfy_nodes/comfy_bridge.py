@@ -189,11 +189,14 @@ class AttentionRecorder:
         names = m.model_options.get("transformer_options", {}).get("erasekit_layer_names")
         if names is None:
             names = attn2_layer_names(m.model.model_config.unet_config)
+        replaced = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         for (block, number, t_index), name in names.items():
-            m.set_model_attn2_replace(self._make_patch(name), block, number, t_index)
+            # another extension's replacement of this layer (IPAdapter's, say) still computes the output
+            earlier = replaced.get((block, number, t_index)) or replaced.get((block, number))
+            m.set_model_attn2_replace(self._make_patch(name, earlier), block, number, t_index)
         return m
 
-    def _make_patch(self, name: str):
+    def _make_patch(self, name: str, earlier=None):
         def attn2(q, k, v, extra_options):
             heads = extra_options["n_heads"]
             b, nq, inner = q.shape
@@ -202,9 +205,10 @@ class AttentionRecorder:
             kh = k.view(b, -1, heads, d).transpose(1, 2)
             vh = v.view(b, -1, heads, d).transpose(1, 2)
             probs = (qh.float() @ kh.float().transpose(-1, -2) * d**-0.5).softmax(-1)
-            out = (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(b, nq, inner)
             self._record(name, probs.mean(1), extra_options)
-            return out
+            if earlier is not None:
+                return earlier(q, k, v, extra_options)
+            return (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(b, nq, inner)
 
         return attn2
 

@@ -57,6 +57,34 @@ def test_recorder_keeps_only_conditional_entries_and_chosen_levels(comfy):
         assert torch.allclose(maps[0].sum(-1), torch.ones(()), atol=1e-5)  # probabilities over tokens
 
 
+def test_recorder_keeps_another_extensions_attention_replacement(comfy):
+    """An attn2 replacement already on the model (IPAdapter's, say) still computes the layer's output
+    under Capture Cross-Attention, which only records (it replaced the other patch before)."""
+    from comfy_nodes.comfy_bridge import AttentionRecorder, attn2_layer_names, load_diffusers_unet
+
+    parts = tiny.build("sd_v1")
+    model = load_diffusers_unet(parts["unet"], parts["scheduler"])
+    calls = []
+
+    def other(q, k, v, extra_options):  # an extension's attention: here, none at all
+        calls.append(1)
+        return torch.zeros_like(q)
+
+    for block, number, t_index in attn2_layer_names(model.model.model_config.unet_config):
+        model.set_model_attn2_replace(other, block, number, t_index)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, tiny.TINY_WIDTH)
+
+    def run(m):
+        options = dict(m.model_options["transformer_options"], cond_or_uncond=[0])
+        with torch.no_grad():
+            return m.model.diffusion_model(x, timesteps=torch.full((2,), 10.0), context=ctx, transformer_options=options)
+
+    alone = run(model)
+    rec = AttentionRecorder()
+    captured = run(rec.patch(model))
+    assert torch.equal(alone, captured) and len(calls) == 2 * len(rec.maps) and rec.maps
+
+
 @pytest.mark.parametrize("layout", tiny.LAYOUTS)
 def test_dag_patch_cams_equal_the_diffusers_taps(comfy, layout, monkeypatch):
     """Detect-and-Guide's CAMs in ComfyUI (attn2 patch) and in the diffusers sampler (to_q hooks):
