@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from erasekit.dag.detect import grid_shape
+from erasekit.attention import recorded_grid
 
 
 def comfy_unet_config(cfg: dict) -> dict:
@@ -213,12 +213,10 @@ class AttentionRecorder:
         return attn2
 
     def _record(self, name: str, probs: torch.Tensor, extra_options: dict) -> None:
-        try:
-            level, h, w = grid_shape(extra_options["original_shape"][-2:], probs.shape[1])
-        except ValueError:  # a layer that is no halving of the latent (Deep Shrink's scaled blocks): not recorded
+        grid = recorded_grid(extra_options["original_shape"][-2:], probs.shape[1], self.levels)
+        if grid is None:
             return
-        if self.levels is not None and level not in self.levels:
-            return
+        h, w = grid
         chunks = extra_options.get("cond_or_uncond", [0])
         per = probs.shape[0] // max(len(chunks), 1)
         cond = [probs[i * per : (i + 1) * per] for i, c in enumerate(chunks) if c == 0]

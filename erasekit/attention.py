@@ -51,6 +51,18 @@ class _RecordingProcessor:
         return out
 
 
+def recorded_grid(latent_hw, n: int, levels=None):
+    """(h, w) of a layer with ``n`` positions to record, or None: a level outside ``levels`` (None: all),
+    or a layer that is no halving of the latent (Deep Shrink's scaled blocks), which sampling still runs."""
+    from .dag.detect import grid_shape
+
+    try:
+        level, h, w = grid_shape(latent_hw, n)
+    except ValueError:
+        return None
+    return (h, w) if levels is None or level in levels else None
+
+
 class CrossAttentionCapture:
     """Context manager that records cross-attention maps of chosen layers of a diffusers UNet.
 
@@ -98,14 +110,10 @@ class CrossAttentionCapture:
         self._latent_hw = tuple(sample.shape[-2:])
 
     def _record(self, name, probs):
-        from .dag.detect import grid_shape
-
-        try:
-            level, h, w = grid_shape(self._latent_hw, probs.shape[1])
-        except ValueError:  # a layer that is no halving of the latent: not recorded, sampling goes on
+        grid = recorded_grid(self._latent_hw, probs.shape[1], self.levels)
+        if grid is None:
             return
-        if self.levels is not None and level not in self.levels:
-            return
+        h, w = grid
         if self.batch_slice is not None:
             probs = probs[self.batch_slice]
         lst = self.maps.setdefault(name, [])

@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from erasekit.dag.fit import GUIDELINE_IMAGES  # noqa: E402
-from erasekit.erase.data import IMAGE_EXTENSIONS  # noqa: E402
+from erasekit.erase.images import IMAGE_EXTENSIONS  # noqa: E402
 from erasekit.erase.state import read_metrics  # noqa: E402
 from erasekit.errors import ErasekitError  # noqa: E402
 from trainer import estimate, jobs, runs, work  # noqa: E402

@@ -4,7 +4,7 @@ every event to a :class:`trainer.app.TrainerApp` handler (each with an ``api_nam
 
 from __future__ import annotations
 
-from erasekit.erase.data import IMAGE_EXTENSIONS
+from erasekit.erase.images import IMAGE_EXTENSIONS
 from trainer.app import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, _with_signature
 
 

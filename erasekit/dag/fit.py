@@ -63,7 +63,7 @@ def fit_guideline(components, data, concept: str, *, init_phrase: str | None = N
     unet = components.unet
     device = unet.device
     # the UNet's text inputs as the data holds them (SDXL: with its pooled embedding and size ids)
-    conds = Conditioning.cat([Conditioning(s.embeds, s.pooled, s.time_ids) for s in sets]).to(device)
+    conds = Conditioning.cat([s.conditioning() for s in sets]).to(device)
     sink, init = encode_phrase_for(components, init_phrase or concept)
     phrases = [p for p in dict.fromkeys(data.preserved if contrast is None else contrast) if p and p != concept]
     contrast_states = torch.cat([encode_phrase_for(components, p)[1] for p in phrases]).to(device) if phrases else None

@@ -23,10 +23,10 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
 
 from ..dag.conditioning import Conditioning
 from ..errors import ErasekitError
+from .images import read_folder
 
 
 @dataclass
@@ -66,6 +66,10 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def conditioning(self) -> Conditioning:
+        """What the UNet gets for these images' prompts (SDXL: with the pooled embedding and size ids)."""
+        return Conditioning(self.embeds, self.pooled, self.time_ids)
 
     def take(self, idx) -> dict:
         part = {"latents": self.latents[idx], "embeds": self.embeds[idx], "ids": self.ids[idx]}
@@ -188,9 +192,8 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     if source == "guideline" and todo:
         from .masks import guideline_masks
 
-        cond = Conditioning(forget.embeds, forget.pooled, forget.time_ids)
-        forget.masks[todo], found = guideline_masks(components, emb, forget.latents[todo], cond.rows(todo),
-                                                    seed=config.seed)
+        forget.masks[todo], found = guideline_masks(components, emb, forget.latents[todo],
+                                                    forget.conditioning().rows(todo), seed=config.seed)
         log(f"masks: the guideline '{emb.concept}' found the concept in {int(found.sum())} of {len(found)} images "
             "(the others keep a whole-image mask)")
 
@@ -356,126 +359,6 @@ def _generate_forget(components, concept, target: str, config: DataConfig):
     if not kept:
         return None, None, []
     return torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept]), [k[2] for k in kept]
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-
-
-class Folder(NamedTuple):
-    images: object  # [N, 3, S, S] in [0, 1]
-    masks: object  # [N, 1, S, S] of 0 / 1, or None
-    captions: list
-    has_mask: list  # [N] bool: a _mask file was there
-    sizes: list  # [N] (height, width, crop top, crop left): SDXL's size ids for each image
-
-
-def read_folder(components, folder: str, masks: bool, caption: str) -> Folder:
-    """The images of ``folder`` at the model's resolution (:class:`Folder`). ``name_mask.png`` is the mask of ``name.png``
-    (white, or opaque in its alpha channel, = concept; a missing one means the whole image, ``has_mask``
-    False); ``name.txt`` its caption (default ``caption``). Names match whatever their case. A non-square
-    image is scaled to S on its short side and centre-cropped, its mask the same way."""
-    import torch
-
-    if not os.path.isdir(folder):
-        raise ErasekitError(f"The image folder '{folder}' does not exist; check the path.")
-    files = {f.lower(): f for f in os.listdir(folder)}
-    names = sorted(f for low, f in files.items() if low.endswith(IMAGE_EXTENSIONS)
-                   and not os.path.splitext(low)[0].endswith("_mask"))
-    if not names:
-        raise ErasekitError(f"The folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}; files named "
-                            "*_mask.png are masks); add images or leave the option out to generate them.")
-    size = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
-    images, mask_list, captions, has_mask, sizes = [], [], [], [], []
-    for name in names:
-        stem = os.path.splitext(name)[0]
-        img = _open_image(os.path.join(folder, name))
-        images.append(_square(img.convert("RGB"), size, "bicubic"))
-        _, (left, top) = _crop_box(*img.size, size)
-        sizes.append((img.size[1], img.size[0], top, left))
-        mask_name = next((files[stem.lower() + "_mask" + e] for e in IMAGE_EXTENSIONS if stem.lower() + "_mask" + e in files), None)
-        has_mask.append(masks and mask_name is not None)
-        if masks:
-            mask_list.append(_read_mask(os.path.join(folder, mask_name), img.size, size) if mask_name
-                             else torch.ones(1, size, size))
-        text = files.get(stem.lower() + ".txt")
-        captions.append(_read_caption(os.path.join(folder, text)) if text else caption)
-    return Folder(torch.stack(images), torch.stack(mask_list) if masks else None, captions, has_mask, sizes)
-
-
-def _open_image(path: str):
-    """A PIL image, upright (EXIF orientation applied), 8 bits per channel, transparency flattened on
-    white; one sentence naming the file when it cannot be read."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as f:
-            img = ImageOps.exif_transpose(f)
-            img.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ErasekitError(f"Cannot read the image '{path}' ({err}); replace or remove it.") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: convert("L") would clip, not scale
-        arr = np.asarray(img, np.float64)
-        scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0  # a 0 / 1 (or 0..255) mask saved as 16 bits stays
-        img = Image.fromarray((arr * scale).round().clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB") \
-            if rgba.getextrema()[3][0] < 255 else rgba.convert("RGB")
-        img.info["alpha"] = rgba.getchannel("A")  # a mask may be drawn in its alpha channel
-    return img
-
-
-def _square(img, size: int, resample: str):
-    """[C, S, S] in [0, 1]: the short side scaled to ``size``, the long side centre-cropped."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    (nw, nh), (left, top) = _crop_box(*img.size, size)
-    resample = Image.BICUBIC if resample == "bicubic" else Image.NEAREST
-    img = img.resize((nw, nh), resample)
-    arr = np.asarray(img.crop((left, top, left + size, top + size)), np.float32) / 255.0
-    return torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1)
-
-
-def _crop_box(w: int, h: int, size: int):
-    """((new width, new height), (left, top)): the short side scaled to ``size``, the centre cut out."""
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    return (nw, nh), ((nw - size) // 2, (nh - size) // 2)
-
-
-def _read_mask(path: str, image_size: tuple, size: int):
-    """A mask [1, S, S] of 0 / 1: white (> half) or, where the mask has a varying alpha channel, opaque
-    = concept; a 0 / 1 mask (as numpy writes them) counts too. Refused when empty or of another size."""
-    from PIL import Image, ImageChops
-
-    img = _open_image(path)
-    (w, h), (iw, ih) = img.size, image_size
-    if abs(w * ih - h * iw) > max(w, h, iw, ih):  # another shape; another resolution of the same shape is fine
-        raise ErasekitError(f"The mask '{path}' is {w}x{h}, its image {iw}x{ih}; make the mask the image's shape.")
-    grey = img.convert("L")
-    alpha = img.info.get("alpha")
-    if alpha is not None:  # white where opaque: "white on black" and "white strokes on a transparent layer" alike
-        grey = ImageChops.multiply(grey, alpha)
-    if grey.getextrema()[1] == 0:
-        raise ErasekitError(f"The mask '{path}' marks nothing (all black); paint the concept white, or delete the "
-                            "mask to use the whole image.")
-    m = _square(grey.resize((iw, ih), Image.NEAREST), size, "nearest")
-    m = (m > (0.5 if m.max() > 1.5 / 255 else 0.0)).float()
-    if not m.any():
-        raise ErasekitError(f"The mask '{path}' marks only what the centre crop of its {iw}x{ih} image cuts off; "
-                            "crop the image around the concept.")
-    return m
-
-
-def _read_caption(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # utf-8-sig: Windows editors' byte-order mark is dropped
-            return f.read().strip()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ErasekitError(f"Cannot read the caption '{path}' ({err}); save it as UTF-8 text.") from None
 
 
 def toy_scene_set(components, objects, n: int, seed: int = 0, masks: bool = True) -> ImageSet:

@@ -11,7 +11,8 @@ from PIL import Image
 
 from erasekit import models
 from erasekit.erase import data as data_module
-from erasekit.erase.data import DataConfig, build_erase_data, read_folder
+from erasekit.erase.data import DataConfig, build_erase_data
+from erasekit.erase.images import read_folder
 from erasekit.errors import ErasekitError
 
 
