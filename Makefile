@@ -54,7 +54,7 @@ $(VENV)/.stamp-deps: $(VENV)/.stamp-torch requirements.txt requirements-dev.txt 
 	touch $@
 
 demo: setup
-	$(PY) tools/demo.py --out out/demo
+	$(PY) -m tools.demo --out out/demo
 
 test: setup chromium
 	$(PY) -m pytest -q

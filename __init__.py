@@ -5,23 +5,47 @@ node code load when a node runs. With a ComfyUI that has the V3 node API (``comf
 nodes come from ``comfy_entrypoint``; older builds get ``NODE_CLASS_MAPPINGS`` instead.
 Only one of the two is defined, since ComfyUI ignores ``comfy_entrypoint`` of a pack that
 defines ``NODE_CLASS_MAPPINGS``.
+
+Nothing is put on ``sys.path`` (the pack's ``nodes/`` would shadow ComfyUI's own ``nodes``
+module): the pack's modules import each other relatively, and the core library is registered
+under its own name, ``erasekit``, from this folder (one copy, whoever imports it).
 """
 
+import importlib.util
+import logging
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.abspath(__file__))
 WEB_DIRECTORY = "./web"  # front-end extension: live Detect-and-Guide detection maps
-try:  # the core library: installed, or this folder (appended, so nothing of ComfyUI is shadowed)
-    import erasekit  # noqa: F401
-except ImportError:
-    sys.path.append(_ROOT)
+
+
+def _register_core():
+    """Make ``import erasekit`` find this folder's core library (unless one is imported already)."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "erasekit")
+    loaded = sys.modules.get("erasekit")
+    if loaded is not None:
+        if os.path.dirname(os.path.abspath(getattr(loaded, "__file__", "") or "")) != here:
+            logging.warning("Erasekit: using the erasekit library already imported from %s, not this pack's %s",
+                            getattr(loaded, "__file__", "?"), here)
+        return
+    spec = importlib.util.spec_from_file_location("erasekit", os.path.join(here, "__init__.py"),
+                                                  submodule_search_locations=[here])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["erasekit"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["erasekit"]
+        raise
+
+
+_register_core()
 
 try:
     if os.environ.get("ERASEKIT_COMFY_API") == "v1":  # lets tests exercise the classic path
         raise ImportError
     from comfy_api.latest import ComfyExtension  # noqa: F401
 except ImportError:
-    from .comfy_nodes.v1 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401
+    from .nodes.v1 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401
 else:
-    from .comfy_nodes.v3 import comfy_entrypoint  # noqa: F401
+    from .nodes.v3 import comfy_entrypoint  # noqa: F401

@@ -51,11 +51,23 @@ class _RecordingProcessor:
         return out
 
 
+def grid_shape(latent_hw, n: int) -> tuple[int, int, int]:
+    """(level, h, w) of a UNet layer with ``n`` positions for a latent ``(H, W)``: each downsampling
+    (a stride-2 convolution, padding 1) gives ``ceil(size / 2)``, so a 75 x 100 latent (600 x 800 px)
+    has 38 x 50, 19 x 25 and 10 x 13 grids, not sizes scaled by one common ratio."""
+    import math
+
+    H, W = latent_hw
+    for level in range(12):
+        h, w = math.ceil(H / 2**level), math.ceil(W / 2**level)
+        if h * w == n:
+            return level, h, w
+    raise ValueError(f"a layer of {n} positions is no downsampling of a {H} x {W} latent")
+
+
 def recorded_grid(latent_hw, n: int, levels=None):
     """(h, w) of a layer with ``n`` positions to record, or None: a level outside ``levels`` (None: all),
     or a layer that is no halving of the latent (Deep Shrink's scaled blocks), which sampling still runs."""
-    from .dag.detect import grid_shape
-
     try:
         level, h, w = grid_shape(latent_hw, n)
     except ValueError:

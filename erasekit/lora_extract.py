@@ -13,7 +13,7 @@ import math
 from typing import NamedTuple
 
 from .errors import ArchitectureError
-from .lora_io import Lora, LoraWeights, _canonical
+from .lora_io import Lora, LoraWeights, canonical_module
 
 
 class Extraction(NamedTuple):
@@ -70,7 +70,7 @@ def extract_lora(original, tuned, rank: int | None = None, sv_fro: float | None 
         up, down = u[:, :r] * s[:r], vh[:r]
         if clamp_quantile is not None:
             up, down = (_clamp(t, clamp_quantile) for t in (up, down))
-        module = _canonical(component, key[: -len(".weight")])
+        module = canonical_module(component, key[: -len(".weight")])
         errors[module] = ((mat - up @ down).norm() / mat.norm()).item()
         if diff.dim() == 4:
             down, up = down.reshape(r, *diff.shape[1:]), up.reshape(*up.shape, 1, 1)

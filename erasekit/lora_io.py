@@ -84,7 +84,7 @@ def family(name: str) -> str:
     return "toy" if low == "toy" else name
 
 
-def _canonical(component: str, path: str) -> str:
+def canonical_module(component: str, path: str) -> str:
     """``component.path`` with CLIP's ``text_model.`` restored (transformers 5 drops it)."""
     if component != "unet" and path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
         path = "text_model." + path
@@ -119,7 +119,7 @@ def lora_from_peft(unet=None, text_encoder=None, text_encoder_2=None, adapter_na
                 raise ValueError(f"LoRA layer '{path}' uses DoRA or a LoRA bias, which kohya files cannot hold.")
             down, up = sd[f"{path}.lora_A.weight"], sd[f"{path}.lora_B.weight"]
             alpha = float(layer.scaling[adapter_name]) * down.shape[0]
-            lora[_canonical(component, path)] = LoraWeights(down.detach().clone(), up.detach().clone(), alpha)
+            lora[canonical_module(component, path)] = LoraWeights(down.detach().clone(), up.detach().clone(), alpha)
     if not lora:
         raise ValueError(f"No peft LoRA adapter '{adapter_name}' found in the given modules.")
     return lora
@@ -340,7 +340,7 @@ def load_lora(path: str) -> tuple[Lora, dict]:
                                      "which Erasekit's own loader does not map; ComfyUI and A1111 load it directly.")
             down, up = sd[key], sd[base + ".lora_up.weight"]
             alpha = float(sd[base + ".alpha"]) if base + ".alpha" in sd else float(down.shape[0])  # no alpha: scale 1
-            lora[_canonical(_KOHYA_PREFIX[prefix], _undot(base[len(prefix):]))] = LoraWeights(down, up, alpha)
+            lora[canonical_module(_KOHYA_PREFIX[prefix], _undot(base[len(prefix):]))] = LoraWeights(down, up, alpha)
         return lora, meta
     suffixes = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"))  # peft, old diffusers
     a_suffix, b_suffix = next((p for p in suffixes if any(k.endswith(p[0]) for k in sd)), (None, None))
@@ -357,7 +357,7 @@ def load_lora(path: str) -> tuple[Lora, dict]:
             raise _incomplete(name, base + a_suffix, b_suffix.lstrip("."))
         down, up = sd[base + a_suffix], sd[base + b_suffix]
         alpha = _peft_alpha(configs, component, rest, down.shape[0], sd.get(base + ".alpha"))
-        lora[_canonical(component, rest)] = LoraWeights(down, up, alpha)
+        lora[canonical_module(component, rest)] = LoraWeights(down, up, alpha)
     return lora, meta
 
 
@@ -460,7 +460,3 @@ def apply_lora(model, lora: Lora, strength: float = 1.0, component: str | None =
             layer.weight += (strength * delta).reshape(layer.weight.shape).to(layer.weight)
             n += 1
     return n
-
-
-# SVD extraction of a LoRA from full weights lives in lora_extract.py (re-exported here).
-from .lora_extract import Extraction, extract_lora  # noqa: E402,F401

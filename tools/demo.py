@@ -15,8 +15,7 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from tools import REPO
 
 PROMPTS = [  # target prompts (the red circle must go, the rest must stay) and benign ones
     "a red circle",

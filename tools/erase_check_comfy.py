@@ -1,6 +1,6 @@
 """Does an erasure LoRA stop real ComfyUI from drawing the concept? The toy judge counts.
 
-    python tools/erase_check_comfy.py LORA.safetensors --target "red circle" --prompts 40 --json
+    python -m tools.erase_check_comfy LORA.safetensors --target "red circle" --prompts 40 --json
 
 For each prompt (the target alone and with other objects and styles, and preservation prompts
 that never name it; the same prompt sets as ``python -m erasekit.bench erase``) one ComfyUI
@@ -22,9 +22,7 @@ import os
 import shutil
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from tools import REPO
 
 
 def check(lora: str, target: str, model: str | None = None, prompts: int = 40, steps: int = 25, cfg: float = 3.0,
@@ -34,8 +32,8 @@ def check(lora: str, target: str, model: str | None = None, prompts: int = 40, s
     import torch
     from PIL import Image
 
-    from erasekit.bench_dag import concept_prompts
-    from erasekit.bench_erase import _judge_found, erase_counts
+    from erasekit.bench.erase import erase_counts, judge_found
+    from erasekit.toyworld.concepts import concept_prompts
     from erasekit.toyworld.vocab import parse_concept
     from tools.comfy_headless import HeadlessComfy
     from tools.graphs import lora_before_after_graph
@@ -54,7 +52,7 @@ def check(lora: str, target: str, model: str | None = None, prompts: int = 40, s
         for i, p in enumerate(plist):
             out = comfy.run(lora_before_after_graph("erase-check-base", os.path.basename(lora), p, seed * 100_003 + i, steps, cfg, sampler))
             imgs = [np.asarray(Image.open(comfy.output_path(out[k]["images"][0])).convert("RGB")) for k in ("9", "19")]
-            b, a = _judge_found([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in imgs], concept)
+            b, a = judge_found([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in imgs], concept)
             before.append(b), after.append(a)
         found[kind] = (before, after)
         log(f"{kind}: {len(plist)} prompts judged")

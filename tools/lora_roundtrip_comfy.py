@@ -1,12 +1,12 @@
 """A kohya LoRA on the tiny SD1 model in real ComfyUI: outputs and unloaded keys.
 
-    python tools/lora_roundtrip_comfy.py LORA.safetensors --seed 0 --out outputs.safetensors
+    python -m tools.lora_roundtrip_comfy LORA.safetensors --seed 0 --out outputs.safetensors
 
 Builds the tiny SD1 model of ``erasekit.tiny`` (same seed, same weights as the exporter's
 base), puts the UNet into ComfyUI (``comfy_bridge.load_diffusers_unet``) and the text encoder
 into ComfyUI's own SD1 CLIP (``comfy.sd1_clip`` with the tiny widths), loads the LoRA with
-``comfy.sd.load_lora_for_models`` and runs both on ``erasekit.bench_lora.roundtrip_inputs``.
-Prints one JSON line; the output tensors go to ``--out``. Used by ``erasekit.bench_lora`` (in
+``comfy.sd.load_lora_for_models`` and runs both on ``erasekit.bench.lora.roundtrip_inputs``.
+Prints one JSON line; the output tensors go to ``--out``. Used by ``erasekit.bench.lora`` (in
 a subprocess) and by tests/comfy/test_lora_comfy.py (in-process, :func:`comfy_lora_outputs`).
 """
 
@@ -15,12 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from tools.comfy_headless import from_pack
 
 
 def comfy_sd1_clip(text_encoder):
@@ -66,9 +62,9 @@ def comfy_lora_outputs(lora_path: str, seed: int = 0) -> dict:
     import comfy.utils
     import torch
 
-    from comfy_nodes.comfy_bridge import load_diffusers_unet
+    load_diffusers_unet = from_pack("nodes.comfy_bridge", 'load_diffusers_unet')
     from erasekit import tiny
-    from erasekit.bench_lora import roundtrip_inputs
+    from erasekit.bench.lora import roundtrip_inputs
 
     parts = tiny.build("sd_v1", seed)
     model = load_diffusers_unet(parts["unet"], parts["scheduler"])
@@ -103,7 +99,7 @@ def main(argv=None):
 
     from tools.comfy_headless import HeadlessComfy
 
-    HeadlessComfy(tempfile.mkdtemp(prefix="erasekit-lora-comfy-"), load_pack=False)
+    HeadlessComfy(tempfile.mkdtemp(prefix="erasekit-lora-comfy-"))
     out = comfy_lora_outputs(a.lora, a.seed)
     import safetensors.torch
 

@@ -1,7 +1,7 @@
 """The trainer app's whole flow on the bundled toy model, timed: what a person does in the browser.
 
-    python tools/trainer_flow.py --out out/trainer-flow [--comfyui-prompts 20]
-    python tools/trainer_flow.py --browser --screenshots docs/trainer   # clicks in headless Chromium
+    python -m tools.trainer_flow --out out/trainer-flow [--comfyui-prompts 20]
+    python -m tools.trainer_flow --browser --screenshots docs/trainer   # clicks in headless Chromium
 
 Starts the Gradio app (127.0.0.1, a free port) on ``models/toy`` with the page's default settings
 (the INPO preset for an object, "red circle"), and drives it through its own API with
@@ -18,12 +18,9 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from tools import REPO
 
 FLOW_FIELDS = ("base", "run_name", "target", "preserve", "forget_images", "images_per_concept", "neighbours",
                "unrelated", "data_steps", "steps", "lr", "rank", "batch_size", "sample_every", "sample_steps",
@@ -163,8 +160,8 @@ def main(argv=None):
     if a.comfyui_prompts:
         from erasekit.fresh_process import json_from
 
-        r.update(json_from([os.path.join(REPO, "tools", "erase_check_comfy.py"), r["lora"],
-                            "--prompts", str(a.comfyui_prompts), "--json"], "the ComfyUI check"))
+        r.update(json_from(["-m", "tools.erase_check_comfy", os.path.abspath(r["lora"]),
+                            "--prompts", str(a.comfyui_prompts), "--json"], "the ComfyUI check", cwd=REPO))
     print(json.dumps(r))
 
 

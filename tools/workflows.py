@@ -5,16 +5,16 @@ API graphs in ``tools/graphs.py`` with the real node definitions of a running Co
 widget order always matches the nodes. ``ui_to_api`` reads them back for the tests, which run
 each template through ComfyUI's executor.
 
-    python tools/workflows.py       # regenerate example_workflows/
+    python -m tools.workflows       # regenerate example_workflows/
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tools import REPO
+
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "LATENT", "CONDITIONING"}
 
 
@@ -121,7 +121,6 @@ def example_graphs() -> dict[str, dict]:
 
 
 def main() -> None:
-    sys.path.insert(0, REPO)
     from tools.comfy_headless import HeadlessComfy
 
     comfy = HeadlessComfy()

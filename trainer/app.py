@@ -12,69 +12,21 @@ user-given paths are resolved and checked.
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
-import sys
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 from erasekit.dag.fit import GUIDELINE_IMAGES  # noqa: E402
 from erasekit.erase.images import IMAGE_EXTENSIONS  # noqa: E402
 from erasekit.erase.state import read_metrics  # noqa: E402
 from erasekit.errors import ErasekitError  # noqa: E402
 from trainer import estimate, jobs, runs, work  # noqa: E402
+from trainer.fields import DEFAULT_BASE, EXAMPLES, FIELDS, GUIDELINE_STEPS_PER_IMAGE, INT_KEYS, KEYS, PRESET_OF_TYPE  # noqa: E402
 from trainer.review import ReviewHandlers  # noqa: E402
-
-DEFAULT_BASE = REPO / "models" / "toy"
-CONCEPT_TYPES = ("object", "style", "character", "nudity")
-PRESET_OF_TYPE = {"object": "object", "style": "style", "character": "character", "nudity": "nsfw"}
-EXAMPLES = {  # target, anchor (what the concept turns into) on the toy model
-    "object": ("red circle", "green circle"), "style": ("striped background", "plain background"),
-    "character": ("bobo", "a blue circle"), "nudity": ("nudity", "dressed"),
-}
-METHODS = (("INPO: an erasure LoRA", "inpo"), ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
-GUIDELINE_STEPS_PER_IMAGE = 100  # DAG Table 4: 100 x the number of unsafe images
-
-# (key, label, default): the settings fields, in the order of the handlers' parameters
-FIELDS = [
-    ("base", "Base model", str(DEFAULT_BASE)), ("concept_type", "Concept type", "object"),
-    ("target", "Concept to erase", "red circle"), ("anchor", "Anchor / safe concept", "green circle"),
-    ("preserve", "Concepts to preserve (one a line)", ""), ("run_name", "Run name", "erase-red-circle"),
-    ("forget_images", "Forget images", 16), ("images_per_concept", "Images per preserved concept", 25),
-    ("neighbours", "Neighbouring concepts", 4), ("unrelated", "Unrelated concepts", 4),
-    ("data_steps", "Sampling steps (data)", 25), ("mask_from", "Masks", "auto"),
-    ("guideline", "Guideline embedding for masks (.safetensors)", ""),
-    ("method", "Method", "inpo"), ("preset", "Preset", "object"), ("steps", "Steps", 300), ("lr", "Learning rate", 1e-4),
-    ("rank", "LoRA rank", 4), ("alpha", "LoRA alpha (0 = rank)", 0.0), ("batch_size", "Batch size", 1),
-    ("eta", "eta (erasure strength)", 1.0), ("gamma", "gamma", 3.0), ("tau", "tau (margin)", 0.1),
-    ("lambda_prior", "lambda_prior (preservation)", 0.6), ("sample_every", "Preview every N steps (0 = off)", 50),
-    ("sample_steps", "Preview sampling steps", 20), ("checkpoint_every", "Checkpoint every N steps", 50),
-    ("seed", "Seed", 0), ("stop_when_erased", "Stop when erased (Steps is then the most)", False),
-]
-KEYS = [k for k, _, _ in FIELDS]
-INT_KEYS = {"forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps", "steps", "rank", "batch_size",
-            "sample_every", "sample_steps", "checkpoint_every", "seed"}
-
-
-def _with_signature(fn, names, defaults=None, extra=()):
-    """``fn(*values)`` with named parameters (what gradio_client shows and accepts as keywords)."""
-
-    def wrapper(*values):
-        return fn(*values)
-
-    wrapper.__name__ = getattr(fn, "__name__", "handler")
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                default=(defaults or {}).get(n, inspect.Parameter.empty)) for n in list(names) + list(extra)]
-    wrapper.__signature__ = inspect.Signature(params)
-    return wrapper
 
 
 def _run_steps(run_dir) -> str:
@@ -154,14 +106,14 @@ class TrainerApp(ReviewHandlers):
             return '"ToyPipeline"' in f.read()
 
     def _suggested(self, target, neighbours=4, unrelated=4) -> list:
-        from erasekit.erase.data import _prompts_for, preserve_concepts
+        from erasekit.erase.data import preserve_concepts, prompts_for
         from erasekit.toyworld.vocab import parse_concept
 
         try:
             concept = parse_concept(target or "")
         except ValueError:
             return []
-        return [_prompts_for(c, 1, 0)[0] for c in preserve_concepts(concept, int(neighbours or 0), int(unrelated or 0))]
+        return [prompts_for(c, 1, 0)[0] for c in preserve_concepts(concept, int(neighbours or 0), int(unrelated or 0))]
 
     # ------------------------------------------------------------------ step handlers
 

@@ -5,7 +5,7 @@ every event to a :class:`trainer.app.TrainerApp` handler (each with an ``api_nam
 from __future__ import annotations
 
 from erasekit.erase.images import IMAGE_EXTENSIONS
-from trainer.app import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, _with_signature
+from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, with_signature
 
 
 def build_page(app):
@@ -178,8 +178,8 @@ def build_page(app):
         for k in ("steps", "batch_size", "sample_every"):
             comps[k].change(app.estimate, [comps["base"], comps["steps"], comps["batch_size"], comps["sample_every"]],
                             estimate, api_name=False)
-        data_btn.click(_with_signature(app.generate_data, KEYS, **sig), inputs, [action, job_id], api_name="generate_data")
-        start_btn.click(_with_signature(app.start_training, KEYS, **sig), inputs, [action, job_id],
+        data_btn.click(with_signature(app.generate_data, KEYS, **sig), inputs, [action, job_id], api_name="generate_data")
+        start_btn.click(with_signature(app.start_training, KEYS, **sig), inputs, [action, job_id],
                         api_name="start_training")
         stop_btn.click(app.stop, None, action, api_name="stop")
         resume_btn.click(app.resume_training, [comps["run_name"], comps["steps"], comps["stop_when_erased"]], [action, job_id],
@@ -188,7 +188,7 @@ def build_page(app):
                         api_name="check")
         export_btn.click(app.export, [comps["run_name"], lora_name, description, license_, destination, folder],
                          [export_msg, export_path], api_name="export")
-        save_btn.click(_with_signature(app.save_settings, ["file_name"] + KEYS, {"file_name": "settings.toml", **d}),
+        save_btn.click(with_signature(app.save_settings, ["file_name"] + KEYS, {"file_name": "settings.toml", **d}),
                        [settings_file] + inputs, settings_msg, api_name="save_settings")
         load_btn.click(app.load_settings, settings_file, inputs + [settings_msg], api_name="load_settings")
         poll_out = [status, log, plot, preview, preview_caption, gallery, data_summary, grid, counts, runs_table, action, seen]

@@ -75,7 +75,8 @@ def data_job(settings: dict, run_dir: Path):
     """Generate (or load) the forget / preserve sets of a run; the result is a gallery."""
 
     def fn(job: Job):
-        from trainer.__main__ import build_parser, prepare
+        from trainer.arguments import build_parser
+        from trainer.runner import prepare
 
         run_dir.mkdir(parents=True, exist_ok=True)
         # the data are the same for either method; they are made (and cached) the erasure trainer's way
@@ -141,7 +142,8 @@ def data_gallery(components, data, forget_images, limit: int = 24) -> list:
 
 def train_job(settings: dict, run_dir: Path, resume: bool = False):
     def fn(job: Job):
-        from trainer.__main__ import build_parser, run_training
+        from trainer.arguments import build_parser
+        from trainer.runner import run_training
 
         run_dir.mkdir(parents=True, exist_ok=True)
         extra = None if resume else write_extra_config(run_dir, settings)
@@ -191,7 +193,8 @@ def guideline_job(settings: dict, run_dir: Path):
 
     def fn(job: Job):
         from erasekit.erase.engine import write_config
-        from trainer.__main__ import build_parser, run_guideline
+        from trainer.arguments import build_parser
+        from trainer.runner import run_guideline
 
         run_dir.mkdir(parents=True, exist_ok=True)
         out = guideline_path(run_dir, settings["target"])

@@ -65,22 +65,10 @@ def guideline_cam(q, keys, heads: int, n_tokens: int):
     return probs[..., -n_tokens:].sum(-1).mean(1)
 
 
-def grid_shape(latent_hw, n: int) -> tuple[int, int, int]:
-    """(level, h, w) of a UNet layer with ``n`` positions for a latent ``(H, W)``: each downsampling
-    (a stride-2 convolution, padding 1) gives ``ceil(size / 2)``, so a 75 x 100 latent (600 x 800 px)
-    has 38 x 50, 19 x 25 and 10 x 13 grids, not sizes scaled by one common ratio."""
-    import math
-
-    H, W = latent_hw
-    for level in range(12):
-        h, w = math.ceil(H / 2**level), math.ceil(W / 2**level)
-        if h * w == n:
-            return level, h, w
-    raise ValueError(f"a layer of {n} positions is no downsampling of a {H} x {W} latent")
-
-
 def to_grid(cam, latent_hw):
     """``[B, N]`` -> ``[B, h, w]`` for a layer of the UNet sampling a latent ``(H, W)``."""
+    from ..attention import grid_shape
+
     _, h, w = grid_shape(latent_hw, cam.shape[1])
     return cam.reshape(cam.shape[0], h, w)
 

@@ -1,7 +1,8 @@
 """Learn a guideline embedding from a forget set (images of the concept, with masks) and a
 preserve set (images without it): DAG Sec. 3.1 on the same data the erasure trainer builds.
 
-The data comes from :func:`erasekit.erase.data.build_erase_data`: on the toy model, images the
+The data comes from :func:`erasekit.erase.data.build_erase_data` (sized by
+:func:`erasekit.erase.data.guideline_data_config`): on the toy model, images the
 model draws, masked exactly by the judge; on other models, the user's folder of ``name.png`` +
 ``name_mask.png``. Safe images get zero masks (Eq. 2). The paper uses five unsafe and three safe
 images; the toy defaults are larger (40 and 30, of which the toy world has 11 neighbouring
@@ -17,18 +18,6 @@ import time
 from ..errors import ErasekitError
 
 GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES = 40, 30  # the defaults (see above): images with / without the concept
-
-
-def guideline_data_config(n_unsafe: int = GUIDELINE_IMAGES, n_safe: int = GUIDELINE_SAFE_IMAGES, seed: int = 0, forget_dir: str | None = None,
-                          preserve_dir: str | None = None):
-    """The erasure trainer's :class:`~erasekit.erase.data.DataConfig`, sized for a guideline: a few
-    images of the concept, and ``n_safe`` safe ones (two thirds neighbouring concepts, which
-    teach the tokens what is *not* the concept, the rest unrelated), one image each."""
-    from ..erase.data import DataConfig
-
-    neighbours = max(1, n_safe * 2 // 3)
-    return DataConfig(forget_images=n_unsafe, neighbours=neighbours, unrelated=max(0, n_safe - neighbours),
-                      images_per_concept=1, seed=seed, forget_dir=forget_dir, preserve_dir=preserve_dir)
 
 
 def fit_guideline(components, data, concept: str, *, init_phrase: str | None = None, steps: int | None = None,

@@ -2,7 +2,7 @@
 
 - Forget set D_ES: images of the target concept sampled from the base model itself, each with a
   concept mask M (Eq. 11). On the toy model the mask is the judge's exact mask of the concept
-  (:func:`erasekit.bench_dag.concept_mask`; for a style, the background around the objects) and
+  (:func:`erasekit.toyworld.concepts.concept_mask`; for a style, the background around the objects) and
   images in which the judge does not find the concept are dropped. The paper uses SAM; with no
   segmenter at hand, images of other models get a full-image mask (the paper's choice for styles).
   Or user images: a folder of ``name.png`` with ``name_mask.png`` (white = concept) and an
@@ -25,6 +25,7 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from ..dag.conditioning import Conditioning
+from ..dag.fit import GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES
 from ..errors import ErasekitError
 from .images import read_folder
 
@@ -208,7 +209,7 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
             prompts = [p for p in preserved for _ in range(config.images_per_concept)]
         elif concept is not None:
             kept = preserve_concepts(concept, config.neighbours, config.unrelated, config.seed)
-            pairs = [(c, p) for c in kept for p in _prompts_for(c, config.images_per_concept, config.seed)]
+            pairs = [(c, p) for c in kept for p in prompts_for(c, config.images_per_concept, config.seed)]
             if config.preserve_pairs > 0:
                 pairs = _paired(pairs, kept, config.preserve_pairs, config.seed)
             preserved = list(dict.fromkeys(c.text for c, _ in pairs))
@@ -281,7 +282,7 @@ def preserve_concepts(concept, neighbours: int = 4, unrelated: int = 4, seed: in
     return picked + random.Random(seed).sample(pool, min(unrelated, len(pool)))
 
 
-def _prompts_for(concept, n: int, seed: int) -> list:
+def prompts_for(concept, n: int, seed: int) -> list:
     """n captions showing ``concept`` in the toy world's words, varied where the concept leaves room."""
     from ..toyworld import vocab as V
 
@@ -314,7 +315,7 @@ def _paired(pairs: list, kept: list, share: float, seed: int) -> list:
         others = [o for o in objects if o != c]
         if c in objects and others and rng.random() < share:
             other = rng.choice(others)
-            p = f"{p} and {_prompts_for(other, 1, seed + i)[0]}"
+            p = f"{p} and {prompts_for(other, 1, seed + i)[0]}"
         out.append((c, p))
     return out
 
@@ -340,7 +341,7 @@ def _generate_forget(components, concept, target: str, config: DataConfig):
         prompts = [(config.forget_prompts or [target])[i % len(config.forget_prompts or [target])] for i in range(n)]
         images = _generate(components, prompts, [1_000_000 + config.seed * 100_003 + i for i in range(n)], config)
         return images, torch.ones(n, 1, *images.shape[-2:]), prompts
-    from ..bench_dag import concept_mask, concept_prompts
+    from ..toyworld.concepts import concept_mask, concept_prompts
     from ..toyworld.judge import judge
 
     candidates = config.forget_prompts or concept_prompts(concept, n * config.max_tries, 0, config.seed)[0]
@@ -403,3 +404,13 @@ def make_image_set(components, images, prompts, masks=None, chunk: int = 16, siz
     if masks is not None:
         masks = F.interpolate(masks.float(), size=latents.shape[-2:], mode="area").clamp(0, 1)
     return ImageSet(latents, embeds, ids, list(prompts), masks, pooled, time_ids)
+
+
+def guideline_data_config(n_unsafe: int = GUIDELINE_IMAGES, n_safe: int = GUIDELINE_SAFE_IMAGES, seed: int = 0, forget_dir: str | None = None,
+                          preserve_dir: str | None = None):
+    """The erasure trainer's :class:`DataConfig`, sized for a guideline: a few
+    images of the concept, and ``n_safe`` safe ones (two thirds neighbouring concepts, which
+    teach the tokens what is *not* the concept, the rest unrelated), one image each."""
+    neighbours = max(1, n_safe * 2 // 3)
+    return DataConfig(forget_images=n_unsafe, neighbours=neighbours, unrelated=max(0, n_safe - neighbours),
+                      images_per_concept=1, seed=seed, forget_dir=forget_dir, preserve_dir=preserve_dir)

@@ -16,20 +16,20 @@ def export_lora(config, method: str, components, unet, text_encoder=None, refere
 
     LoRA mode exports the peft adapters as trained; full-parameter mode extracts a rank-``config.rank``
     LoRA from the weight change against ``reference_weights`` (the base UNet's state dict, in float32)
-    by SVD (:func:`erasekit.lora_io.extract_lora`), and reports what the LoRA could not hold (the relative
+    by SVD (:func:`erasekit.lora_extract.extract_lora`), and reports what the LoRA could not hold (the relative
     error per layer, the changed biases, norms and embeddings) under ``extraction`` in ``erasekit.config``
     and the model card.
     """
-    from .. import lora_io
+    from .. import lora_extract, lora_io
     from ..models import architecture_of_unet
 
     extraction = None
     if config.mode == "lora":
         lora = lora_io.lora_from_peft(unet=unet, text_encoder=text_encoder)
     else:
-        parts = [lora_io.extract_lora(reference_weights, unet.state_dict(), rank=config.rank)]
+        parts = [lora_extract.extract_lora(reference_weights, unet.state_dict(), rank=config.rank)]
         if text_encoder is not None:
-            parts.append(lora_io.extract_lora(te_original, text_encoder.state_dict(), rank=config.rank,
+            parts.append(lora_extract.extract_lora(te_original, text_encoder.state_dict(), rank=config.rank,
                                               component="text_encoder"))
         lora = {m: w for part in parts for m, w in part.lora.items()}
         # how much of the fine-tune the file holds: a publisher reads it in the metadata and the card

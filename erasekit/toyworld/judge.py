@@ -25,8 +25,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from erasekit.toyworld import scenes as S
-from erasekit.toyworld import vocab as V
+from . import scenes as S
+from . import vocab as V
 
 COLOUR_NAMES = tuple(V.COLOURS)
 MIN_AREA = 12  # px at 32x32; smaller groups are noise (rendered objects have >= ~23)

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from erasekit.toyworld import vocab as V
+from . import vocab as V
 
 SIZE = 32  # the model's resolution
 SS = 4  # supersampling factor for drawing

@@ -33,8 +33,6 @@ def ui_server(tmp_path_factory):
 
 
 def test_live_detection_map_on_the_node(browser, ui_server):
-    import comfy_nodes  # noqa: F401  (the repo is on sys.path via tests/conftest.py)
-
     url = ui_server
     browser.get(url)
     deadline = time.time() + 90

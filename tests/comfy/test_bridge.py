@@ -5,6 +5,7 @@ import torch
 
 from erasekit import tiny
 from erasekit.attention import CrossAttentionCapture
+from tools.comfy_headless import from_pack
 
 
 def _sdxl_y(text_embeds, time_ids):
@@ -15,7 +16,7 @@ def _sdxl_y(text_embeds, time_ids):
 
 @pytest.mark.parametrize("layout", tiny.LAYOUTS)
 def test_comfy_unet_and_attention_match_diffusers(comfy, layout):
-    from comfy_nodes.comfy_bridge import AttentionRecorder, load_diffusers_unet
+    AttentionRecorder, load_diffusers_unet = from_pack("nodes.comfy_bridge", 'AttentionRecorder', 'load_diffusers_unet')
 
     parts = tiny.build(layout, seed=3)
     unet = parts["unet"]
@@ -41,7 +42,7 @@ def test_comfy_unet_and_attention_match_diffusers(comfy, layout):
 
 
 def test_recorder_keeps_only_conditional_entries_and_chosen_levels(comfy):
-    from comfy_nodes.comfy_bridge import AttentionRecorder, load_diffusers_unet
+    AttentionRecorder, load_diffusers_unet = from_pack("nodes.comfy_bridge", 'AttentionRecorder', 'load_diffusers_unet')
 
     parts = tiny.build("sd_v1")
     rec = AttentionRecorder(levels=(1, 2))
@@ -60,7 +61,7 @@ def test_recorder_keeps_only_conditional_entries_and_chosen_levels(comfy):
 def test_recorder_keeps_another_extensions_attention_replacement(comfy):
     """An attn2 replacement already on the model (IPAdapter's, say) still computes the layer's output
     under Capture Cross-Attention, which only records (it replaced the other patch before)."""
-    from comfy_nodes.comfy_bridge import AttentionRecorder, attn2_layer_names, load_diffusers_unet
+    AttentionRecorder, attn2_layer_names, load_diffusers_unet = from_pack("nodes.comfy_bridge", 'AttentionRecorder', 'attn2_layer_names', 'load_diffusers_unet')
 
     parts = tiny.build("sd_v1")
     model = load_diffusers_unet(parts["unet"], parts["scheduler"])
@@ -90,8 +91,8 @@ def test_dag_patch_cams_equal_the_diffusers_taps(comfy, layout, monkeypatch):
     """Detect-and-Guide's CAMs in ComfyUI (attn2 patch) and in the diffusers sampler (to_q hooks):
     the same layers, the same maps, for SD1, SD2 and SDXL. SDXL's (and the toy's) mid block sits at a
     coarse level and must be left out on both sides."""
-    from comfy_nodes.comfy_bridge import load_diffusers_unet
-    from comfy_nodes.dag_patch import install
+    load_diffusers_unet = from_pack("nodes.comfy_bridge", 'load_diffusers_unet')
+    install = from_pack("nodes.dag_patch", 'install')
     from erasekit.dag import detect
     from erasekit.dag.guideline import GuidelineEmbedding
     from erasekit.dag.sampling import GuidelineTap

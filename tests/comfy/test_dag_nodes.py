@@ -125,7 +125,7 @@ def test_live_preview_keeps_what_was_found_so_far(comfy, toy_in_comfy, monkeypat
     from erasekit.dag import detect
 
     # the pack's module as ComfyUI imported it (under the custom node folder's name)
-    loaded = [m for name, m in list(sys.modules.items()) if name.endswith("comfy_nodes.dag_nodes")]
+    loaded = [m for name, m in list(sys.modules.items()) if name.endswith(".nodes.dag_nodes")]
 
     sent, maps = [], []
     call = detect.Detector.__call__

@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from erasekit import checkpoints, lora_io, tiny
-from erasekit.bench_lora import TE_TARGETS, add_random_lora, roundtrip_inputs
+from erasekit.bench.lora import TE_TARGETS, add_random_lora, roundtrip_inputs
 from erasekit.erase.engine import unet_lora_targets
+from tools.comfy_headless import from_pack
 
 # ------------------------------------------------------------------ A1111's rules, re-implemented
 
@@ -212,7 +213,7 @@ def case(tmp_path_factory):
 def test_a1111_rules_apply_the_unet_lora_like_the_merged_weights(comfy, case):
     import comfy.model_management
 
-    from comfy_nodes.comfy_bridge import load_diffusers_unet
+    load_diffusers_unet = from_pack("nodes.comfy_bridge", 'load_diffusers_unet')
 
     groups = {k: w for k, w in case["groups"].items() if k.startswith("lora_unet_")}
     assert len(groups) == case["n_unet"] > 200

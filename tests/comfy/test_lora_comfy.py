@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erasekit import lora_io
-from erasekit.bench_lora import diffusers_outputs, export_case, reference_outputs, roundtrip_case, roundtrip_inputs
+from erasekit.bench.lora import diffusers_outputs, export_case, reference_outputs, roundtrip_case, roundtrip_inputs
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from comfy_nodes.lora_nodes import describe
+from tools.comfy_headless import from_pack
 
 
 def _graph(model_name, lora_name):
@@ -31,7 +31,7 @@ def loras(comfy, tmp_path_factory):
     import torch
 
     from erasekit import checkpoints
-    from erasekit.bench_lora import export_case, roundtrip_case
+    from erasekit.bench.lora import export_case, roundtrip_case
 
     folder = os.path.join(comfy.work_dir, "models", "loras")
     path = export_case(roundtrip_case(seed=1), str(tmp_path_factory.mktemp("lora")))
@@ -53,9 +53,10 @@ def test_lora_for_another_model_is_refused(comfy, tiny_sd1_in_comfy, loras):
         comfy.run(_graph(tiny_sd1_in_comfy, "xl-style.safetensors"))
 
 
-def test_description_line():
+def test_description_line(comfy):
     meta = {"erasekit.erased_concept": "red circle", "erasekit.method": "inpo", "ss_base_model_version": "toy",
             "erasekit.preserved": '["green circle", "red square"]'}
+    describe = from_pack("nodes.lora_nodes", "describe")
     assert describe(meta) == "erases: red circle; method: inpo; base: toy; keeps: green circle, red square"
     # another trainer's LoRA: its trigger phrase is what it adds, not something it erases
     other = {"modelspec.trigger_phrase": "ghibli style", "ss_base_model_version": "sd_1.5"}
@@ -69,7 +70,7 @@ def test_base_model_is_read_from_comfyui_model_classes(comfy):
 
     import comfy.supported_models as known
 
-    from comfy_nodes.lora_nodes import model_architecture
+    model_architecture = from_pack("nodes.lora_nodes", 'model_architecture')
 
     def patcher(cls):
         return SimpleNamespace(model_options={}, model=SimpleNamespace(model_config=cls(dict(cls.unet_config))))
@@ -88,7 +89,7 @@ def test_a_lora_exported_again_under_its_name_is_read_again(comfy, tiny_sd1_in_c
     import numpy as np
     from PIL import Image
 
-    from erasekit.bench_lora import export_case, roundtrip_case
+    from erasekit.bench.lora import export_case, roundtrip_case
 
     images = []
     for seed in (2, 3):
@@ -110,7 +111,7 @@ def test_the_packs_clip_takes_lora_text_weights_clip_skip_and_long_prompts(comfy
     import comfy.sd as comfy_sd
     import torch
 
-    from comfy_nodes.model_nodes import load_diffusers
+    load_diffusers = from_pack("nodes.model_nodes", 'load_diffusers')
     from erasekit import checkpoints
 
     model, clip, _ = load_diffusers(tiny_sd1_in_comfy)

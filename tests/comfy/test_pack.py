@@ -8,19 +8,21 @@ import sys
 import numpy as np
 from PIL import Image
 
-from comfy_nodes.registry import all_specs
-from tools.comfy_headless import REPO
+from tools.comfy_headless import REPO, from_pack
 from tools.graphs import attention_graph
 
-NODE_IDS = {s.node_id for s in all_specs()}
+
+def node_ids() -> set:
+    """The pack's node ids, from its registry (the pack must be loaded: the ``comfy`` fixture)."""
+    return {s.node_id for s in from_pack("nodes.registry", "all_specs")()}
 
 
 def test_v3_entrypoint_registers_every_node(comfy):
     from comfy_api.latest import io
 
     nodes = comfy.pack_nodes()
-    assert NODE_IDS <= set(nodes)
-    for node_id in NODE_IDS:
+    assert node_ids() <= set(nodes)
+    for node_id in node_ids():
         cls = nodes[node_id]
         assert issubclass(cls, io.ComfyNode), node_id  # came through comfy_entrypoint
         schema = cls.GET_SCHEMA()
@@ -48,7 +50,7 @@ def test_heatmap_errors_are_one_actionable_sentence(comfy, tiny_sd1_in_comfy):
         comfy.run(graph)
 
 
-def test_v1_fallback_runs_the_same_graph(tmp_path, sd1_tokenizer):
+def test_v1_fallback_runs_the_same_graph(tmp_path, sd1_tokenizer, comfy):
     """A ComfyUI without comfy_api gets NODE_CLASS_MAPPINGS; the same graph runs through it."""
     from erasekit.tiny import save_sd1_folder
 
@@ -59,7 +61,7 @@ def test_v1_fallback_runs_the_same_graph(tmp_path, sd1_tokenizer):
         "import sys, json; sys.path.insert(0, %r); from tools.comfy_headless import HeadlessComfy;"
         "c = HeadlessComfy(%r, api='v1'); nodes = c.pack_nodes();"
         "assert all(hasattr(nodes[k], 'INPUT_TYPES') and not hasattr(nodes[k], 'GET_SCHEMA') for k in %r), 'not V1';"
-        "print(json.dumps(c.run(json.load(open(%r)))))" % (REPO, str(tmp_path), sorted(NODE_IDS), str(graph))
+        "print(json.dumps(c.run(json.load(open(%r)))))" % (REPO, str(tmp_path), sorted(node_ids()), str(graph))
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,7 +104,7 @@ def test_heatmap_words_with_comfyuis_own_tokenizer(comfy):
 
     from comfy.sd1_clip import SD1Tokenizer
 
-    from comfy_nodes.attention_nodes import word_token_positions
+    word_token_positions = from_pack("nodes.attention_nodes", 'word_token_positions')
 
     tok = SD1Tokenizer()
     clip = SimpleNamespace(tokenize=lambda text, return_word_ids=False: tok.tokenize_with_weights(text, return_word_ids))

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from comfy_nodes.registry import all_specs
+from tools.comfy_headless import from_pack
 from tools.comfy_server import get_json, serve
 from tools.graphs import attention_graph
 
@@ -42,7 +42,7 @@ def server(tmp_path_factory, sd1_tokenizer):
 def test_object_info_lists_every_node_with_its_inputs(server):
     url, _ = server
     info = _get(url + "/object_info")
-    for spec in all_specs():
+    for spec in from_pack("nodes.registry", "all_specs")():
         node = info[spec.node_id]
         assert node["display_name"] == spec.display_name and node["category"] == spec.category
         listed = {**node["input"]["required"], **node["input"].get("optional", {})}

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from erasekit import checkpoints, models, tiny
+from tools.comfy_headless import from_pack
 
 
 def _open_clip(text_encoder) -> dict:
@@ -26,7 +27,7 @@ def write_single_file(parts: dict, layout: str, path: str) -> None:
     import comfy.diffusers_convert
     import comfy.utils
 
-    from comfy_nodes.comfy_bridge import comfy_unet_config
+    comfy_unet_config = from_pack("nodes.comfy_bridge", 'comfy_unet_config')
 
     key_map = comfy.utils.unet_to_diffusers(comfy_unet_config(dict(parts["unet"].config)))
     sd = {"model.diffusion_model." + key_map[k]: v for k, v in parts["unet"].state_dict().items()}

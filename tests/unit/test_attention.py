@@ -58,7 +58,7 @@ def test_token_heatmap_is_normalised_and_follows_the_token():
 def test_latents_that_do_not_halve_evenly(unet):
     """600 x 800 px (a 75 x 100 latent): each downsampling rounds up, 38 x 50, 19 x 25, 10 x 13; one
     common ratio gave 38 x 51 and a reshape error mid-sampling."""
-    from erasekit.dag.detect import grid_shape
+    from erasekit.attention import grid_shape
 
     assert [grid_shape((75, 100), n) for n in (7500, 1900, 475, 130)] == [(0, 75, 100), (1, 38, 50), (2, 19, 25),
                                                                           (3, 10, 13)]

@@ -3,7 +3,8 @@ bookkeeping holds: the guideline tap leaves images untouched, prompts respect th
 
 import json
 
-from erasekit.bench_dag import _auroc, concept_prompts
+from erasekit.bench.dag import _auroc
+from erasekit.toyworld.concepts import concept_prompts
 from erasekit.toyworld.vocab import parse_concept
 
 
@@ -23,7 +24,7 @@ def test_auroc_rank_statistic():
 
 
 def test_bench_dag_smoke(tmp_path):
-    from erasekit.bench_dag import bench_dag
+    from erasekit.bench.dag import bench_dag
     from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase
     from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
 

@@ -1,6 +1,6 @@
 """The erase benchmark's counting, on hand-made judge rows."""
 
-from erasekit.bench_erase import erase_counts, requested_labels
+from erasekit.bench.erase import erase_counts, requested_labels
 
 
 def test_requested_labels_reads_bench_prompts():

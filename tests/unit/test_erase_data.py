@@ -145,7 +145,8 @@ def test_cache_notices_changed_files(comps, tmp_path):
 
 
 def test_seed_flag_draws_the_data_too():
-    from trainer.__main__ import build_parser, resolve
+    from trainer.arguments import build_parser
+    from trainer.runner import resolve
 
     args = build_parser().parse_args(["train", "--target", "red circle", "--seed", "3"])
     args.out, args.base = "runs/x", "models/toy"

@@ -385,7 +385,7 @@ def test_cli_trains_from_a_folder_and_reports_errors(tmp_path, capsys):
 
     from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
     from erasekit.toyworld.scenes import render_scene, upscale_for_display
-    from trainer.__main__ import main
+    from trainer.cli import main
 
     save_toy_pipeline(build_toy_pipeline(0, tiny=True), tmp_path / "toy")
     (tmp_path / "forget").mkdir()
@@ -464,10 +464,10 @@ def test_kill_9_mid_run_keeps_a_loadable_checkpoint(data, tmp_path):
 
 
 def test_preserve_pairs_put_a_share_of_the_preserved_objects_beside_another():
-    from erasekit.erase.data import _paired, _prompts_for, preserve_concepts, resolve_concept
+    from erasekit.erase.data import _paired, prompts_for, preserve_concepts, resolve_concept
 
     kept = preserve_concepts(resolve_concept("red circle"))
-    pairs = [(c, p) for c in kept for p in _prompts_for(c, 25, 0)]
+    pairs = [(c, p) for c in kept for p in prompts_for(c, 25, 0)]
     out = _paired(pairs, kept, 0.5, 0)
     assert [c for c, _ in out] == [c for c, _ in pairs]
     changed = [(p0, p1) for (_, p0), (_, p1) in zip(pairs, out) if p0 != p1]

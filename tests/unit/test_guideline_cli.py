@@ -28,7 +28,7 @@ def folders(tmp_path):
 def test_guideline_from_folders_loads_back_with_its_gate(tmp_path, folders):
     from erasekit.dag.guideline import GuidelineEmbedding
     from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
-    from trainer.__main__ import main
+    from trainer.cli import main
 
     torch.set_num_threads(1)
     save_toy_pipeline(build_toy_pipeline(seed=0, tiny=True), tmp_path / "toy")

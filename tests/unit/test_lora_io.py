@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from erasekit import checkpoints, lora_io, tiny
-from erasekit.bench_lora import add_random_lora
+from erasekit import checkpoints, lora_extract, lora_io, tiny
+from erasekit.bench.lora import add_random_lora
 from erasekit.errors import ArchitectureError, ModelFileError
 
 SD1 = checkpoints.sd_v1(tiny.TINY_WIDTH)
@@ -234,7 +234,7 @@ def test_svd_extraction_reconstructs_a_low_rank_update():
         tuned[k] = w + 0.1 * delta.reshape(w.shape)
     bias = "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.bias"
     tuned[bias] = original[bias] + 0.5
-    ext = lora_io.extract_lora(original, tuned, rank=8, sv_fro=0.9999)
+    ext = lora_extract.extract_lora(original, tuned, rank=8, sv_fro=0.9999)
     assert set(ext.lora) == {"unet." + k[: -len(".weight")] for k in keys}
     assert all(w.rank == 2 for w in ext.lora.values())  # sv_fro chose the true rank
     assert ext.max_error < 1e-4 and set(ext.errors) == set(ext.lora)
@@ -248,12 +248,12 @@ def test_svd_extraction_reconstructs_a_low_rank_update():
     # a text encoder's token embedding is 2-D, but no loader applies a LoRA to it: reported, not exported
     te = tiny.build("sd_v1")["text_encoder"].state_dict()
     emb = next(k for k in te if k.endswith("token_embedding.weight"))
-    te_ext = lora_io.extract_lora(te, {emb: te[emb] + 0.1}, rank=2, component="text_encoder")
+    te_ext = lora_extract.extract_lora(te, {emb: te[emb] + 0.1}, rank=2, component="text_encoder")
     assert not te_ext.lora and list(te_ext.skipped) == [emb]
     # a fixed rank below the true rank: the error is reported, not hidden
-    assert lora_io.extract_lora(original, tuned, rank=1).max_error > 0.05
+    assert lora_extract.extract_lora(original, tuned, rank=1).max_error > 0.05
     # clamping each matrix at its own quantile keeps the error moderate
-    assert 0 < lora_io.extract_lora(original, tuned, rank=2, clamp_quantile=0.99).max_error < 0.2
+    assert 0 < lora_extract.extract_lora(original, tuned, rank=2, clamp_quantile=0.99).max_error < 0.2
 
 
 def test_bench_strength_is_the_loaders_weight(case):
@@ -261,7 +261,7 @@ def test_bench_strength_is_the_loaders_weight(case):
     merging the exported file at that weight does (per-layer alpha / rank patterns included)."""
     from types import SimpleNamespace
 
-    from erasekit.bench_erase import _set_lora_strength
+    from erasekit.bench.erase import _set_lora_strength
 
     comps = SimpleNamespace(unet=copy.deepcopy(case["unet"]), text_encoder=copy.deepcopy(case["te"]))
     for strength in (0.5, 0.0, 1.0):

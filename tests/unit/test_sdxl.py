@@ -148,7 +148,7 @@ def test_sdxl_folder_through_the_cli(tmp_path):
     from erasekit import lora_io
     from erasekit.dag.guideline import GuidelineEmbedding
     from erasekit.erase.data import DataConfig, build_erase_data
-    from trainer.__main__ import main
+    from trainer.cli import main
 
     c = tiny_sdxl()
     StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],

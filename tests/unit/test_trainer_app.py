@@ -296,7 +296,7 @@ def test_settings_round_trip_as_toml(app):
                                          api_name="/save_settings")
     assert (app["root"] / "presets" / "mine.toml").is_file()
     values = c.predict(file_name="presets/mine.toml", api_name="/load_settings")
-    from trainer.app import KEYS
+    from trainer.fields import KEYS
 
     loaded = dict(zip(KEYS + ["message"], values))
     assert loaded["steps"] == 7 and loaded["run_name"] == "saved" and "Settings loaded" in loaded["message"]
@@ -327,7 +327,8 @@ def test_comfyui_install_gives_models_and_an_export_folder(tmp_path):
 
 
 def test_listen_needs_auth(capsys):
-    from trainer.__main__ import build_parser, main
+    from trainer.arguments import build_parser
+    from trainer.cli import main
     from trainer.serve import launch_options
 
     assert main(["app", "--listen"]) == 2

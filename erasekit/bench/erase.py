@@ -22,7 +22,7 @@ import json
 import os
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import REPO
 
 
 class PlainLoraObjective:
@@ -34,7 +34,7 @@ class PlainLoraObjective:
     def loss(self, batch, unet, reference_ctx, ctx) -> dict:
         import torch.nn.functional as F
 
-        from .erase.objective import join_parts
+        from ..erase.objective import join_parts
 
         both = join_parts([batch["forget"]] + ([batch["preserve"]] if "preserve" in batch else []))
         noise, t = ctx.noise_and_timesteps(both["latents"])
@@ -49,7 +49,7 @@ INPO_SETTINGS = ("eta", "gamma", "tau", "lambda_prior", "lambda_anchor")  # over
 def _objective(method: str, preset_name: str, overrides: dict | None = None):
     if method == "plain":
         return PlainLoraObjective()
-    from .erase.inpo import InpoConfig, InpoObjective, preset
+    from ..erase.inpo import InpoConfig, InpoObjective, preset
 
     row = {**preset(preset_name, toy=True), **(overrides or {})}
     return InpoObjective(InpoConfig(**{k: v for k, v in row.items() if k in InpoConfig.__dataclass_fields__}))
@@ -65,7 +65,7 @@ def requested_labels(prompt: str, background: bool = False) -> list[str]:
 
 def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = frozenset(),
                  backgrounds: bool = False) -> dict:
-    """From ``{"target": (before, after), "benign": (before, after)}`` of :func:`_judge_found`
+    """From ``{"target": (before, after), "benign": (before, after)}`` of :func:`judge_found`
     rows and the prompts behind them (same prompts and seeds, in order):
 
     * ``drawn_before`` target images showing the concept before, ``still`` of those showing it after;
@@ -100,24 +100,19 @@ def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = froz
             "asked_before": asked_before, "asked_after": asked_after, "asked_by_kind": by_kind}
 
 
-def _judge_found(images, concept):
-    from .bench_dag import concept_mask
-    from .toyworld.judge import judge
-    from .toyworld.vocab import STYLE_ADJECTIVES
+def judge_found(images, concept):
+    from ..toyworld.concepts import is_concept_object
+    from ..toyworld.judge import judge
+    from ..toyworld.vocab import STYLE_ADJECTIVES
 
     out = []
     for img in images:
         j = judge(img.permute(1, 2, 0).numpy())
-        rest = [o.label for o in j.objects if not concept_mask(_Single(o), concept).any()]
+        rest = [o.label for o in j.objects if not is_concept_object(o, concept)]
         if concept.kind == "style" and j.background != concept.style:  # the other styles are its neighbours
             rest.append(f"{STYLE_ADJECTIVES[j.background]} background")
         out.append((concept.matches(j), rest))
     return out
-
-
-class _Single:
-    def __init__(self, obj):
-        self.objects, self.background = [obj], None
 
 
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
@@ -129,13 +124,13 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                 cost: bool = True, strengths: list[float] | None = None, log=print) -> dict:
     import copy
 
-    from . import models
-    from .bench_dag import concept_prompts
-    from .dag.sampling import sample
-    from .erase.data import DataConfig, build_erase_data
-    from .erase.engine import TrainConfig, train
-    from .erase.inpo import preset
-    from .toyworld.vocab import parse_concept
+    from .. import models
+    from ..dag.sampling import sample
+    from ..erase.data import DataConfig, build_erase_data
+    from ..erase.engine import TrainConfig, train
+    from ..erase.inpo import preset
+    from ..toyworld.concepts import concept_prompts
+    from ..toyworld.vocab import parse_concept
 
     concept = parse_concept(target)
     kind = {"character": "character", "style": "style"}.get(concept.kind, "object")
@@ -164,9 +159,9 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     prompts = {"target": target_prompts, "benign": benign}
     neighbours = {c.text for c in concept.neighbours()}
 
-    def judged(pipe):  # {"target": [...], "benign": [...]} rows of _judge_found, seed i for prompt i
+    def judged(pipe):  # {"target": [...], "benign": [...]} rows of judge_found, seed i for prompt i
         return {name: [row for s in range(0, len(ps), 50) for row in
-                       _judge_found(sample(pipe, ps[s:s + 50], list(range(s, min(s + 50, len(ps)))), steps=25,
+                       judge_found(sample(pipe, ps[s:s + 50], list(range(s, min(s + 50, len(ps)))), steps=25,
                                            cfg=3.0).images, concept)] for name, ps in prompts.items()}
 
     before = judged(_pipe(comps, base_unet, base_te))
@@ -221,10 +216,10 @@ def _set_lora_strength(comps, strength: float) -> None:
 def _comfyui_check(lora: str, target: str, model: str, prompts: int, seed: int) -> dict:
     """The exported LoRA in real ComfyUI (tools/erase_check_comfy.py, in a fresh process:
     ComfyUI's imports must not leak into this one)."""
-    from .fresh_process import json_from
+    from ..fresh_process import json_from
 
-    return json_from([os.path.join(REPO, "tools", "erase_check_comfy.py"), lora, "--target", target, "--model", model,
-                      "--prompts", str(prompts), "--json"], "the ComfyUI check")
+    return json_from(["-m", "tools.erase_check_comfy", os.path.abspath(lora), "--target", target, "--model",
+                      os.path.abspath(model), "--prompts", str(prompts), "--json"], "the ComfyUI check", cwd=REPO)
 
 
 def _pipe(comps, unet, text_encoder):
@@ -237,13 +232,13 @@ def _pipe(comps, unet, text_encoder):
 
 
 def _cost(model: str, target: str, seed: int, targets: str = "attention") -> dict:
-    from .fresh_process import json_from
+    from ..fresh_process import json_from
 
     runs = {}
     for method in ("plain", "inpo"):
-        code = f"import sys; sys.path.insert(0, {REPO!r}); from erasekit.bench_erase import _measure_steps; " \
-               f"_measure_steps({method!r}, {model!r}, {target!r}, {seed}, targets={targets!r})"
-        runs[method] = json_from(["-c", code], f"measuring {method} steps", timeout=900)
+        code = f"from erasekit.bench.erase import measure_steps; " \
+               f"measure_steps({method!r}, {model!r}, {target!r}, {seed}, targets={targets!r})"
+        runs[method] = json_from(["-c", code], f"measuring {method} steps", timeout=900, cwd=REPO)
     passes = {"plain": 1, "inpo": 2}
     raw = runs["inpo"]["step_seconds"] / runs["plain"]["step_seconds"]
     return {"step_time_ratio": round(raw / (passes["inpo"] / passes["plain"]), 4), "step_time_ratio_raw": round(raw, 4),
@@ -252,7 +247,7 @@ def _cost(model: str, target: str, seed: int, targets: str = "attention") -> dic
             "peak_added_mb": {k: v["peak_added_mb"] for k, v in runs.items()}}
 
 
-def _measure_steps(method: str, model: str, target: str, seed: int, steps: int = 12, targets: str = "attention") -> None:
+def measure_steps(method: str, model: str, target: str, seed: int, steps: int = 12, targets: str = "attention") -> None:
     """In a fresh process: the same engine, synthetic forget/preserve batches of the toy's shapes;
     prints step time and the peak memory the steps add (resident set after each step, MiB)."""
     import tempfile
@@ -260,9 +255,9 @@ def _measure_steps(method: str, model: str, target: str, seed: int, steps: int =
     import psutil
     import torch
 
-    from . import models
-    from .erase.data import EraseData, ImageSet
-    from .erase.engine import TrainConfig, train
+    from .. import models
+    from ..erase.data import EraseData, ImageSet
+    from ..erase.engine import TrainConfig, train
 
     torch.set_num_threads(1)  # one thread: stable timings on a shared machine; the ratio is what counts
     torch.manual_seed(seed)

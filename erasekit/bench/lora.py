@@ -18,7 +18,8 @@ import json
 import os
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import REPO
+
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
@@ -39,7 +40,7 @@ def add_random_lora(model, target_modules, seed: int = 0, r: int = 4, lora_alpha
 
 def roundtrip_case(seed: int = 0) -> dict:
     """Tiny SD1 parts: ``base`` (plain modules) and ``peft`` (deep copies with random LoRAs)."""
-    from . import tiny
+    from .. import tiny
 
     base = tiny.build("sd_v1", seed)
     unet = add_random_lora(copy.deepcopy(base["unet"]), UNET_TARGETS, seed + 1,
@@ -52,7 +53,7 @@ def roundtrip_inputs(seed: int = 0) -> dict:
     """UNet inputs x [2, 4, 8, 8], t [2], ctx [2, 7, 32] and 77 token ids [1, 77] for the text encoder."""
     import torch
 
-    from . import tiny
+    from .. import tiny
 
     gen = torch.Generator().manual_seed(seed + 100)
     ids = torch.randint(0, 49406, (1, 77), generator=gen)
@@ -73,7 +74,7 @@ def reference_outputs(case: dict, inputs: dict) -> dict:
 
 def export_case(case: dict, folder: str, save_format: str = "kohya") -> str:
     """Export the case's LoRAs (kohya file or peft folder); returns the weights file's path."""
-    from . import checkpoints, lora_io, tiny
+    from .. import checkpoints, lora_io, tiny
 
     lora = lora_io.lora_from_peft(unet=case["unet"], text_encoder=case["text_encoder"])
     name = "roundtrip.safetensors" if save_format == "kohya" else "roundtrip"
@@ -86,7 +87,7 @@ def diffusers_outputs(lora_path: str, seed: int = 0) -> dict:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from . import tiny
+    from .. import tiny
 
     p = tiny.build("sd_v1", seed)
     pipe = StableDiffusionPipeline(vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=None, unet=p["unet"],
@@ -104,10 +105,10 @@ def comfy_outputs_subprocess(lora_path: str, seed: int, out_file: str) -> dict:
     """Run tools/lora_roundtrip_comfy.py; returns its JSON and the outputs it saved."""
     import safetensors.torch
 
-    from .fresh_process import json_from
+    from ..fresh_process import json_from
 
-    report = json_from([os.path.join(REPO, "tools", "lora_roundtrip_comfy.py"), lora_path, "--seed", str(seed),
-                        "--out", out_file], "the ComfyUI round trip", timeout=600, cwd=REPO)
+    report = json_from(["-m", "tools.lora_roundtrip_comfy", os.path.abspath(lora_path), "--seed", str(seed),
+                        "--out", os.path.abspath(out_file)], "the ComfyUI round trip", timeout=600, cwd=REPO)
     return {**report, **safetensors.torch.load_file(out_file)}
 
 

@@ -17,74 +17,13 @@ run, the same for SLD and SEGA, and cam_cost_ratio (CAM work / one UNet pass).
 from __future__ import annotations
 
 import os
-import random
 import time
 
 import numpy as np
 
-from .dag.fit import GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES
-
-
-def concept_mask(judgement, concept) -> np.ndarray:
-    """Boolean mask (judge resolution) of where ``concept`` is in a judged image."""
-    size = 32
-    out = np.zeros((size, size), bool)
-    if concept.kind == "style":
-        if judgement.background == concept.style:
-            out[:] = True
-            for o in judgement.objects:
-                out &= ~o.mask
-        return out
-    for o in judgement.objects:
-        if concept.kind == "character":
-            hit = o.character == concept.character
-        else:
-            hit = o.character is None and concept.colour in (None, o.colour) and concept.shape in (None, o.shape)
-        if hit:
-            out |= o.mask
-    return out
-
-
-def concept_prompts(concept, n_target: int, n_benign: int, seed: int = 0):
-    """Target prompts (the concept alone and with other things) and benign ones (never the concept)."""
-    from .toyworld import vocab as V
-
-    rng = random.Random(seed)
-    objects = [f"{c} {s}" for c in V.COLOURS for s in V.SHAPES] + list(V.CHARACTERS)
-    styles = [f"{V.STYLE_ADJECTIVES[s]} background" for s in V.STYLES if s != "plain"]
-
-    def has(phrase):
-        return concept.matches(_FakeJudgement(phrase))
-
-    others = [o for o in objects if not has(o)]
-    if concept.kind == "style":
-        target = [f"a {o} on a {concept.text}" for o in others]
-    else:
-        target = [f"a {concept.text}"] + [f"a {concept.text} and a {o}" for o in others] + \
-                 [f"a {concept.text} on a {s}" for s in styles]
-    benign = [f"a {o}" for o in others] + [f"a {a} and a {b}" for a in others for b in others if a != b]
-    if concept.kind == "style":
-        benign = [p for p in benign] + [f"a {o} on a {s}" for o in others for s in styles if s != concept.text]
-    rng.shuffle(target), rng.shuffle(benign)
-    reps = -(-n_target // len(target))
-    return (target * reps)[:n_target], benign[:n_benign]
-
-
-class _FakeJudgement:
-    """A one-object 'judgement' of a phrase, to ask a Concept whether the phrase shows it."""
-
-    def __init__(self, phrase):
-        from .toyworld import vocab as V
-
-        words = phrase.split()
-        self.background = "plain"
-
-        class Obj:
-            character = words[0] if words[0] in V.CHARACTERS else None
-            colour = None if character else words[0]
-            shape = None if character else words[1]
-
-        self.objects = [Obj]
+from ..dag.fit import GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES
+from ..toyworld.concepts import concept_mask, concept_prompts, is_concept_object
+from . import REPO
 
 
 def train_toy_guideline(model: str | None, concept, n_unsafe: int = GUIDELINE_IMAGES, n_safe: int = GUIDELINE_SAFE_IMAGES, seed: int = 0, steps=None,
@@ -92,9 +31,9 @@ def train_toy_guideline(model: str | None, concept, n_unsafe: int = GUIDELINE_IM
     """A GuidelineEmbedding for ``concept`` on the toy model: the erasure trainer's data
     (images the model draws, masked by the judge; neighbouring and unrelated concepts as the
     safe images) and :func:`erasekit.dag.fit.fit_guideline`."""
-    from . import models
-    from .dag.fit import fit_guideline, guideline_data_config
-    from .erase.data import build_erase_data
+    from .. import models
+    from ..dag.fit import fit_guideline
+    from ..erase.data import build_erase_data, guideline_data_config
 
     comps = models.load(model or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "toy"))
     data = build_erase_data(comps, concept.text, guideline_data_config(n_unsafe, n_safe, seed), log=log)
@@ -102,7 +41,7 @@ def train_toy_guideline(model: str | None, concept, n_unsafe: int = GUIDELINE_IM
 
 
 def _judge_all(images):
-    from .toyworld.judge import judge
+    from ..toyworld.judge import judge
 
     return [judge(img.permute(1, 2, 0).numpy()) for img in images]
 
@@ -131,11 +70,11 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     import torch
     import torch.nn.functional as F
 
-    from .dag.guidance import DagSettings
-    from .dag.guideline import GuidelineEmbedding
-    from .dag.sampling import sample
-    from .toyworld.model import load_toy_pipeline
-    from .toyworld.vocab import parse_concept
+    from ..dag.guidance import DagSettings
+    from ..dag.guideline import GuidelineEmbedding
+    from ..dag.sampling import sample
+    from ..toyworld.model import load_toy_pipeline
+    from ..toyworld.vocab import parse_concept
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     concept = parse_concept(target)
@@ -212,12 +151,11 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
 
 def _comfyui_check(target: str, guideline: str, model: str | None, prompts: int, strength: float) -> dict:
     """tools/dag_check_comfy.py in a fresh process (ComfyUI's imports must not leak into this one)."""
-    from .fresh_process import json_from
+    from ..fresh_process import json_from
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [os.path.join(repo, "tools", "dag_check_comfy.py"), "--target", target, "--guideline", guideline,
-            "--prompts", str(prompts), "--strength", str(strength), "--json"] + (["--model", model] if model else [])
-    return json_from(args, "the ComfyUI check")
+    args = ["-m", "tools.dag_check_comfy", "--target", target, "--guideline", os.path.abspath(guideline),
+            "--prompts", str(prompts), "--strength", str(strength), "--json"] + (["--model", os.path.abspath(model)] if model else [])
+    return json_from(args, "the ComfyUI check", cwd=REPO)
 
 
 def erase_and_preservation(concept, plain, guided) -> tuple[float, float]:
@@ -232,7 +170,7 @@ def erase_and_preservation(concept, plain, guided) -> tuple[float, float]:
             found_plain += 1
             found_guided += concept.matches(jg)
         have = [o.label for o in jg.objects]
-        for label in (o.label for o in jp.objects if not concept_mask(_One(o), concept).any()):
+        for label in (o.label for o in jp.objects if not is_concept_object(o, concept)):
             others += 1
             if label in have:
                 kept += 1
@@ -241,19 +179,12 @@ def erase_and_preservation(concept, plain, guided) -> tuple[float, float]:
             round(kept / others, 4) if others else None)
 
 
-class _One:
-    """A judgement holding one detection (to reuse concept_mask on a single object)."""
-
-    def __init__(self, obj):
-        self.objects, self.background = [obj], None
-
-
 def _cam_cost(pipe, emb, batch: int) -> float:
     """Seconds of CAM work (guideline keys x queries, over the coarse layers) per second of one
     CFG UNet pass, on the same batch."""
     import torch
 
-    from .dag.sampling import GuidelineTap
+    from ..dag.sampling import GuidelineTap
 
     unet = pipe.unet
     shape = (2 * batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)

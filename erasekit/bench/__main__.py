@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import REPO
 
 
 def _comfy_run(with_pack: bool) -> dict:
-    from .fresh_process import json_from
+    from ..fresh_process import json_from
 
-    args = [os.path.join(REPO, "tools", "comfy_headless.py"), "--object-info"] + ([] if with_pack else ["--no-pack"])
-    return json_from(args, "ComfyUI's node loading", timeout=600)
+    args = ["-m", "tools.comfy_headless", "--object-info"] + ([] if with_pack else ["--no-pack"])
+    return json_from(args, "ComfyUI's node loading", timeout=600, cwd=REPO)
 
 
 def bench_startup(repeats: int = 3) -> dict:
@@ -47,8 +46,8 @@ def bench_startup(repeats: int = 3) -> dict:
 
 
 def main(argv=None) -> None:
-    from .bench_erase import INPO_SETTINGS  # light: its heavy imports are inside functions
-    from .dag.fit import GUIDELINE_IMAGES
+    from ..dag.fit import GUIDELINE_IMAGES
+    from .erase import INPO_SETTINGS  # light: its heavy imports are inside functions
 
     ap = argparse.ArgumentParser(prog="python -m erasekit.bench", description="Erasekit benchmarks (JSON lines).")
     sub = ap.add_subparsers(dest="which", required=True)
@@ -107,7 +106,7 @@ def main(argv=None) -> None:
     r.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     a = ap.parse_args(argv)
     if a.which == "erase":
-        from .bench_erase import bench_erase
+        from .erase import bench_erase
 
         log = lambda msg: print(msg, file=sys.stderr)
         inpo = {k: getattr(a, k) for k in INPO_SETTINGS if getattr(a, k) is not None}
@@ -119,13 +118,13 @@ def main(argv=None) -> None:
                                      cost=not a.no_cost,
                                      strengths=[float(x) for x in a.strengths.split(",") if x.strip()])))
     if a.which == "lora-roundtrip":
-        from .bench_lora import bench_lora_roundtrip
+        from .lora import bench_lora_roundtrip
 
         print(json.dumps(bench_lora_roundtrip()))
     if a.which == "startup":
         print(json.dumps(bench_startup(a.repeats)))
     elif a.which == "dag":
-        from .bench_dag import bench_dag
+        from .dag import bench_dag
 
         log = lambda msg: print(msg, file=sys.stderr)  # JSON alone on stdout
         print(json.dumps(bench_dag(a.target, a.prompts, a.prompts, tuple(range(a.seeds)), a.steps, a.cfg, a.model,

@@ -1,0 +1,96 @@
+"""The command line's arguments (:func:`build_parser`): read by the CLI (:mod:`trainer.cli`) and by the
+app's jobs (:mod:`trainer.work`), which pass a page's settings as the same flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from erasekit.dag.fit import GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES
+
+METHODS = ("inpo",)  # NCD and ResAlign plug into the same engine next
+
+MODEL_CONFIG_HELP = ("for a single-file checkpoint: a local diffusers folder of the same model (configs and tokenizer, "
+                     "no weights needed); default models/configs/<architecture>, else diffusers fetches them from the Hub")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Erase a concept from a text-to-image model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune and export an erasure LoRA")
+    p.add_argument("--method", choices=METHODS, default="inpo")
+    p.add_argument("--target", help='the concept to erase, e.g. "red circle", "bobo", "striped background"')
+    p.add_argument("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: models/toy)")
+    p.add_argument("--model-config", default=None, help=MODEL_CONFIG_HELP)
+    p.add_argument("--out", default=None, help="run folder (default: runs/erase-<target>-<method>)")
+    p.add_argument("--config", help="a TOML file with [train], [<method>] and [data] tables")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--preset", choices=("object", "character", "style", "nsfw"),
+                   help="hyperparameters of this concept type (default: from the target)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    for flag, kind, text in (
+            ("steps", int, "training steps (default: the preset's)"), ("seed", int, "data, init and noise draws"),
+            ("lr", float, "learning rate (default 1e-4; the toy model's tuning on the toy model)"),
+            ("rank", int, "LoRA rank (default: the preset's, 4)"), ("alpha", float, "LoRA alpha (default: the rank)"),
+            ("batch-size", int, "forget and preserve images per step (each)"),
+            ("grad-accum", int, "micro-batches accumulated into each optimizer step (default 1)"),
+            ("checkpoint-every", int, "steps between checkpoints (default 100; a kill loses at most this many)"),
+            ("sample-every", int, "steps between preview images (0: none)"),
+            ("eta", float, "INPO Eq. 13/15: erasure strength (preset: 1, style 3)"),
+            ("gamma", float, "INPO Eq. 14: sharpness of the adaptive scaling (preset 3)"),
+            ("tau", float, "INPO Eq. 14: target margin of dS (preset 0.1)"),
+            ("lambda-prior", float, "INPO Alg. 1: weight of the prior preservation loss, Eq. 16 (preset 0.6)"),
+            ("lambda-anchor", float, "beyond the paper: Eq. 16 on the forget images under preserved prompts (0: off)"),
+            ("preserve-pairs", float, "toy model: share of preserve prompts showing two preserved objects (0: off)"),
+            ("forget-images", int, "images of the concept to generate (default 16)"),
+            ("images-per-concept", int, "preserve images per preserved concept (default 25)"),
+            ("neighbours", int, "neighbouring concepts to preserve (default 4)"),
+            ("unrelated", int, "unrelated concepts to preserve (default 4)")):
+        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    p.add_argument("--mode", choices=("lora", "full"), default=None)
+    p.add_argument("--targets", default=None, help="cross-attention | attention (default; the toy model: feed-forward) | "
+                   "feed-forward | all | to_k,to_v,...")
+    p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), default=None)
+    p.add_argument("--lr-scheduler", default=None, help="constant, cosine, linear, constant_with_warmup, ...")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None)
+    p.add_argument("--name", default=None, help="file name of the exported LoRA")
+    for flag in ("gradient-checkpointing", "train-text-encoder", "cpu"):
+        p.add_argument(f"--{flag}", action="store_true", default=None)
+    p.add_argument("--stop-when-erased", action=argparse.BooleanOptionalAction, default=None,
+                   help="end once the method counts the concept as erased; --steps is then a maximum. A resumed "
+                        "run keeps its setting: --no-stop-when-erased trains an early-stopped run further")
+    for flag in ("forget-dir", "preserve-dir", "cache"):
+        p.add_argument(f"--{flag}", default=None)
+    p.add_argument("--mask-from", choices=("auto", "full", "guideline", "nudenet"), default=None,
+                   help="masks of generated forget images on models without the toy judge (default auto: the "
+                        "--guideline embedding if given, NudeNet for nudity, else the whole image)")
+    p.add_argument("--guideline", default=None, help="a guideline embedding (.safetensors) whose detection map masks "
+                                                     "the forget images")
+    g = sub.add_parser("guideline", help="learn a Detect-and-Guide guideline embedding (DAG Sec. 3.1)")
+    g.add_argument("--target", required=True, help='the concept to detect, e.g. "red circle", "nudity"')
+    g.add_argument("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: models/toy)")
+    g.add_argument("--model-config", default=None, help=MODEL_CONFIG_HELP)
+    g.add_argument("--out", default=None, help="the .safetensors file to write (default: runs/guideline-<target>.safetensors)")
+    g.add_argument("--init", default=None, help="words the tokens start from (default: the target)")
+    g.add_argument("--contrast", default=None,
+                   help="comma-separated concepts that are NOT the target (e.g. 'clothed person, swimsuit'): their "
+                        "words compete with the guideline tokens, so look-alikes are not detected; default: the "
+                        "safe images' concepts (toy) or captions (--preserve-dir); 'none': the paper's plain tokens")
+    g.add_argument("--forget-dir", default=None,
+                   help="images of the concept (name.png + name_mask.png, white = concept); default: drawn by the toy model")
+    g.add_argument("--preserve-dir", default=None, help="images without the concept (zero masks)")
+    g.add_argument("--images", type=int, default=GUIDELINE_IMAGES, help="images of the concept to generate (toy model)")
+    g.add_argument("--safe-images", type=int, default=GUIDELINE_SAFE_IMAGES, help="images without it to generate (toy model)")
+    g.add_argument("--steps", type=int, default=None, help="optimisation steps (default 100 x unsafe images, Table 4)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = sub.add_parser("app", help="the trainer's web page (Gradio), on 127.0.0.1 by default")
+    a.add_argument("--out-root", default="runs", help="every file the app writes goes under this folder (default: runs/)")
+    a.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),
+                   help="a ComfyUI install: pick base models from its models/checkpoints, export into models/loras")
+    a.add_argument("--base", default=None, help="the base model shown first (default: models/toy)")
+    a.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (needs --auth)")
+    a.add_argument("--auth", default=None, help="user:password asked by the page")
+    a.add_argument("--port", type=int, default=None, help="port (default: 7860 or GRADIO_SERVER_PORT)")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser

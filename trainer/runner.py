@@ -1,0 +1,172 @@
+"""The trainer's run functions, shared by the CLI (:mod:`trainer.cli`) and the app's jobs (:mod:`trainer.work`).
+
+Settings are resolved in this order, each overriding the one before: the engine's defaults, the
+method's preset for the concept type (INPO, Table 6), the run folder's own ``config.toml`` (on
+resume), the ``--config`` file (tables ``[train]``, ``[inpo]``, ``[data]``), then the flags given.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from erasekit.errors import ErasekitError
+
+DEFAULT_BASE = Path(__file__).resolve().parents[1] / "models" / "toy"  # the bundled toy model
+
+# flag -> (table, key); flags left out keep the value from the config / preset / default
+FLAGS = {
+    "target": ("train", "target"), "steps": ("train", "steps"), "seed": ("train", "seed"), "lr": ("train", "lr"),
+    "rank": ("train", "rank"), "alpha": ("train", "alpha"), "batch_size": ("train", "batch_size"),
+    "grad_accum": ("train", "grad_accum"), "mode": ("train", "mode"), "targets": ("train", "targets"),
+    "optimizer": ("train", "optimizer"), "lr_scheduler": ("train", "lr_scheduler"),
+    "mixed_precision": ("train", "mixed_precision"), "checkpoint_every": ("train", "checkpoint_every"),
+    "sample_every": ("train", "sample_every"), "name": ("train", "name"),
+    "gradient_checkpointing": ("train", "gradient_checkpointing"), "train_text_encoder": ("train", "train_text_encoder"),
+    "cpu": ("train", "cpu"), "stop_when_erased": ("train", "stop_when_erased"), "eta": ("method", "eta"), "gamma": ("method", "gamma"), "tau": ("method", "tau"),
+    "lambda_prior": ("method", "lambda_prior"), "lambda_anchor": ("method", "lambda_anchor"),
+    "preserve_pairs": ("data", "preserve_pairs"), "forget_dir": ("data", "forget_dir"),
+    "preserve_dir": ("data", "preserve_dir"), "forget_images": ("data", "forget_images"),
+    "images_per_concept": ("data", "images_per_concept"), "neighbours": ("data", "neighbours"),
+    "unrelated": ("data", "unrelated"), "cache": ("data", "cache"), "mask_from": ("data", "mask_from"),
+    "guideline": ("data", "guideline"),
+}
+
+
+
+def resolve(args, kind: str | None, toy: bool = False) -> dict:
+    """The settings tables {"train", "method", "data"} from defaults, preset (with the toy model's
+    tuning on the toy model), files and flags."""
+    from erasekit.erase.engine import read_config
+    from erasekit.erase.inpo import preset
+
+    tables = {"train": {}, "method": {}, "data": {}}
+    row = preset(args.preset or kind or "object", toy=toy)
+    tables["train"].update(steps=row.pop("steps"), rank=row.pop("rank"),
+                           **{k: row.pop(k) for k in ("lr", "targets") if k in row})  # the toy model's tuning
+    tables["method"].update(row)
+    files = ([os.path.join(args.out, "config.toml")] if args.resume and os.path.isfile(os.path.join(args.out, "config.toml")) else [])
+    files += [args.config] if args.config else []
+    for path in files:
+        for name, values in read_config(path).items():
+            table = "method" if name == args.method else name
+            if table not in tables:
+                raise ErasekitError(f"Unknown table [{name}] in '{path}'; expected [train], [{args.method}] and [data].")
+            tables[table].update(values)
+    for attr, (table, key) in FLAGS.items():
+        if getattr(args, attr, None) is not None:
+            tables[table][key] = getattr(args, attr)
+    if getattr(args, "seed", None) is not None:  # --seed also draws the data (which prompts, which seeds)
+        tables["data"]["seed"] = args.seed
+    tables["train"].update(out=args.out, base=str(args.base), resume=bool(args.resume))
+    return tables
+
+
+def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True) -> dict:
+    """Everything a run needs, from the parsed arguments: the base model's components, the target,
+    the resolved configs (train, method, data) and, with ``with_data``, the forget / preserve sets.
+    Shared by the CLI and the trainer app (:mod:`trainer.jobs`)."""
+    from erasekit import models
+    from erasekit.erase.data import DataConfig, build_erase_data, resolve_concept
+    from erasekit.erase.engine import TrainConfig, config_from_dict, latest_checkpoint
+    from erasekit.erase.inpo import InpoConfig
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    # a resumed run reuses the base model written in its config.toml
+    args.base = args.base or (args.resume and saved_setting(args, "base")) or DEFAULT_BASE
+    if not os.path.exists(args.base):
+        raise ErasekitError(f"The base model '{args.base}' does not exist; pass --base <a diffusers folder or a .safetensors "
+                            "checkpoint> (the toy model is made by `python -m erasekit.toyworld train --out models/toy`).")
+    components = models.load(str(args.base), config=args.model_config)
+    toy = components.architecture is not None and components.architecture.name == "toy"
+
+    target = args.target or saved_setting(args, "target")
+    if not target:
+        raise ErasekitError("No concept to erase: pass --target, e.g. --target \"red circle\".")
+    kind = resolve_concept(target).kind if toy else None
+    args.target = target
+    if not args.out:
+        args.out = os.path.join("runs", f"erase-{'-'.join(target.lower().split())}-{args.method}")
+    tables = resolve(args, kind, toy)
+    config = config_from_dict(TrainConfig, tables["train"], "[train]")
+    method_config = config_from_dict(InpoConfig, tables["method"], f"[{args.method}]")
+    data_config = config_from_dict(DataConfig, tables["data"], "[data]")
+    if not config.sample_prompts:
+        config.sample_prompts = [target] if not toy else [f"a {target}" if kind != "character" else target]
+
+    if check_fresh and not config.resume and latest_checkpoint(config.out) is not None:  # before the data is made
+        raise ErasekitError(f"The folder '{config.out}' already holds a run; resume it with --resume or pick another --out folder.")
+    data_config.cache = data_config.cache or os.path.join(config.out, "data.safetensors")  # resume reuses it
+    from accelerate import PartialState  # this process's device, also under `accelerate launch`
+
+    device = PartialState(cpu=config.cpu).device
+    for module in (components.unet, components.text_encoder, components.vae):
+        module.to(device)
+    out = {"components": components, "target": target, "config": config, "method_config": method_config,
+           "data_config": data_config, "data": None}
+    if with_data:
+        out["data"] = build_erase_data(components, target, data_config, log=log)
+    return out
+
+
+def run_training(args, *, progress=None, cancel=None, log=None):
+    """Resolve the settings, make (or load) the data and train: the engine's ``RunResult``.
+    The one run function of the CLI and the trainer app."""
+    from erasekit.erase.engine import train
+    from erasekit.erase.inpo import InpoObjective
+
+    prep = prepare(args, log=log)
+    return train(prep["config"], InpoObjective(prep["method_config"]), prep["data"], prep["components"],
+                 progress=progress, cancel=cancel, sections={"data": prep["data_config"]})
+
+
+def run_guideline(args, *, progress=None, log=None):
+    """Make (or load) the images and learn a guideline embedding: ``(embedding, path written)``.
+    The one guideline function of the CLI and the trainer app. ``progress(step, total, loss)``."""
+    from erasekit import models
+    from erasekit.dag.fit import fit_guideline
+    from erasekit.erase.data import build_erase_data, guideline_data_config
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    base = args.base or DEFAULT_BASE
+    if not os.path.exists(base):
+        raise ErasekitError(f"The base model '{base}' does not exist; pass --base <a diffusers folder or a .safetensors "
+                            "checkpoint>.")
+    components = models.load(str(base), config=getattr(args, "model_config", None))
+    toy = components.architecture is not None and components.architecture.name == "toy"
+    if not toy and not args.forget_dir:
+        raise ErasekitError("Only the toy model can draw and mask its own training images; for this model pass "
+                            "--forget-dir with images of the concept and their masks (name.png + name_mask.png).")
+    out = args.out or os.path.join("runs", f"guideline-{'-'.join(args.target.lower().split())}.safetensors")
+    data = build_erase_data(components, args.target,
+                            guideline_data_config(args.images, args.safe_images, args.seed, args.forget_dir,
+                                                  args.preserve_dir), log=log)
+    total = args.steps or 100 * len(data.forget)
+    contrast = getattr(args, "contrast", None)
+    if contrast is not None:
+        contrast = [] if contrast.strip().lower() == "none" else [p.strip() for p in contrast.split(",") if p.strip()]
+    emb = fit_guideline(components, data, args.target, init_phrase=args.init, steps=args.steps, seed=args.seed,
+                        contrast=contrast,
+                        callback=(lambda step, loss: progress(step, total, loss)) if progress else None, log=log)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    emb.save(out)
+    return emb, out
+
+
+def saved_setting(args, key: str):
+    """``[train] key`` from the --config file or, on resume, the run's own config.toml (None: neither has it)."""
+    from erasekit.erase.engine import read_config
+
+    for path in ([args.config] if args.config else []) + ([os.path.join(args.out, "config.toml")] if args.out and args.resume else []):
+        if os.path.isfile(path) and read_config(path).get("train", {}).get(key):
+            return read_config(path)["train"][key]
+    return None
