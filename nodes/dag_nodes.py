@@ -9,6 +9,7 @@ from .spec import Input, NodeSpec, Output, file_stamp
 
 PACK_GUIDELINES = os.path.join(PACK_MODELS, "guideline")
 GUIDELINE = "ERASEKIT_GUIDELINE"
+FAILURE_CHOICES = {"stop": "stop", "guide whole image": "guide_whole_image"}  # node choice -> DagSession's on_failure
 
 
 def guideline_files() -> dict[str, str]:
@@ -40,7 +41,7 @@ def _check_fits(model, embeddings):
 
 def detect_and_guide(model, clip, guideline, safety_text: str, mode: str, strength: float, warmup: float,
                      unsafe_threshold: float, edit_threshold: float, sld_preset: str, sega_mask: float = 0.0,
-                     guideline_2=None, node_id=None):
+                     guideline_2=None, if_detection_fails: str = "stop", node_id=None):
     from erasekit.dag.guidance import DagSettings, SegaSettings, SldSettings
 
     from .dag_patch import install
@@ -52,7 +53,8 @@ def detect_and_guide(model, clip, guideline, safety_text: str, mode: str, streng
     dag = DagSettings(tau_high=unsafe_threshold, tau_low=edit_threshold, warmup_fraction=warmup, strength=strength,
                       top_p=sega_mask)
     return (install(model, embeddings, safety_cond, mode.lower(), dag, SldSettings.preset(sld_preset),
-                    SegaSettings(warmup_fraction=warmup), preview=_preview_sender(node_id)),)
+                    SegaSettings(warmup_fraction=warmup), preview=_preview_sender(node_id),
+                    on_failure=FAILURE_CHOICES[if_detection_fails]),)
 
 
 def _preview_sender(node_id):
@@ -94,14 +96,14 @@ def detection_maps(model, image, which: str):
 
     from erasekit.visualize import heat_overlay
 
-    state = model.model_options.get("transformer_options", {}).get("erasekit_dag_state")
-    if state is None:
+    session = model.model_options.get("transformer_options", {}).get("erasekit_dag_session")
+    if session is None:
         raise ValueError("This model has no Detect-and-Guide patch: connect the MODEL output of 'Detect-and-Guide' "
                          "(the one the sampler used).")
-    if not state.history:
+    if not session.log.maps:
         raise ValueError("No detection maps yet: connect the sampler's decoded IMAGE so this node runs after sampling "
                          "(and use mode DAG).")
-    maps = torch.stack(state.history)  # [steps, B, h, w]
+    maps = torch.stack(session.log.maps)  # [steps, B, h, w]
     heat = {"max over steps": maps.amax(0), "last step": maps[-1], "mean over steps": maps.mean(0)}[which]
     if heat.shape[0] != image.shape[0]:
         heat = heat[:1].repeat(image.shape[0], 1, 1)
@@ -140,8 +142,7 @@ SPECS = [
                   tooltip="DAG: region-limited, adaptive (the paper). SLD / SEGA: whole-image safety guidance, for comparison."),
             Input("strength", "FLOAT", default=1.0, min=0.0, max=5.0, step=0.05, tooltip="Multiplies DAG's scale map (1 = paper). The paper scales an edit "
                   "by the area of its region, so small objects get weak edits: raise it when they survive, at some "
-                  "cost to what is near them (toy model: strength 1 removed 0.93 of the red circles and kept 0.91 "
-                  "of the other objects; 4: 0.96 and 0.88)."),
+                  "cost to what is near them."),
             Input("warmup", "FLOAT", default=0.1, min=0.0, max=1.0, step=0.01,
                   tooltip="Fraction of the steps before guidance starts (paper: 5 of 50)."),
             Input("unsafe_threshold", "FLOAT", default=0.5, min=0.0, max=1.0, step=0.01,
@@ -153,9 +154,12 @@ SPECS = [
             Input("sega_mask", "FLOAT", default=0.0, min=0.0, max=0.99, step=0.05, optional=True,
                   tooltip="DAG: inside the detected region, edit only the strongest (1 - this) of the safety "
                   "direction per channel (SEGA's mask, which the paper's main runs use). 0: the whole region. "
-                  "Higher keeps more of the rest of the image and erases less (toy model, strength 4: 0.9 "
-                  "erased 0.90 and kept 0.91 of the other objects; 0 erased 0.96 and kept 0.88)."),
+                  "Higher keeps more of the rest of the image and erases less."),
             Input("guideline_2", GUIDELINE, optional=True, tooltip="A second concept (maps combine by max)."),
+            Input("if_detection_fails", "COMBO", options=list(FAILURE_CHOICES), default="stop", optional=True,
+                  tooltip="When the detection map cannot be computed (non-finite values from the model or the "
+                  "embedding): stop the sampling with an error, or guide that image as a whole (SEGA's edit). "
+                  "It never samples unguided."),
         ],
         outputs=[Output("MODEL", "model", "The model with safe self-regulation; connect it to the sampler.")],
         function=detect_and_guide,

@@ -38,40 +38,32 @@ def _transformer_block(diffusion_model, block, index):
     raise KeyError(f"no transformer at {block}")
 
 
-class DagState:
-    """Per-sampling state: this step's CAMs, the maps of every step (for the Detection Maps node)."""
+class HostState:
+    """What the patch itself keeps per sampling: this step's CAMs and the sampling's own inputs."""
 
     def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.cams: dict[tuple, list] = {}  # layer -> [(level, [per-concept CAM [B, h, w]]), ...] of this step
+        self.cams: dict[tuple, list] = {}  # layer -> [(level, uuid, [per-concept CAM [B, h, w]]), ...] of this step
         self.sample_inputs: dict = {}  # latent_image, denoise_mask, seed of the sampling (for the safety cond)
-        self.history: list[torch.Tensor] = []
-        self.seen = None  # max of A-hat over the steps so far (the live preview)
-        self.guided_steps = 0
-        self.extra_passes = 0
         self.warned = False  # the area-prompts warning, once per sampling
-        self.steps_before = 0  # steps of earlier segments of a split sampling (KSamplerAdvanced start / end)
-        self.ends_at = None  # (sigma, latent shape) where this sampling stopped: where a continuation starts
-        self.segment_steps = 0  # steps of the segment being sampled
 
 
 def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings | None = None,
-            sld: SldSettings | None = None, sega: SegaSettings | None = None, preview=None):
-    """Return a clone of ``model`` (a ComfyUI ModelPatcher) with DAG / SLD / SEGA installed."""
+            sld: SldSettings | None = None, sega: SegaSettings | None = None, preview=None, on_failure: str = "stop"):
+    """Return a clone of ``model`` (a ComfyUI ModelPatcher) with DAG / SLD / SEGA installed; the
+    per-sampling state machine is a :class:`~erasekit.dag.session.DagSession`."""
     import comfy.patcher_extension
     import comfy.sampler_helpers
     import comfy.samplers
 
-    from erasekit.dag.detect import Detector, guideline_cam
+    from erasekit.dag.detect import guideline_cam
+    from erasekit.dag.session import DagSession
 
     from .comfy_bridge import dag_layer_coordinates
 
     guidance = Guidance(mode, dag or DagSettings(), sega or SegaSettings(), sld or SldSettings.preset("medium"))
     m = model.clone()
-    state = DagState()
-    detector = Detector(embeddings, guidance.dag.hold)
+    state = HostState()
+    session = DagSession(guidance, embeddings if mode == "dag" else (), on_failure=on_failure)
     keys_cache: dict[tuple, list] = {}
     safety = comfy.sampler_helpers.convert_cond(safety_cond)
     layers = dag_layer_coordinates(model)  # (block, number, transformer index): the diffusers path's layers
@@ -115,14 +107,12 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 per_layer.append([torch.stack(maps).mean(0) for maps in zip(*full)])
         return list(zip(*per_layer))
 
-    def step_index(sigma, model_options):
-        """(step, steps) of the whole sampling, a split one's earlier segments included."""
+    def step_index(sigma, model_options) -> int:
+        """This call's step at ``sigma`` (0 without the sampler's sigmas)."""
         sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         if sigmas is None:
-            return state.steps_before, state.steps_before + 1
-        s = float(sigma.flatten()[0])
-        i = int(torch.argmin((sigmas.float() - s).abs()))
-        return state.steps_before + i, state.steps_before + max(len(sigmas) - 1, 1)
+            return 0
+        return int(torch.argmin((sigmas.float() - float(sigma.flatten()[0])).abs()))
 
     def extra_pass(args, rows=None):
         """x0 of the safety condition, for the images ``rows`` of the batch (default: all)."""
@@ -147,7 +137,6 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         conds = [{**c, **{k: negative[k] for k in ("control", "gligen") if k in negative}} for c in safety]
         processed = comfy.samplers.encode_model_conds(mdl.extra_conds, conds, x, x.device, "negative", **inputs)
         (x0_cs,) = comfy.samplers.calc_cond_batch(mdl, [processed], x, sigma, opts)
-        state.extra_passes += 1
         return x0_cs
 
     def post_cfg(args):
@@ -155,8 +144,8 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         if args.get("uncond") is None:  # ComfyUI then passes zeros as the unconditional prediction
             raise RuntimeError("Detect-and-Guide needs the sampler's unconditional (negative) prediction, and this "
                                "guider has none (e.g. BasicGuider). Use KSampler, or CFGGuider with a negative prompt.")
-        i, n_steps = step_index(args["sigma"], args["model_options"])
-        a_hat = None
+        i = step_index(args["sigma"], args["model_options"])
+        a_hat, failed = None, ()
         if mode == "dag":
             positive = {c.get("uuid") for c in args.get("cond") or []}
             per_concept = step_cams(denoised.shape[-2:], denoised.shape[0], positive)  # [concept][layer]
@@ -168,34 +157,24 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                                     "detected; add a prompt over the whole image (Conditioning (Combine)).")
                 return denoised
             timestep = float(args["model"].model_sampling.timestep(args["sigma"]).flatten()[0])  # 0..T, for the gate
-            a_hat, _ = detector(per_concept, denoised.shape[-2:], timestep)
-            state.history.append(a_hat.cpu())
+            a_hat, failed = session.detect(per_concept, denoised.shape[-2:], timestep)
             if preview is not None:  # what was found so far: an erased object stays visible where it was
-                same = state.seen is not None and state.seen.shape == a_hat.shape
-                state.seen = torch.maximum(state.seen, a_hat) if same else a_hat
-                preview(state.seen, i, n_steps)
+                preview(session.log.seen, session.steps_before + i, session.n_steps)
         sigma = args["sigma"].reshape(-1, *([1] * (denoised.dim() - 1))).to(denoised.dtype)
-        out, guided = guidance.apply(denoised, x0_u, x0_p, lambda rows: extra_pass(args, rows), i, n_steps,
-                                     args["cond_scale"], a_hat=a_hat, sigma=sigma)
-        state.guided_steps += guided
-        return out
+        return session.step(i, denoised, x0_u, x0_p, lambda rows: extra_pass(args, rows), args["cond_scale"],
+                            a_hat=a_hat, failed=failed, sigma=sigma)
 
     def outer_sample(executor, *args, **kwargs):
         # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
         names = ("noise", "latent_image", "sampler", "sigmas", "denoise_mask", "callback", "disable_pbar", "seed")
         given = {**dict(zip(names, args)), **kwargs}
         sigmas, shape = given.get("sigmas"), tuple(getattr(given.get("noise"), "shape", ()))
-        # a sampling split over two KSamplerAdvanced (the first returns its leftover noise) is one sampling:
-        # it keeps the hold (hysteresis), the maps and its step count; anything else starts afresh
-        go_on = sigmas is not None and len(sigmas) > 1 and float(sigmas[0]) > 0 and \
-            state.ends_at == (float(sigmas[0]), shape)
-        before = state.steps_before + state.segment_steps if go_on else 0
-        if not go_on:
-            state.reset()
-            detector.reset()
-            guidance.reset()
-        state.steps_before, state.segment_steps = before, (len(sigmas) - 1 if sigmas is not None else 0)
-        state.ends_at = (float(sigmas[-1]), shape) if sigmas is not None and len(sigmas) else None
+        # a sampling split over two KSamplerAdvanced (the first returns its leftover noise) is one sampling
+        has = sigmas is not None and len(sigmas) > 0
+        continued = session.start(len(sigmas) - 1 if has else 0, float(sigmas[0]) if has and len(sigmas) > 1 else None,
+                                  float(sigmas[-1]) if has else None, shape)
+        if not continued:
+            state.cams, state.warned = {}, False
         state.sample_inputs = {k: given.get(k) for k in ("latent_image", "denoise_mask", "seed")}
         keys_cache.clear()  # weights may have been patched (LoRA) since the last run
         return executor(*args, **kwargs)
@@ -203,5 +182,5 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
     m.set_model_attn2_patch(attn2_patch)
     m.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "erasekit_dag", outer_sample)
-    m.model_options.setdefault("transformer_options", {})["erasekit_dag_state"] = state
+    m.model_options.setdefault("transformer_options", {})["erasekit_dag_session"] = session
     return m

@@ -43,7 +43,7 @@ def dag_graph(model_name: str, prompt: str, guideline: str, safety_text: str = "
         "12": {"class_type": "ErasekitDetectAndGuide", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "guideline": ["11", 0], "safety_text": safety_text, "mode": mode,
             "strength": strength, "warmup": 0.1, "unsafe_threshold": 0.5, "edit_threshold": 0.01, "sld_preset": "medium",
-            "sega_mask": 0.0}},
+            "sega_mask": 0.0, "if_detection_fails": "stop"}},
         "16": {"class_type": "KSampler", "inputs": {
             "model": ["12", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
             "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0}},

@@ -184,6 +184,7 @@ def _cam_cost(pipe, emb, batch: int) -> float:
     CFG UNet pass, on the same batch."""
     import torch
 
+    from ..dag.detect import Detector
     from ..dag.sampling import GuidelineTap
 
     unet = pipe.unet
@@ -198,7 +199,8 @@ def _cam_cost(pipe, emb, batch: int) -> float:
             unet(x, t, encoder_hidden_states=ctx)
         unet_s = (time.perf_counter() - t0) / 5
         t0 = time.perf_counter()
+        detector, hw = Detector([emb]), tuple(shape[-2:])
         for _ in range(20):
-            tap.detection(tuple(shape[-2:]))
+            detector(tap.cams(hw), hw)
         cam_s = (time.perf_counter() - t0) / 20
     return cam_s / unet_s

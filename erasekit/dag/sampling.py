@@ -7,7 +7,7 @@ live in noise units, sigma = -1 gives exactly SLD's noise-space update).
 
 Lazy DAG: the guideline CAMs are read from the conditional pass that runs anyway, through a
 forward hook on each coarse layer's ``to_q`` that only *reads* the queries, so the UNet's
-computation is untouched. The extra pass for the safety condition runs only on steps where
+computation is untouched; a :class:`~erasekit.dag.session.DagSession` does the per-step rest. The extra pass for the safety condition runs only on steps where
 something is detected, and only for the images of the batch where it is; on a benign prompt
 the result is bit-identical to plain CFG.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .guidance import DagSettings, Guidance, SegaSettings, SldSettings
+from .session import DagSession
 
 MODES = ("cfg", "dag", "sld", "sega")
 
@@ -32,20 +33,17 @@ class SampleResult:
 
 
 class GuidelineTap:
-    """Reads the queries of the coarse cross-attention layers and turns them into A-hat.
+    """Reads the queries of the coarse cross-attention layers: this step's guideline CAMs.
 
     ``cond_slice`` selects the conditional entries of the batch (the second half under CFG).
-    Several embeddings combine by a pixel-wise max (multi-concept detection).
     """
 
-    def __init__(self, unet, embeddings, cond_slice=slice(None), hold: bool = True):
-        from .detect import Detector
+    def __init__(self, unet, embeddings, cond_slice=slice(None)):
         from .guideline import coarse_layers
 
         self.layers = coarse_layers(unet)
         self.embeddings = list(embeddings)
         self.cond_slice = cond_slice
-        self.detector = Detector(self.embeddings, hold)  # one tap per sampling: its hysteresis starts fresh
         self.queries = {}
         self._keys = None
         self._hooks = []
@@ -76,18 +74,12 @@ class GuidelineTap:
                 self._keys = [{n: e.keys(a.to_k) for n, a in self.layers.items()} for e in self.embeddings]
         return self._keys
 
-    def detection(self, latent_hw, timestep: float | None = None):
-        """A-hat ``[B, H, W]`` at latent resolution from the last forward's queries (at the
-        sampling ``timestep``, 0..T, for embeddings with a per-timestep gate).
-
-        Also sets ``self.scores`` ``[B]``: the largest peak(A) / gate over the concepts (>= 1 means
-        detected), a continuous image-level detection score."""
+    def cams(self, latent_hw):
+        """This step's CAMs ``[concept][layer] -> [B, h, w]`` from the last forward's queries."""
         from .detect import guideline_cam, to_grid
 
-        per_concept = [[to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads, e.n_tokens), latent_hw)
-                        for n in self.layers] for keys, e in zip(self.keys(), self.embeddings)]
-        a_hat, self.scores = self.detector(per_concept, latent_hw, timestep)
-        return a_hat
+        return [[to_grid(guideline_cam(self.queries[n], keys[n], self.layers[n].heads, e.n_tokens), latent_hw)
+                 for n in self.layers] for keys, e in zip(self.keys(), self.embeddings)]
 
 
 def clipped_x0_step_kwargs(scheduler) -> dict:
@@ -103,7 +95,8 @@ def clipped_x0_step_kwargs(scheduler) -> dict:
 
 def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str = "cfg", safety_text: str | None = None,
            embeddings=(), dag: DagSettings | None = None, sld: SldSettings | str = "medium",
-           sega: SegaSettings | None = None, scheduler=None, eta: float = 1.0, keep_maps: bool = False) -> SampleResult:
+           sega: SegaSettings | None = None, scheduler=None, eta: float = 1.0, keep_maps: bool = False,
+           on_failure: str = "stop") -> SampleResult:
     """Generate one image per (prompt, seed) with the chosen guidance.
 
     Args:
@@ -112,6 +105,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
         mode: "cfg" (plain), "dag", "sld" or "sega". DAG needs ``embeddings`` (GuidelineEmbedding) and
             ``safety_text``; SLD/SEGA need ``safety_text``.
         eta: DDIM's eta when the scheduler is DDIM (1 = ancestral-like, the toy model's default).
+        on_failure: what a non-finite detection map does: "stop" (raise) or "guide_whole_image"
+            (:class:`~erasekit.dag.session.DagSession`).
     """
     import inspect
 
@@ -141,28 +136,25 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     step_kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
     step_kwargs.update(clipped_x0_step_kwargs(sched))
     step_gen = torch.Generator().manual_seed(int(seeds[0]) + 7919)
-    res = SampleResult(images=None)
     # the tap only reads queries: attached in DAG mode, or to watch detection under plain CFG
-    tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None), hold=guidance.dag.hold) \
-        if embeddings and (mode == "dag" or keep_maps) else None
+    watch = bool(embeddings) and (mode == "dag" or keep_maps)
+    tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None)) if watch else None
+    session = DagSession(guidance, embeddings if watch else (), keep_maps=keep_maps, on_failure=on_failure)
+    session.start(steps)
     hw = latents.shape[-2:]
+    unet_passes = 0
     with torch.no_grad(), (tap if tap is not None else _Null()):
         for i, t in enumerate(sched.timesteps):
             x = sched.scale_model_input(latents, t)
             eps_u, eps_p = unet(torch.cat([x, x]), t, **both.unet_kwargs()).sample.chunk(2)
-            res.unet_passes += 1
+            unet_passes += 1
             eps = eps_u + cfg * (eps_p - eps_u)
-            a_hat = tap.detection(hw, float(t)) if tap is not None else None
-            if a_hat is not None and keep_maps:
-                res.detection_maps.append(a_hat.cpu())
-                res.detection_scores.append(tap.scores.cpu())
+            a_hat, failed = session.detect(tap.cams(hw), hw, float(t)) if tap is not None else (None, ())
 
             def safety_pass(rows, x=x, t=t):
-                res.extra_passes += 1
                 return unet(x if rows is None else x[rows], t, **safety.unet_kwargs(rows)).sample
 
-            eps, guided = guidance.apply(eps, eps_u, eps_p, safety_pass, i, steps, cfg, a_hat=a_hat)
-            res.guided_steps += guided
+            eps = session.step(i, eps, eps_u, eps_p, safety_pass, cfg, a_hat=a_hat, failed=failed)
             latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
         vae = pipe.vae
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE overflows in fp16
@@ -173,8 +165,9 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
         finally:
             if upcast:
                 vae.to(torch.float16)
-    res.images = ((images.float() + 1) / 2).clamp(0, 1).cpu()
-    return res
+    log = session.log
+    return SampleResult(((images.float() + 1) / 2).clamp(0, 1).cpu(), unet_passes, log.extra_passes, log.maps,
+                        log.scores, log.guided_steps)
 
 
 class _Null:

@@ -113,7 +113,7 @@ def test_dag_patch_cams_equal_the_diffusers_taps(comfy, layout, monkeypatch):
     monkeypatch.setattr(detect, "guideline_cam", lambda *a: cams.append(cam(*a)) or cams[-1])
     with torch.no_grad(), GuidelineTap(unet, [emb]) as tap:
         unet(x, t, encoder_hidden_states=ctx, **kwargs)
-        tap.detection((8, 8), 400.0)
+        tap.cams((8, 8))
     ours, cams = cams, []
     patched = install(load_diffusers_unet(unet, parts["scheduler"]), [emb], [[torch.zeros(1, 7, width), {}]])
     options = dict(patched.model_options["transformer_options"], cond_or_uncond=[0])

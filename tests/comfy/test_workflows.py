@@ -17,7 +17,7 @@ def test_example_workflows_are_current_and_round_trip(comfy):
         with open(path) as f:
             workflow = json.load(f)
         name = os.path.splitext(os.path.basename(path))[0]
-        assert workflow == json.loads(json.dumps(api_to_ui(graphs[name], classes))), f"{name}: run tools/workflows.py"
+        assert workflow == json.loads(json.dumps(api_to_ui(graphs[name], classes))), f"{name}: run python -m tools.workflows"
         assert ui_to_api(workflow, classes) == graphs[name]
 
 
