@@ -7,5 +7,5 @@
     conditioning.py  prompts -> UNet inputs, for one text encoder or SDXL's two (diffusers' encode_prompt)
     fit.py        a guideline embedding from the erasure trainer's data (the CLI's and the app's entry point)
 
-The maths is written once here and used by ComfyUI (comfy_nodes/dag_nodes.py), diffusers and the benchmarks.
+The maths is written once here and used by ComfyUI (nodes/dag_nodes.py), diffusers and the benchmarks.
 """

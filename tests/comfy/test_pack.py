@@ -149,3 +149,24 @@ def test_tiled_vae_nodes_with_the_packs_vae(comfy):
                            for i in ("9", "23", "24"))
     assert plain.shape == tiled.shape == again.shape == (128, 256, 3)
     assert np.abs(plain - tiled).max() <= 1 and np.abs(plain - again).max() <= 2
+
+
+def test_the_pack_leaves_sys_path_and_comfyuis_nodes_module_alone(tmp_path, comfy):
+    """Loaded from a folder that is not on sys.path, the pack puts nothing there: ComfyUI's ``nodes``
+    stays ComfyUI's (the pack's ``nodes/`` is reached relatively) and the core is registered as
+    ``erasekit`` from the pack's own folder; a graph then runs."""
+    code = (
+        "import sys, os, json; sys.path.insert(0, %r); from tools.comfy_headless import HeadlessComfy, COMFY_DIR;"
+        "sys.path.remove(%r); before = [p for p in sys.path];"
+        "c = HeadlessComfy(%r); names = sorted(c.pack_nodes());"
+        "print(json.dumps({'added': [p for p in sys.path if p not in before], 'nodes': sys.modules['nodes'].__file__,"
+        "'comfy': COMFY_DIR, 'core': sys.modules['erasekit'].__file__, 'pack_nodes': len(names)}))"
+        % (REPO, REPO, str(tmp_path))
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["added"] in ([], [seen["comfy"]])  # only ComfyUI's own folder, by the headless runner
+    assert seen["nodes"] == os.path.join(seen["comfy"], "nodes.py")
+    assert seen["core"] == os.path.join(REPO, "erasekit", "__init__.py")
+    assert seen["pack_nodes"] == len(node_ids())
