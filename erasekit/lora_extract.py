@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .errors import ArchitectureError
+from .errors import ArchitectureError, ErasekitError
 from .lora_io import Lora, LoraWeights, canonical_module
 
 
@@ -37,7 +37,8 @@ def extract_lora(original, tuned, rank: int | None = None, sv_fro: float | None 
             (sd-scripts clips both with one quantile of the two together, which cuts up hard).
         min_change: layers with ||dW|| <= min_change * ||W|| are treated as unchanged.
     Conv kernels [out, in, kh, kw] are flattened to [out, in*kh*kw]; down becomes the kh x kw conv.
-    Alpha = rank, so the file applies exactly up @ down at strength 1.
+    Alpha = rank, so the file applies exactly up @ down at strength 1. A weight of another shape, or
+    with a NaN or infinite value, is refused with one sentence naming it.
     """
     import torch
 
@@ -50,7 +51,13 @@ def extract_lora(original, tuned, rank: int | None = None, sv_fro: float | None 
         if key not in orig:
             raise ArchitectureError(f"The tuned weight '{key}' is not in the original model; compare like with like.")
         w0 = orig[key].float().to(w1.device)  # e.g. base weights kept on the CPU, trained ones on the GPU
+        if w0.shape != w1.shape:
+            raise ArchitectureError(f"The tuned weight '{key}' is {list(w1.shape)}, the original {list(w0.shape)}; "
+                                    "compare like with like.")
         diff = w1.float() - w0
+        if not bool(diff.isfinite().all()):
+            raise ErasekitError(f"The weight '{key}' has NaN or infinite values (tuned or original); a LoRA of it "
+                                "would be too: the fine-tune diverged or its file is damaged.")
         change = diff.norm().item()
         if change <= min_change * max(w0.norm().item(), 1e-12):
             continue

@@ -315,50 +315,118 @@ def _undot(flat: str) -> str:
 
 
 def load_lora(path: str) -> tuple[Lora, dict]:
-    """Read a kohya or PEFT/diffusers LoRA file (or a diffusers LoRA folder): ``(lora, metadata)``."""
+    """Read a kohya or PEFT/diffusers LoRA file (or a diffusers LoRA folder): ``(lora, metadata)``.
+
+    Refused with a sentence naming the file: weights that are not floating point or not finite,
+    an alpha that is not a finite positive number, a down/up pair whose shapes or ranks disagree,
+    half of a pair without the other (:func:`check_values`, :func:`_pair`)."""
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, PEFT_WEIGHT_NAME)):
         path = os.path.join(path, PEFT_WEIGHT_NAME)
     sd, meta = checkpoints.load_file(path, "LoRA file")
     name = os.path.basename(path)
+    check_values(sd, name)
+    if any(k.endswith(".lora_down.weight") for k in sd):
+        return _kohya_lora(sd, name), meta
+    return _peft_lora(sd, meta, name), meta
+
+
+def _kohya_lora(sd: dict, name: str) -> Lora:
     lora: Lora = {}
-    if any(k.endswith(".lora_down.weight") for k in sd):  # kohya
-        for key in sd:
-            if not key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")):
-                raise ModelFileError(f"The LoRA file '{name}' has '{key}', a LyCORIS/DoRA part Erasekit does not read; "
-                                     "ComfyUI and A1111 load it directly.")
-            if not key.endswith(".lora_down.weight"):
-                continue
-            base = key[: -len(".lora_down.weight")]
-            prefix = next((p for p in _KOHYA_PREFIX if base.startswith(p)), None)
-            if prefix is None:
-                raise ModelFileError(f"The LoRA file '{name}' has '{key}', which names no UNet or text-encoder layer.")
-            if base + ".lora_up.weight" not in sd:
-                raise _incomplete(name, key, "lora_up.weight")
-            if re.search(r"_(input_blocks|middle_block|output_blocks)_", base):
-                raise ModelFileError(f"The LoRA file '{name}' names its layers the original (LDM) way ('{base}'), "
-                                     "which Erasekit's own loader does not map; ComfyUI and A1111 load it directly.")
-            down, up = sd[key], sd[base + ".lora_up.weight"]
-            alpha = float(sd[base + ".alpha"]) if base + ".alpha" in sd else float(down.shape[0])  # no alpha: scale 1
-            lora[canonical_module(_KOHYA_PREFIX[prefix], _undot(base[len(prefix):]))] = LoraWeights(down, up, alpha)
-        return lora, meta
+    for key in sd:
+        if not key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")):
+            raise ModelFileError(f"The LoRA file '{name}' has '{key}', a LyCORIS/DoRA part Erasekit does not read; "
+                                 "ComfyUI and A1111 load it directly.")
+        if key.endswith(".lora_up.weight") and key[: -len("up.weight")] + "down.weight" not in sd:
+            raise _incomplete(name, key, "lora_down.weight")
+        if not key.endswith(".lora_down.weight"):
+            continue
+        base = key[: -len(".lora_down.weight")]
+        prefix = next((p for p in _KOHYA_PREFIX if base.startswith(p)), None)
+        if prefix is None:
+            raise ModelFileError(f"The LoRA file '{name}' has '{key}', which names no UNet or text-encoder layer.")
+        if base + ".lora_up.weight" not in sd:
+            raise _incomplete(name, key, "lora_up.weight")
+        if re.search(r"_(input_blocks|middle_block|output_blocks)_", base):
+            raise ModelFileError(f"The LoRA file '{name}' names its layers the original (LDM) way ('{base}'), "
+                                 "which Erasekit's own loader does not map; ComfyUI and A1111 load it directly.")
+        down, up = sd[key], sd[base + ".lora_up.weight"]
+        alpha = float(sd[base + ".alpha"]) if base + ".alpha" in sd else float(_rank(down))  # no alpha: scale 1
+        lora[canonical_module(_KOHYA_PREFIX[prefix], _undot(base[len(prefix):]))] = _pair(name, base, down, up, alpha)
+    return lora
+
+
+def _peft_lora(sd: dict, meta: dict, name: str) -> Lora:
     suffixes = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"))  # peft, old diffusers
     a_suffix, b_suffix = next((p for p in suffixes if any(k.endswith(p[0]) for k in sd)), (None, None))
     if a_suffix is None:
         raise ModelFileError(f"The file '{name}' is not a LoRA (no lora_down/lora_A weights); pick a LoRA file.")
-    bases = [k[: -len(a_suffix)] for k in sd if k.endswith(a_suffix)]
-    configs = json.loads(meta.get("lora_adapter_metadata", "{}"))
-    for base in bases:
+    orphan = next((k for k in sd if k.endswith(b_suffix) and k[: -len(b_suffix)] + a_suffix not in sd), None)
+    if orphan:
+        raise _incomplete(name, orphan, a_suffix.lstrip("."))
+    configs = _adapter_configs(meta, name)
+    lora: Lora = {}
+    for base in [k[: -len(a_suffix)] for k in sd if k.endswith(a_suffix)]:
         base_ = base.removeprefix("base_model.model.")
-        component, rest = base_.split(".", 1)
+        component, _, rest = base_.partition(".")
         if component not in COMPONENTS:  # a bare peft state dict of a UNet
             component, rest = "unet", base_
         if base + b_suffix not in sd:
             raise _incomplete(name, base + a_suffix, b_suffix.lstrip("."))
         down, up = sd[base + a_suffix], sd[base + b_suffix]
-        alpha = _peft_alpha(configs, component, rest, down.shape[0], sd.get(base + ".alpha"))
-        lora[canonical_module(component, rest)] = LoraWeights(down, up, alpha)
-    return lora, meta
+        alpha = _peft_alpha(configs, component, rest, _rank(down), sd.get(base + ".alpha"), name)
+        lora[canonical_module(component, rest)] = _pair(name, base, down, up, alpha)
+    return lora
+
+
+def check_values(tensors: dict, name: str) -> None:
+    """Refuse a LoRA file's tensors, in any LoRA format, unless each weight is floating point with
+    every value finite and each ``.alpha`` is one finite positive number (a float or an integer,
+    as kohya may store it)."""
+    for key, t in tensors.items():
+        if key.endswith(".alpha"):
+            _alpha_value(name, key, t)
+        elif not t.dtype.is_floating_point:
+            raise ModelFileError(f"The LoRA file '{name}' stores '{key}' as {str(t.dtype).removeprefix('torch.')}, "
+                                 "not floating point; the file is damaged or not a LoRA: download or export it again.")
+        elif not bool(t.isfinite().all()):
+            raise ModelFileError(f"The LoRA file '{name}' has NaN or infinite values in '{key}'; the file is damaged "
+                                 "(or its training diverged): download or export it again.")
+
+
+def _alpha_value(name: str, key: str, t) -> float:
+    import torch
+
+    if t.numel() != 1 or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ModelFileError(f"The LoRA file '{name}' has '{key}' of shape {list(t.shape)} and dtype "
+                             f"{str(t.dtype).removeprefix('torch.')}, not one number; the file is damaged: "
+                             "download or export it again.")
+    return _positive_alpha(name, key, float(t))
+
+
+def _positive_alpha(name: str, key: str, alpha: float) -> float:
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ModelFileError(f"The LoRA file '{name}' has alpha {alpha} for '{key}', but alpha must be a finite "
+                             "positive number; the file is damaged: download or export it again.")
+    return alpha
+
+
+def _rank(down) -> int:
+    return down.shape[0] if down.dim() else 0
+
+
+def _pair(name: str, module: str, down, up, alpha: float) -> LoraWeights:
+    """``LoraWeights(down, up, alpha)`` if the pair is what a LoRA claims to be: down [r, in] and up
+    [out, r] (convolutions: [r, in, kh, kw] and [out, r, 1, 1]) of one rank r >= 1, alpha finite and
+    positive; else one sentence naming the file and the module. Values: :func:`check_values`."""
+    shapes = f"down {list(down.shape)}, up {list(up.shape)}"
+    if down.dim() != up.dim() or down.dim() not in (2, 4) or 0 in down.shape or 0 in up.shape:
+        raise ModelFileError(f"The LoRA file '{name}' has '{module}' shaped {shapes}; a LoRA pair is down [r, in] "
+                             "and up [out, r] (or 4-D for a convolution): the file is damaged.")
+    if down.shape[0] != up.shape[1] or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+        raise ModelFileError(f"The LoRA file '{name}' has '{module}' shaped {shapes}, whose ranks disagree; the "
+                             "file is damaged: download or export it again.")
+    return LoraWeights(down, up, _positive_alpha(name, module, float(alpha)))
 
 
 def _incomplete(name: str, key: str, missing: str) -> ModelFileError:
@@ -366,18 +434,34 @@ def _incomplete(name: str, key: str, missing: str) -> ModelFileError:
                           "download or export it again.")
 
 
-def _peft_alpha(configs: dict, component: str, path: str, rank: int, alpha_tensor) -> float:
+def _adapter_configs(meta: dict, name: str) -> dict:
+    """diffusers' ``lora_adapter_metadata`` (a JSON object), ``{}`` when absent."""
+    try:
+        configs = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    except (ValueError, RecursionError):
+        configs = None
+    if not isinstance(configs, dict):
+        raise ModelFileError(f"The LoRA file '{name}' has unreadable metadata 'lora_adapter_metadata' (not a JSON "
+                             "object); download or export it again.")
+    return configs
+
+
+def _peft_alpha(configs: dict, component: str, path: str, rank: int, alpha_tensor, name: str) -> float:
     """kohya-style alpha (scale * r) from an ``.alpha`` tensor or diffusers' adapter metadata."""
     if alpha_tensor is not None:
         return float(alpha_tensor)
-    cfg = {k.split(".", 1)[1]: v for k, v in configs.items() if k.split(".", 1)[0] == component}
+    cfg = {k.split(".", 1)[1]: v for k, v in configs.items() if "." in k and k.split(".", 1)[0] == component}
     if "lora_alpha" not in cfg:
         return float(rank)  # diffusers' default without metadata: lora_alpha = r
     from peft.utils.other import get_pattern_key
 
-    patterns = cfg.get("alpha_pattern") or {}
-    key = get_pattern_key(list(patterns), path.removeprefix("text_model."))
-    alpha = float(patterns.get(key, cfg["lora_alpha"]))
+    try:
+        patterns = cfg.get("alpha_pattern") or {}
+        key = get_pattern_key(list(patterns), path.removeprefix("text_model."))
+        alpha = float(patterns.get(key, cfg["lora_alpha"]))
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        raise ModelFileError(f"The LoRA file '{name}' has an unreadable alpha for '{component}.{path}' in its "
+                             "metadata 'lora_adapter_metadata'; download or export it again.") from None
     return alpha * math.sqrt(rank) if cfg.get("use_rslora") else alpha  # rsLoRA scale alpha / sqrt(r)
 
 
@@ -403,7 +487,9 @@ def check_compatible(lora_path: str, architecture: Architecture) -> str | None:
     elif any(k.startswith(("lora_te2_", "text_encoder_2.")) or "add_embedding" in k or "label_emb" in k for k in shapes):
         fam = "sdxl"
     # widths of the layers that read text: cross-attention k/v and the text encoders' q_proj, [r, width]
-    downs = {k: s for k, s in shapes.items() if k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight"))}
+    # (a 1-D "down" is a damaged file: load_lora names it)
+    downs = {k: s for k, s in shapes.items()
+             if k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight")) and len(s) >= 2}
     context = next((s[1] for k, s in downs.items() if re.search(r"attn2[._](processor[._])?to[._][kv]", k)), None)
     te = [next((s[1] for k, s in downs.items() if k.startswith(p) and re.search(r"q[._]proj", k)), None)
           for p in (("lora_te_", "lora_te1_", "text_encoder."), ("lora_te2_", "text_encoder_2."))]

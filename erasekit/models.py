@@ -85,8 +85,8 @@ def _load_folder(path: str, torch_dtype) -> Components:
             f"The folder '{path}' is not a diffusers model (no model_index.json); pick a diffusers folder "
             "or a single .safetensors checkpoint."
         )
-    with open(index) as f:
-        pipeline_class = json.load(f).get("_class_name")
+    pipeline_class = _pipeline_class(index)
+    checkpoints.check_safetensors_folder(path, "diffusers folder")
     if pipeline_class == "ToyPipeline":  # the toy model's own components are not in diffusers
         from .toyworld.model import load_toy_pipeline
 
@@ -94,8 +94,27 @@ def _load_folder(path: str, torch_dtype) -> Components:
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype)
+        try:  # use_safetensors: a part whose weights are only a pickle (.bin) is refused, never unpickled
+            pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype,
+                                                     use_safetensors=True)
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0][:200].rstrip('.')
+            raise ModelFileError(f"The diffusers folder '{path}' could not be loaded ({reason}); "
+                                 "check that every part has its .safetensors weights and config.") from None
     return _from_pipeline(pipe, path)
+
+
+def _pipeline_class(index: str) -> str | None:
+    """``_class_name`` of a ``model_index.json``; a damaged one is named in one sentence."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError, RecursionError) as err:
+        raise ModelFileError(f"'{index}' could not be read ({str(err).splitlines()[0][:120]}); the model folder "
+                             "is damaged: download or export it again.") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(f"'{index}' is not a JSON object; the model folder is damaged: download or export it again.")
+    return config.get("_class_name")
 
 
 def _from_pipeline(pipe, source: str) -> Components:

@@ -4,6 +4,7 @@ checking it was made for this base model, and show what it erases."""
 from __future__ import annotations
 
 import json
+import os
 
 from .spec import Input, NodeSpec, Output, file_stamp
 
@@ -71,6 +72,7 @@ def load_erasure_lora(model, lora_name: str, strength_model: float, strength_cli
     _, meta = checkpoints.read_header(path, "LoRA file")
     info = describe(meta)
     tensors, _ = checkpoints.load_file(path, "LoRA file")
+    lora_io.check_values(tensors, os.path.basename(path))  # NaN weights or an infinite alpha: refused, never applied
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
     _show_on_node(node_id, info)
     return (new_model, new_clip, info)

@@ -23,6 +23,7 @@ trajectory, so user-supplied images (with no trajectory) train the same way.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -110,19 +111,13 @@ class GuidelineEmbedding:
                                  "Re-export the embedding with the Erasekit trainer.")
         emb = cls(tensors["guideline.tokens"], tensors["guideline.sink"], meta.get("concept", "?"),
                   meta.get("architecture", "?"), meta.get("init_phrase", ""), meta.get("levels", "coarse"),
-                  _metadata(meta, "info", json.loads, {}, path), _metadata(meta, "detect_gate", float, 0.5, path),
+                  _metadata(meta, "info", _json_of(dict), {}, path), _metadata(meta, "detect_gate", float, 0.5, path),
                   _metadata(meta, "detect_floor", float, None, path),
                   _schedule(meta.get("detect_schedule"), path), tensors.get("guideline.contrast"),
-                  _metadata(meta, "contrast_phrases", json.loads, [], path))
-        widths = {int(t.shape[-1]) for t in (emb.tokens, emb.sink, emb.contrast) if t is not None}
-        if len(widths) > 1:
-            raise ModelFileError(f"'{path}' holds guideline tensors of different widths {sorted(widths)}; "
-                                 "the file is damaged. Re-export the embedding with the Erasekit trainer.")
-        pairs = [(emb.gate, emb.floor)] + [(g, None) for _, g in emb.schedule or ()]
-        if any(not 0.0 < g < 1.0 or (f is not None and not 0.0 <= f < g) for g, f in pairs):
-            raise ModelFileError(f"'{path}' has a detection gate / floor outside 0 <= floor < gate < 1 (metadata "
-                                 "'detect_gate', 'detect_floor', 'detect_schedule'). "
-                                 "Re-export the embedding with the Erasekit trainer.")
+                  _metadata(meta, "contrast_phrases", _json_of(list), [], path))
+        _check_shapes(emb, path)
+        _check_gate(emb, path)
+        _check_values(emb, path)
         if architecture is not None:
             emb.check(architecture, path)
         return emb
@@ -136,6 +131,60 @@ class GuidelineEmbedding:
             raise ArchitectureError(
                 f"'{source}' was trained for '{self.architecture}', but the model is {architecture.title}; "
                 "use an embedding trained for this model.")
+
+
+def _damaged(path: str, what: str) -> ModelFileError:
+    return ModelFileError(f"'{path}' {what}; the file is damaged. Re-export the embedding with the Erasekit trainer.")
+
+
+def _check_shapes(emb: GuidelineEmbedding, path: str) -> None:
+    """Floating-point tokens [K >= 1, D >= 1], sink [D] and contrast [M, D] (if any), of one width D."""
+    parts = {"guideline.tokens": (emb.tokens, 2), "guideline.sink": (emb.sink, 1), "guideline.contrast": (emb.contrast, 2)}
+    for key, (t, dims) in parts.items():
+        if t is None:
+            continue
+        if not t.dtype.is_floating_point:
+            raise _damaged(path, f"stores '{key}' as {str(t.dtype).removeprefix('torch.')}, not floating point")
+        if t.dim() != dims or t.shape[-1] < 1:
+            raise _damaged(path, f"has '{key}' of shape {list(t.shape)}, not {'[K, D]' if dims == 2 else '[D]'}")
+    if emb.tokens.shape[0] < 1:
+        raise _damaged(path, "has no guideline tokens ('guideline.tokens' is empty)")
+    widths = {int(t.shape[-1]) for t in (emb.tokens, emb.sink, emb.contrast) if t is not None}
+    if len(widths) > 1:
+        raise _damaged(path, f"holds guideline tensors of different widths {sorted(widths)}")
+
+
+def _check_gate(emb: GuidelineEmbedding, path: str) -> None:
+    """0 <= floor < gate < 1 for the fixed pair and every gate of the schedule, at finite timesteps."""
+    pairs = [(emb.gate, emb.floor)] + [(g, None) for _, g in emb.schedule or ()]
+    if any(not 0.0 < g < 1.0 or (f is not None and not 0.0 <= f < g) for g, f in pairs) or \
+            any(not math.isfinite(t) for t, _ in emb.schedule or ()):
+        raise ModelFileError(f"'{path}' has a detection gate / floor outside 0 <= floor < gate < 1 (metadata "
+                             "'detect_gate', 'detect_floor', 'detect_schedule'). "
+                             "Re-export the embedding with the Erasekit trainer.")
+
+
+def _check_values(emb: GuidelineEmbedding, path: str) -> None:
+    """Every value finite, and not every token zero: zero tokens, like NaN ones, leave a flat detection
+    map that never passes the gate, which would switch Detect-and-Guide off without a word."""
+    for key, t in (("guideline.tokens", emb.tokens), ("guideline.sink", emb.sink), ("guideline.contrast", emb.contrast)):
+        if t is not None and not bool(t.isfinite().all()):
+            raise _damaged(path, f"has NaN or infinite values in '{key}'")
+    if not bool(emb.tokens.any()):
+        raise _damaged(path, f"has {emb.n_tokens} guideline token(s), all zero, which detect nothing")
+
+
+def _json_of(kind: type):
+    """A metadata parser: JSON text holding a ``kind`` (dict or list)."""
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+        if not isinstance(value, kind):
+            raise ValueError(f"not a JSON {kind.__name__}")
+        return value
+    return parse
 
 
 def _metadata(meta: dict, key: str, parse, default, path: str):
@@ -154,7 +203,7 @@ def _schedule(text: str | None, path: str) -> list | None:
         return None
     try:
         rows = [[float(t), float(g)] for t, g in json.loads(text)]
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise ModelFileError(f"'{path}' has an unreadable 'detect_schedule' ({e}); re-export the embedding "
                              "with the Erasekit trainer.") from None
     return sorted(rows) or None
@@ -230,7 +279,7 @@ def coarse_layer_names(names, n_levels: int, levels) -> list[str]:
     layers at ``levels`` (the two coarsest with cross-attention) and the up-path layers at the same
     resolutions (up block j is level ``n_levels`` - 1 - j). The mid block is left out, as in OVAM's
     default hooks. One rule for the diffusers sampler and the ComfyUI patch, which maps ComfyUI's
-    layer coordinates to these names (``comfy_nodes.comfy_bridge.dag_layer_coordinates``)."""
+    layer coordinates to these names (``nodes.comfy_bridge.dag_layer_coordinates``)."""
     keep = []
     for name in names:
         kind, index = name.split(".")[:2]

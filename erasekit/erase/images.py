@@ -11,6 +11,8 @@ from typing import NamedTuple
 from ..errors import ErasekitError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # the only decoders PIL may run on a user's file
+MAX_PIXELS = 40_000_000  # refused before decoding; PIL's own bomb limit is 89 M (warning) / 179 M (error)
 
 
 class Folder(NamedTuple):
@@ -56,26 +58,60 @@ def read_folder(components, folder: str, masks: bool, caption: str) -> Folder:
 
 def _open_image(path: str):
     """A PIL image, upright (EXIF orientation applied), 8 bits per channel, transparency flattened on
-    white; one sentence naming the file when it cannot be read."""
-    import numpy as np
-    from PIL import Image, ImageOps
+    white; one sentence naming the file when it cannot be read. Only the decoders of
+    :data:`IMAGE_FORMATS` run, whatever the file's name says, and an image over :data:`MAX_PIXELS` is
+    refused from its header, before any pixel is decoded."""
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as f:
-            img = ImageOps.exif_transpose(f)
-            img.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ErasekitError(f"Cannot read the image '{path}' ({err}); replace or remove it.") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=list(IMAGE_FORMATS)) as f:
+                _check_pixels(f.size, path)
+                img = ImageOps.exif_transpose(f)
+                img.load()
+    except UnidentifiedImageError:
+        raise ErasekitError(f"The image '{path}' is not a PNG, JPEG or WebP file, whatever its name says; save it "
+                            "as one of those, or remove it.") from None
+    except ErasekitError:
+        raise
+    except Exception as err:  # decoders of untrusted bytes raise OSError, SyntaxError, zlib.error, bomb errors...
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ErasekitError(f"Cannot read the image '{path}' ({reason}); replace or remove it.") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: convert("L") would clip, not scale
-        arr = np.asarray(img, np.float64)
-        scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0  # a 0 / 1 (or 0..255) mask saved as 16 bits stays
-        img = Image.fromarray((arr * scale).round().clip(0, 255).astype(np.uint8))
+        img = _grey_to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB") \
             if rgba.getextrema()[3][0] < 255 else rgba.convert("RGB")
         img.info["alpha"] = rgba.getchannel("A")  # a mask may be drawn in its alpha channel
     return img
+
+
+def _check_pixels(size: tuple, path: str) -> None:
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise ErasekitError(f"The image '{path}' is {w}x{h} pixels, over the limit of {MAX_PIXELS // 10**6} "
+                            "megapixels; scale it down or remove it.")
+
+
+def _grey_to_8bit(img):
+    """A 16-bit (or 32-bit integer) greyscale image as 8 bits, in integer arithmetic (no float copy of the
+    pixels): values above 255 are 16-bit levels, scaled by 255/65535 and rounded; a 0 / 1 (or 0..255)
+    mask saved as 16 bits keeps its values."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(img)
+    wide = arr.astype(np.uint32) if arr.dtype.kind == "u" else np.clip(arr, 0, 65535).astype(np.uint32)
+    del arr
+    if wide.max() > 255:
+        wide *= 255
+        wide += 32767
+        wide //= 65535
+    return Image.fromarray(wide.astype(np.uint8))
 
 
 def _square(img, size: int, resample: str):

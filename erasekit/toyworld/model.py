@@ -354,10 +354,11 @@ def load_toy_pipeline(path: str | os.PathLike | None = None, device: str | torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import PreTrainedTokenizerFast
 
+    from .. import checkpoints
+    from ..errors import ModelFileError
+
     path = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if not (path / "model_index.json").is_file():
-        from ..errors import ModelFileError
-
         raise ModelFileError(
             f"No toy model at {path} (model_index.json missing): train one with "
             f"`python -m erasekit.toyworld train --out {path}` or pass the folder of an existing one."
@@ -368,12 +369,19 @@ def load_toy_pipeline(path: str | os.PathLike | None = None, device: str | torch
         import diffusers
 
         scheduler_cls = getattr(diffusers, index["scheduler"][1], DDIMScheduler)
-    pipe = ToyPipeline(
-        vae=ToyVAE.from_config(ToyVAE.load_config(path / "vae")),  # weightless: config only
-        text_encoder=ToyCLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype),
-        tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype),
-        scheduler=scheduler_cls.from_pretrained(path / "scheduler"),
-    )
+    checkpoints.check_safetensors_folder(str(path), "toy model folder")
+    try:  # use_safetensors: weights that are only a pickle (.bin) are refused, never unpickled
+        pipe = ToyPipeline(
+            vae=ToyVAE.from_config(ToyVAE.load_config(path / "vae")),  # weightless: config only
+            text_encoder=ToyCLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype,
+                                                          use_safetensors=True),
+            tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype, use_safetensors=True),
+            scheduler=scheduler_cls.from_pretrained(path / "scheduler"),
+        )
+    except OSError as err:
+        reason = str(err).splitlines()[0][:200].rstrip('.')
+        raise ModelFileError(f"The toy model folder '{path}' could not be loaded ({reason}); "
+                             "check that its unet/ and text_encoder/ hold .safetensors weights.") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -113,7 +113,8 @@ def scene_latents(images_u8):
 def _save_state(path: Path, step: int, seconds: float, models: dict, ema: list, optimizer, cfg: TrainConfig):
     """One safetensors file: live weights, EMA weights, AdamW moments; metadata: step, config."""
     import torch
-    from safetensors.torch import save_file
+
+    from ..checkpoints import save_file_atomic
 
     tensors = {}
     params = []
@@ -130,19 +131,14 @@ def _save_state(path: Path, step: int, seconds: float, models: dict, ema: list, 
                 tensors[f"opt.{i}.{k}"] = torch.as_tensor(st[k]).detach().cpu().reshape(-1).contiguous() \
                     if k == "step" else st[k].detach().cpu().contiguous()
     meta = {"step": str(step), "seconds": f"{seconds:.1f}", "config": json.dumps(asdict(cfg))}
-    tmp = path.with_suffix(".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a run killed mid-save keeps the previous checkpoint
+    save_file_atomic(tensors, str(path), meta)  # a run killed mid-save keeps the previous checkpoint
 
 
 def _load_state(path: Path, models: dict, ema: list, optimizer=None) -> tuple[int, float]:
     """Inverse of `_save_state`; returns (step, cumulative training seconds)."""
-    from safetensors import safe_open
+    from ..checkpoints import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = load_file(str(path), "training checkpoint")
     params = []
     for name, model in models.items():
         prefix = f"model.{name}."
@@ -302,12 +298,15 @@ def train(cfg: TrainConfig) -> Path:
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     """Write the EMA weights of a training checkpoint as a model folder (to evaluate a run
     while it trains). The architecture is rebuilt from the config stored in the checkpoint."""
-    from safetensors import safe_open
-
+    from ..checkpoints import read_header
+    from ..errors import ModelFileError
     from .model import build_toy_pipeline, save_toy_pipeline
 
-    with safe_open(str(ckpt), framework="pt") as f:
-        cfg = json.loads(f.metadata()["config"])
+    meta = read_header(str(ckpt), "training checkpoint")[1]
+    if not {"config", "step"} <= meta.keys():
+        raise ModelFileError(f"'{ckpt}' is not a toy-model training checkpoint (its metadata has no 'config' and "
+                             "'step'); pass the checkpoint.safetensors of a toy training run.")
+    cfg = json.loads(meta["config"])
     pipe = build_toy_pipeline(seed=0, text_hidden=cfg.get("text_hidden", 64))
     models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     params = [p for m in models.values() for p in m.parameters()]

@@ -51,6 +51,6 @@ def toy_in_comfy(comfy):
     # an embedding whose tokens ARE the sink: the raw CAM is K/(K+1) everywhere, a flat map that
     # locates nothing, so A-hat = 0 and DAG must stand down: a never-detecting control
     GuidelineEmbedding(sink[None].repeat(2, 1), sink, "nothing", "toy").save(os.path.join(gdir, "tiny-nothing.safetensors"))
-    wide = torch.zeros(2, 768)
+    wide = torch.ones(2, 768)
     GuidelineEmbedding(wide, torch.zeros(768), "nudity", "sd_v1").save(os.path.join(gdir, "sd15-nudity.safetensors"))
     return "toy-dag"

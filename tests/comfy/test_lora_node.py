@@ -42,6 +42,19 @@ def loras(comfy, tmp_path_factory):
     return folder
 
 
+def test_lora_with_nan_weights_is_refused_not_applied(comfy, tiny_sd1_in_comfy, loras):
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(loras, "erase-tiny.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key] = tensors[key].clone().fill_(float("nan"))
+    save_file(tensors, os.path.join(loras, "nan-weights.safetensors"), {"ss_base_model_version": "sd_v1"})
+    with pytest.raises(RuntimeError, match="'nan-weights.safetensors' has NaN or infinite values"):
+        comfy.run(_graph(tiny_sd1_in_comfy, "nan-weights.safetensors"))
+
+
 def test_erasure_lora_applies_in_a_graph(comfy, tiny_sd1_in_comfy, loras):
     out = comfy.run(_graph(tiny_sd1_in_comfy, "erase-tiny.safetensors"))
     assert "9" in out
