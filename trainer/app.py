@@ -25,7 +25,16 @@ from erasekit.erase.images import IMAGE_EXTENSIONS  # noqa: E402
 from erasekit.erase.state import read_metrics  # noqa: E402
 from erasekit.errors import ErasekitError  # noqa: E402
 from trainer import estimate, jobs, runs, work  # noqa: E402
-from trainer.fields import DEFAULT_BASE, EXAMPLES, FIELDS, GUIDELINE_STEPS_PER_IMAGE, INT_KEYS, KEYS, PRESET_OF_TYPE  # noqa: E402
+from trainer.fields import (  # noqa: E402
+    DEFAULT_BASE,
+    EXAMPLES,
+    FIELDS,
+    GUIDELINE_STEPS_PER_IMAGE,
+    INT_KEYS,
+    KEYS,
+    PRESET_OF_TYPE,
+    UPLOAD_MB,
+)
 from trainer.review import ReviewHandlers  # noqa: E402
 
 
@@ -35,12 +44,14 @@ def _run_steps(run_dir) -> str:
 
     try:
         return str(read_config(Path(run_dir) / "config.toml")["train"]["steps"])
-    except (ErasekitError, KeyError):
+    except (ErasekitError, KeyError, TypeError):
         return "an unknown number of steps"
 
 
 class TrainerApp(ReviewHandlers):
-    def __init__(self, out_root="runs", comfyui: str | None = None, base: str | None = None, threads: int | None = None):
+    def __init__(self, out_root="runs", comfyui: str | None = None, base: str | None = None, threads: int | None = None,
+                 upload_mb: int = UPLOAD_MB):
+        self.upload_mb = int(upload_mb)  # the most an uploaded file may weigh (Gradio's max_file_size too)
         self.root = Path(out_root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.comfyui = Path(comfyui).resolve() if comfyui else None
@@ -102,8 +113,11 @@ class TrainerApp(ReviewHandlers):
         index = os.path.join(base, "model_index.json")
         if not os.path.isfile(index):
             return False
-        with open(index, encoding="utf-8") as f:
-            return '"ToyPipeline"' in f.read()
+        try:
+            with open(index, encoding="utf-8") as f:
+                return '"ToyPipeline"' in f.read()
+        except (OSError, ValueError):  # unreadable: not the toy model (Detect says what is wrong)
+            return False
 
     def _suggested(self, target, neighbours=4, unrelated=4) -> list:
         from erasekit.erase.data import preserve_concepts, prompts_for
@@ -125,17 +139,7 @@ class TrainerApp(ReviewHandlers):
             return f"**Not found:** '{base}' does not exist; pick a diffusers folder or a .safetensors checkpoint."
         try:
             if os.path.isdir(base):
-                if self._is_toy(base):
-                    import json
-
-                    width = json.load(open(os.path.join(base, "unet", "config.json")))["cross_attention_dim"]
-                    arch = checkpoints.toy(width)
-                else:
-                    if not os.path.isfile(os.path.join(base, "model_index.json")):
-                        raise ErasekitError(f"The folder '{base}' is not a diffusers model (no model_index.json).")
-                    from erasekit import models
-
-                    arch = models.load(base).architecture
+                arch = folder_architecture(base)
             else:
                 shapes, _ = checkpoints.read_header(base, "checkpoint")
                 arch = checkpoints.detect_architecture(shapes, base)
@@ -187,19 +191,19 @@ class TrainerApp(ReviewHandlers):
     def upload_images(self, run_name, files):
         """Copy uploaded images (``name.png`` / ``.jpg`` / ``.webp``, optional ``name_mask.png`` and
         ``name.txt``) into the run's ``uploads/forget`` folder: they become the forget set instead of
-        generated images. Refused while a job uses the run (its data would change under it)."""
+        generated images. Refused while a job or another process uses the run, and once the run has
+        checkpoints (its data would change under a later Resume); a file over the upload limit is
+        refused with its name and size. Nothing of the run changes when an upload is refused."""
         import shutil
 
         import gradio as gr
 
         try:
             folder = self.run_dir(run_name) / "uploads" / "forget"
+            self._check_upload(folder.parent.parent, files)
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}"
-        busy = jobs.busy_with(folder.parent.parent)
-        if busy is not None:
-            return f"**Error:** the run '{folder.parent.parent.name}' is busy with job {busy.id} ({busy.kind}); upload once it ends."
         shutil.rmtree(folder, ignore_errors=True)
         # the data cache is keyed by the folder's path, not its files: new uploads mean new data
         (folder.parent.parent / "data.safetensors").unlink(missing_ok=True)
@@ -219,6 +223,27 @@ class TrainerApp(ReviewHandlers):
         masks = sum(stem.endswith("_mask") and stem[:-5] in images for stem, ext in stems)
         return (f"{len(images)} uploaded images ({masks} with a mask; no mask = the whole image) replace the generated "
                 f"forget set of run '{folder.parent.parent.name}'.")
+
+    def _check_upload(self, run_dir: Path, files) -> None:
+        """Refuse an upload into a run that is busy (a job here, another process's lock) or has
+        checkpoints, and files over the upload limit, with one sentence."""
+        from erasekit.erase.state import busy_sentence, latest_checkpoint, lock_holder
+
+        busy = jobs.busy_with(run_dir)
+        if busy is not None:
+            raise ErasekitError(f"The run '{run_dir.name}' is busy with job {busy.id} ({busy.kind}); upload once it ends.")
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise ErasekitError(busy_sentence(run_dir, holder))
+        if latest_checkpoint(run_dir) is not None:
+            raise ErasekitError(f"The run '{run_dir.name}' has checkpoints: new images would change its data under a "
+                                "later Resume; upload them into a new run name (step 2).")
+        for f in files or []:
+            src = Path(f if isinstance(f, str) else getattr(f, "name", f))
+            size = src.stat().st_size if src.is_file() else 0
+            if size > self.upload_mb * 2**20:
+                raise ErasekitError(f"The file '{src.name}' is {size / 2**20:.0f} MB; uploads are limited to "
+                                    f"{self.upload_mb} MB a file.")
 
     def _submit(self, kind, title, fn, run_dir):
         import gradio as gr
@@ -312,7 +337,9 @@ class TrainerApp(ReviewHandlers):
                             work.check_job(run_dir, int(seeds or 4), int(steps or 20),
                                            strength=1.0 if strength is None else float(strength)), run_dir)
 
-    def export(self, run_name, lora_name, description, license, destination, folder):
+    def export(self, run_name, lora_name, description, license, destination, folder, overwrite=False):
+        """Copy the run's LoRA (or guideline embedding) into the chosen folder; a file of the same
+        name there is replaced only when ``overwrite`` (the step's checkbox) is ticked."""
         import gradio as gr
 
         try:
@@ -324,8 +351,8 @@ class TrainerApp(ReviewHandlers):
             dest = jobs.safe_path(root, folder or ".", "export folder") if (folder or "").strip() not in ("", ".") \
                 else root.resolve()
             name = lora_name or run_dir.name
-            path = runs.export_guideline(run_dir, dest, name) if guideline else \
-                runs.export_lora(run_dir, dest, name, description or "", license or "")
+            path = runs.export_guideline(run_dir, dest, name, bool(overwrite)) if guideline else \
+                runs.export_lora(run_dir, dest, name, description or "", license or "", bool(overwrite))
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", ""
@@ -370,7 +397,7 @@ class TrainerApp(ReviewHandlers):
         try:
             path = jobs.safe_path(self.root, file_name or "settings.toml", "settings file")
             tables = read_config(path)
-            values = tables.get("app") or {**tables.get("train", {}), **tables.get("inpo", {}), **tables.get("data", {})}
+            values = page_values(tables, path)
         except ErasekitError as err:
             gr.Warning(str(err))
             return [gr.skip()] * len(KEYS) + [f"**Error:** {err}"]
@@ -388,7 +415,6 @@ class TrainerApp(ReviewHandlers):
         """The page's view of the current job: status, log, loss plot, preview, step results, runs."""
         import gradio as gr
         import pandas as pd
-        from PIL import Image
 
         seen = dict(seen or {})
         job = jobs.current()
@@ -405,24 +431,31 @@ class TrainerApp(ReviewHandlers):
         key = (str(run_dir), len(metrics))
         if seen.get("plot") != repr(key):
             seen["plot"] = repr(key)
-            out["plot"] = pd.DataFrame({"step": [m["step"] for m in metrics], "loss": [m["loss"] for m in metrics]})
+            rows = [m for m in metrics if m.get("loss") is not None]
+            out["plot"] = pd.DataFrame({"step": [m["step"] for m in rows], "loss": [m["loss"] for m in rows]})
         preview = runs.latest_preview(run_dir) if run_dir else None
-        pkey = f"{preview}:{preview.stat().st_mtime if preview else 0}"
+        try:
+            pkey = f"{preview}:{preview.stat().st_mtime if preview else 0}"
+        except OSError:  # removed since it was listed
+            preview, pkey = None, "None:0"
         if seen.get("preview") != pkey:
             seen["preview"] = pkey
-            out["preview"] = Image.open(preview).copy() if preview else None
-            out["preview_caption"] = f"Preview `{preview.relative_to(self.root)}`" if preview else "No preview yet."
+            image = runs.open_image(preview) if preview else None  # a torn or corrupt PNG: no preview
+            out["preview"] = image
+            out["preview_caption"] = (f"Preview `{_shown_path(preview, self.root)}`" if image is not None
+                                      else "No preview yet.")
         for kind in ("data", "check"):
             j = jobs.latest(kind)
             v = f"{j.id}:{j.state}" if j else ""
             if seen.get(kind) != v:
                 seen[kind] = v
                 res = j.result if j is not None and j.state == "done" else None
-                if kind == "data":
-                    out["gallery"] = res["gallery"] if res else None
+                if kind == "data":  # a finished job keeps the files' paths; the images are read here
+                    shown = [(runs.open_image(p), caption) for p, caption in res["gallery"]] if res else []
+                    out["gallery"] = [(img, caption) for img, caption in shown if img is not None] or None
                     out["data_summary"] = res["summary"] if res else ""
                 else:
-                    out["grid"] = res["grid"] if res else None
+                    out["grid"] = runs.open_image(res["grid"]) if res else None
                     out["counts"] = pd.DataFrame(res["rows"] if res else [],
                                                  columns=["row", "prompt", "judged concept", "before", "after"])
         rows = runs.list_runs(self.root)
@@ -440,6 +473,113 @@ class TrainerApp(ReviewHandlers):
         from trainer.page import build_page
 
         return build_page(self)
+
+
+def _shown_path(path: Path, root: Path) -> str:
+    """``path`` relative to the output root where it is inside it (a run given by an absolute path may not be)."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def folder_architecture(base: str):
+    """The architecture of a diffusers folder from its configs and its UNet's safetensors headers,
+    without loading a weight (Detect runs in the page's request thread): the toy model from its
+    UNet config; another model from the UNet's tensor shapes (:func:`erasekit.checkpoints.detect_architecture`),
+    or its config where it has no .safetensors weights; SDXL's text widths from its encoders' configs."""
+    from erasekit import checkpoints
+
+    index = _json_file(base, "model_index.json")
+    if index is None:
+        raise ErasekitError(f"The folder '{base}' is not a diffusers model (no model_index.json).")
+    unet = _json_file(base, os.path.join("unet", "config.json")) or {}
+    width = unet.get("cross_attention_dim")
+    if index.get("_class_name") == "ToyPipeline":
+        if not isinstance(width, int) or isinstance(width, bool):
+            raise ErasekitError(f"The toy model '{base}' has no cross_attention_dim in unet/config.json; make it again.")
+        return checkpoints.toy(width)
+    files = sorted(Path(base, "unet").glob("*.safetensors")) if os.path.isdir(os.path.join(base, "unet")) else []
+    shapes = {}
+    for f in files:
+        shapes.update(checkpoints.read_header(str(f), "UNet weights file")[0])
+    if shapes:
+        arch = checkpoints.detect_architecture(shapes, base)
+    elif isinstance(width, int) and not isinstance(width, bool):
+        arch = checkpoints.sdxl() if unet.get("addition_embed_type") == "text_time" else \
+            checkpoints.sd_v2(width) if unet.get("use_linear_projection") else checkpoints.sd_v1(width)
+    else:
+        raise ErasekitError(f"The folder '{base}' has no UNet this page can read (unet/ with a config.json and "
+                            ".safetensors weights); pick a Stable Diffusion model in diffusers layout.")
+    if arch.name.startswith("sdxl"):
+        widths = [(_json_file(base, os.path.join(te, "config.json")) or {}).get("hidden_size")
+                  for te in ("text_encoder", "text_encoder_2")]
+        if all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+            arch = checkpoints.sdxl(tuple(widths))
+    return arch
+
+
+def _json_file(base: str, name: str) -> dict | None:
+    """A model folder's JSON file as a dict; None where it is missing; a sentence where it is not JSON."""
+    import json
+
+    path = os.path.join(base, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ErasekitError(f"The file '{path}' cannot be read as JSON ({err}); the model folder is incomplete or "
+                            "corrupt.") from None
+    if not isinstance(value, dict):
+        raise ErasekitError(f"The file '{path}' is not a JSON object; the model folder is incomplete or corrupt.")
+    return value
+
+
+def page_values(tables: dict, path) -> dict:
+    """The page's fields from a settings file: its ``[app]`` table (what Save settings writes), else a
+    run's ``[train]``, ``[inpo]`` and ``[data]``. A value of the wrong type for its field (text in a
+    number, a list, "yes" for a tick box) is refused with one sentence; an ``[app]`` key that is no
+    field of the page is refused too (a typo would be dropped silently)."""
+    from erasekit.erase.state import shown_value
+
+    app = tables.get("app")
+    if app is not None and not isinstance(app, dict):
+        raise ErasekitError(f"'app' in '{path}' must be a table ([app]), not {shown_value(app)}.")
+    if app:
+        unknown = sorted(set(app) - set(KEYS))
+        if unknown:
+            raise ErasekitError(f"Unknown setting '{unknown[0]}' in [app] of '{path}'; the page's settings are "
+                                f"{', '.join(KEYS)}.")
+        values, table = app, "[app]"
+    else:  # a run's config.toml: [data] sample_steps is the data's sampling (the page's data_steps)
+        train, inpo, data = (tables.get(n) if isinstance(tables.get(n), dict) else {} for n in ("train", "inpo", "data"))
+        values = {**{k: v for k, v in data.items() if k != "sample_steps"}, **inpo, **train}
+        if "sample_steps" in data:
+            values["data_steps"] = data["sample_steps"]
+        table = "[train], [inpo] or [data]"
+    defaults = {k: d for k, _, d in FIELDS}
+    for key in KEYS:
+        if key in values:
+            _check_page_value(key, values[key], defaults[key], table, path)
+    return values
+
+
+def _check_page_value(key, value, default, table, path) -> None:
+    from erasekit.erase.state import shown_value
+
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif key in INT_KEYS:
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, int | float):
+        ok, expected = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        ok = ok and value == value and abs(value) != float("inf")
+    else:
+        ok, expected = isinstance(value, str), "text"
+    if not ok:
+        raise ErasekitError(f"The setting '{key}' in {table} of '{path}' must be {expected}, not {shown_value(value)}.")
 
 
 def _plain(value):

@@ -89,8 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),
                    help="a ComfyUI install: pick base models from its models/checkpoints, export into models/loras")
     a.add_argument("--base", default=None, help="the base model shown first (default: models/toy)")
-    a.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (needs --auth)")
-    a.add_argument("--auth", default=None, help="user:password asked by the page")
+    a.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (needs a password: --auth-file, "
+                                                          "ERASEKIT_AUTH or --auth)")
+    a.add_argument("--auth-file", default=None, metavar="PATH",
+                   help="a file whose first line is user:password, asked by the page (also on 127.0.0.1)")
+    a.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="user:password asked by the page; other users of this machine can read it in the process "
+                        "list: prefer --auth-file or the ERASEKIT_AUTH environment variable")
+    a.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a host name the page may be opened under besides 127.0.0.1, localhost and [::1] (with "
+                        "--listen also any IP address of this machine); repeat for several. Requests under any "
+                        "other name are refused (DNS rebinding)")
+    a.add_argument("--max-upload-mb", type=int, default=50, help="the largest file the page takes (default 50 MB)")
     a.add_argument("--port", type=int, default=None, help="port (default: 7860 or GRADIO_SERVER_PORT)")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser

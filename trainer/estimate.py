@@ -23,9 +23,10 @@ def recent_runs(root) -> list:
 def same_base(run_dir, base: str) -> bool:
     """Whether the run in ``run_dir`` trained on ``base`` (as its config.toml records it)."""
     try:
-        return read_config(Path(run_dir) / "config.toml").get("train", {}).get("base") == str(base or "").strip()
+        train = read_config(Path(run_dir) / "config.toml").get("train", {})
     except ErasekitError:
         return False
+    return isinstance(train, dict) and train.get("base") == str(base or "").strip()
 
 
 def time_line(recent, steps, batch_size, sample_every, toy: bool, base: str = "") -> str:

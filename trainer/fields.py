@@ -15,6 +15,7 @@ EXAMPLES = {  # target, anchor (what the concept turns into) on the toy model
 }
 METHODS = (("INPO: an erasure LoRA", "inpo"), ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
 GUIDELINE_STEPS_PER_IMAGE = 100  # DAG Table 4: 100 x the number of unsafe images
+UPLOAD_MB = 50  # the most one uploaded file may weigh (the page refuses more; Gradio's max_file_size too)
 
 # (key, label, default): the settings fields, in the order of the handlers' parameters
 FIELDS = [

@@ -94,7 +94,7 @@ def _work() -> None:
     while True:
         job = _queue.get()
         if job.cancel.is_set():
-            job.state, job.message = "cancelled", "stopped before it started"
+            job.state, job.message, job.fn = "cancelled", "stopped before it started", None
             job.version += 1
             continue
         job.state, job.started = "running", time.time()
@@ -114,15 +114,21 @@ def _work() -> None:
             job.log(traceback.format_exc())
         finally:
             job.finished = time.time()
+            job.fn = None  # what the work captured (settings, models) is not kept alive by a finished job
             job.version += 1
 
 
 def one_sentence(err: BaseException) -> str:
-    """A sentence for an unexpected error (out of memory gets its own advice)."""
+    """A sentence for an unexpected error (out of memory and a full disk get their own advice)."""
+    import errno
+
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "out of memory" in text.lower() or type(err).__name__ == "OutOfMemoryError":
         return ("The device ran out of memory; lower the batch size or rank, turn on gradient checkpointing "
                 "or mixed precision, and try again.")
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        where = f" while writing '{err.filename}'" if err.filename else ""
+        return f"The disk is full ({err.strerror}){where}; free disk space and try again."
     return f"Unexpected {type(err).__name__}: {text} (details in the log)."
 
 

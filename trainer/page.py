@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from erasekit.erase.images import IMAGE_EXTENSIONS
 from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, with_signature
+from trainer.runs import REPLACE_LABEL
 
 
 def build_page(app):
@@ -54,7 +55,8 @@ def build_page(app):
                                                 placeholder="e.g. ComfyUI/models/guideline/my-concept.safetensors")
             with gr.Accordion("Upload forget images (optional)", open=False):
                 uploads = gr.File(file_count="multiple", file_types=[*IMAGE_EXTENSIONS, ".txt"], elem_id="uploads",
-                                  label="name.png, optional name_mask.png (white = concept) and name.txt (caption)")
+                                  label="name.png, optional name_mask.png (white = concept) and name.txt (caption), "
+                                        f"up to {app.upload_mb} MB a file")
                 upload_msg = gr.Markdown("")
             data_btn = gr.Button("Generate data", variant="secondary", elem_id="generate-data")
             data_summary = gr.Markdown("", elem_id="data-summary")
@@ -141,6 +143,8 @@ def build_page(app):
                                        value="ComfyUI models/loras" if into_comfy else "output root")
                 folder = gr.Textbox("" if into_comfy else "loras", label="Folder (inside it)",
                                     placeholder="empty: directly into it")
+            overwrite = gr.Checkbox(False, label=REPLACE_LABEL, elem_id="export-overwrite",
+                                    info="Off: a file of the same name in that folder is kept and the export refused.")
             export_btn = gr.Button("Export", variant="primary", elem_id="export")
             export_msg = gr.Markdown("", elem_id="export-msg")
             export_path = gr.Textbox(label="Exported file", interactive=False, elem_id="export-path")
@@ -186,7 +190,7 @@ def build_page(app):
                          api_name="resume")
         check_btn.click(app.check, [comps["run_name"], check_seeds, check_steps, check_strength], [action, job_id],
                         api_name="check")
-        export_btn.click(app.export, [comps["run_name"], lora_name, description, license_, destination, folder],
+        export_btn.click(app.export, [comps["run_name"], lora_name, description, license_, destination, folder, overwrite],
                          [export_msg, export_path], api_name="export")
         save_btn.click(with_signature(app.save_settings, ["file_name"] + KEYS, {"file_name": "settings.toml", **d}),
                        [settings_file] + inputs, settings_msg, api_name="save_settings")

@@ -51,6 +51,9 @@ def resolve(args, kind: str | None, toy: bool = False) -> dict:
     for path in files:
         for name, values in read_config(path).items():
             table = "method" if name == args.method else name
+            if not isinstance(values, dict):
+                raise ErasekitError(f"The setting '{name}' in '{path}' is outside a table; put it under [train], "
+                                    f"[{args.method}] or [data].")
             if table not in tables:
                 raise ErasekitError(f"Unknown table [{name}] in '{path}'; expected [train], [{args.method}] and [data].")
             tables[table].update(values)
@@ -116,13 +119,32 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
 
 def run_training(args, *, progress=None, cancel=None, log=None):
     """Resolve the settings, make (or load) the data and train: the engine's ``RunResult``.
-    The one run function of the CLI and the trainer app."""
+    The one run function of the CLI and the trainer app. The run folder is locked from the data
+    on (:func:`writing_run`): another process writing it is refused with one sentence."""
+    from erasekit.erase.data import build_erase_data
     from erasekit.erase.engine import train
     from erasekit.erase.inpo import InpoObjective
 
-    prep = prepare(args, log=log)
-    return train(prep["config"], InpoObjective(prep["method_config"]), prep["data"], prep["components"],
-                 progress=progress, cancel=cancel, sections={"data": prep["data_config"]})
+    log = log or (lambda m: print(m, file=sys.stderr))
+    prep = prepare(args, log=log, with_data=False)
+    with writing_run(prep["config"].out, "training", log):
+        data = build_erase_data(prep["components"], prep["target"], prep["data_config"], log=log)
+        return train(prep["config"], InpoObjective(prep["method_config"]), data, prep["components"],
+                     progress=progress, cancel=cancel, sections={"data": prep["data_config"]}, log=log)
+
+
+def writing_run(run_dir, what: str, log=None):
+    """The run folder's lock (:func:`erasekit.erase.state.run_lock`) held by the main process, which
+    writes the folder (under ``accelerate launch`` the others only read it)."""
+    from contextlib import nullcontext
+
+    from accelerate import PartialState
+
+    from erasekit.erase.state import run_lock
+
+    state = PartialState._shared_state
+    main = not state or PartialState().is_main_process
+    return run_lock(run_dir, what, log) if main else nullcontext()
 
 
 def run_guideline(args, *, progress=None, log=None):
@@ -167,6 +189,7 @@ def saved_setting(args, key: str):
     from erasekit.erase.engine import read_config
 
     for path in ([args.config] if args.config else []) + ([os.path.join(args.out, "config.toml")] if args.out and args.resume else []):
-        if os.path.isfile(path) and read_config(path).get("train", {}).get(key):
-            return read_config(path)["train"][key]
+        train = read_config(path).get("train", {}) if os.path.isfile(path) else {}
+        if isinstance(train, dict) and train.get(key):
+            return train[key]
     return None

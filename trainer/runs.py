@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+from erasekit.erase.state import busy_sentence, lock_holder
 from erasekit.errors import ErasekitError
 from trainer.jobs import JOBS, busy_with, slug  # noqa: F401  (slug: one spelling of names for runs and files)
 
@@ -39,18 +40,30 @@ def clean_file_name(name: str, what: str) -> str:
     return clean
 
 
-def export_guideline(run_dir: Path, dest_dir: Path, name: str) -> Path:
+REPLACE_LABEL = "Replace a file of the same name"  # the Export step's checkbox
+
+
+def export_target(dest_dir: Path, clean: str, overwrite: bool) -> Path:
+    """``dest_dir/<clean>.safetensors``; a file already there (another LoRA in ComfyUI's folder, a web
+    UI's Lora folder) is refused with one sentence naming it unless ``overwrite`` says to replace it."""
+    dest = Path(dest_dir) / f"{clean}.safetensors"
+    if not overwrite and os.path.lexists(dest):
+        raise ErasekitError(f"'{dest}' already exists; tick '{REPLACE_LABEL}' to overwrite it, or give another name.")
+    return dest
+
+
+def export_guideline(run_dir: Path, dest_dir: Path, name: str, overwrite: bool = False) -> Path:
     """Copy the run's guideline embedding to ``dest_dir/<name>.safetensors`` (checked on the way:
-    it loads as an embedding; written atomically)."""
+    it loads as an embedding; written atomically); an existing file is replaced only with ``overwrite``."""
     from erasekit.dag.guideline import GuidelineEmbedding
 
     src = find_guideline(run_dir)
     if src is None:
         raise ErasekitError(f"The run '{Path(run_dir).name}' has no guideline embedding yet; train it first "
                             "(method: DAG guideline tokens).")
+    dest = export_target(dest_dir, clean_file_name(name, "embedding"), overwrite)
     emb = GuidelineEmbedding.load(str(src))
     dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / f"{clean_file_name(name, 'embedding')}.safetensors"
     emb.save(str(dest))
     return dest
 
@@ -71,9 +84,11 @@ def architecture_from_lora(lora: dict, meta: dict):
     return checkpoints.sd_v1(width or 768)
 
 
-def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "", license: str = "") -> Path:
+def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "", license: str = "",
+                overwrite: bool = False) -> Path:
     """Copy the run's LoRA to ``dest_dir/<name>.safetensors`` with the user's title, description and
-    license in its metadata and model card (``<name>.md`` beside it)."""
+    license in its metadata and model card (``<name>.md`` beside it); an existing file of that name
+    is replaced only with ``overwrite``."""
     import json
 
     from erasekit import lora_io
@@ -82,6 +97,7 @@ def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "",
     if src is None:
         raise ErasekitError(f"The run '{Path(run_dir).name}' has no exported LoRA yet; train it to the end first.")
     clean = clean_file_name(name, "LoRA")
+    dest = export_target(dest_dir, clean, overwrite)
     lora, meta = lora_io.load_lora(str(src))
     dest_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -90,7 +106,7 @@ def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "",
     except ValueError:
         config, preserved = {}, []
     return Path(lora_io.save_lora(
-        lora, str(dest_dir / f"{clean}.safetensors"), architecture_from_lora(lora, meta),
+        lora, str(dest), architecture_from_lora(lora, meta),
         erased_concept=meta.get("erasekit.erased_concept", ""), method=meta.get("erasekit.method", ""),
         preserved=preserved, config=config, title=clean, description=description.strip() or None,
         license=license.strip() or None, base_model=meta.get("ss_sd_model_name", "")))
@@ -102,9 +118,7 @@ def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "",
 def list_runs(root) -> list:
     """[name, target, steps done / total, status, output file] for every run folder under ``root``
     (the output: the erasure LoRA, or the guideline embedding of a guideline run)."""
-    import json
-
-    from erasekit.erase.engine import latest_checkpoint, read_config
+    from erasekit.erase.engine import latest_checkpoint, read_config, read_metrics
 
     rows = []
     root = Path(root)
@@ -117,17 +131,11 @@ def list_runs(root) -> list:
             continue
         try:
             train = read_config(cfg_path).get("train", {}) if cfg_path.is_file() else {}
-        except ErasekitError:
+        except (ErasekitError, OSError, ValueError):  # unreadable, not TOML: the run is still listed
             train = {}
-        done = 0
+        train = train if isinstance(train, dict) else {}
         metrics = d / "metrics.jsonl"
-        if metrics.is_file():
-            lines = [ln for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            if lines:
-                try:
-                    done = json.loads(lines[-1]).get("step", 0)
-                except ValueError:
-                    done = len(lines)
+        done = max((row["step"] for row in read_metrics(d)), default=0)  # a corrupt line is skipped
         lora = find_lora(d) or find_guideline(d)
         job = busy_with(d)
         errors = [j for j in JOBS.values() if j.run_dir and os.path.realpath(j.run_dir) == os.path.realpath(d)]
@@ -154,6 +162,49 @@ def list_runs(root) -> list:
 def latest_preview(run_dir) -> Path | None:
     files = sorted((Path(run_dir) / "samples").glob("step-*.png"))
     return files[-1] if files else None
+
+
+def save_image(path, image) -> Path:
+    """Write a uint8 ``[H, W, 3]`` image as a PNG atomically (a full disk leaves no torn file)."""
+    from PIL import Image
+
+    from erasekit.checkpoints import write_error_reason
+
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ErasekitError(f"Could not write '{path}' ({write_error_reason(err)}); free disk space and try again.") from None
+    return path
+
+
+GALLERY = "gallery"  # <run>/gallery/NNN.png: the data step's gallery (forget images with masks, preserve images)
+
+
+def write_gallery(run_dir, items) -> list:
+    """Save the gallery's (uint8 image, caption) pairs as ``<run>/gallery/NNN.png``, replacing old ones;
+    returns [(path, caption)]: what a finished data job keeps instead of the images."""
+    folder = Path(run_dir) / GALLERY
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    return [(str(save_image(folder / f"{i:03d}.png", img)), caption) for i, (img, caption) in enumerate(items)]
+
+
+def open_image(path):
+    """A PIL image read into memory from ``path`` (the file stays closed), or None: gone or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path, formats=["PNG"]) as img:  # the app's own previews and grids
+            img.load()
+            return img.copy()
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- forget images under review
@@ -184,6 +235,9 @@ def _review_data(run_dir, index: int):
         raise ErasekitError(f"The run '{Path(run_dir).name}' has no data yet; press 'Generate data' first.")
     if busy_with(run_dir) is not None:
         raise ErasekitError(f"The run '{Path(run_dir).name}' is busy with a job; review its images when it is done.")
+    holder = lock_holder(run_dir)
+    if holder is not None:  # another process (the CLI, another app) writes the run
+        raise ErasekitError(busy_sentence(run_dir, holder))
     data = EraseData.load(str(cache))
     key_file = Path(run_dir) / REVIEW / "key.txt"
     n = len(data.forget)
@@ -204,7 +258,8 @@ def forget_for_review(run_dir, index: int):
     from PIL import Image
 
     data, i = _review_data(run_dir, index)
-    image = np.asarray(Image.open(Path(run_dir) / REVIEW / f"forget-{i:03d}.png").convert("RGB"))
+    with Image.open(Path(run_dir) / REVIEW / f"forget-{i:03d}.png", formats=["PNG"]) as img:
+        image = np.asarray(img.convert("RGB"))
     m = data.forget.masks[i : i + 1] if data.forget.masks is not None else torch.ones(1, 1, 1, 1)
     mask = F.interpolate(m.float(), size=image.shape[:2], mode="nearest")[0, 0].numpy() >= 0.5
     return image, mask, data.forget.prompts[i], len(data.forget)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from erasekit.errors import ErasekitError
 from trainer.jobs import Job
-from trainer.runs import find_guideline, find_lora, guideline_path, write_review_images
+from trainer.runner import writing_run
+from trainer.runs import find_guideline, find_lora, guideline_path, save_image, write_gallery, write_review_images
 
 
 def train_argv(s: dict, out: str, resume: bool = False, config: str | None = None) -> list:
@@ -72,27 +73,29 @@ def write_extra_config(run_dir: Path, s: dict) -> str | None:
 
 
 def data_job(settings: dict, run_dir: Path):
-    """Generate (or load) the forget / preserve sets of a run; the result is a gallery."""
+    """Generate (or load) the forget / preserve sets of a run, with the run folder locked; the result
+    is the gallery's files (``<run>/gallery/``) and a summary: a finished job keeps no image."""
 
     def fn(job: Job):
         from trainer.arguments import build_parser
         from trainer.runner import prepare
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # the data are the same for either method; they are made (and cached) the erasure trainer's way
-        argv = train_argv({**settings, "method": "inpo"}, run_dir, config=write_extra_config(run_dir, settings))
-        args = build_parser().parse_args(argv)
-        job.log(f"loading the base model {args.base or 'models/toy'}")
-        prep = prepare(args, log=job.log, with_data=False, check_fresh=False)
-        data_config = prep["data_config"]
-        job.set_progress(0, 1, f"generating the forget and preserve sets of '{prep['target']}'")
-        from erasekit.erase.data import build_erase_data
+        with writing_run(run_dir, "data", job.log):
+            # the data are the same for either method; they are made (and cached) the erasure trainer's way
+            argv = train_argv({**settings, "method": "inpo"}, run_dir, config=write_extra_config(run_dir, settings))
+            args = build_parser().parse_args(argv)
+            job.log(f"loading the base model {args.base or 'models/toy'}")
+            prep = prepare(args, log=job.log, with_data=False, check_fresh=False)
+            data_config = prep["data_config"]
+            job.set_progress(0, 1, f"generating the forget and preserve sets of '{prep['target']}'")
+            from erasekit.erase.data import build_erase_data
 
-        data = build_erase_data(prep["components"], prep["target"], data_config, log=job.log)
-        forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
-        write_review_images(run_dir, [_uint8(img) for img in forget], data.key)
+            data = build_erase_data(prep["components"], prep["target"], data_config, log=job.log)
+            forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
+            write_review_images(run_dir, [_uint8(img) for img in forget], data.key)
+            gallery = write_gallery(run_dir, data_gallery(prep["components"], data, forget))
         job.set_progress(1, 1)
-        return {"gallery": data_gallery(prep["components"], data, forget), "summary":
+        return {"gallery": gallery, "summary":
                 f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve images "
                 f"of {len(data.preserved)} concepts ({', '.join(data.preserved)})."}
 
@@ -141,11 +144,17 @@ def data_gallery(components, data, forget_images, limit: int = 24) -> list:
 
 
 def train_job(settings: dict, run_dir: Path, resume: bool = False):
+    """INPO on the run (resumed from its last checkpoint with ``resume``), with the run folder locked
+    from the first file written on (its settings in ``<run>/app/config.toml``)."""
+
     def fn(job: Job):
+        with writing_run(run_dir, "training", job.log):
+            return _train(job)
+
+    def _train(job: Job):
         from trainer.arguments import build_parser
         from trainer.runner import run_training
 
-        run_dir.mkdir(parents=True, exist_ok=True)
         extra = None if resume else write_extra_config(run_dir, settings)
         argv = train_argv({} if resume else settings, run_dir, resume=resume, config=extra)
         if resume and settings.get("steps"):
@@ -192,11 +201,14 @@ def guideline_job(settings: dict, run_dir: Path):
     The loss goes to ``metrics.jsonl`` (the page's plot) and the settings to ``config.toml``."""
 
     def fn(job: Job):
+        with writing_run(run_dir, "guideline tokens", job.log):
+            return _guideline(job)
+
+    def _guideline(job: Job):
         from erasekit.erase.engine import write_config
         from trainer.arguments import build_parser
         from trainer.runner import run_guideline
 
-        run_dir.mkdir(parents=True, exist_ok=True)
         out = guideline_path(run_dir, settings["target"])
         argv = guideline_argv(settings, out)
         args = build_parser().parse_args(argv)
@@ -230,7 +242,7 @@ def guideline_job(settings: dict, run_dir: Path):
 
 def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0, strength: float = 1.0):
     """Before / after images (same seeds) on target, neighbour and unrelated prompts, judged on the
-    toy model. After = with the run's erasure LoRA at ``strength`` (a LoRA loader's weight), or (a
+    toy model; the grid is written to ``<run>/check.png``. After = with the run's erasure LoRA at ``strength`` (a LoRA loader's weight), or (a
     guideline run) with Detect-and-Guide at ``strength`` using the run's guideline embedding and the
     concept as the safety text."""
 
@@ -286,7 +298,8 @@ def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0, 
         else:
             rows = [[role, prompt, concept, "-", "-"] for role, prompt, concept in prompts]
         grid = check_grid(before, after, len(prompts), len(seed_list))
-        return {"grid": (grid * 255).round().astype(np.uint8), "rows": rows, "file": str(made)}
+        path = save_image(run_dir / "check.png", (grid * 255).round().astype(np.uint8))
+        return {"grid": str(path), "rows": rows, "file": str(made)}  # a path: a finished job keeps no image
 
     return fn
 

@@ -9,6 +9,7 @@ A run is a folder:
     <out>/samples/step-000100.png    previews: one row per prompt, one column per fixed seed
     <out>/tensorboard/               SummaryWriter logs (the same terms, and the previews)
     <out>/<name>.safetensors         the exported LoRA (kohya keys + metadata, :mod:`erasekit.erase.export`)
+    <out>/.lock                      while a process writes the run: its pid, host, start time (``state.run_lock``)
 
 :func:`train` reads top to bottom like diffusers' ``train_text_to_image_lora.py``: models ->
 LoRA adapters (or all UNet weights) -> optimizer and schedule -> resume -> loop -> export.
@@ -51,6 +52,7 @@ from .state import (  # noqa: F401
     peak_memory_mb,
     read_config,
     read_metrics,
+    run_lock,
     save_checkpoint,
     write_config,
 )
@@ -150,7 +152,7 @@ def _check(config: TrainConfig) -> None:
 
 
 def train(config: TrainConfig, objective: Objective, data, components, *, progress=None, cancel=None,
-          sections: dict | None = None) -> RunResult:
+          sections: dict | None = None, log=None) -> RunResult:
     """Fine-tune ``components`` (an :class:`erasekit.models.Components`) with ``objective`` on ``data``.
 
     Args:
@@ -159,20 +161,33 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
         cancel: a ``threading.Event`` or a callable; checked between steps. A cancelled run
             writes a checkpoint and returns with ``status == "cancelled"`` (resume continues it).
         sections: more tables for ``config.toml`` (e.g. ``{"data": DataConfig(...)}``).
+        log: where a line about the run folder goes (a stale lock taken over); default stderr.
     Raises:
-        ErasekitError: a bad setting, a checkpoint that does not fit, or a loss that is not
-        finite (the last good checkpoint is kept and named in the message).
+        ErasekitError: a bad setting, a run folder another process writes (its ``.lock``), a
+        checkpoint that does not fit, a loss that is not finite, or a write that failed (a full
+        disk); the last good checkpoint is kept and named in the message.
     """
-    import numpy as np
-    import torch
+    from contextlib import nullcontext
+
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
     _check(config)
     _reset_accelerate_state()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
                               cpu=config.cpu)
+    # the main process writes the run folder: it holds the folder's lock for the whole run
+    with run_lock(config.out, "training", log) if accelerator.is_main_process else nullcontext():
+        return _train(accelerator, config, objective, data, components, progress, cancel, sections, log)
+
+
+def _train(accelerator, config: TrainConfig, objective: Objective, data, components, progress, cancel, sections,
+           log) -> RunResult:
+    """:func:`train`'s body, with the run folder locked."""
+    import numpy as np
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
     device, main = accelerator.device, accelerator.is_main_process
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     run_dir = Path(config.out)
@@ -271,21 +286,22 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
                 base_unet.enable_adapters()
 
     # 5. Logs: metrics.jsonl, TensorBoard, a preview of the base model before the first step.
-    writer = None
-    if main and config.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
-    metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+    writer = _tensorboard(run_dir, step, log) if main and config.tensorboard else None
+    metrics = None
     prompts = config.sample_prompts or ([config.target] if config.target else [])
-    if main and config.sample_every and prompts and step == 0:
-        _preview(components, config, prompts, 0, run_dir, writer, accelerator)
-
-    # 6. The loop: one optimizer step = grad_accum micro-steps.
     status, terms, last_ckpt, erased_at = "done", {}, resume_from, None
-    t_start = time.time()
-    unet.train()
     try:
+        if main:
+            try:
+                metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            except OSError as err:
+                raise _write_failed("the metrics", step, err, resume_from) from None
+        if main and config.sample_every and prompts and step == 0:
+            _preview(components, config, prompts, 0, run_dir, writer, accelerator, resume_from)
+
+        # 6. The loop: one optimizer step = grad_accum micro-steps.
+        t_start = time.time()
+        unet.train()
         while step < config.steps:
             asked = cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel())
             if _on_any_process(accelerator, asked, device):  # all stop at the same step, or the rest would hang
@@ -322,9 +338,8 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
             terms = sums
             history.append(terms)
             if main:
-                metrics.write(json.dumps({"step": step, "lr": lr, "seconds": round(time.time() - t_start, 3),
-                                          "peak_mb": peak_memory_mb(device), **terms}) + "\n")
-                metrics.flush()
+                _append_metrics(metrics, {"step": step, "lr": lr, "seconds": round(time.time() - t_start, 3),
+                                          "peak_mb": peak_memory_mb(device), **terms}, last_ckpt)
                 if writer is not None:
                     for k, v in terms.items():
                         writer.add_scalar(f"train/{k}", v, step)
@@ -334,14 +349,16 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
             if step % config.checkpoint_every == 0 or step == config.steps:
                 last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config, last_ckpt)
             if main and config.sample_every and prompts and step % config.sample_every == 0:
-                _preview(components, config, prompts, step, run_dir, writer, accelerator)
+                _preview(components, config, prompts, step, run_dir, writer, accelerator, last_ckpt)
         if (status == "cancelled" or erased_at is not None) and step > 0:
             last_ckpt = _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, config, last_ckpt)
-    finally:
-        if metrics is not None:
-            metrics.close()
-        if writer is not None:
-            writer.close()
+    finally:  # a full disk may fail these again: the error that stopped the run is the one to report
+        for log_file in (metrics, writer):
+            if log_file is not None:
+                try:
+                    log_file.close()
+                except OSError:
+                    pass
 
     # 7. Export the LoRA (kohya keys + metadata) once the run is complete.
     lora = None
@@ -426,18 +443,52 @@ def _checkpoint(accelerator, run_dir, step, trainable, optimizer, lr_scheduler, 
     failed write (a full disk) leaves the last good checkpoint as it was and says so."""
     from safetensors import SafetensorError
 
-    from ..checkpoints import write_error_reason
-
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
             save_checkpoint(run_dir, step, trainable, optimizer, lr_scheduler, config.keep_checkpoints, accelerator.scaler)
         except (OSError, SafetensorError) as err:  # safetensors reports its own I/O errors as SafetensorError
-            kept = f"the last good checkpoint '{last}' is kept" if last else "no earlier checkpoint exists"
-            raise ErasekitError(f"Could not write the checkpoint of step {step} ({write_error_reason(err)}); {kept}: "
-                                "free disk space and run again with --resume.") from None
+            raise _write_failed("the checkpoint", step, err, last) from None
     accelerator.wait_for_everyone()
     return checkpoint_dir(run_dir, step)
+
+
+def _write_failed(what: str, step: int, err: Exception, last) -> ErasekitError:
+    """The one sentence for a write that failed (a full disk) while training: a checkpoint, a metrics
+    line or a preview alike. The run stops; the last good checkpoint stays as it was."""
+    from ..checkpoints import write_error_reason
+
+    kept = f"the last good checkpoint '{last}' is kept" if last else "no earlier checkpoint exists"
+    return ErasekitError(f"Could not write {what} of step {step} ({write_error_reason(err)}); {kept}: "
+                         "free disk space and run again with --resume.")
+
+
+def _append_metrics(metrics, row: dict, last) -> None:
+    """One line of ``metrics.jsonl``, flushed; a failed write stops the run with :func:`_write_failed`'s
+    sentence (a torn line is dropped by the resume, :func:`~erasekit.erase.state._truncate_metrics`)."""
+    try:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+    except OSError as err:
+        raise _write_failed("the metrics", row["step"], err, last) from None
+
+
+def _tensorboard(run_dir, step, log):
+    """A TensorBoard writer, or None (with a log line) where the tensorboard package is not installed:
+    metrics.jsonl holds the same numbers."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        (log or _stderr)("TensorBoard is not installed: the run's numbers go to metrics.jsonl only "
+                         "(pip install tensorboard to see them there too).")
+        return None
+    return SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=step or None)
+
+
+def _stderr(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr)
 
 
 def _not_finite(step: int, value: float, last_ckpt, optimizer) -> ErasekitError:
@@ -447,8 +498,12 @@ def _not_finite(step: int, value: float, last_ckpt, optimizer) -> ErasekitError:
                          f"{kept}: lower the learning rate (now {lr:g}) and run again with --resume.")
 
 
-def _preview(components, config, prompts, step, run_dir, writer, accelerator):
-    """Sample ``prompts`` x ``config.sample_seeds`` with the current weights; save one PNG grid."""
+def _preview(components, config, prompts, step, run_dir, writer, accelerator, last=None):
+    """Sample ``prompts`` x ``config.sample_seeds`` with the current weights; save one PNG grid,
+    atomically (a full disk stops the run with :func:`_write_failed`'s sentence and leaves no torn
+    PNG for the page to show)."""
+    import os
+
     import numpy as np
     from PIL import Image
 
@@ -461,7 +516,13 @@ def _preview(components, config, prompts, step, run_dir, writer, accelerator):
     n, c, h, w = res.images.shape  # [P * S, 3, H, W] in [0, 1]
     grid = res.images.view(len(prompts), len(seeds), c, h, w).permute(2, 0, 3, 1, 4).reshape(c, len(prompts) * h, len(seeds) * w)
     path = Path(run_dir) / "samples" / f"step-{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed("the preview", step, err, last) from None
     if writer is not None:
         writer.add_image("samples", grid, step)

@@ -1,5 +1,5 @@
 """A run folder's files: config.toml, checkpoints (safetensors, never pickle), metrics.jsonl
-(and the peak memory each metrics line records).
+(and the peak memory each metrics line records), and the ``.lock`` of the process writing it.
 
 Checkpoint folders are written under a temporary name, synced, then renamed, so a run killed at
 any moment keeps its last good checkpoint; the optimizer's non-tensor state and the LR schedule
@@ -9,10 +9,15 @@ travel as JSON in the safetensors metadata.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-from dataclasses import asdict, fields
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 from ..checkpoints import write_text_atomic
@@ -22,12 +27,72 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def config_from_dict(cls, values: dict, where: str):
-    """A ``cls`` dataclass from ``values``; an unknown key is refused naming ``where`` it came from."""
+    """A ``cls`` dataclass from ``values``; an unknown key, or a value of the wrong type (a string
+    for a whole number, a list for a number, "yes" for true or false), is refused with one sentence
+    naming ``where`` it came from (the table), the key, the type expected and the value given."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ErasekitError(f"Unknown setting '{unknown[0]}' in {where}; known settings: {', '.join(sorted(known))}.")
+    for f in fields(cls):
+        if f.name in values:
+            _check_type(f, values[f.name], where)
     return cls(**values)
+
+
+def _field_kinds(f) -> tuple[set, bool]:
+    """({"int", "float", "str", "bool", "list", ...}, None allowed) of a dataclass field, from its
+    annotation (a string under ``from __future__ import annotations``: "float | None")."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    names = {part.strip().split("[")[0].removeprefix("typing.") for part in text.replace("Optional[", "").split("|")}
+    return names - {"None", "NoneType"}, bool(names & {"None", "NoneType"}) or "Optional[" in text
+
+
+_EXPECTED = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false", "list": "a list",
+             "dict": "a table"}
+
+
+def shown_value(value) -> str:
+    """A value as a sentence names it: the text 'x', the list [1, 2], true, 3.5."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the text '{value}'"
+    if isinstance(value, list | tuple):
+        return f"the list {list(value)!r}"
+    if isinstance(value, dict):
+        return f"a table {value!r}"
+    return "nothing" if value is None else repr(value)
+
+
+def _matches(kind: str, value) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, {"str": str, "bool": bool, "list": list, "dict": dict}.get(kind, object))
+
+
+def _check_type(f, value, where: str) -> None:
+    """Refuse ``value`` for the field ``f`` unless it has the field's type. A float field takes a whole
+    number too (TOML's ``lr = 1``) but not nan or inf; a list's items are of the kind its default
+    holds (``sample_seeds = [0, 1]``: whole numbers), else text (the prompt lists)."""
+    kinds, optional = _field_kinds(f)
+    if value is None and optional:
+        return
+    if not kinds - set(_EXPECTED):  # an annotation this check knows; anything else is the method's business
+        if not any(_matches(k, value) for k in kinds):
+            expected = " or ".join(_EXPECTED[k] for k in sorted(kinds))
+            finite = " (a finite one)" if "float" in kinds and isinstance(value, float) else ""
+            raise ErasekitError(f"The setting '{f.name}' in {where} must be {expected}{finite}, not {shown_value(value)}.")
+    if kinds == {"list"} and isinstance(value, list):
+        default = f.default_factory() if f.default_factory is not MISSING else (f.default or [])
+        item = "int" if default and all(isinstance(v, int) for v in default) else "str"
+        bad = [v for v in value if not _matches(item, v)]
+        if bad:
+            raise ErasekitError(f"The setting '{f.name}' in {where} must be a list of "
+                                f"{'whole numbers' if item == 'int' else 'texts'}, not {shown_value(value)} "
+                                f"(it holds {shown_value(bad[0])}).")
 
 
 def read_config(path) -> dict:
@@ -41,8 +106,14 @@ def read_config(path) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ErasekitError(f"The config file '{path}' does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise ErasekitError(f"The config file '{path}' is a folder; give a .toml file.") from None
+    except UnicodeDecodeError:
+        raise ErasekitError(f"The config file '{path}' is not valid TOML (it is not UTF-8 text).") from None
     except tomllib.TOMLDecodeError as err:
         raise ErasekitError(f"The config file '{path}' is not valid TOML ({err}).") from None
+    except OSError as err:
+        raise ErasekitError(f"The config file '{path}' cannot be read ({err.strerror or err}).") from None
 
 
 def write_toml(path, tables: dict) -> Path:
@@ -118,7 +189,6 @@ def load_checkpoint(path, trainable: dict, optimizer=None, lr_scheduler=None, sc
     """Restore weights (and optimizer, schedule, fp16 gradient scaler, RNG when given) from a
     checkpoint; return its step."""
     import torch
-    from safetensors import safe_open
 
     from ..checkpoints import load_file
 
@@ -132,9 +202,7 @@ def load_checkpoint(path, trainable: dict, optimizer=None, lr_scheduler=None, sc
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name])
-    with safe_open(str(path / "state.safetensors"), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = load_file(str(path / "state.safetensors"), "checkpoint")
     if optimizer is not None:
         optimizer.load_state_dict(_unflatten_optimizer(json.loads(meta["optimizer"]), tensors))
     if lr_scheduler is not None:
@@ -176,14 +244,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` (0: a fresh start, e.g. after a kill before the first checkpoint):
     the run writes those steps again. Torn lines (a kill or a full disk mid-write) go too."""
     if path.is_file():
-        def kept(line):
-            try:
-                return json.loads(line)["step"] <= step
-            except (ValueError, KeyError, TypeError):
-                return False
-
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and kept(ln)]
-        write_text_atomic("".join(ln + "\n" for ln in lines), path)
+        rows = [row for row in _metric_rows(path) if row["step"] <= step]
+        write_text_atomic("".join(json.dumps(row) + "\n" for row in rows), path)
 
 
 # ----------------------------------------------------------------------------- metrics and memory
@@ -204,13 +266,227 @@ def peak_memory_mb(device) -> float | None:
 
 
 def read_metrics(run_dir) -> list:
-    """The rows of a run's ``metrics.jsonl`` (one dict a step); a torn last line is skipped."""
+    """The rows of a run's ``metrics.jsonl`` (one dict a step). A line that is not a row (torn by a
+    kill, bytes that are not UTF-8, JSON that is no object, a step that is no whole number, a loss
+    or a time that is no number) is skipped wherever it is: the other lines still count."""
     path = Path(run_dir) / "metrics.jsonl"
+    try:
+        return _metric_rows(path) if path.is_file() else []
+    except OSError:  # unreadable (permissions, a vanished file): nothing to show
+        return []
+
+
+_NUMERIC_METRICS = ("loss", "lr", "seconds", "peak_mb")
+
+
+def _metric_rows(path: Path) -> list:
     out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
+    for raw in path.read_bytes().splitlines():
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError is one
+            continue
+        if not isinstance(row, dict) or not _matches("int", row.get("step")):
+            continue
+        if any(row.get(k) is not None and (isinstance(row[k], bool) or not isinstance(row[k], int | float))
+               for k in _NUMERIC_METRICS):
+            continue
+        out.append(row)
     return out
+
+
+# ----------------------------------------------------------------------------- the run's lock
+
+LOCK_NAME = ".lock"
+_STALE_EMPTY_S = 10.0  # a lock file without its content for this long was left by a kill mid-write
+_held: dict = {}  # lock path -> [thread id, depth, token]: the run folders this process holds
+_held_guard = threading.Lock()
+
+
+@contextmanager
+def run_lock(run_dir, what: str = "training", log=None):
+    """Hold ``<run>/.lock`` (pid, host, start time, what) while this process writes the run, so that two
+    jobs, two app instances or the CLI and the app never interleave checkpoints and metrics. The
+    file is created with O_CREAT | O_EXCL. A lock left by a process that no longer runs on this host
+    (a kill) is taken over with a log line; a live one is refused with one sentence naming the run
+    and the pid. The same thread may take the lock again (the trainer's data step, then the engine)."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_NAME
+    key = os.path.realpath(path)
+    me = threading.get_ident()
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is not None and entry[0] == me:
+            entry[1] += 1
+            nested = True
+        elif entry is not None:
+            raise ErasekitError(_busy_sentence(run_dir, _read_lock(path) or {"pid": os.getpid()}))
+        else:
+            nested = False
+    if nested:
+        try:
+            yield path
+        finally:
+            with _held_guard:
+                _held[key][1] -= 1
+        return
+    token = _acquire(run_dir, path, what, log or _stderr)
+    with _held_guard:
+        _held[key] = [me, 1, token]
+    try:
+        yield path
+    finally:
+        with _held_guard:
+            _held.pop(key, None)
+        if (_read_lock(path) or {}).get("token") == token:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
+def lock_holder(run_dir) -> dict | None:
+    """The live holder of ``<run>/.lock`` ({"pid", "host", "started", "what"}), or None: no lock, or a
+    stale one (its process is gone)."""
+    path = Path(run_dir) / LOCK_NAME
+    info = _read_lock(path)
+    if info is None:
+        return None
+    with _held_guard:
+        mine = os.path.realpath(path) in _held
+    return info if mine or not _is_stale(info, path) else None
+
+
+def busy_sentence(run_dir, holder: dict) -> str:
+    """What the page and the CLI say of a run another process (or job) writes."""
+    return _busy_sentence(Path(run_dir), holder)
+
+
+def _busy_sentence(run_dir: Path, info: dict) -> str:
+    pid = info.get("pid", "?")
+    here = info.get("host") in (None, socket.gethostname())
+    where = "" if here else f" on the machine '{info.get('host')}'"
+    doing = f" ({info['what']} since {info['started']})" if info.get("what") and info.get("started") else ""
+    return (f"The run '{run_dir.name}' is in use by process {pid}{where}{doing}; wait for it to end or stop it "
+            f"(if that process is gone, delete '{run_dir / LOCK_NAME}').")
+
+
+def _stderr(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr)
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The lock's content; None: no lock file; {}: a lock file without readable content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _pid_alive(pid) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie does not; unknown: assumed to run)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        try:
+            import psutil
+        except ImportError:
+            return True
+        return psutil.pid_exists(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _is_stale(info: dict, path: Path) -> bool:
+    """A lock whose process no longer runs on this host; or a lock file left empty by a kill mid-write."""
+    if not info:
+        try:
+            return time.time() - path.stat().st_mtime > _STALE_EMPTY_S
+        except OSError:
+            return True
+    if info.get("host") != socket.gethostname():
+        return False  # another machine's process (a shared folder): it cannot be asked, so it counts as live
+    if info.get("pid") == os.getpid():
+        with _held_guard:
+            return os.path.realpath(path) not in _held  # this process does not hold it: an earlier one with our pid
+    return not _pid_alive(info.get("pid"))
+
+
+def _acquire(run_dir: Path, path: Path, what: str, log) -> str:
+    """Create the lock file (O_EXCL), taking over a stale one; return this holder's token."""
+    import secrets
+
+    from ..checkpoints import write_error_reason
+
+    token = secrets.token_hex(8)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "what": what, "token": token}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder is None:
+                continue  # released meanwhile
+            if not _is_stale(holder, path):
+                raise ErasekitError(_busy_sentence(run_dir, holder)) from None
+            if _take_over(path, holder, token):
+                pid = holder.get("pid", "an unknown process")
+                log(f"Took over the lock of the run '{run_dir.name}' left by process {pid} (no longer running; "
+                    f"{holder.get('what', 'its work')} since {holder.get('started', 'an unknown time')}).")
+            continue
+        except OSError as err:
+            raise ErasekitError(f"Could not lock the run '{run_dir.name}' ({write_error_reason(err)}); check that "
+                                f"'{run_dir}' is writable.") from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(info))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            path.unlink(missing_ok=True)
+            raise ErasekitError(f"Could not lock the run '{run_dir.name}' ({write_error_reason(err)}); free disk "
+                                "space and try again.") from None
+        return token
+    raise ErasekitError(f"Could not lock the run '{run_dir.name}': other processes keep taking it; try again.")
+
+
+def _take_over(path: Path, stale: dict, token: str) -> bool:
+    """Move the stale lock aside atomically, then check that what moved is what was judged stale (another
+    process may have taken it over meanwhile: its fresh lock is put back)."""
+    aside = path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}-{token}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    moved = _read_lock(aside)
+    if moved != stale:  # a fresh lock: give it back unless a third one was made meanwhile
+        try:
+            os.link(aside, path)
+        except OSError:
+            pass
+        aside.unlink(missing_ok=True)
+        return False
+    aside.unlink(missing_ok=True)
+    return True

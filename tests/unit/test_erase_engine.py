@@ -464,7 +464,7 @@ def test_kill_9_mid_run_keeps_a_loadable_checkpoint(data, tmp_path):
 
 
 def test_preserve_pairs_put_a_share_of_the_preserved_objects_beside_another():
-    from erasekit.erase.data import _paired, prompts_for, preserve_concepts, resolve_concept
+    from erasekit.erase.data import _paired, preserve_concepts, prompts_for, resolve_concept
 
     kept = preserve_concepts(resolve_concept("red circle"))
     pairs = [(c, p) for c in kept for p in prompts_for(c, 25, 0)]

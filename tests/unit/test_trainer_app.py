@@ -124,11 +124,14 @@ def test_generate_train_check_export(app):
     msg, job_id = c.predict(run_name="flow", seeds=2, steps=3, strength=0.0, api_name="/check")
     assert wait(c, job_id)["state"] == "done"
     assert "LoRA applied at strength 0" in view(c, "flow")["log"]
+    import numpy as np
+    from PIL import Image
+
     from trainer import jobs, work
 
     for strength in (0.0, 1.0):
         job = jobs.Job("check", "test", None)
-        g = work.check_job(app["app"].run_dir("flow"), 2, 3, strength=strength)(job)["grid"]
+        g = np.asarray(Image.open(work.check_job(app["app"].run_dir("flow"), 2, 3, strength=strength)(job)["grid"]))
         side = g.shape[0] // 3 * 2  # 3 prompt rows of square images, 2 seeds per panel
         assert (g[:, :side] == g[:, -side:]).all() == (strength == 0.0), strength
 
