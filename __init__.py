@@ -8,38 +8,16 @@ defines ``NODE_CLASS_MAPPINGS``.
 
 Nothing is put on ``sys.path`` (the pack's ``nodes/`` would shadow ComfyUI's own ``nodes``
 module): the pack's modules import each other relatively, and the core library is registered
-under its own name, ``erasekit``, from this folder (one copy, whoever imports it).
+under its own name, ``erasekit``, from this folder (``core_loader.py``).
 """
 
-import importlib.util
-import logging
 import os
-import sys
+
+from .core_loader import register_core
 
 WEB_DIRECTORY = "./web"  # front-end extension: live Detect-and-Guide detection maps
 
-
-def _register_core():
-    """Make ``import erasekit`` find this folder's core library (unless one is imported already)."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "erasekit")
-    loaded = sys.modules.get("erasekit")
-    if loaded is not None:
-        if os.path.dirname(os.path.abspath(getattr(loaded, "__file__", "") or "")) != here:
-            logging.warning("Erasekit: using the erasekit library already imported from %s, not this pack's %s",
-                            getattr(loaded, "__file__", "?"), here)
-        return
-    spec = importlib.util.spec_from_file_location("erasekit", os.path.join(here, "__init__.py"),
-                                                  submodule_search_locations=[here])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["erasekit"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["erasekit"]
-        raise
-
-
-_register_core()
+register_core()
 
 try:
     if os.environ.get("ERASEKIT_COMFY_API") == "v1":  # lets tests exercise the classic path

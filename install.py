@@ -1,9 +1,11 @@
 """Dependency installer run by ComfyUI-Manager and by Automatic1111 / Forge.
 
-A1111 and Forge run this file with their own ``launch`` module importable and use its
-helpers (they install into the web UI's venv and log properly); ComfyUI-Manager runs it with
-plain Python. Either way only what is missing is installed, and torch is never touched:
-the host application owns the torch build.
+In A1111 / Forge (their ``launch`` module is importable) it installs nothing that their pins own:
+the A1111 face needs only torch, numpy, scipy, safetensors and Pillow, which they ship, so it only
+checks for them (installing requirements.txt's ranges there would upgrade transformers and pydantic
+and break the web UI). The trainer's own needs are the trainer's (``pip install -r requirements-dev.txt``
+in its own environment). Under ComfyUI-Manager (plain Python) the pack's missing requirements are
+installed. torch is never touched: the host application owns the torch build.
 """
 
 import importlib.util
@@ -13,6 +15,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS = os.path.join(HERE, "requirements.txt")
+WEBUI_NEEDS = ("numpy", "scipy", "safetensors", "pillow")  # what the A1111 / Forge face imports besides torch
+MODULES = {"pillow": "PIL", "tqdm": "tqdm", "tomli-w": "tomli_w"}
 
 
 def _requirements():
@@ -23,27 +27,28 @@ def _requirements():
                 yield line
 
 
-def _missing():
+def _missing(requirements):
     import re
 
-    for req in _requirements():
-        name = re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0]
-        module = {"pillow": "PIL", "tqdm": "tqdm"}.get(name.lower(), name.replace("-", "_"))
-        if importlib.util.find_spec(module) is None:
+    for req in requirements:
+        spec, _, marker = req.partition(";")
+        if marker.strip() and "python_version" in marker and sys.version_info >= (3, 11) and "<" in marker:
+            continue  # e.g. tomli on Python < 3.11 only
+        name = re.split(r"[<>=!~\[ ]", spec.strip(), maxsplit=1)[0]
+        if importlib.util.find_spec(MODULES.get(name.lower(), name.replace("-", "_"))) is None:
             yield req
 
 
 def main():
-    missing = list(_missing())
-    if not missing:
-        return
     try:
         import launch  # A1111 / Forge
-
-        for req in missing:
-            launch.run_pip(f'install "{req}"', f"Erasekit requirement: {req}")
     except ImportError:  # ComfyUI-Manager or by hand
-        subprocess.check_call([sys.executable, "-m", "pip", "install", *missing])
+        missing = list(_missing(_requirements()))
+        if missing:
+            subprocess.check_call([sys.executable, "-m", "pip", "install", *missing])
+        return
+    for req in _missing(WEBUI_NEEDS):
+        launch.run_pip(f'install "{req}"', f"Erasekit requirement: {req}")
 
 
 if __name__ == "__main__" or "launch" in sys.modules:

@@ -169,6 +169,21 @@ def attention_levels(unet) -> list[int]:
     return [i for i, kind in enumerate(unet.config.down_block_types) if "CrossAttn" in kind]
 
 
+def ldm_cross_attention_levels(diffusion_model) -> dict[str, int]:
+    """``{name: level}`` of the cross-attention (``attn2``) layers of an LDM-layout UNet (``input_blocks``,
+    ``middle_block``, ``output_blocks``: A1111's and Forge's models), the mid block left out. A level
+    counts the ``Downsample`` blocks passed on the way down (the ``Upsample`` blocks on the way up), so
+    layer j of the up path sits at the resolution of its twin on the down path, as in diffusers."""
+    levels, level = {}, 0
+    for i, block in enumerate(diffusion_model.input_blocks):
+        levels.update({f"input_blocks.{i}.{n}": level for n, _ in block.named_modules() if n.endswith("attn2")})
+        level += any(type(m).__name__ == "Downsample" for m in block.modules())
+    for i, block in enumerate(diffusion_model.output_blocks):
+        levels.update({f"output_blocks.{i}.{n}": level for n, _ in block.named_modules() if n.endswith("attn2")})
+        level -= any(type(m).__name__ == "Upsample" for m in block.modules())
+    return levels
+
+
 def coarse_levels(levels_with_attention) -> tuple[int, ...]:
     """The two coarsest levels with cross-attention, where CAMs are read (DAG Sec. 3.1).
 

@@ -122,3 +122,24 @@ def test_dag_patch_cams_equal_the_diffusers_taps(comfy, layout, monkeypatch):
     assert len(cams) == len(ours) >= 4
     for a, b in zip(cams, ours):
         assert a.numel() == b.numel() and torch.allclose(a.flatten(), b.flatten(), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["sd_v1", "sd_v2", "sdxl"])
+def test_ldm_layer_levels_pick_the_layers_the_comfyui_patch_reads(comfy, layout):
+    """The LDM-layout rule A1111 uses (levels from the Downsample / Upsample blocks) selects exactly the
+    layers the ComfyUI patch reads (the diffusers rule through ComfyUI's key map)."""
+    from erasekit.attention import coarse_levels, ldm_cross_attention_levels
+
+    load_diffusers_unet, dag_layer_coordinates = from_pack("nodes.comfy_bridge", "load_diffusers_unet",
+                                                           "dag_layer_coordinates")
+    built = tiny.build(layout, seed=0)
+    patcher = load_diffusers_unet(built["unet"], built["scheduler"])
+    levels = ldm_cross_attention_levels(patcher.model.diffusion_model)
+    keep = coarse_levels({lv for name, lv in levels.items() if name.startswith("input_blocks")})
+    ours = set()
+    for name, lv in levels.items():
+        if lv in keep:
+            parts = name.split(".")
+            block = {"input_blocks": "input", "output_blocks": "output"}[parts[0]]
+            ours.add((block, int(parts[1]), int(parts[parts.index("transformer_blocks") + 1])))
+    assert ours == dag_layer_coordinates(patcher) and ours
