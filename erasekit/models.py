@@ -68,8 +68,9 @@ def load(source: str, config: str | None = None, torch_dtype=None) -> Components
     Args:
         source: path of a diffusers folder or of a single-file checkpoint.
         config: for single files, a local diffusers folder with the matching configs and
-            tokenizer(s) (weights not needed). Defaults to ``models/configs/<architecture>``
-            of this repository.
+            tokenizer(s) (weights not needed). Defaults to the folder this repository ships in
+            ``models/configs`` for the file's architecture (:func:`config_variant`); nothing is
+            fetched from the Hub.
         torch_dtype: dtype to load the weights in (default: as stored).
     """
     source = os.fspath(source)
@@ -125,42 +126,155 @@ def _from_pipeline(pipe, source: str) -> Components:
                       architecture_of_unet(parts["unet"], tes), source)
 
 
-def default_config_dir(arch: Architecture) -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "models", "configs", arch.name)
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "configs")
+"""The configs (no weights) single files load with by default, one folder per architecture (README.md there)."""
+CLIP_BPE_DIR = os.path.join(CONFIGS_DIR, "clip_bpe")
+"""CLIP's BPE vocabulary (vocab.json, merges.txt), kept once for every shipped tokenizer folder."""
+SD_V2_BASE = "sd_v2_base"
+SD_V2_BASE_GLOBAL_STEP = 875000  # diffusers' rule: the SD2 512 base checkpoint's training step; anything else is 768-v
+_COMPONENT_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                    "text_encoder_2": "config.json", "scheduler": "scheduler_config.json"}
+
+
+def default_config_dir(arch: Architecture, variant: str | None = None) -> str:
+    """The shipped config folder of an architecture (``variant``: a folder name such as ``sd_v2_base``)."""
+    return os.path.join(CONFIGS_DIR, variant or arch.name)
+
+
+def config_variant(arch: Architecture, path: str, shapes: dict, metadata: dict) -> str:
+    """Which shipped config folder a single file loads with: its architecture's, except that an SD2
+    file is 768-v (``sd_v2``, v-prediction) unless it says it is the 512 base (``sd_v2_base``,
+    epsilon). The rule is diffusers' own (a ``global_step`` of 875000, the SD2 base release's),
+    preceded by what the file declares in its ``modelspec.architecture`` metadata."""
+    if arch.name != "sd_v2":
+        return arch.name
+    spec = str(metadata.get("modelspec.architecture", ""))
+    if spec.startswith("stable-diffusion-v2-512"):
+        return SD_V2_BASE
+    if spec.startswith("stable-diffusion-v2-768"):
+        return "sd_v2"
+    return SD_V2_BASE if _global_step(path, shapes) == SD_V2_BASE_GLOBAL_STEP else "sd_v2"
+
+
+def _global_step(path: str, shapes: dict) -> int | None:
+    """The scalar ``global_step`` entry of a checkpoint, if it has one (one number is read)."""
+    if "global_step" not in shapes or any(d != 1 for d in shapes["global_step"]):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return int(f.get_tensor("global_step").reshape(-1)[0].item())
+    except Exception:  # an odd dtype or a damaged entry: no step, the default variant
+        return None
+
+
+def _is_shipped(folder: str) -> bool:
+    root = os.path.realpath(CONFIGS_DIR)
+    try:
+        return os.path.commonpath([root, os.path.realpath(folder)]) == root
+    except ValueError:  # another drive (Windows)
+        return False
+
+
+def missing_config_file(config: str) -> str | None:
+    """The first file a single-file load needs from the config folder ``config`` that is not there
+    (``model_index.json``, each part's config, the tokenizers' files; a shipped folder's tokenizers
+    take their vocabulary from :data:`CLIP_BPE_DIR`), or None."""
+    index_path = os.path.join(config, "model_index.json")
+    if not os.path.isfile(index_path):
+        return index_path
+    index = _read_index(index_path)
+    shipped = _is_shipped(config)
+    for name in sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]):
+        part = os.path.join(config, name)
+        if name in _COMPONENT_FILES:
+            needed = [os.path.join(part, _COMPONENT_FILES[name])]
+        elif name.startswith("tokenizer"):
+            if shipped:
+                needed = [os.path.join(part, "tokenizer_config.json"), os.path.join(part, "special_tokens_map.json"),
+                          os.path.join(CLIP_BPE_DIR, "vocab.json"), os.path.join(CLIP_BPE_DIR, "merges.txt")]
+            elif os.path.isfile(os.path.join(part, "tokenizer.json")):
+                needed = []
+            else:
+                needed = [os.path.join(part, "vocab.json"), os.path.join(part, "merges.txt")]
+        else:
+            continue  # parts the loaders do not use (safety checker, feature extractor)
+        missing = next((f for f in needed if not os.path.isfile(f)), None)
+        if missing:
+            return missing
+    return None
+
+
+def shipped_tokenizers(config: str) -> dict:
+    """``{"tokenizer": ..., "tokenizer_2": ...}`` of a shipped config folder, built from each
+    tokenizer folder's settings and the one shared copy of CLIP's vocabulary; ``{}`` for any other
+    folder (diffusers reads its tokenizers itself)."""
+    if not _is_shipped(config):
+        return {}
+    import shutil
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    index = _read_index(os.path.join(config, "model_index.json"))
+    out = {}
+    for name in ("tokenizer", "tokenizer_2"):
+        part = os.path.join(config, name)
+        if index.get(name, [None])[:1] == [None] or os.path.isfile(os.path.join(part, "vocab.json")):
+            continue
+        with tempfile.TemporaryDirectory(prefix="erasekit-tokenizer-") as tmp:  # the folder layout any version reads
+            for f in ("tokenizer_config.json", "special_tokens_map.json"):
+                shutil.copy(os.path.join(part, f), tmp)
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copy(os.path.join(CLIP_BPE_DIR, f), tmp)
+            out[name] = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+    return out
+
+
+def _read_index(index: str) -> dict:
+    _pipeline_class(index)  # a damaged model_index.json is named in one sentence
+    with open(index, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _load_single_file(path: str, config: str | None, torch_dtype) -> Components:
     """A single-file checkpoint through diffusers' ``from_single_file``, which needs the model's
-    configs and tokenizer(s) (no weights): from ``config``, else ``models/configs/<architecture>``,
-    else diffusers fetches them from the Hugging Face Hub as it does for any single file."""
-    shapes, _ = checkpoints.read_header(path, "checkpoint")
+    configs and tokenizer(s) (no weights): from ``config``, else the folder shipped in
+    ``models/configs`` (:func:`config_variant`). Always offline: nothing is fetched from the Hub."""
+    shapes, metadata = checkpoints.read_header(path, "checkpoint")
     arch = checkpoints.detect_architecture(shapes, path)
-    local = default_config_dir(arch)
     if config is not None and not os.path.isfile(os.path.join(config, "model_index.json")):
         raise ModelFileError(
             f"'{path}' is a {arch.title} checkpoint, but the config folder '{config}' it needs (diffusers "
             "configs and tokenizer, no weights) is missing; pass config=<a diffusers folder of the same model>."
         )
-    config = config or (local if os.path.isfile(os.path.join(local, "model_index.json")) else None)
+    config = config or default_config_dir(arch, config_variant(arch, path, shapes, metadata))
+    missing = missing_config_file(config)
+    if missing is not None:
+        fix = "restore models/configs from Erasekit's repository, or pass" if _is_shipped(config) else "pass"
+        raise ModelFileError(f"'{path}' is a {arch.title} checkpoint, but the config file '{missing}' it needs is "
+                             f"missing; {fix} a complete diffusers folder of the same model (configs and tokenizer, "
+                             "no weights) with --model-config.")
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     cls = StableDiffusionXLPipeline if arch.name.startswith("sdxl") else StableDiffusionPipeline
     kwargs = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None}
     try:
-        pipe = cls.from_single_file(path, config=config, local_files_only=config is not None, torch_dtype=torch_dtype,
-                                    **kwargs)
-    except OSError as err:  # no local configs and the Hub not reachable (offline, or HF_HUB_OFFLINE=1)
+        kwargs |= shipped_tokenizers(config)
+        pipe = cls.from_single_file(path, config=config, local_files_only=True, torch_dtype=torch_dtype, **kwargs)
+    except OSError as err:  # a config file unreadable, or one a part needs that the check above does not know
         raise ModelFileError(
-            f"'{path}' is a {arch.title} checkpoint; loading it needs that model's diffusers configs and tokenizer "
-            f"(no weights), which diffusers fetches from the Hugging Face Hub, and the Hub is not reachable "
-            f"({str(err).splitlines()[0][:120]}). Pass a local diffusers folder of the same model (its weights are "
-            f"not needed) with --model-config, or put one at '{local}'."
+            f"'{path}' is a {arch.title} checkpoint, but its config folder '{config}' could not be read "
+            f"({str(err).splitlines()[0][:160].rstrip('.')}); pass a complete diffusers folder of the same model "
+            "(configs and tokenizer, no weights) with --model-config."
         ) from None
-    except (ValueError, RuntimeError, KeyError) as err:
+    except (ValueError, RuntimeError, KeyError, SingleFileComponentError) as err:
         raise ArchitectureError(
-            f"'{path}' looks like {arch.title} but does not fit the config in '{config or 'the Hub'}' "
-            f"({str(err).splitlines()[0]})."
+            f"'{path}' looks like {arch.title} but does not fit the config in '{config}' "
+            f"({str(err).splitlines()[0][:200].rstrip('.')}); pass a diffusers folder of that model (configs and "
+            "tokenizer, no weights) with --model-config."
         ) from None
     comps = _from_pipeline(pipe, path)
     comps.architecture = arch

@@ -11,7 +11,8 @@ from erasekit.dag.fit import GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES
 METHODS = ("inpo",)  # NCD and ResAlign plug into the same engine next
 
 MODEL_CONFIG_HELP = ("for a single-file checkpoint: a local diffusers folder of the same model (configs and tokenizer, "
-                     "no weights needed); default models/configs/<architecture>, else diffusers fetches them from the Hub")
+                     "no weights needed); default: the config shipped in models/configs for the file's architecture "
+                     "(offline); needed for a model whose parts differ from its release")
 
 
 def build_parser() -> argparse.ArgumentParser:
