@@ -3,6 +3,8 @@
 #   make test      install the test environment (real ComfyUI included) and run the whole suite
 #   make comfyui   serve the real ComfyUI UI with this pack installed (127.0.0.1:$COMFYUI_PORT)
 #   make trainer   the trainer app (Gradio) on 127.0.0.1:7860, writing under runs/ (exports: make comfyui's loras)
+#   make a1111     serve the real Automatic1111 v1.10.1 (CPU) with this repository as an extension (127.0.0.1:$A1111_PORT)
+#   make forge     the same with the real Forge (127.0.0.1:$FORGE_PORT)
 SHELL := /bin/bash
 PYTHON_BASE ?= python3.11
 VENV        := .venv
@@ -11,6 +13,8 @@ PIP         := $(PY) -m pip install --progress-bar off -c constraints.txt
 COMFY_VER   := 2.6.0
 COMFY_DIR   := .cache/comfyui/ComfyUI
 COMFYUI_PORT ?= 8188
+A1111_PORT  ?= 7861
+FORGE_PORT  ?= 7862
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 export ERASEKIT_COMFYUI_DIR := $(abspath $(COMFY_DIR))
@@ -18,7 +22,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup chromium demo test test-fast comfyui trainer bench lint clean
+.PHONY: setup chromium webui-setup demo test test-fast comfyui a1111 forge trainer bench lint clean
 setup: $(VENV)/.stamp-deps $(COMFY_DIR)/.stamp
 
 # Browser tests use Debian's Chromium (browser downloads are impossible here); without root or
@@ -53,10 +57,16 @@ $(VENV)/.stamp-deps: $(VENV)/.stamp-torch requirements.txt requirements-dev.txt 
 	$(PIP) -r requirements-dev.txt
 	touch $@
 
+# The real Automatic1111 v1.10.1 and Forge (tools/webui.py): their pinned sources (../shared/a1111/, else
+# git clone) unpacked into .cache/webui/<kind>/, each with its own venv there (their pins clash with
+# ours) and a test checkpoint. Where the sources cannot be had this prints why and the tests skip.
+webui-setup: $(VENV)/.stamp-torch $(COMFY_DIR)/.stamp
+	PYTHON_BASE=$(PYTHON_BASE) $(PY) -m tools.webui setup --if-available --jobs 2 a1111 forge
+
 demo: setup
 	$(PY) -m tools.demo --out out/demo
 
-test: setup chromium
+test: setup chromium webui-setup
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -69,6 +79,15 @@ comfyui: setup
 	$(PY) $(COMFY_DIR)/main.py --cpu --listen 127.0.0.1 --port $(COMFYUI_PORT) \
 	    --disable-auto-launch --base-directory $(abspath .cache/comfyui/base) \
 	    --database-url sqlite:///$(abspath .cache/comfyui/base/user)/comfyui.db
+
+# The web page and the API (/docs), with this checkout linked as the extension `erasekit`.
+a1111: setup
+	PYTHON_BASE=$(PYTHON_BASE) $(PY) -m tools.webui setup a1111
+	$(PY) -m tools.webui serve a1111 --port $(A1111_PORT)
+
+forge: setup
+	PYTHON_BASE=$(PYTHON_BASE) $(PY) -m tools.webui setup forge
+	$(PY) -m tools.webui serve forge --port $(FORGE_PORT)
 
 # The trainer exports into the models/loras folder that `make comfyui` serves.
 trainer: setup
