@@ -1,0 +1,193 @@
+"""Detect-and-Guide inside Automatic1111's sampler, without replacing its attention.
+
+Per sampling (``process_before_every_sampling``) one :class:`A1111Dag` is made and made current:
+
+1. forward pre-hooks on the coarse cross-attention layers (``attn2``) read each call's normalised
+   image states and compute the guideline CAMs of the prompt rows (the layer's own ``to_q`` and
+   ``to_k``); A1111's attention itself is untouched;
+2. ``on_cfg_denoiser`` notes this step's inputs (rows: the prompts of each image, then one
+   unconditional row per image, as ``CFGDenoiser`` stacks them), ``on_cfg_denoised`` the predictions;
+3. ``on_cfg_after_cfg`` turns this step's CAMs into A-hat and hands the CFG result, the unconditional
+   prediction and a safety pass to :class:`~erasekit.dag.session.DagSession`; nothing detected: the
+   result is A1111's own tensor, untouched.
+
+k-diffusion samplers predict x0, DDIM / PLMS / UniPC predict noise; Eq. 4 is affine, so it holds in
+either space (SLD needs the noise level in x0 space: sigma there, -1 for noise predictions).
+A1111 only logs exceptions raised in its callbacks, so a failure is kept in ``error`` and the script
+fails the generation (fail closed) instead of letting it finish unguided.
+"""
+
+from __future__ import annotations
+
+CURRENT = None  # the A1111Dag of the sampling in progress (A1111 samples one image batch at a time)
+
+
+class A1111Dag:
+    """Detect-and-Guide for one sampling of ``p`` (an A1111 ``StableDiffusionProcessing``)."""
+
+    def __init__(self, p, embeddings, guidance, safety_text: str, on_failure: str = "stop"):
+        import torch
+
+        from erasekit.attention import coarse_levels, ldm_cross_attention_levels
+        from erasekit.dag.session import DagSession
+
+        unet = p.sd_model.model.diffusion_model
+        levels = ldm_cross_attention_levels(unet)
+        keep = coarse_levels({lv for name, lv in levels.items() if name.startswith("input_blocks")})
+        self.layers = {name: unet.get_submodule(name) for name, lv in levels.items() if lv in keep}
+        self.embeddings = list(embeddings)
+        self.session = DagSession(guidance, self.embeddings if guidance.mode == "dag" else (), on_failure=on_failure)
+        self.cond_scale = float(p.cfg_scale)
+        with torch.no_grad():
+            self.safety = p.sd_model.get_learned_conditioning([safety_text])  # [1, 77, C], or SDXL's dict
+        self.keys: dict[str, list] = {}
+        self.calls: dict[str, list] = {}  # layer -> this step's CAMs, one [rows, n] per concept, call by call
+        self.frame = None  # this step's inputs (on_cfg_denoiser) and outputs (on_cfg_denoised)
+        self.in_safety_pass = False
+        self.i = 0
+        self.started = False
+        self.error = None
+        self.hooks = []
+
+    # ------------------------------------------------------------------------------------------ life
+    def __enter__(self):
+        global CURRENT
+        self.hooks = [m.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True) for name, m in self.layers.items()]
+        CURRENT = self
+        return self
+
+    def close(self):
+        global CURRENT
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        if CURRENT is self:
+            CURRENT = None
+
+    # ------------------------------------------------------------------------------------------ CAMs
+    def _pre_hook(self, name):
+        def read(module, args, kwargs):
+            if self.in_safety_pass or self.frame is None or self.session.detector is None:
+                return None
+            import torch
+
+            from erasekit.dag.detect import guideline_cam
+
+            x = args[0] if args else kwargs["x"]
+            with torch.no_grad():
+                if name not in self.keys:
+                    self.keys[name] = [e.keys(module.to_k, like=x) for e in self.embeddings]
+                q = module.to_q(x)
+                self.calls.setdefault(name, []).append(
+                    [guideline_cam(q, k, module.heads, e.n_tokens) for k, e in zip(self.keys[name], self.embeddings)])
+            return None
+
+        return read
+
+    def _step_cams(self, latent_hw):
+        """``[concept][layer] -> [B, h, w]``: each image's mean over its prompt rows (AND prompts)."""
+        import torch
+
+        from erasekit.dag.detect import to_grid
+
+        f = self.frame
+        per_layer = []
+        for calls in self.calls.values():
+            rows = [torch.cat(c) for c in zip(*calls)]  # per concept: [all rows of this step, n]
+            per_image = [torch.stack([r[a:b].mean(0) for a, b in f["spans"]]) for r in rows]
+            per_layer.append([to_grid(m, latent_hw) for m in per_image])
+        return [list(layers) for layers in zip(*per_layer)]
+
+    # ------------------------------------------------------------------------------------------ callbacks
+    def on_denoiser(self, params):
+        """Rows of this step: the prompts of each image (``repeats``), then the unconditional rows."""
+        text = params.text_cond
+        n_cond = (text["crossattn"] if isinstance(text, dict) else text).shape[0]
+        batch = params.x.shape[0] - n_cond
+        conds = getattr(getattr(params.denoiser, "sampler", None), "sampler_extra_args", {}).get("cond")
+        repeats = [len(c) for c in conds.batch] if hasattr(conds, "batch") and len(conds.batch) == batch else \
+            [n_cond // batch] * batch
+        starts = [sum(repeats[:i]) for i in range(batch)]
+        self.frame = {"x": params.x, "sigma": params.sigma, "image_cond": params.image_cond, "uncond": params.text_uncond,
+                      "denoiser": params.denoiser, "batch": batch, "spans": [(s, s + n) for s, n in zip(starts, repeats)],
+                      "total": params.total_sampling_steps}
+        self.calls = {}
+        if not self.started:  # one sampling per A1111Dag (a hires fix pass gets its own)
+            self.session.start(params.total_sampling_steps)
+            self.started = True
+
+    def on_denoised(self, params):
+        if self.frame is not None:
+            self.frame["out"] = params.x
+
+    def on_after_cfg(self, params):
+        if self.frame is None or "out" not in self.frame or self.error is not None:
+            return
+        try:
+            params.x = self._guide(params.x)
+        except Exception as err:  # A1111 would only log it and sample on, unguided
+            import modules.shared as shared
+            from modules import errors
+
+            self.error = err
+            errors.report(f"Detect-and-Guide stopped: {err}", exc_info=True)
+            shared.state.interrupt()
+        finally:
+            self.frame, self.calls = None, {}
+
+    # ------------------------------------------------------------------------------------------ one step
+    def _guide(self, pred_cfg):
+        f, b = self.frame, self.frame["batch"]
+        denoiser = f["denoiser"]
+        sigma_rows = f["sigma"][-b:]
+        eps_space = not hasattr(denoiser.inner_model, "sigma_to_t")  # DDIM / PLMS / UniPC: sigma is the timestep
+        timestep = float(sigma_rows[0]) if eps_space else float(denoiser.inner_model.sigma_to_t(sigma_rows[:1])[0])
+        pred_u = f["out"][-b:]
+        pred_p = pred_u + (pred_cfg - pred_u) / self.cond_scale  # the prompts' combined prediction (AND weights in)
+        a_hat, failed = None, ()
+        if self.session.detector is not None:
+            cams = self._step_cams(pred_cfg.shape[-2:])
+            if cams:
+                a_hat, failed = self.session.detect(cams, pred_cfg.shape[-2:], timestep)
+        sigma = -1.0 if eps_space else sigma_rows.reshape(-1, *([1] * (pred_cfg.dim() - 1))).to(pred_cfg.dtype)
+        out = self.session.step(self.i, pred_cfg, pred_u, pred_p, lambda rows: self._safety_pass(rows), self.cond_scale,
+                                a_hat=a_hat, failed=failed, sigma=sigma)
+        self.i += 1
+        return out
+
+    def _safety_pass(self, rows):
+        """The safety text's prediction for images ``rows`` (None: all), as A1111's denoiser computes the
+        unconditional one: same latents, noise level and image conditioning."""
+        import torch
+
+        f, b = self.frame, self.frame["batch"]
+        idx = list(range(b)) if rows is None else list(rows)
+        x, sigma, image_cond = f["x"][-b:][idx], f["sigma"][-b:][idx], f["image_cond"][-b:][idx]
+        n = len(idx)
+        if isinstance(self.safety, dict):  # SDXL: {"crossattn": ..., "vector": ...}
+            cond = {k: v[:1].expand(n, *v.shape[1:]).to(x.device) for k, v in self.safety.items()}
+            cond["c_concat"] = [image_cond]
+        else:
+            cond = {"c_crossattn": [self.safety[:1].expand(n, *self.safety.shape[1:]).to(x.device)],
+                    "c_concat": [image_cond]}
+        self.in_safety_pass = True
+        try:
+            with torch.no_grad():
+                return f["denoiser"].inner_model(x, sigma, cond=cond)
+        finally:
+            self.in_safety_pass = False
+
+
+def on_denoiser(params):
+    if CURRENT is not None:
+        CURRENT.on_denoiser(params)
+
+
+def on_denoised(params):
+    if CURRENT is not None:
+        CURRENT.on_denoised(params)
+
+
+def on_after_cfg(params):
+    if CURRENT is not None:
+        CURRENT.on_after_cfg(params)
