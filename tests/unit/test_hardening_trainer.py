@@ -497,7 +497,7 @@ def test_a_corrupt_metrics_line_anywhere_does_not_break_the_page(tmp_path):
     from trainer.app import TrainerApp
     from trainer.runs import list_runs
 
-    run = tmp_path / "run"
+    run = tmp_path / "corrupt-metrics"  # a name no other test's job (module-wide JOBS) has
     run.mkdir()
     (run / "config.toml").write_text('[train]\ntarget = "red circle"\nsteps = 5\nbase = "b"\n', encoding="utf-8")
     lines = [b'{"step": 1, "loss": 0.5, "seconds": 1.0, "peak_mb": 10}', b"\xff\xfe{garbage",
@@ -507,9 +507,9 @@ def test_a_corrupt_metrics_line_anywhere_does_not_break_the_page(tmp_path):
     (run / "metrics.jsonl").write_bytes(b"\n".join(lines))
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     app = TrainerApp(tmp_path)
-    status, log, plot, *_ = app.poll({}, "run")
+    status, log, plot, *_ = app.poll({}, "corrupt-metrics")
     assert plot["step"].tolist() == [1, 2, 3] and plot["loss"].tolist() == [0.5, 0.4, 0.3]
-    assert list_runs(tmp_path)[0][:3] == ["run", "red circle", "3/5"]
+    assert list_runs(tmp_path)[0][:3] == ["corrupt-metrics", "red circle", "3/5"]
     assert "s/step, measured" in estimate.time_line(estimate.recent_runs(tmp_path), 10, 1, 0, False, "b")
     _truncate_metrics(run / "metrics.jsonl", 2)  # a resume from step 2 keeps the good lines up to it
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
@@ -518,14 +518,14 @@ def test_a_corrupt_metrics_line_anywhere_does_not_break_the_page(tmp_path):
 def test_a_torn_preview_and_a_broken_run_config_do_not_break_the_page(tmp_path):
     from trainer.app import TrainerApp
 
-    run = tmp_path / "run"
+    run = tmp_path / "torn-preview"  # a name no other test's job (module-wide JOBS) has
     (run / "samples").mkdir(parents=True)
     (run / "samples" / "step-000002.png").write_bytes(b"\x89PNG\r\n\x1a\n torn by a full disk")
     (run / "config.toml").write_bytes(b"\xff not toml")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n', encoding="utf-8")
-    out = TrainerApp(tmp_path).poll({}, "run")
+    out = TrainerApp(tmp_path).poll({}, "torn-preview")
     assert out[3] is None and out[4] == "No preview yet."
-    assert out[9]["run"].tolist() == ["run"]
+    assert out[9]["run"].tolist() == ["torn-preview"]
 
 
 def test_uploading_into_a_run_with_checkpoints_is_refused(tmp_path):
