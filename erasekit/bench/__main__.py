@@ -5,10 +5,12 @@ measured in the same run, so they compare across machines.
     python -m erasekit.bench dag --target "red circle" [--prompts N] [--seeds K] [--steps S]
     python -m erasekit.bench lora-roundtrip
     python -m erasekit.bench erase --method inpo --target "red circle"
+    python -m erasekit.bench a1111 [--repeats N]
 
 startup: seconds the pack adds to ComfyUI's node loading. ComfyUI is started in fresh
 processes alternately without and with the pack (the tools/comfy_headless.py runner), and the
-pack's own load time is timed around ComfyUI's ``load_custom_node``.
+pack's own load time is timed around ComfyUI's ``load_custom_node``. a1111: the same for the real
+Automatic1111 (tools/webui_bench.py), and its txt2img time with Detect-and-Guide on and nothing detected.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main(argv=None) -> None:
     s = sub.add_parser("startup", help="seconds the pack adds to ComfyUI's node loading")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
+    w = sub.add_parser("a1111", help="seconds the extension adds to A1111's start-up; its DAG time ratio, nothing detected")
+    w.add_argument("--repeats", type=int, default=3)
     d = sub.add_parser("dag", help="Detect-and-Guide vs plain CFG, SLD and SEGA on the toy world")
     d.add_argument("--target", default="red circle", help="any concept the toy world knows")
     d.add_argument("--prompts", type=int, default=200, help="target prompts and benign prompts (each)")
@@ -121,6 +125,12 @@ def main(argv=None) -> None:
         from .lora import bench_lora_roundtrip
 
         print(json.dumps(bench_lora_roundtrip()))
+    if a.which == "a1111":  # the real web UI runs in its own venv: tools/webui_bench.py drives it
+        from ..fresh_process import json_from
+
+        print(json.dumps(json_from(["-m", "tools.webui_bench", "--repeats", str(a.repeats)], "the A1111 benchmark",
+                                   timeout=3600, cwd=REPO)))
+        return
     if a.which == "startup":
         print(json.dumps(bench_startup(a.repeats)))
     elif a.which == "dag":

@@ -13,7 +13,7 @@ BASE = {"prompt": "a red circle", "negative_prompt": "", "seed": 1, "steps": 4, 
 @pytest.fixture(scope="module")
 def guidelines(a1111):
     """Guideline embeddings in the web UI's models/guideline: one that never detects (its gate is out of
-    the random model's reach), one for another model's width."""
+    the random model's reach), one for another model's width, one that detects part of every image."""
     import torch
 
     from erasekit.dag.guideline import GuidelineEmbedding
@@ -25,6 +25,11 @@ def guidelines(a1111):
         os.path.join(folder, "never.safetensors"))
     GuidelineEmbedding(torch.randn(2, 768), torch.randn(768), "nudity", "sd_v1").save(
         os.path.join(folder, "sd15-width.safetensors"))
+    # one long token against a zero sink: each pixel's attention mass on it is near 0 or 1, so the floor (0.5)
+    # leaves part of the image and the region is detected in both images of the batch (found by trying scales)
+    torch.manual_seed(0)
+    GuidelineEmbedding(torch.randn(1, 32) * 10, torch.zeros(32), "red circle", "sd_v1", gate=0.55, floor=0.5).save(
+        os.path.join(folder, "always.safetensors"))
     return folder
 
 
@@ -48,6 +53,15 @@ def test_nothing_detected_is_bit_identical_to_the_extension_off(a1111, guideline
     on = _arrays(a1111.txt2img(dict(payload, alwayson_scripts=_args("never.safetensors", show_map=True))))
     assert len(off) == 2 and len(on) == 4
     assert all(np.array_equal(a, b) for a, b in zip(off, on[:2]))
+
+
+def test_a_detection_guides_every_detected_image(a1111, guidelines):
+    """A detected region gets the safety pass: both images of the batch change (where, within the
+    region, is DagSession's and guidance.py's rule, tested step by step in the core and in ComfyUI)."""
+    payload = dict(BASE, width=128, height=128, steps=6)
+    off = _arrays(a1111.txt2img(payload))
+    on = _arrays(a1111.txt2img(dict(payload, alwayson_scripts=_args("always.safetensors", show_map=True))))
+    assert len(on) == 4 and all(not np.array_equal(a, b) for a, b in zip(off, on[:2]))
 
 
 def test_sld_mode_runs_through_the_callbacks_and_changes_the_images(a1111, guidelines):
