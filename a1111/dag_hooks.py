@@ -28,13 +28,9 @@ class A1111Dag:
     def __init__(self, p, embeddings, guidance, safety_text: str, on_failure: str = "stop"):
         import torch
 
-        from erasekit.attention import coarse_levels, ldm_cross_attention_levels
         from erasekit.dag.session import DagSession
 
-        unet = p.sd_model.model.diffusion_model
-        levels = ldm_cross_attention_levels(unet)
-        keep = coarse_levels({lv for name, lv in levels.items() if name.startswith("input_blocks")})
-        self.layers = {name: unet.get_submodule(name) for name, lv in levels.items() if lv in keep}
+        self.layers = coarse_attention_layers(p.sd_model.model.diffusion_model)
         self.embeddings = list(embeddings)
         self.session = DagSession(guidance, self.embeddings if guidance.mode == "dag" else (), on_failure=on_failure)
         self.cond_scale = float(p.cfg_scale)
@@ -100,17 +96,10 @@ class A1111Dag:
 
     # ------------------------------------------------------------------------------------------ callbacks
     def on_denoiser(self, params):
-        """Rows of this step: the prompts of each image (``repeats``), then the unconditional rows."""
-        text = params.text_cond
-        n_cond = (text["crossattn"] if isinstance(text, dict) else text).shape[0]
-        batch = params.x.shape[0] - n_cond
-        conds = getattr(getattr(params.denoiser, "sampler", None), "sampler_extra_args", {}).get("cond")
-        repeats = [len(c) for c in conds.batch] if hasattr(conds, "batch") and len(conds.batch) == batch else \
-            [n_cond // batch] * batch
-        starts = [sum(repeats[:i]) for i in range(batch)]
+        """Rows of this step: the prompts of each image, then the unconditional rows."""
+        batch, spans = step_rows(params)
         self.frame = {"x": params.x, "sigma": params.sigma, "image_cond": params.image_cond, "uncond": params.text_uncond,
-                      "denoiser": params.denoiser, "batch": batch, "spans": [(s, s + n) for s, n in zip(starts, repeats)],
-                      "total": params.total_sampling_steps}
+                      "denoiser": params.denoiser, "batch": batch, "spans": spans, "total": params.total_sampling_steps}
         self.calls = {}
         if not self.started:  # one sampling per A1111Dag (a hires fix pass gets its own)
             self.session.start(params.total_sampling_steps)
@@ -176,6 +165,29 @@ class A1111Dag:
                 return f["denoiser"].inner_model(x, sigma, cond=cond)
         finally:
             self.in_safety_pass = False
+
+
+def step_rows(params) -> tuple[int, list[tuple[int, int]]]:
+    """(images B, each image's prompt rows ``(start, end)``) of a ``CFGDenoiserParams``: ``CFGDenoiser`` stacks
+    each image's prompts (several with AND), then one unconditional row per image."""
+    text = params.text_cond
+    n_cond = (text["crossattn"] if isinstance(text, dict) else text).shape[0]
+    batch = params.x.shape[0] - n_cond
+    conds = getattr(getattr(params.denoiser, "sampler", None), "sampler_extra_args", {}).get("cond")
+    repeats = [len(c) for c in conds.batch] if hasattr(conds, "batch") and len(conds.batch) == batch else \
+        [n_cond // batch] * batch
+    starts = [sum(repeats[:i]) for i in range(batch)]
+    return batch, [(s, s + n) for s, n in zip(starts, repeats)]
+
+
+def coarse_attention_layers(diffusion_model) -> dict:
+    """``{name: attn2 module}`` of the layers DAG and the heatmaps read: the two coarsest levels with
+    cross-attention, down and up paths (:func:`erasekit.attention.ldm_cross_attention_levels`)."""
+    from erasekit.attention import coarse_levels, ldm_cross_attention_levels
+
+    levels = ldm_cross_attention_levels(diffusion_model)
+    keep = coarse_levels({lv for name, lv in levels.items() if name.startswith("input_blocks")})
+    return {name: diffusion_model.get_submodule(name) for name, lv in levels.items() if lv in keep}
 
 
 def on_denoiser(params):
