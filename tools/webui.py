@@ -642,6 +642,10 @@ def serve(kind: str, port: int | None = None, extension_dir: str = REPO, data_di
                 raise RuntimeError(f"{PINS[kind]['title']} exited ({proc.returncode}) before answering:\n"
                                    f"{server.log_tail()}")
             try:
+                # with the web page, A1111 adds its API middleware after the page is up: a request before its
+                # "Startup time" line can land first and crash it ("Cannot add middleware after ... started")
+                if webui and "Startup time" not in server.log_tail(200_000):
+                    raise OSError("not started yet")
                 server.get("/sdapi/v1/sd-models", timeout=5)
                 break
             except (OSError, ValueError):

@@ -6,7 +6,8 @@ layout is :mod:`trainer.page`, the work :mod:`trainer.work` (run as background j
 :mod:`trainer.jobs`, one at a time) and run folders :mod:`trainer.runs`. A 1-second timer shows
 the current job (so a reloaded page sees it too). Every event has an ``api_name``
 (``gradio_client`` drives them all; ``/job_status`` is API-only). Files are written only under
-``--out-root`` (and ComfyUI's ``models/loras`` / ``models/guideline`` with ``--comfyui``);
+``--out-root`` (and ComfyUI's ``models/loras`` / ``models/guideline`` with ``--comfyui``, a web UI's
+``models/Lora`` / ``models/guideline`` with ``--webui``);
 user-given paths are resolved and checked.
 """
 
@@ -50,11 +51,12 @@ def _run_steps(run_dir) -> str:
 
 class TrainerApp(ReviewHandlers):
     def __init__(self, out_root="runs", comfyui: str | None = None, base: str | None = None, threads: int | None = None,
-                 upload_mb: int = UPLOAD_MB):
+                 upload_mb: int = UPLOAD_MB, webui: str | None = None):
         self.upload_mb = int(upload_mb)  # the most an uploaded file may weigh (Gradio's max_file_size too)
         self.root = Path(out_root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.comfyui = Path(comfyui).resolve() if comfyui else None
+        self.webui = Path(webui).resolve() if webui else None  # Automatic1111 / Forge: its folder or its --data-dir
         self.base = str(base or DEFAULT_BASE)
         self.threads = threads
         self.defaults = {k: v for k, _, v in FIELDS}
@@ -77,12 +79,18 @@ class TrainerApp(ReviewHandlers):
             dfolder = self.comfyui / "models" / "diffusers"
             if dfolder.is_dir():
                 choices += sorted(str(p.parent) for p in dfolder.glob("*/model_index.json"))
+        if self.webui:
+            folder = self.webui / "models" / "Stable-diffusion"
+            if folder.is_dir():
+                choices += sorted(str(p) for p in folder.rglob("*.safetensors"))
         return choices
 
     def export_roots(self) -> dict:
         roots = {"output root": self.root}
         if self.comfyui:
             roots["ComfyUI models/loras"] = self.comfyui / "models" / "loras"
+        if self.webui:
+            roots[runs.WEBUI_ROOT] = self.webui / "models" / "Lora"
         return roots
 
     def settings(self, values) -> dict:
@@ -346,16 +354,29 @@ class TrainerApp(ReviewHandlers):
             run_dir = self.run_dir(run_name)
             guideline = runs.find_lora(run_dir) is None and runs.find_guideline(run_dir) is not None
             root = self.export_roots().get(destination) or self.root
+            into_webui = self.webui is not None and destination == runs.WEBUI_ROOT
             if guideline and self.comfyui is not None and destination.startswith("ComfyUI"):
                 root = self.comfyui / "models" / "guideline"  # where Load Guideline Embedding looks
+            if guideline and into_webui:
+                root = self.webui / "models" / "guideline"  # where the Detect-and-Guide section looks
             dest = jobs.safe_path(root, folder or ".", "export folder") if (folder or "").strip() not in ("", ".") \
                 else root.resolve()
             name = lora_name or run_dir.name
             path = runs.export_guideline(run_dir, dest, name, bool(overwrite)) if guideline else \
-                runs.export_lora(run_dir, dest, name, description or "", license or "", bool(overwrite))
+                runs.export_lora(run_dir, dest, name, description or "", license or "", bool(overwrite),
+                                 webui_card=into_webui)
         except ErasekitError as err:
             gr.Warning(str(err))
             return f"**Error:** {err}", ""
+        if guideline and into_webui:
+            return (f"Exported **{path}** (guideline embedding for Detect-and-Guide).\n\nIn Automatic1111: open the "
+                    f"**Detect-and-Guide (Erasekit)** section of txt2img or img2img and pick `{path.name}` (a restarted "
+                    "web UI lists new files)."), str(path)
+        if into_webui:
+            return (f"Exported **{path}** with its card `{path.with_suffix('.json').name}` (model card: "
+                    f"`{path.with_suffix('.md').name}`).\n\nIn Automatic1111 / Forge: press Refresh on the **Lora** tab "
+                    f"and click the card, or add `<lora:{path.stem}:1>` to the prompt; strength 1 erases the concept."), \
+                str(path)
         if guideline:
             folder = (self.comfyui / "models" / "guideline").resolve() if self.comfyui else None
             inside = folder is not None and folder in path.parents

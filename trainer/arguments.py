@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out-root", default="runs", help="every file the app writes goes under this folder (default: runs/)")
     a.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),
                    help="a ComfyUI install: pick base models from its models/checkpoints, export into models/loras")
+    a.add_argument("--webui", default=os.environ.get("WEBUI_PATH"), metavar="PATH",
+                   help="an Automatic1111 or Forge folder (or its --data-dir): pick base models from its "
+                        "models/Stable-diffusion, export into models/Lora with the Lora tab's card (<name>.json)")
     a.add_argument("--base", default=None, help="the base model shown first (default: models/toy)")
     a.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (needs a password: --auth-file, "
                                                           "ERASEKIT_AUTH or --auth)")

@@ -4,7 +4,7 @@
     python -m trainer train --method inpo --target "red circle" --out runs/red-circle --resume
     python -m trainer train --method inpo --target "bobo" --base my-model.safetensors --config my.toml
     python -m trainer guideline --target "red circle" --out models/guideline/red-circle.safetensors
-    python -m trainer app [--out-root runs] [--comfyui PATH] [--listen --auth-file PATH] [--allowed-host NAME]
+    python -m trainer app [--out-root runs] [--comfyui PATH] [--webui PATH] [--listen --auth-file PATH] [--allowed-host NAME]
 
 Settings are resolved in this order, each overriding the one before: the engine's defaults, the
 method's preset for the concept type (INPO, Table 6), the run folder's own ``config.toml`` (with

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from erasekit.erase.images import IMAGE_EXTENSIONS
 from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, with_signature
-from trainer.runs import REPLACE_LABEL
+from trainer.runs import REPLACE_LABEL, WEBUI_ROOT
 
 
 def build_page(app):
@@ -138,10 +138,13 @@ def build_page(app):
                 license_ = gr.Textbox("", label="License", placeholder="default: the base model's license")
             description = gr.Textbox("", label="Description", placeholder="default: what it erases, and how")
             with gr.Row():
-                into_comfy = app.comfyui is not None
-                destination = gr.Radio(list(app.export_roots()), label="Into",
-                                       value="ComfyUI models/loras" if into_comfy else "output root")
-                folder = gr.Textbox("" if into_comfy else "loras", label="Folder (inside it)",
+                into_host = "ComfyUI models/loras" if app.comfyui is not None else WEBUI_ROOT if app.webui is not None \
+                    else None  # a host's own folder (python -m trainer app --comfyui / --webui)
+                destination = gr.Radio(list(app.export_roots()), label="Into", value=into_host or "output root",
+                                       elem_id="export-into",
+                                       info="Web UI models/Lora (--webui): Automatic1111 / Forge list it on their "
+                                            "Lora tab, with a card saying what it erases" if app.webui else None)
+                folder = gr.Textbox("" if into_host else "loras", label="Folder (inside it)",
                                     placeholder="empty: directly into it")
             overwrite = gr.Checkbox(False, label=REPLACE_LABEL, elem_id="export-overwrite",
                                     info="Off: a file of the same name in that folder is kept and the export refused.")

@@ -41,6 +41,7 @@ def clean_file_name(name: str, what: str) -> str:
 
 
 REPLACE_LABEL = "Replace a file of the same name"  # the Export step's checkbox
+WEBUI_ROOT = "Web UI models/Lora"  # the Export step's choice with --webui (Automatic1111 / Forge)
 
 
 def export_target(dest_dir: Path, clean: str, overwrite: bool) -> Path:
@@ -85,19 +86,35 @@ def architecture_from_lora(lora: dict, meta: dict):
 
 
 def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "", license: str = "",
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, webui_card: bool = False) -> Path:
     """Copy the run's LoRA to ``dest_dir/<name>.safetensors`` with the user's title, description and
     license in its metadata and model card (``<name>.md`` beside it); an existing file of that name
-    is replaced only with ``overwrite``."""
+    is replaced only with ``overwrite``. ``webui_card``: ``dest_dir`` is a web UI's ``models/Lora``,
+    so the LoRA must be for SD 1.x / 2.x / XL (not the toy model) and its card ``<name>.json``
+    (:func:`erasekit.lora_io.write_webui_sidecar`) is written beside it, kept like the LoRA itself
+    unless ``overwrite``."""
     import json
 
-    from erasekit import lora_io
+    from erasekit import checkpoints, lora_io
 
     src = find_lora(run_dir)
     if src is None:
         raise ErasekitError(f"The run '{Path(run_dir).name}' has no exported LoRA yet; train it to the end first.")
     clean = clean_file_name(name, "LoRA")
+    if webui_card:
+        _, header = checkpoints.read_header(str(src), "LoRA file")
+        fam = lora_io.family(header.get("ss_base_model_version", ""))
+        if fam not in lora_io.WEBUI_SD_VERSION:
+            made_for = (f"the {lora_io.FAMILY_TITLES[fam]}" if fam in lora_io.FAMILY_TITLES
+                        else f"'{fam}'" if fam else "an unknown model")
+            raise ErasekitError(f"The LoRA of the run '{Path(run_dir).name}' is for {made_for}, which Automatic1111 "
+                                "and Forge cannot load; export it into the output root, or train on an SD 1.x, 2.x "
+                                "or XL model for the web UI.")
     dest = export_target(dest_dir, clean, overwrite)
+    card = Path(lora_io.webui_sidecar_path(str(dest)))
+    if webui_card and not overwrite and os.path.lexists(card):
+        raise ErasekitError(f"'{card}' already exists (the web UI's card of a LoRA named '{clean}'); tick "
+                            f"'{REPLACE_LABEL}' to overwrite it, or give another name.")
     lora, meta = lora_io.load_lora(str(src))
     dest_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -105,11 +122,14 @@ def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "",
         preserved = json.loads(meta.get("erasekit.preserved", "[]"))
     except ValueError:
         config, preserved = {}, []
-    return Path(lora_io.save_lora(
+    path = Path(lora_io.save_lora(
         lora, str(dest), architecture_from_lora(lora, meta),
         erased_concept=meta.get("erasekit.erased_concept", ""), method=meta.get("erasekit.method", ""),
         preserved=preserved, config=config, title=clean, description=description.strip() or None,
         license=license.strip() or None, base_model=meta.get("ss_sd_model_name", "")))
+    if webui_card:
+        lora_io.write_webui_sidecar(str(path), description)
+    return path
 
 
 # ----------------------------------------------------------------------------- runs

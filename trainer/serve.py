@@ -179,6 +179,8 @@ def app_command(args) -> int:
         opts = launch_options(args)
         if args.comfyui and not os.path.isdir(args.comfyui):
             raise ErasekitError(f"The ComfyUI folder '{args.comfyui}' does not exist; check --comfyui or COMFYUI_PATH.")
+        if args.webui and not os.path.isdir(args.webui):
+            raise ErasekitError(f"The web UI folder '{args.webui}' does not exist; check --webui or WEBUI_PATH.")
     except ErasekitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -188,7 +190,8 @@ def app_command(args) -> int:
         torch.set_num_threads(args.threads)
     from trainer.app import TrainerApp
 
-    app = TrainerApp(args.out_root, args.comfyui, args.base, args.threads, upload_mb=opts["max_file_size"] // 2**20)
+    app = TrainerApp(args.out_root, args.comfyui, args.base, args.threads, upload_mb=opts["max_file_size"] // 2**20,
+                     webui=args.webui)
     demo = app.build()
     print(f"Erasekit trainer: writing under {app.root}")
     demo.launch(**opts)
