@@ -8,35 +8,18 @@ states, the head-averaged attention of every pixel to every prompt token (the la
 
 from __future__ import annotations
 
-CURRENT = None  # the recorder of the sampling in progress
+from .hooks import LayerHooks, coarse_attention_layers, step_rows
 
 
-class A1111AttentionRecorder:
+class A1111AttentionRecorder(LayerHooks):
     """Sum over the steps of ``[B, h, w, tokens]`` attention maps per coarse layer (the first prompt of each image)."""
 
     def __init__(self, p):
-        from .dag_hooks import coarse_attention_layers
-
-        self.layers = coarse_attention_layers(p.sd_model.model.diffusion_model)
+        super().__init__(coarse_attention_layers(p.sd_model.model.diffusion_model))
         self.sums: dict[str, object] = {}
         self.calls: dict[str, list] = {}
         self.rows = None  # (B, [(start, end)]) of this step
         self.latent_hw = None
-        self.hooks = []
-
-    def __enter__(self):
-        global CURRENT
-        self.hooks = [m.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True) for name, m in self.layers.items()]
-        CURRENT = self
-        return self
-
-    def close(self):
-        global CURRENT
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
-        if CURRENT is self:
-            CURRENT = None
 
     def _pre_hook(self, name):
         def read(module, args, kwargs):
@@ -60,8 +43,6 @@ class A1111AttentionRecorder:
         return read
 
     def on_denoiser(self, params):
-        from .dag_hooks import step_rows
-
         self.rows = step_rows(params)
         self.latent_hw = tuple(params.x.shape[-2:])
         self.calls = {}
@@ -108,10 +89,10 @@ def word_positions(cond_stage_model, prompt: str, words: str) -> list[int]:
 
 
 def on_denoiser(params):
-    if CURRENT is not None:
-        CURRENT.on_denoiser(params)
+    if A1111AttentionRecorder.current is not None:
+        A1111AttentionRecorder.current.on_denoiser(params)
 
 
 def on_after_cfg(params):
-    if CURRENT is not None:
-        CURRENT.on_after_cfg(params)
+    if A1111AttentionRecorder.current is not None:
+        A1111AttentionRecorder.current.on_after_cfg(params)

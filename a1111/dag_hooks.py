@@ -1,6 +1,6 @@
 """Detect-and-Guide inside Automatic1111's sampler, without replacing its attention.
 
-Per sampling (``process_before_every_sampling``) one :class:`A1111Dag` is made and made current:
+Per sampling (``process_before_every_sampling``) one :class:`A1111Dag` is opened (its ``current``):
 
 1. forward pre-hooks on the coarse cross-attention layers (``attn2``) read each call's normalised
    image states and compute the guideline CAMs of the prompt rows (the layer's own ``to_q`` and
@@ -19,10 +19,10 @@ fails the generation (fail closed) instead of letting it finish unguided.
 
 from __future__ import annotations
 
-CURRENT = None  # the A1111Dag of the sampling in progress (A1111 samples one image batch at a time)
+from .hooks import LayerHooks, coarse_attention_layers, step_rows
 
 
-class A1111Dag:
+class A1111Dag(LayerHooks):
     """Detect-and-Guide for one sampling of ``p`` (an A1111 ``StableDiffusionProcessing``)."""
 
     def __init__(self, p, embeddings, guidance, safety_text: str, on_failure: str = "stop"):
@@ -30,7 +30,7 @@ class A1111Dag:
 
         from erasekit.dag.session import DagSession
 
-        self.layers = coarse_attention_layers(p.sd_model.model.diffusion_model)
+        super().__init__(coarse_attention_layers(p.sd_model.model.diffusion_model))
         self.embeddings = list(embeddings)
         self.session = DagSession(guidance, self.embeddings if guidance.mode == "dag" else (), on_failure=on_failure)
         self.cond_scale = float(p.cfg_scale)
@@ -43,22 +43,6 @@ class A1111Dag:
         self.i = 0
         self.started = False
         self.error = None
-        self.hooks = []
-
-    # ------------------------------------------------------------------------------------------ life
-    def __enter__(self):
-        global CURRENT
-        self.hooks = [m.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True) for name, m in self.layers.items()]
-        CURRENT = self
-        return self
-
-    def close(self):
-        global CURRENT
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
-        if CURRENT is self:
-            CURRENT = None
 
     # ------------------------------------------------------------------------------------------ CAMs
     def _pre_hook(self, name):
@@ -167,39 +151,16 @@ class A1111Dag:
             self.in_safety_pass = False
 
 
-def step_rows(params) -> tuple[int, list[tuple[int, int]]]:
-    """(images B, each image's prompt rows ``(start, end)``) of a ``CFGDenoiserParams``: ``CFGDenoiser`` stacks
-    each image's prompts (several with AND), then one unconditional row per image."""
-    text = params.text_cond
-    n_cond = (text["crossattn"] if isinstance(text, dict) else text).shape[0]
-    batch = params.x.shape[0] - n_cond
-    conds = getattr(getattr(params.denoiser, "sampler", None), "sampler_extra_args", {}).get("cond")
-    repeats = [len(c) for c in conds.batch] if hasattr(conds, "batch") and len(conds.batch) == batch else \
-        [n_cond // batch] * batch
-    starts = [sum(repeats[:i]) for i in range(batch)]
-    return batch, [(s, s + n) for s, n in zip(starts, repeats)]
-
-
-def coarse_attention_layers(diffusion_model) -> dict:
-    """``{name: attn2 module}`` of the layers DAG and the heatmaps read: the two coarsest levels with
-    cross-attention, down and up paths (:func:`erasekit.attention.ldm_cross_attention_levels`)."""
-    from erasekit.attention import coarse_levels, ldm_cross_attention_levels
-
-    levels = ldm_cross_attention_levels(diffusion_model)
-    keep = coarse_levels({lv for name, lv in levels.items() if name.startswith("input_blocks")})
-    return {name: diffusion_model.get_submodule(name) for name, lv in levels.items() if lv in keep}
-
-
 def on_denoiser(params):
-    if CURRENT is not None:
-        CURRENT.on_denoiser(params)
+    if A1111Dag.current is not None:
+        A1111Dag.current.on_denoiser(params)
 
 
 def on_denoised(params):
-    if CURRENT is not None:
-        CURRENT.on_denoised(params)
+    if A1111Dag.current is not None:
+        A1111Dag.current.on_denoised(params)
 
 
 def on_after_cfg(params):
-    if CURRENT is not None:
-        CURRENT.on_after_cfg(params)
+    if A1111Dag.current is not None:
+        A1111Dag.current.on_after_cfg(params)
