@@ -11,6 +11,10 @@
    something is, it runs one extra pass for the safety condition (``calc_cond_batch``, as
    ComfyUI's Perp-Neg does) and applies DAG's Eq. 4 in x0 space (``erasekit.dag.guidance``).
 SLD and SEGA modes run through the same post-CFG hook (always with the extra pass).
+
+The same patch runs in Forge, whose UNet patcher mirrors ComfyUI's ModelPatcher: the few host calls
+(the safety condition and pass, the start of a sampling, the step index, the CFG scale, the layers)
+go through a backend chosen at install time (:mod:`.patch_backend`).
 """
 
 from __future__ import annotations
@@ -45,32 +49,37 @@ class HostState:
         self.cams: dict[tuple, list] = {}  # layer -> [(level, uuid, [per-concept CAM [B, h, w]]), ...] of this step
         self.sample_inputs: dict = {}  # latent_image, denoise_mask, seed of the sampling (for the safety cond)
         self.warned = False  # the area-prompts warning, once per sampling
+        self.reading = True  # whether the attn2 patch reads CAMs now (Forge: the prompt pass of each call only)
+        self.failed = None  # the error handed to ``on_error``: the patch stands down for the rest of the sampling
 
 
 def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings | None = None,
-            sld: SldSettings | None = None, sega: SegaSettings | None = None, preview=None, on_failure: str = "stop"):
-    """Return a clone of ``model`` (a ComfyUI ModelPatcher) with DAG / SLD / SEGA installed; the
-    per-sampling state machine is a :class:`~erasekit.dag.session.DagSession`."""
-    import comfy.patcher_extension
-    import comfy.sampler_helpers
-    import comfy.samplers
+            sld: SldSettings | None = None, sega: SegaSettings | None = None, preview=None, on_failure: str = "stop",
+            backend=None, on_error=None):
+    """Return a clone of ``model`` (a ComfyUI ModelPatcher, or Forge's UNet patcher) with DAG / SLD / SEGA
+    installed; the per-sampling state machine is a :class:`~erasekit.dag.session.DagSession`.
 
+    ``backend``: the host's (:mod:`.patch_backend`; default: ComfyUI's, else Forge's). ``on_error(err)``:
+    where an error of the patch goes instead of being raised (a host that would only log it, or sample
+    on): the patch then returns the host's own prediction for the rest of the sampling, and the host
+    must withhold the images (fail closed)."""
     from erasekit.dag.detect import guideline_cam
     from erasekit.dag.session import DagSession
 
-    from .comfy_bridge import dag_layer_coordinates
+    from .patch_backend import pick
 
+    host = backend or pick()
     guidance = Guidance(mode, dag or DagSettings(), sega or SegaSettings(), sld or SldSettings.preset("medium"))
     m = model.clone()
     state = HostState()
     session = DagSession(guidance, embeddings if mode == "dag" else (), on_failure=on_failure)
     keys_cache: dict[tuple, list] = {}
-    safety = comfy.sampler_helpers.convert_cond(safety_cond)
-    layers = dag_layer_coordinates(model)  # (block, number, transformer index): the diffusers path's layers
+    safety = host.convert_cond(safety_cond)
+    layers = host.layers(model)  # (block, number, transformer index): the diffusers path's layers
 
     def attn2_patch(n, context, value, extra_options):
         block, index = tuple(extra_options["block"]), extra_options.get("block_index", 0)
-        if mode != "dag" or extra_options.get(SAFETY_PASS) or (*block, index) not in layers:
+        if mode != "dag" or not state.reading or extra_options.get(SAFETY_PASS) or (*block, index) not in layers:
             return n, context, value
         H, W = extra_options["original_shape"][-2:]
         level = round(math.log2(math.sqrt(H * W / n.shape[1])))
@@ -107,13 +116,6 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                 per_layer.append([torch.stack(maps).mean(0) for maps in zip(*full)])
         return list(zip(*per_layer))
 
-    def step_index(sigma, model_options) -> int:
-        """This call's step at ``sigma`` (0 without the sampler's sigmas)."""
-        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        if sigmas is None:
-            return 0
-        return int(torch.argmin((sigmas.float() - float(sigma.flatten()[0])).abs()))
-
     def extra_pass(args, rows=None):
         """x0 of the safety condition, for the images ``rows`` of the batch (default: all)."""
         negative = (args.get("uncond") or [{}])[0]
@@ -123,28 +125,15 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
         x, sigma = args["input"], args["sigma"]
         if rows is not None:
             x, sigma = x[rows], sigma[rows]
-        mdl, batch = args["model"], args["input"].shape[0]
         opts = {**args["model_options"], "transformer_options": {**args["model_options"].get("transformer_options", {}),
                                                                  SAFETY_PASS: True}}
-        # the sampling's latent and mask (inpainting models concatenate them) and the negative's ControlNet
-        inputs = dict(state.sample_inputs)
-        latent = inputs.get("latent_image")
-        if latent is not None:  # as CFGGuider.inner_sample hands it to the conds
-            latent = latent.to(x.device, torch.float32)
-            inputs["latent_image"] = mdl.process_latent_in(latent) if torch.count_nonzero(latent) > 0 else latent
-        inputs = {k: v[rows] if rows is not None and torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
-                  for k, v in inputs.items()}
-        conds = [{**c, **{k: negative[k] for k in ("control", "gligen") if k in negative}} for c in safety]
-        processed = comfy.samplers.encode_model_conds(mdl.extra_conds, conds, x, x.device, "negative", **inputs)
-        (x0_cs,) = comfy.samplers.calc_cond_batch(mdl, [processed], x, sigma, opts)
-        return x0_cs
+        return host.safety_x0(args, safety, x, sigma, rows, state.sample_inputs, opts)
 
     def post_cfg(args):
         denoised, x0_u, x0_p = args["denoised"], args["uncond_denoised"], args["cond_denoised"]
-        if args.get("uncond") is None:  # ComfyUI then passes zeros as the unconditional prediction
-            raise RuntimeError("Detect-and-Guide needs the sampler's unconditional (negative) prediction, and this "
-                               "guider has none (e.g. BasicGuider). Use KSampler, or CFGGuider with a negative prompt.")
-        i = step_index(args["sigma"], args["model_options"])
+        if args.get("uncond") is None:  # the host then passes zeros as the unconditional prediction
+            raise RuntimeError(host.no_uncond)
+        i = host.step_index(args["sigma"], args["model_options"])
         a_hat, failed = None, ()
         if mode == "dag":
             positive = {c.get("uuid") for c in args.get("cond") or []}
@@ -156,31 +145,49 @@ def install(model, embeddings, safety_cond, mode: str = "dag", dag: DagSettings 
                     logging.warning("Detect-and-Guide: every positive prompt is limited to an area, so nothing is "
                                     "detected; add a prompt over the whole image (Conditioning (Combine)).")
                 return denoised
-            timestep = float(args["model"].model_sampling.timestep(args["sigma"]).flatten()[0])  # 0..T, for the gate
+            timestep = float(host.timestep(args["model"], args["sigma"]).flatten()[0])  # 0..T, for the gate
             a_hat, failed = session.detect(per_concept, denoised.shape[-2:], timestep)
             if preview is not None:  # what was found so far: an erased object stays visible where it was
                 preview(session.log.seen, session.steps_before + i, session.n_steps)
         sigma = args["sigma"].reshape(-1, *([1] * (denoised.dim() - 1))).to(denoised.dtype)
-        return session.step(i, denoised, x0_u, x0_p, lambda rows: extra_pass(args, rows), args["cond_scale"],
+        return session.step(i, denoised, x0_u, x0_p, lambda rows: extra_pass(args, rows), host.cond_scale(args),
                             a_hat=a_hat, failed=failed, sigma=sigma)
 
-    def outer_sample(executor, *args, **kwargs):
-        # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
-        names = ("noise", "latent_image", "sampler", "sigmas", "denoise_mask", "callback", "disable_pbar", "seed")
-        given = {**dict(zip(names, args)), **kwargs}
-        sigmas, shape = given.get("sigmas"), tuple(getattr(given.get("noise"), "shape", ()))
-        # a sampling split over two KSamplerAdvanced (the first returns its leftover noise) is one sampling
-        has = sigmas is not None and len(sigmas) > 0
-        continued = session.start(len(sigmas) - 1 if has else 0, float(sigmas[0]) if has and len(sigmas) > 1 else None,
-                                  float(sigmas[-1]) if has else None, shape)
+    def start(steps, first_sigma, last_sigma, shape, sample_inputs):
+        """A sampler call begins."""
+        continued = session.start(steps, first_sigma, last_sigma, shape)
         if not continued:
             state.cams, state.warned = {}, False
-        state.sample_inputs = {k: given.get(k) for k in ("latent_image", "denoise_mask", "seed")}
+        state.sample_inputs = sample_inputs
         keys_cache.clear()  # weights may have been patched (LoRA) since the last run
-        return executor(*args, **kwargs)
 
-    m.set_model_attn2_patch(attn2_patch)
-    m.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "erasekit_dag", outer_sample)
-    m.model_options.setdefault("transformer_options", {})["erasekit_dag_session"] = session
+    def begin_pass():  # Forge: a CFG call's prompt pass begins; its CAMs are read afresh
+        state.cams, state.reading = {}, True
+
+    def end_pass():  # ... and has ended: another extension's pass in this call is not read as the prompt's
+        state.reading = False
+
+    if on_error is not None:
+        attn2_patch, post_cfg = _reporting(attn2_patch, state, on_error), _reporting(post_cfg, state, on_error)
+    host.install(m, session, attn2_patch, post_cfg, start, begin_pass, end_pass)
     return m
+
+
+def _reporting(fn, state, on_error):
+    """``fn`` handing its first error to ``on_error`` instead of raising; from then on it returns what
+    the host gave it (the inputs of an attn2 patch, the host's own CFG result): the host withholds the images."""
+
+    def unchanged(*args):  # attn2 patch (n, context, value, extra_options); post-CFG function (args)
+        return args[:3] if len(args) > 1 else args[0]["denoised"]
+
+    def call(*args):
+        if state.failed is not None:
+            return unchanged(*args)
+        try:
+            return fn(*args)
+        except Exception as err:
+            state.failed = err
+            on_error(err)
+            return unchanged(*args)
+
+    return call

@@ -1,10 +1,12 @@
-"""Detect-and-Guide as an always-visible section of A1111's txt2img and img2img (the script A1111 loads).
+"""Detect-and-Guide as an always-visible section of A1111's and Forge's txt2img and img2img (the script they load).
 
 The settings are the ComfyUI node's; each goes into the image's infotext, so PNG Info -> Send to
 txt2img brings it back, and ``/sdapi/v1/txt2img`` takes them as
 ``alwayson_scripts: {"detect-and-guide (erasekit)": {"args": [enabled, guideline, safety text, mode,
 strength, warmup, unsafe threshold, edit threshold, sld preset, sega mask, if detection fails,
-show detection map]}}``. The work happens in :mod:`erasekit_a1111.dag_hooks` and the core.
+show detection map]}}``. The work happens in the core and, in A1111, in :mod:`erasekit_a1111.dag_hooks`
+(CFG callbacks and attention hooks); in Forge, in the ComfyUI pack's own patch (``nodes/dag_patch.py``,
+registered by file path as ``erasekit_nodes``), since Forge's UNet patcher mirrors ComfyUI's.
 """
 
 import importlib.util
@@ -97,16 +99,55 @@ class DetectAndGuideScript(scripts.Script):
                                       show_map=False, **kwargs):
         """One sampling (a hires fix pass is another): A1111 only logs what a script raises here, so a
         failure is kept and the batch's images are withheld in :meth:`postprocess_batch_list`."""
+        if hasattr(p.sd_model, "forge_objects"):
+            return self._forge_before_sampling(p, enabled, guideline, safety, mode, strength, warmup, unsafe, edit, sld,
+                                               sega, failure)
         self._close()
         if not enabled or self.error is not None:
             return
         try:
-            if hasattr(p.sd_model, "forge_objects"):
-                raise ValueError("Detect-and-Guide does not run in Forge yet (only in Automatic1111); switch it off here "
-                                 "or use it in ComfyUI.")
             guidance = _guidance(mode, strength, warmup, unsafe, edit, sld, sega)
             emb = _embedding(guideline, _context_width(p))
             self.run = dag_hooks.A1111Dag(p, [emb], guidance, safety.strip() or emb.concept, FAILURES[failure]).__enter__()
+        except Exception as err:
+            self._fail(err)
+
+    def _forge_before_sampling(self, p, enabled, guideline, safety, mode, strength, warmup, unsafe, edit, sld, sega,
+                               failure):
+        """Forge: the ComfyUI patch (``nodes/dag_patch.py``, through its Forge backend) on a clone of Forge's UNet
+        patcher, as Forge's own Perturbed Attention Guidance installs itself. Forge restores
+        ``forge_objects`` before every sampling, so each sampling gets a fresh patch and DagSession."""
+        earlier = self.run
+        self._close()
+        if earlier is not None and earlier.error is not None and self.error is None:
+            self.error = earlier.error  # a first pass that failed fails the hires fix pass too
+        if not enabled or self.error is not None:
+            return
+        try:
+            import importlib
+
+            import torch
+            from modules import prompt_parser
+
+            _loader.register("erasekit_nodes", os.path.join(_ROOT, "nodes"))  # the ComfyUI pack's modules, by file path
+            dag_patch = importlib.import_module("erasekit_nodes.dag_patch")
+            patch_backend = importlib.import_module("erasekit_nodes.patch_backend")
+            g = _guidance(mode, strength, warmup, unsafe, edit, sld, sega)
+            unet = p.sd_model.forge_objects.unet
+            emb = _embedding(guideline, _forge_context_width(unet))
+            text = prompt_parser.SdConditioning([safety.strip() or emb.concept], width=p.width, height=p.height)
+            with torch.no_grad():
+                safety_cond = p.sd_model.get_learned_conditioning(text)  # [1, 77, C], or SDXL's dict
+
+            def progress():  # the CFG denoiser of the sampler in use (the hires fix pass has its own)
+                denoiser = p.sampler.model_wrap_cfg
+                return denoiser.step, denoiser.total_steps
+
+            run = _ForgeRun(patch_backend.ForgeBackend(progress))
+            p.sd_model.forge_objects.unet = dag_patch.install(
+                unet, [emb], safety_cond, g.mode, g.dag, g.sld, g.sega, on_failure=FAILURES[failure], backend=run.backend,
+                on_error=run.fail)
+            self.run = run
         except Exception as err:
             self._fail(err)
 
@@ -152,6 +193,39 @@ class DetectAndGuideScript(scripts.Script):
         if self.run is not None:
             self.run.close()
             self.run = None
+
+
+class _ForgeRun:
+    """One sampling under the patch in Forge: its session (for the maps) and its error, if any. Forge would
+    only stop the request on an error in its sampler (no sentence, no infotext), so the patch hands it
+    here, stands down, and the images are withheld (:meth:`DetectAndGuideScript.postprocess_batch_list`)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.error = None
+
+    @property
+    def session(self):
+        return self.backend.session
+
+    def fail(self, err):
+        import modules.shared as shared
+        from modules import errors
+
+        self.error = err
+        errors.report(f"Detect-and-Guide stopped: {err}", exc_info=True)
+        shared.state.interrupt()  # stop sampling: nothing unguided is shown
+
+    def close(self):
+        pass  # Forge puts its own UNet patcher back before the next sampling
+
+
+def _forge_context_width(unet) -> int:
+    """Width of the text states the cross-attention of Forge's UNet (its patcher's model) reads."""
+    for name, module in unet.model.diffusion_model.named_modules():
+        if name.endswith("attn2"):
+            return module.to_k.in_features
+    raise ValueError("This model has no cross-attention layers: Detect-and-Guide needs SD1.x, SD2.x or SDXL.")
 
 
 def _guidance(mode, strength, warmup, unsafe, edit, sld, sega):
