@@ -32,10 +32,14 @@ class A1111Dag(LayerHooks):
 
         super().__init__(coarse_attention_layers(p.sd_model.model.diffusion_model))
         self.embeddings = list(embeddings)
-        self.session = DagSession(guidance, self.embeddings if guidance.mode == "dag" else (), on_failure=on_failure)
+        self.session = DagSession(guidance, self.embeddings if guidance.mode == "dag" else (), keep_maps=False,
+                                  on_failure=on_failure)
         self.cond_scale = float(p.cfg_scale)
+        from modules import prompt_parser
+
+        text = prompt_parser.SdConditioning([safety_text], width=p.width, height=p.height)  # SDXL's size ids
         with torch.no_grad():
-            self.safety = p.sd_model.get_learned_conditioning([safety_text])  # [1, 77, C], or SDXL's dict
+            self.safety = p.sd_model.get_learned_conditioning(text)  # [1, 77, C], or SDXL's dict
         self.keys: dict[str, list] = {}
         self.calls: dict[str, list] = {}  # layer -> this step's CAMs, one [rows, n] per concept, call by call
         self.frame = None  # this step's inputs (on_cfg_denoiser) and outputs (on_cfg_denoised)
@@ -97,7 +101,10 @@ class A1111Dag(LayerHooks):
         if self.frame is None or "out" not in self.frame or self.error is not None:
             return
         try:
-            params.x = self._guide(params.x)
+            out = self._guide(params.x)
+            if out is not params.x:
+                params.x = out
+                self._show_guided(out)
         except Exception as err:  # A1111 would only log it and sample on, unguided
             import modules.shared as shared
             from modules import errors
@@ -107,6 +114,17 @@ class A1111Dag(LayerHooks):
             shared.state.interrupt()
         finally:
             self.frame, self.calls = None, {}
+
+    def _show_guided(self, out):
+        """A1111 took this step's x0 for Interrupt / Skip and the live preview before this callback: the
+        prompt's own, unguided. Put the guided one in its place."""
+        from modules import sd_samplers_common
+
+        f, b = self.frame, self.frame["batch"]
+        denoiser = f["denoiser"]
+        if getattr(denoiser, "sampler", None) is not None:
+            denoiser.sampler.last_latent = denoiser.get_pred_x0(f["x"][-b:], out, f["sigma"][-b:])
+            sd_samplers_common.store_latent(denoiser.sampler.last_latent)
 
     # ------------------------------------------------------------------------------------------ one step
     def _guide(self, pred_cfg):
@@ -120,8 +138,12 @@ class A1111Dag(LayerHooks):
         a_hat, failed = None, ()
         if self.session.detector is not None:
             cams = self._step_cams(pred_cfg.shape[-2:])
-            if cams:
-                a_hat, failed = self.session.detect(cams, pred_cfg.shape[-2:], timestep)
+            if not cams:
+                from erasekit.dag.session import GuidanceError
+
+                raise GuidanceError("Detect-and-Guide read no attention maps in this step (the model changed mid-sampling, "
+                                    "e.g. a refiner?), so it stopped instead of sampling unguided.")
+            a_hat, failed = self.session.detect(cams, pred_cfg.shape[-2:], timestep)
         sigma = -1.0 if eps_space else sigma_rows.reshape(-1, *([1] * (pred_cfg.dim() - 1))).to(pred_cfg.dtype)
         out = self.session.step(self.i, pred_cfg, pred_u, pred_p, lambda rows: self._safety_pass(rows), self.cond_scale,
                                 a_hat=a_hat, failed=failed, sigma=sigma)

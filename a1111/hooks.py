@@ -22,6 +22,12 @@ class LayerHooks:
         type(self).current = self
         return self
 
+    @classmethod
+    def close_current(cls):
+        """Close an instance left open by a generation that raised (A1111 then calls no script's clean-up)."""
+        if cls.current is not None:
+            cls.current.close()
+
     def close(self):
         for h in self.hooks:
             h.remove()

@@ -88,6 +88,8 @@ class DetectAndGuideScript(scripts.Script):
 
     # ----------------------------------------------------------------------------------------- one generation
     def process(self, p, enabled=False, *args):
+        self._close()
+        dag_hooks.A1111Dag.close_current()  # e.g. the other tab's, left open by a generation that raised
         self.maps, self.error = [], None
         if not enabled:
             return

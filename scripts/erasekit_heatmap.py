@@ -41,6 +41,8 @@ class HeatmapScript(scripts.Script):
         return [enabled, words]
 
     def process(self, p, enabled=False, words=""):
+        self._close()
+        attention_hooks.A1111AttentionRecorder.close_current()  # left open by a generation that raised
         self.overlays = []
 
     def process_before_every_sampling(self, p, enabled=False, words="", **kwargs):
@@ -71,6 +73,8 @@ class HeatmapScript(scripts.Script):
     def postprocess(self, p, processed, enabled=False, words=""):
         from PIL import Image
 
+        if "Detect-and-Guide stopped" in p.extra_generation_params:  # its images were withheld: their maps too
+            self.overlays = []
         for over in self.overlays:
             processed.images.append(Image.fromarray((over.clamp(0, 1).numpy() * 255).round().astype("uint8")))
             processed.infotexts.append(processed.infotexts[0] if processed.infotexts else "")

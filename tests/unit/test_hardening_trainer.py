@@ -491,7 +491,10 @@ def test_the_page_refuses_a_settings_file_of_wrong_types(tmp_path):
 # ----------------------------------------------------------------------------- what the page reads
 
 
-def test_a_corrupt_metrics_line_anywhere_does_not_break_the_page(tmp_path):
+def test_a_corrupt_metrics_line_anywhere_does_not_break_the_page(tmp_path, monkeypatch):
+    from trainer import jobs
+
+    monkeypatch.setattr(jobs, "JOBS", {})  # the page shows the process's current job: none here
     from erasekit.erase.state import _truncate_metrics, read_metrics
     from trainer import estimate
     from trainer.app import TrainerApp
@@ -515,7 +518,10 @@ def test_a_corrupt_metrics_line_anywhere_does_not_break_the_page(tmp_path):
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
 
-def test_a_torn_preview_and_a_broken_run_config_do_not_break_the_page(tmp_path):
+def test_a_torn_preview_and_a_broken_run_config_do_not_break_the_page(tmp_path, monkeypatch):
+    from trainer import jobs
+
+    monkeypatch.setattr(jobs, "JOBS", {})  # the page shows the process's current job: none here
     from trainer.app import TrainerApp
 
     run = tmp_path / "torn-preview"  # a name no other test's job (module-wide JOBS) has
