@@ -64,6 +64,17 @@ def test_a_detection_guides_every_detected_image(a1111, guidelines):
     assert len(on) == 4 and all(not np.array_equal(a, b) for a, b in zip(off, on[:2]))
 
 
+def test_and_prompts_map_each_image_over_its_prompts(a1111, guidelines):
+    """With AND, CFGDenoiser stacks several prompt rows per image: nothing detected stays bit-identical and a
+    detection guides both images (each image's map is the mean over its prompts)."""
+    payload = dict(BASE, prompt="a red circle AND a blue square", width=128, height=128, steps=6)
+    off = _arrays(a1111.txt2img(payload))
+    never = _arrays(a1111.txt2img(dict(payload, alwayson_scripts=_args("never.safetensors", show_map=True))))
+    always = _arrays(a1111.txt2img(dict(payload, alwayson_scripts=_args("always.safetensors"))))
+    assert len(never) == 4 and all(np.array_equal(a, b) for a, b in zip(off, never[:2]))
+    assert len(always) == 2 and all(not np.array_equal(a, b) for a, b in zip(off, always))
+
+
 def test_sld_mode_runs_through_the_callbacks_and_changes_the_images(a1111, guidelines):
     off = _arrays(a1111.txt2img(BASE))
     sld = _arrays(a1111.txt2img(dict(BASE, alwayson_scripts=_args("never.safetensors", mode="SLD"))))
