@@ -11,7 +11,7 @@ the user's choice and the web UI's business; this says what it does not do.
 
 What the Lora tab shows (erased concept, method, base model) is the card file the trainer writes
 beside the LoRA when it exports into a web UI's ``models/Lora`` (``<name>.json``, A1111's own per-LoRA
-user metadata: :func:`erasekit.lora_io.write_webui_sidecar`), and the LoRA's metadata, which the
+user metadata: :func:`erasekit.webui_card.write_webui_sidecar`), and the LoRA's metadata, which the
 card's metadata view lists whole.
 
 The check runs in ``process_batch``: after the web UI parsed the prompt's ``<lora:...>`` and loaded

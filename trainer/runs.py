@@ -91,11 +91,12 @@ def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "",
     license in its metadata and model card (``<name>.md`` beside it); an existing file of that name
     is replaced only with ``overwrite``. ``webui_card``: ``dest_dir`` is a web UI's ``models/Lora``,
     so the LoRA must be for SD 1.x / 2.x / XL (not the toy model) and its card ``<name>.json``
-    (:func:`erasekit.lora_io.write_webui_sidecar`) is written beside it, kept like the LoRA itself
+    (:func:`erasekit.webui_card.write_webui_sidecar`) is written beside it, kept like the LoRA itself
     unless ``overwrite``."""
     import json
 
     from erasekit import checkpoints, lora_io
+    from erasekit.webui_card import WEBUI_SD_VERSION, webui_sidecar_path, write_webui_sidecar
 
     src = find_lora(run_dir)
     if src is None:
@@ -104,14 +105,14 @@ def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "",
     if webui_card:
         _, header = checkpoints.read_header(str(src), "LoRA file")
         fam = lora_io.family(header.get("ss_base_model_version", ""))
-        if fam not in lora_io.WEBUI_SD_VERSION:
+        if fam not in WEBUI_SD_VERSION:
             made_for = (f"the {lora_io.FAMILY_TITLES[fam]}" if fam in lora_io.FAMILY_TITLES
                         else f"'{fam}'" if fam else "an unknown model")
             raise ErasekitError(f"The LoRA of the run '{Path(run_dir).name}' is for {made_for}, which Automatic1111 "
                                 "and Forge cannot load; export it into the output root, or train on an SD 1.x, 2.x "
                                 "or XL model for the web UI.")
     dest = export_target(dest_dir, clean, overwrite)
-    card = Path(lora_io.webui_sidecar_path(str(dest)))
+    card = Path(webui_sidecar_path(str(dest)))
     if webui_card and not overwrite and os.path.lexists(card):
         raise ErasekitError(f"'{card}' already exists (the web UI's card of a LoRA named '{clean}'); tick "
                             f"'{REPLACE_LABEL}' to overwrite it, or give another name.")
@@ -128,7 +129,7 @@ def export_lora(run_dir: Path, dest_dir: Path, name: str, description: str = "",
         preserved=preserved, config=config, title=clean, description=description.strip() or None,
         license=license.strip() or None, base_model=meta.get("ss_sd_model_name", "")))
     if webui_card:
-        lora_io.write_webui_sidecar(str(path), description)
+        write_webui_sidecar(str(path), description)
     return path
 
 

@@ -1,7 +1,7 @@
 """The trainer's export straight into an Automatic1111 / Forge folder (``python -m trainer app --webui
 PATH``): the LoRA into ``<PATH>/models/Lora`` with the Lora tab's card ``<name>.json`` beside it
 (A1111's per-LoRA user metadata), never over a file of the same name unless told, and the card's
-contents (:func:`erasekit.lora_io.webui_user_metadata`). The real web UI reading them is
+contents (:func:`erasekit.webui_card.webui_user_metadata`). The real web UI reading them is
 ``tests/a1111/test_lora_a1111.py``."""
 
 import json
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from erasekit import checkpoints, lora_io
+from erasekit import checkpoints, lora_io, webui_card
 
 
 def _lora(width, seed=0):
@@ -122,10 +122,10 @@ def test_the_card_names_the_web_uis_sd_version():
     for arch, version in ((checkpoints.sd_v1(), "SD1"), (checkpoints.sd_v2(), "SD2"), (checkpoints.sdxl(), "SDXL"),
                           (checkpoints.toy(32), "Unknown")):
         meta = {"ss_base_model_version": arch.name, "erasekit.erased_concept": "nudity", "erasekit.method": "inpo"}
-        card = lora_io.webui_user_metadata(meta)
+        card = webui_card.webui_user_metadata(meta)
         assert card["sd version"] == version
         assert card["description"] == f"Erases: nudity. Method: inpo. Base: {arch.title}."
-    assert lora_io.erasure_summary({"ss_base_model_version": "sd_v1", "ss_output_name": "a style"}) == ""
+    assert webui_card.erasure_summary({"ss_base_model_version": "sd_v1", "ss_output_name": "a style"}) == ""
 
 
 def test_the_webui_option_and_a_missing_folder(tmp_path, capsys, monkeypatch):
