@@ -96,8 +96,8 @@ def _load_folder(path: str, torch_dtype) -> Components:
         from diffusers import DiffusionPipeline
 
         try:  # use_safetensors: a part whose weights are only a pickle (.bin) is refused, never unpickled
-            pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype,
-                                                     use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, local_files_only=True,
+                                                     torch_dtype=torch_dtype)
         except (OSError, ValueError) as err:
             reason = str(err).splitlines()[0][:200].rstrip('.')
             raise ModelFileError(f"The diffusers folder '{path}' could not be loaded ({reason}); "

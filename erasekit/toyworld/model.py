@@ -373,8 +373,8 @@ def load_toy_pipeline(path: str | os.PathLike | None = None, device: str | torch
     try:  # use_safetensors: weights that are only a pickle (.bin) are refused, never unpickled
         pipe = ToyPipeline(
             vae=ToyVAE.from_config(ToyVAE.load_config(path / "vae")),  # weightless: config only
-            text_encoder=ToyCLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype,
-                                                          use_safetensors=True),
+            text_encoder=ToyCLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True,
+                                                          torch_dtype=torch_dtype),
             tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
             unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype, use_safetensors=True),
             scheduler=scheduler_cls.from_pretrained(path / "scheduler"),
