@@ -88,11 +88,5 @@ def word_positions(cond_stage_model, prompt: str, words: str) -> list[int]:
     return sorted(positions)
 
 
-def on_denoiser(params):
-    if A1111AttentionRecorder.current is not None:
-        A1111AttentionRecorder.current.on_denoiser(params)
-
-
-def on_after_cfg(params):
-    if A1111AttentionRecorder.current is not None:
-        A1111AttentionRecorder.current.on_after_cfg(params)
+on_denoiser = A1111AttentionRecorder.callback("on_denoiser")
+on_after_cfg = A1111AttentionRecorder.callback("on_after_cfg")

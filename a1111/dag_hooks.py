@@ -173,16 +173,6 @@ class A1111Dag(LayerHooks):
             self.in_safety_pass = False
 
 
-def on_denoiser(params):
-    if A1111Dag.current is not None:
-        A1111Dag.current.on_denoiser(params)
-
-
-def on_denoised(params):
-    if A1111Dag.current is not None:
-        A1111Dag.current.on_denoised(params)
-
-
-def on_after_cfg(params):
-    if A1111Dag.current is not None:
-        A1111Dag.current.on_after_cfg(params)
+on_denoiser = A1111Dag.callback("on_denoiser")
+on_denoised = A1111Dag.callback("on_denoised")
+on_after_cfg = A1111Dag.callback("on_after_cfg")

@@ -23,6 +23,15 @@ class LayerHooks:
         return self
 
     @classmethod
+    def callback(cls, method: str):
+        """An A1111 CFG callback that hands its params to the open instance's ``method`` (none open: nothing)."""
+        def call(params):
+            if cls.current is not None:
+                getattr(cls.current, method)(params)
+
+        return call
+
+    @classmethod
     def close_current(cls):
         """Close an instance left open by a generation that raised (A1111 then calls no script's clean-up)."""
         if cls.current is not None:
@@ -57,3 +66,11 @@ def coarse_attention_layers(diffusion_model) -> dict:
     levels = ldm_cross_attention_levels(diffusion_model)
     keep = coarse_levels({lv for name, lv in levels.items() if name.startswith("input_blocks")})
     return {name: diffusion_model.get_submodule(name) for name, lv in levels.items() if lv in keep}
+
+
+def context_width(diffusion_model) -> int | None:
+    """Width of the text states an LDM UNet's cross-attention reads (its ``to_k`` input); None without one."""
+    for name, module in diffusion_model.named_modules():
+        if name.endswith("attn2") and hasattr(module, "to_k"):
+            return module.to_k.in_features
+    return None

@@ -22,14 +22,13 @@ _spec.loader.exec_module(_loader)
 _loader.register_core()
 _loader.register("erasekit_a1111", os.path.join(_ROOT, "a1111"))
 
-from erasekit_a1111 import dag_hooks  # noqa: E402
+from erasekit_a1111 import dag_hooks, hooks  # noqa: E402
 
 TITLE = "Detect-and-Guide (Erasekit)"
 FAILURES = {"stop": "stop", "guide whole image": "guide_whole_image"}
-# (infotext key, default) of each setting after the on/off box, in the order of the script's args
-FIELDS = [("DAG guideline", ""), ("DAG safety text", ""), ("DAG mode", "DAG"), ("DAG strength", 1.0),
-          ("DAG warmup", 0.1), ("DAG unsafe threshold", 0.5), ("DAG edit threshold", 0.01),
-          ("DAG SLD preset", "medium"), ("DAG SEGA mask", 0.0), ("DAG if detection fails", "stop")]
+# infotext key of each setting after the on/off box, in the order of the script's args
+FIELDS = ["DAG guideline", "DAG safety text", "DAG mode", "DAG strength", "DAG warmup", "DAG unsafe threshold",
+          "DAG edit threshold", "DAG SLD preset", "DAG SEGA mask", "DAG if detection fails"]
 
 
 def guideline_folders() -> list[str]:
@@ -83,7 +82,7 @@ class DetectAndGuideScript(scripts.Script):
                 show_map = gr.Checkbox(False, label="Add the detection map to the outputs")
         settings = [guideline, safety, mode, strength, warmup, unsafe, edit, sld, sega, failure]
         self.infotext_fields = [(enabled, lambda d: "DAG mode" in d)] + [
-            (c, key) for c, (key, _) in zip(settings, FIELDS)]
+            (c, key) for c, key in zip(settings, FIELDS)]
         return [enabled, *settings, show_map]
 
     # ----------------------------------------------------------------------------------------- one generation
@@ -93,7 +92,7 @@ class DetectAndGuideScript(scripts.Script):
         self.maps, self.error = [], None
         if not enabled:
             return
-        values = dict(zip((k for k, _ in FIELDS), args))
+        values = dict(zip(FIELDS, args))
         p.extra_generation_params.update({k: v for k, v in values.items() if v not in ("", None)})
 
     def process_before_every_sampling(self, p, enabled=False, guideline="", safety="", mode="DAG", strength=1.0,
@@ -109,7 +108,7 @@ class DetectAndGuideScript(scripts.Script):
             return
         try:
             guidance = _guidance(mode, strength, warmup, unsafe, edit, sld, sega)
-            emb = _embedding(guideline, _context_width(p))
+            emb = _embedding(guideline, _context_width(p.sd_model.model.diffusion_model))
             self.run = dag_hooks.A1111Dag(p, [emb], guidance, safety.strip() or emb.concept, FAILURES[failure]).__enter__()
         except Exception as err:
             self._fail(err)
@@ -136,7 +135,7 @@ class DetectAndGuideScript(scripts.Script):
             patch_backend = importlib.import_module("erasekit_nodes.patch_backend")
             g = _guidance(mode, strength, warmup, unsafe, edit, sld, sega)
             unet = p.sd_model.forge_objects.unet
-            emb = _embedding(guideline, _forge_context_width(unet))
+            emb = _embedding(guideline, _context_width(unet.model.diffusion_model))
             text = prompt_parser.SdConditioning([safety.strip() or emb.concept], width=p.width, height=p.height)
             with torch.no_grad():
                 safety_cond = p.sd_model.get_learned_conditioning(text)  # [1, 77, C], or SDXL's dict
@@ -222,14 +221,6 @@ class _ForgeRun:
         pass  # Forge puts its own UNet patcher back before the next sampling
 
 
-def _forge_context_width(unet) -> int:
-    """Width of the text states the cross-attention of Forge's UNet (its patcher's model) reads."""
-    for name, module in unet.model.diffusion_model.named_modules():
-        if name.endswith("attn2"):
-            return module.to_k.in_features
-    raise ValueError("This model has no cross-attention layers: Detect-and-Guide needs SD1.x, SD2.x or SDXL.")
-
-
 def _guidance(mode, strength, warmup, unsafe, edit, sld, sega):
     from erasekit.dag.guidance import DagSettings, Guidance, SegaSettings, SldSettings
 
@@ -251,12 +242,11 @@ def _embedding(name: str, width: int):
     return emb
 
 
-def _context_width(p) -> int:
-    """Width of the text states the UNet's cross-attention reads (its ``to_k`` input)."""
-    for name, module in p.sd_model.model.diffusion_model.named_modules():
-        if name.endswith("attn2"):
-            return module.to_k.in_features
-    raise ValueError("This model has no cross-attention layers: Detect-and-Guide needs SD1.x, SD2.x or SDXL.")
+def _context_width(diffusion_model) -> int:
+    width = hooks.context_width(diffusion_model)
+    if width is None:
+        raise ValueError("This model has no cross-attention layers: Detect-and-Guide needs SD1.x, SD2.x or SDXL.")
+    return width
 
 
 script_callbacks.on_cfg_denoiser(dag_hooks.on_denoiser)

@@ -31,6 +31,9 @@ _spec = importlib.util.spec_from_file_location("erasekit_core_loader", os.path.j
 _loader = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_loader)
 _loader.register_core()
+_loader.register("erasekit_a1111", os.path.join(_ROOT, "a1111"))
+
+from erasekit_a1111 import hooks  # noqa: E402
 
 TITLE = "Erasure LoRA check (Erasekit)"
 WARNING_KEY = "Erasure LoRA warning"  # the infotext key
@@ -104,21 +107,10 @@ def model_architecture(sd_model):
 
     if getattr(sd_model, "is_sdxl", False):
         return checkpoints.sdxl()
-    width = _context_width(sd_model)
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)  # Forge keeps its UNet elsewhere
+    width = hooks.context_width(unet) if unet is not None else None
     if getattr(sd_model, "is_sd2", False):
         return checkpoints.sd_v2(width or 1024)
     if getattr(sd_model, "is_sd1", False):
         return checkpoints.sd_v1(width or 768)
-    return None
-
-
-def _context_width(sd_model) -> int | None:
-    """Width of the text states an LDM UNet's cross-attention reads (A1111); None when not found
-    (Forge keeps its UNet elsewhere and loads only the released widths)."""
-    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
-    if unet is None:
-        return None
-    for name, module in unet.named_modules():
-        if name.endswith("attn2") and hasattr(module, "to_k"):
-            return module.to_k.in_features
     return None
