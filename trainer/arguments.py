@@ -7,8 +7,7 @@ import argparse
 import os
 
 from erasekit.dag.fit import GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES
-
-METHODS = ("inpo",)  # NCD and ResAlign plug into the same engine next
+from erasekit.erase import methods
 
 MODEL_CONFIG_HELP = ("for a single-file checkpoint: a local diffusers folder of the same model (configs and tokenizer, "
                      "no weights needed); default: the config shipped in models/configs for the file's architecture "
@@ -19,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Erase a concept from a text-to-image model.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune and export an erasure LoRA")
-    p.add_argument("--method", choices=METHODS, default="inpo")
+    p.add_argument("--method", choices=tuple(methods.METHODS), default="inpo",
+                   help="; ".join(m.label for m in methods.METHODS.values()))
     p.add_argument("--target", help='the concept to erase, e.g. "red circle", "bobo", "striped background"')
     p.add_argument("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: models/toy)")
     p.add_argument("--model-config", default=None, help=MODEL_CONFIG_HELP)
@@ -37,11 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("grad-accum", int, "micro-batches accumulated into each optimizer step (default 1)"),
             ("checkpoint-every", int, "steps between checkpoints (default 100; a kill loses at most this many)"),
             ("sample-every", int, "steps between preview images (0: none)"),
-            ("eta", float, "INPO Eq. 13/15: erasure strength (preset: 1, style 3)"),
-            ("gamma", float, "INPO Eq. 14: sharpness of the adaptive scaling (preset 3)"),
-            ("tau", float, "INPO Eq. 14: target margin of dS (preset 0.1)"),
-            ("lambda-prior", float, "INPO Alg. 1: weight of the prior preservation loss, Eq. 16 (preset 0.6)"),
-            ("lambda-anchor", float, "beyond the paper: Eq. 16 on the forget images under preserved prompts (0: off)"),
+            *((f.flag, f.kind, f.help) for f in methods.all_flags().values()),
             ("preserve-pairs", float, "toy model: share of preserve prompts showing two preserved objects (0: off)"),
             ("forget-images", int, "images of the concept to generate (default 16)"),
             ("images-per-concept", int, "preserve images per preserved concept (default 25)"),

@@ -1,8 +1,8 @@
 """The trainer's run functions, shared by the CLI (:mod:`trainer.cli`) and the app's jobs (:mod:`trainer.work`).
 
 Settings are resolved in this order, each overriding the one before: the engine's defaults, the
-method's preset for the concept type (INPO, Table 6), the run folder's own ``config.toml`` (on
-resume), the ``--config`` file (tables ``[train]``, ``[inpo]``, ``[data]``), then the flags given.
+method's preset for the concept type (:mod:`erasekit.erase.methods`), the run folder's own ``config.toml`` (on
+resume), the ``--config`` file (tables ``[train]``, ``[<method>]``, ``[data]``), then the flags given.
 """
 
 from __future__ import annotations
@@ -24,28 +24,25 @@ FLAGS = {
     "mixed_precision": ("train", "mixed_precision"), "checkpoint_every": ("train", "checkpoint_every"),
     "sample_every": ("train", "sample_every"), "name": ("train", "name"),
     "gradient_checkpointing": ("train", "gradient_checkpointing"), "train_text_encoder": ("train", "train_text_encoder"),
-    "cpu": ("train", "cpu"), "stop_when_erased": ("train", "stop_when_erased"), "eta": ("method", "eta"), "gamma": ("method", "gamma"), "tau": ("method", "tau"),
-    "lambda_prior": ("method", "lambda_prior"), "lambda_anchor": ("method", "lambda_anchor"),
-    "preserve_pairs": ("data", "preserve_pairs"), "forget_dir": ("data", "forget_dir"),
+    "cpu": ("train", "cpu"), "stop_when_erased": ("train", "stop_when_erased"), "preserve_pairs": ("data", "preserve_pairs"), "forget_dir": ("data", "forget_dir"),
     "preserve_dir": ("data", "preserve_dir"), "forget_images": ("data", "forget_images"),
     "images_per_concept": ("data", "images_per_concept"), "neighbours": ("data", "neighbours"),
     "unrelated": ("data", "unrelated"), "cache": ("data", "cache"), "mask_from": ("data", "mask_from"),
     "guideline": ("data", "guideline"),
-}
-
+}  # ... and every method's own settings (erasekit.erase.methods), in its table
 
 
 def resolve(args, kind: str | None, toy: bool = False) -> dict:
     """The settings tables {"train", "method", "data"} from defaults, preset (with the toy model's
     tuning on the toy model), files and flags."""
+    from erasekit.erase import methods
     from erasekit.erase.engine import read_config
-    from erasekit.erase.inpo import preset
 
+    method = methods.get(args.method)
     tables = {"train": {}, "method": {}, "data": {}}
-    row = preset(args.preset or kind or "object", toy=toy)
-    tables["train"].update(steps=row.pop("steps"), rank=row.pop("rank"),
-                           **{k: row.pop(k) for k in ("lr", "targets") if k in row})  # the toy model's tuning
-    tables["method"].update(row)
+    train_row, method_row = method.preset(args.preset or kind or "object", toy=toy)
+    tables["train"].update(train_row)
+    tables["method"].update(method_row)
     files = ([os.path.join(args.out, "config.toml")] if args.resume and os.path.isfile(os.path.join(args.out, "config.toml")) else [])
     files += [args.config] if args.config else []
     for path in files:
@@ -60,6 +57,14 @@ def resolve(args, kind: str | None, toy: bool = False) -> dict:
     for attr, (table, key) in FLAGS.items():
         if getattr(args, attr, None) is not None:
             tables[table][key] = getattr(args, attr)
+    for flag in methods.all_flags().values():
+        if getattr(args, flag.key, None) is None:
+            continue
+        if flag not in method.flags:
+            owners = " and ".join(m.upper() for m in methods.methods_with_flag(flag.flag))
+            raise ErasekitError(f"--{flag.flag} is a setting of {owners}, not of {args.method.upper()}; leave it out or "
+                                f"pick --method {methods.methods_with_flag(flag.flag)[0]}.")
+        tables["method"][flag.key] = getattr(args, flag.key)
     if getattr(args, "seed", None) is not None:  # --seed also draws the data (which prompts, which seeds)
         tables["data"]["seed"] = args.seed
     tables["train"].update(out=args.out, base=str(args.base), resume=bool(args.resume))
@@ -71,9 +76,9 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
     the resolved configs (train, method, data) and, with ``with_data``, the forget / preserve sets.
     Shared by the CLI and the trainer app (:mod:`trainer.jobs`)."""
     from erasekit import models
-    from erasekit.erase.data import DataConfig, build_erase_data, resolve_concept
+    from erasekit.erase import methods
+    from erasekit.erase.data import DataConfig, resolve_concept
     from erasekit.erase.engine import TrainConfig, config_from_dict, latest_checkpoint
-    from erasekit.erase.inpo import InpoConfig
 
     log = log or (lambda m: print(m, file=sys.stderr))
     if getattr(args, "threads", None):
@@ -97,7 +102,7 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
         args.out = os.path.join("runs", f"erase-{'-'.join(target.lower().split())}-{args.method}")
     tables = resolve(args, kind, toy)
     config = config_from_dict(TrainConfig, tables["train"], "[train]")
-    method_config = config_from_dict(InpoConfig, tables["method"], f"[{args.method}]")
+    method_config = config_from_dict(methods.get(args.method).config, tables["method"], f"[{args.method}]")
     data_config = config_from_dict(DataConfig, tables["data"], "[data]")
     if not config.sample_prompts:
         config.sample_prompts = [target] if not toy else [f"a {target}" if kind != "character" else target]
@@ -113,7 +118,7 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
     out = {"components": components, "target": target, "config": config, "method_config": method_config,
            "data_config": data_config, "data": None}
     if with_data:
-        out["data"] = build_erase_data(components, target, data_config, log=log)
+        out["data"] = methods.get(args.method).build_data(components, target, data_config, log=log)
     return out
 
 
@@ -121,15 +126,15 @@ def run_training(args, *, progress=None, cancel=None, log=None):
     """Resolve the settings, make (or load) the data and train: the engine's ``RunResult``.
     The one run function of the CLI and the trainer app. The run folder is locked from the data
     on (:func:`writing_run`): another process writing it is refused with one sentence."""
-    from erasekit.erase.data import build_erase_data
+    from erasekit.erase import methods
     from erasekit.erase.engine import train
-    from erasekit.erase.inpo import InpoObjective
 
     log = log or (lambda m: print(m, file=sys.stderr))
+    method = methods.get(args.method)
     prep = prepare(args, log=log, with_data=False)
     with writing_run(prep["config"].out, "training", log):
-        data = build_erase_data(prep["components"], prep["target"], prep["data_config"], log=log)
-        return train(prep["config"], InpoObjective(prep["method_config"]), data, prep["components"],
+        data = method.build_data(prep["components"], prep["target"], prep["data_config"], log=log)
+        return train(prep["config"], method.objective(prep["method_config"]), data, prep["components"],
                      progress=progress, cancel=cancel, sections={"data": prep["data_config"]}, log=log)
 
 

@@ -49,10 +49,11 @@ INPO_SETTINGS = ("eta", "gamma", "tau", "lambda_prior", "lambda_anchor")  # over
 def _objective(method: str, preset_name: str, overrides: dict | None = None):
     if method == "plain":
         return PlainLoraObjective()
-    from ..erase.inpo import InpoConfig, InpoObjective, preset
+    from ..erase import methods
 
-    row = {**preset(preset_name, toy=True), **(overrides or {})}
-    return InpoObjective(InpoConfig(**{k: v for k, v in row.items() if k in InpoConfig.__dataclass_fields__}))
+    m = methods.get(method)
+    row = {**m.preset(preset_name, toy=True)[1], **(overrides or {})}
+    return m.objective(m.config(**{k: v for k, v in row.items() if k in m.config.__dataclass_fields__}))
 
 
 def requested_labels(prompt: str, background: bool = False) -> list[str]:

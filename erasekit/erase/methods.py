@@ -1,0 +1,104 @@
+"""The erasure methods the trainer offers, one :class:`Method` each: what the CLI's ``--method``,
+the trainer page's method list, the benchmarks and a run's ``config.toml`` table ``[<name>]`` name.
+
+A method is a module of :mod:`erasekit.erase` with
+- a config dataclass (its settings, the ``[<name>]`` table) and an :class:`~.objective.Objective`;
+- ``preset(name_or_kind, toy=False) -> dict``: the settings of a concept type (object, character,
+  style, nsfw); keys that are :class:`~.engine.TrainConfig` fields (steps, lr, rank, targets) go to
+  ``[train]``, the rest to the method's table;
+- optionally ``build_data(components, target, data_config, log=None)``: the method's training data
+  (default: :func:`~.data.build_erase_data`, the forget / preserve sets).
+
+Modules are imported only when a method is used, so listing the methods costs no torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+
+from ..errors import ErasekitError
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A method setting the CLI takes as ``--<flag>`` (the page shows the same key)."""
+
+    flag: str  # "lambda-prior": --lambda-prior, key lambda_prior in the method's table
+    kind: type
+    help: str
+
+    @property
+    def key(self) -> str:
+        return self.flag.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # --method, the [<name>] table, the LoRA's ss_erasekit_method
+    label: str  # one line for menus
+    module: str  # the module under erasekit.erase
+    config_class: str
+    objective_class: str
+    flags: tuple = ()
+
+    def _module(self):
+        return importlib.import_module(f"{__package__}.{self.module}")
+
+    @property
+    def config(self) -> type:
+        return getattr(self._module(), self.config_class)
+
+    def objective(self, config=None):
+        """The method's Objective, with ``config`` (default: the config class's defaults)."""
+        return getattr(self._module(), self.objective_class)(config if config is not None else self.config())
+
+    def preset(self, name_or_kind: str, toy: bool = False) -> tuple[dict, dict]:
+        """``(train settings, method settings)`` of a preset or concept kind; ``toy``: the toy
+        model's tuning on top."""
+        from .engine import TrainConfig
+
+        row = dict(self._module().preset(name_or_kind, toy=toy))
+        train_keys = {f.name for f in fields(TrainConfig)}
+        return {k: v for k, v in row.items() if k in train_keys}, {k: v for k, v in row.items() if k not in train_keys}
+
+    def build_data(self, components, target, data_config, log=None):
+        build = getattr(self._module(), "build_data", None)
+        if build is None:
+            from .data import build_erase_data as build
+        return build(components, target, data_config, log=log)
+
+
+METHODS = {
+    "inpo": Method(
+        "inpo", "INPO: an erasure LoRA (negative preference against the base model)", "inpo", "InpoConfig",
+        "InpoObjective", flags=(
+            Flag("eta", float, "INPO Eq. 13/15: erasure strength (preset: 1, style 3)"),
+            Flag("gamma", float, "INPO Eq. 14: sharpness of the adaptive scaling (preset 3)"),
+            Flag("tau", float, "INPO Eq. 14: target margin of dS (preset 0.1)"),
+            Flag("lambda-prior", float, "INPO Alg. 1: weight of the prior preservation loss, Eq. 16 (preset 0.6)"),
+            Flag("lambda-anchor", float, "beyond the paper: Eq. 16 on the forget images under preserved prompts (0: off)"),
+        )),
+}
+
+
+def get(name: str) -> Method:
+    """The method called ``name``; an unknown name is one sentence listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ErasekitError(f"Unknown erasure method '{name}'; choose one of {', '.join(METHODS)}.") from None
+
+
+def all_flags() -> dict:
+    """``{flag: Flag}`` over every method (a flag several methods share is declared once per method,
+    with the same type)."""
+    out = {}
+    for method in METHODS.values():
+        for f in method.flags:
+            out.setdefault(f.flag, f)
+    return out
+
+
+def methods_with_flag(flag: str) -> list:
+    return [m.name for m in METHODS.values() if any(f.flag == flag for f in m.flags)]
