@@ -118,11 +118,11 @@ class A1111Dag(LayerHooks):
     def _show_guided(self, out):
         """A1111 took this step's x0 for Interrupt / Skip and the live preview before this callback: the
         prompt's own, unguided. Put the guided one in its place."""
-        from modules import sd_samplers_common
-
         f, b = self.frame, self.frame["batch"]
         denoiser = f["denoiser"]
         if getattr(denoiser, "sampler", None) is not None:
+            from modules import sd_samplers_common
+
             denoiser.sampler.last_latent = denoiser.get_pred_x0(f["x"][-b:], out, f["sigma"][-b:])
             sd_samplers_common.store_latent(denoiser.sampler.last_latent)
 

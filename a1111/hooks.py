@@ -22,6 +22,9 @@ class LayerHooks:
         type(self).current = self
         return self
 
+    def __exit__(self, *exc):
+        self.close()
+
     @classmethod
     def callback(cls, method: str):
         """An A1111 CFG callback that hands its params to the open instance's ``method`` (none open: nothing)."""
