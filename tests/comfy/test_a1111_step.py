@@ -1,4 +1,5 @@
-"""One Detect-and-Guide step in A1111 equals the same step in ComfyUI (issue: within 1e-4).
+"""One Detect-and-Guide step in A1111 equals the same step in ComfyUI (within 1e-4), and DAG's edit stays
+in the detected region.
 
 Both adapters run on one LDM UNet (ComfyUI's, loaded from a tiny SD1 model) with the same latent,
 noise level, prompt, negative, safety text and guideline: ComfyUI through the patch's
@@ -114,3 +115,8 @@ def test_one_guided_step_equals_comfyui(comfy, a1111_modules, mode):
     edit = (guided_a1111 - cfg_a1111).abs().max()
     assert edit > 1e-2
     assert torch.allclose(guided_a1111, guided_comfy, atol=1e-4), (guided_a1111 - guided_comfy).abs().max()
+    if mode == "dag":  # Eq. 4 edits the detected region only (A-hat >= tau_low); the rest is A1111's CFG, bit for bit
+        outside = (log.seen < dag.tau_low)[:, None].expand_as(cfg_a1111)
+        assert 0 < outside.sum() < outside.numel()
+        assert torch.equal(guided_a1111[outside], cfg_a1111[outside])
+        assert (guided_a1111[~outside] - cfg_a1111[~outside]).abs().max() > 1e-2
