@@ -34,6 +34,7 @@ class A1111Dag(LayerHooks):
         self.embeddings = list(embeddings)
         self.session = DagSession(guidance, self.embeddings if guidance.mode == "dag" else (), keep_maps=False,
                                   on_failure=on_failure)
+        self.p = p
         self.cond_scale = float(p.cfg_scale)
         from modules import prompt_parser
 
@@ -44,7 +45,8 @@ class A1111Dag(LayerHooks):
         self.calls: dict[str, list] = {}  # layer -> this step's CAMs, one [rows, n] per concept, call by call
         self.frame = None  # this step's inputs (on_cfg_denoiser) and outputs (on_cfg_denoised)
         self.in_safety_pass = False
-        self.i = 0
+        self.i = 0  # model calls so far (second-order samplers, e.g. Heun, make two a step)
+        self.steps, self.expected_calls = 1, 1  # the sampling's steps, and the model calls A1111 expects for them
         self.started = False
         self.error = None
 
@@ -90,7 +92,9 @@ class A1111Dag(LayerHooks):
                       "denoiser": params.denoiser, "batch": batch, "spans": spans, "total": params.total_sampling_steps}
         self.calls = {}
         if not self.started:  # one sampling per A1111Dag (a hires fix pass gets its own)
-            self.session.start(params.total_sampling_steps)
+            self.steps = max(int(params.total_sampling_steps), 1)
+            self.expected_calls = max(int(getattr(params.denoiser, "total_steps", None) or self.steps), self.steps)
+            self.session.start(self.steps)
             self.started = True
 
     def on_denoised(self, params):
@@ -128,13 +132,21 @@ class A1111Dag(LayerHooks):
 
     # ------------------------------------------------------------------------------------------ one step
     def _guide(self, pred_cfg):
+        import torch
+
         f, b = self.frame, self.frame["batch"]
         denoiser = f["denoiser"]
         sigma_rows = f["sigma"][-b:]
         eps_space = not hasattr(denoiser.inner_model, "sigma_to_t")  # DDIM / PLMS / UniPC: sigma is the timestep
         timestep = float(sigma_rows[0]) if eps_space else float(denoiser.inner_model.sigma_to_t(sigma_rows[:1])[0])
+        scale = self.cond_scale * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))  # A1111's "CFG multiplier"
         pred_u = f["out"][-b:]
-        pred_p = pred_u + (pred_cfg - pred_u) / self.cond_scale  # the prompts' combined prediction (AND weights in)
+        skipping = {"NGMS", "Skip Early CFG"} & set(getattr(self.p, "extra_generation_params", None) or {})
+        if skipping and torch.equal(pred_u, f["out"][[start for start, _ in f["spans"]]]):
+            # A1111 skipped the negative (NGMS, Skip Early CFG): it copied the prompt's prediction there and
+            # combined at CFG 1; the safety direction needs the real negative, so it is computed here
+            scale, pred_u = 1.0, self._pass(f["uncond"], None)
+        pred_p = pred_u + (pred_cfg - pred_u) / scale  # the prompts' combined prediction (AND weights in)
         a_hat, failed = None, ()
         if self.session.detector is not None:
             cams = self._step_cams(pred_cfg.shape[-2:])
@@ -145,26 +157,31 @@ class A1111Dag(LayerHooks):
                                     "e.g. a refiner?), so it stopped instead of sampling unguided.")
             a_hat, failed = self.session.detect(cams, pred_cfg.shape[-2:], timestep)
         sigma = -1.0 if eps_space else sigma_rows.reshape(-1, *([1] * (pred_cfg.dim() - 1))).to(pred_cfg.dtype)
-        out = self.session.step(self.i, pred_cfg, pred_u, pred_p, lambda rows: self._safety_pass(rows), self.cond_scale,
+        step = min(self.i * self.steps // self.expected_calls, self.steps - 1)  # warm-up and SLD count steps, not calls
+        out = self.session.step(step, pred_cfg, pred_u, pred_p, lambda rows: self._pass(self.safety, rows), scale,
                                 a_hat=a_hat, failed=failed, sigma=sigma)
         self.i += 1
         return out
 
-    def _safety_pass(self, rows):
-        """The safety text's prediction for images ``rows`` (None: all), as A1111's denoiser computes the
-        unconditional one: same latents, noise level and image conditioning."""
+    def _pass(self, text, rows):
+        """The prediction under ``text`` (the safety text's [1, ...] or the negatives' [B, ...] conditioning) for
+        images ``rows`` (None: all), as A1111's denoiser computes the unconditional one: same latents, noise
+        level and image conditioning."""
         import torch
 
         f, b = self.frame, self.frame["batch"]
         idx = list(range(b)) if rows is None else list(rows)
         x, sigma, image_cond = f["x"][-b:][idx], f["sigma"][-b:][idx], f["image_cond"][-b:][idx]
         n = len(idx)
-        if isinstance(self.safety, dict):  # SDXL: {"crossattn": ..., "vector": ...}
-            cond = {k: v[:1].expand(n, *v.shape[1:]).to(x.device) for k, v in self.safety.items()}
+
+        def of_rows(v):  # one row for every image, or each image's own
+            return v[:1].expand(n, *v.shape[1:]).to(x.device) if v.shape[0] == 1 else v[idx].to(x.device)
+
+        if isinstance(text, dict):  # SDXL: {"crossattn": ..., "vector": ...}
+            cond = {k: of_rows(v) for k, v in text.items()}
             cond["c_concat"] = [image_cond]
         else:
-            cond = {"c_crossattn": [self.safety[:1].expand(n, *self.safety.shape[1:]).to(x.device)],
-                    "c_concat": [image_cond]}
+            cond = {"c_crossattn": [of_rows(text)], "c_concat": [image_cond]}
         self.in_safety_pass = True
         try:
             with torch.no_grad():

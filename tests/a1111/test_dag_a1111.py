@@ -45,7 +45,7 @@ def test_the_section_is_an_always_on_script(a1111):
     assert SCRIPT in a1111.scripts()["txt2img"] + a1111.scripts()["img2img"]
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DDIM"])  # k-diffusion (x0) and timestep (noise) samplers
+@pytest.mark.parametrize("sampler", ["Euler a", "Heun", "DDIM", "PLMS", "UniPC"])  # k-diffusion (x0; Heun: 2 calls a step), noise
 def test_nothing_detected_is_bit_identical_to_the_extension_off(a1111, guidelines, sampler):
     """With the detection map asked for, the two maps that follow the images show that detection ran."""
     payload = dict(BASE, sampler_name=sampler)

@@ -120,3 +120,74 @@ def test_one_guided_step_equals_comfyui(comfy, a1111_modules, mode):
         assert 0 < outside.sum() < outside.numel()
         assert torch.equal(guided_a1111[outside], cfg_a1111[outside])
         assert (guided_a1111[~outside] - cfg_a1111[~outside]).abs().max() > 1e-2
+
+
+def test_second_order_samplers_count_steps_not_model_calls(comfy, a1111_modules, monkeypatch):
+    """Heun and the other second-order samplers call the model twice a step (A1111's ``total_steps`` = 2 x
+    steps): warm-up and SLD's schedule must see the step, or the warm-up would end halfway."""
+    load_diffusers_unet = from_pack("nodes.comfy_bridge", "load_diffusers_unet")
+    A1111Dag = from_pack("a1111.dag_hooks", "A1111Dag")
+    from erasekit.dag.guidance import Guidance, SegaSettings, SldSettings
+    from erasekit.dag.session import DagSession
+
+    parts = tiny.build("sd_v1", seed=5)
+    patcher = load_diffusers_unet(parts["unet"], parts["scheduler"])
+    width = parts["unet"].config.cross_attention_dim
+    cond, uncond, safety = (torch.randn(1, 7, width) for _ in range(3))
+    seen = []
+    monkeypatch.setattr(DagSession, "step", lambda self, i, pred_cfg, *a, **k: seen.append((i, self.n_steps)) or pred_cfg)
+    sd_model = Params(model=Params(diffusion_model=patcher.model.diffusion_model), get_learned_conditioning=lambda t: safety)
+    dag = A1111Dag(Params(sd_model=sd_model, cfg_scale=5.0, width=64, height=64), [],
+                   Guidance("sld", sld=SldSettings.preset("medium"), sega=SegaSettings()), "safety text")
+    denoiser = Params(inner_model=CompVisDenoiser(patcher.model), sampler=None, total_steps=10)
+    x = torch.randn(2, 4, 8, 8)
+    with dag:
+        for _ in range(10):
+            dag.on_denoiser(Params(x=x, sigma=torch.ones(2), image_cond=torch.zeros(2, 5, 1, 1), text_cond=cond,
+                                   text_uncond=uncond, denoiser=denoiser, total_sampling_steps=5))
+            dag.on_denoised(Params(x=x))
+            dag.on_after_cfg(Params(x=x[:1]))
+    assert dag.error is None and seen == [(i // 2, 5) for i in range(10)]
+
+
+def test_a_skipped_negative_is_computed_for_the_guidance(comfy, a1111_modules):
+    """With NGMS or Skip Early CFG, A1111 puts the prompt's prediction where the negative's goes and combines
+    at CFG 1; the guided step must use the real negative (an extra pass) and CFG 1, as ComfyUI would at CFG 1."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    load_diffusers_unet = from_pack("nodes.comfy_bridge", "load_diffusers_unet")
+    install = from_pack("nodes.dag_patch", "install")
+    A1111Dag = from_pack("a1111.dag_hooks", "A1111Dag")
+    from erasekit.dag.guidance import Guidance, SegaSettings, SldSettings
+
+    parts = tiny.build("sd_v1", seed=5)
+    width = parts["unet"].config.cross_attention_dim
+    patcher = load_diffusers_unet(parts["unet"], parts["scheduler"])
+    torch.manual_seed(0)
+    cond, uncond, safety = (torch.randn(1, 7, width) for _ in range(3))
+    x, sigma = torch.randn(1, 4, 16, 16), patcher.model.model_sampling.sigmas[600:601].clone()
+    base = patcher.model
+    denoiser = Params(inner_model=CompVisDenoiser(base), sampler=None)
+    sd_model = Params(model=Params(diffusion_model=base.diffusion_model), get_learned_conditioning=lambda text: safety)
+    p = Params(sd_model=sd_model, cfg_scale=6.0, width=64, height=64, extra_generation_params={"NGMS": 3.0})
+    dag = A1111Dag(p, [], Guidance("sega", sega=SegaSettings(), sld=SldSettings.preset("medium")), "safety text")
+    with dag:
+        dag.on_denoiser(Params(x=torch.cat([x, x]), sigma=torch.cat([sigma, sigma]), image_cond=torch.zeros(2, 5, 1, 1),
+                               text_cond=cond, text_uncond=uncond, denoiser=denoiser, total_sampling_steps=1))
+        with torch.no_grad():
+            x_out = denoiser.inner_model(x, sigma, cond={"c_crossattn": [cond]})  # the negative skipped ...
+        dag.on_denoised(Params(x=torch.cat([x_out, x_out])))  # ... and the prompt's copied in its place
+        after = Params(x=x_out)  # CFG at 1
+        dag.on_after_cfg(after)
+    assert dag.error is None and dag.session.log.extra_passes == 1
+
+    m = install(patcher, [], [[safety, {}]], mode="sega")
+    m.model.current_patcher = m
+    m.model_options["disable_cfg1_optimization"] = True  # ComfyUI at CFG 1 with the negative computed
+    conds = [comfy.samplers.encode_model_conds(m.model.extra_conds, comfy.sampler_helpers.convert_cond([[c, {}]]), x,
+                                               x.device, kind) for c, kind in ((cond, "positive"), (uncond, "negative"))]
+    with torch.no_grad():
+        expected = comfy.samplers.sampling_function(m.model, x, sigma, conds[1], conds[0], 1.0, m.model_options)
+    assert (after.x - x_out).abs().max() > 1e-2
+    assert torch.allclose(after.x, expected, atol=1e-4), (after.x - expected).abs().max()
