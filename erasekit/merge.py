@@ -54,6 +54,8 @@ def merge_checkpoint(base: str, out: str, lora: str | None = None, unet: str | N
     if not out.endswith(".safetensors"):
         raise ErasekitError(f"The merged checkpoint '{out}' must be a .safetensors file (A1111 and ComfyUI read it; "
                             "a pickle could carry code).")
+    if lora is not None:
+        checkpoints.read_header(lora, "LoRA file")  # a missing or damaged file: refused before the model loads
     base_name = os.path.basename(os.path.normpath(base))
     say(f"loading the base model {base_name}")
     comps = models.load(base, config=model_config)
