@@ -193,3 +193,43 @@ def test_load_erasure_lora_says_what_a_converted_file_erases(sd1_file, tmp_path,
     info = load(comfy_model, "uce-van-gogh.safetensors", 1.0, 1.0)[2]
     assert "erases: Van Gogh" in info and "method: uce" in info
     assert "converted from uce.safetensors (rank 1, max error 0.0000)" in info
+
+
+@pytest.mark.parametrize("layout", ["sd_v2", "sdxl"])
+def test_sd2_and_sdxl_single_files_convert_and_merge(layout, tmp_path, comfy, sd1_tokenizer):
+    """SD2 / SDXL single files written with ComfyUI's key maps (OpenCLIP encoders included): a fine-tune of
+    them converts exactly, and the LoRA merged back into the file reads back (diffusers' single-file loader)
+    as base + LoRA, with the text encoders and VAE untouched."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from erasekit.merge import merge_checkpoint
+
+    p = tiny.build(layout, seed=4)
+    common = dict(vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=sd1_tokenizer, unet=p["unet"],
+                  scheduler=p["scheduler"])
+    if layout == "sdxl":
+        pipe = StableDiffusionXLPipeline(**common, text_encoder_2=p["text_encoder_2"], tokenizer_2=sd1_tokenizer)
+    else:
+        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "config")
+    config, path = str(tmp_path / "config"), str(tmp_path / f"{layout}.safetensors")
+    write_single_file(p, layout, path)
+    tensors, _ = checkpoints.load_file(path)
+    g = torch.Generator().manual_seed(2)
+    for key in [k for k in tensors if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_v.weight")]:
+        w = tensors[key]
+        tensors[key] = w + 0.05 * torch.randn(w.shape[0], 1, generator=g) @ torch.randn(1, w.shape[1], generator=g)
+    checkpoints.save_file_atomic(tensors, str(tmp_path / "tuned.safetensors"))
+    conv = convert_to_lora(str(tmp_path / "tuned.safetensors"), path, str(tmp_path / "l.safetensors"), rank=1,
+                           method="esd", concept="x", model_config=config)
+    assert conv.max_error < 1e-4 and conv.layers == sum(1 for k in tensors if k.endswith("attn2.to_v.weight"))
+
+    out = str(tmp_path / "merged.safetensors")
+    merge_checkpoint(path, out, lora=conv.path, model_config=config)
+    before, _ = checkpoints.load_file(path)
+    after, _ = checkpoints.load_file(out)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("model.diffusion_model."))
+    back = models.load(out, config=config).unet.state_dict()
+    tuned = models.load(str(tmp_path / "tuned.safetensors"), config=config).unet.state_dict()
+    assert max((back[k] - tuned[k]).abs().max().item() for k in back) < 1e-5
