@@ -136,6 +136,8 @@ def test_a_merged_checkpoint_loads_in_checkpoint_loader_simple_as_base_plus_lora
         comfy_out = model.model.diffusion_model(x, timesteps=t, context=c)
         ref = ref_unet(x, t, c).sample
         base = parts["unet"](x, t, c).sample
+    print(f"CheckpointLoaderSimple UNet vs base+LoRA: max {(comfy_out - ref).abs().max():.2e} "
+          f"(the LoRA itself moves it by {(ref - base).abs().max():.2e})")
     assert (comfy_out - ref).abs().max() < 1e-4 < (ref - base).abs().max()
     clip_sd = clip.cond_stage_model.state_dict()
     for name, w in ref_te.state_dict().items():
@@ -175,7 +177,9 @@ def test_a_merged_toy_checkpoint_fits_comfyuis_unet_model_name_for_name(tmp_path
     lora_io.apply_lora(base.unet, lora)
     x, c, t = torch.randn(2, 12, 16, 16), torch.randn(2, 5, 32), torch.tensor([10.0, 700.0])
     with torch.no_grad():
-        assert (comfy_unet(x, timesteps=t, context=c) - base.unet(x, t, c).sample).abs().max() < 1e-4
+        diff = (comfy_unet(x, timesteps=t, context=c) - base.unet(x, t, c).sample).abs().max()
+    print(f"toy: ComfyUI UNetModel with the merged file's UNet vs base+LoRA: max {diff:.2e}")
+    assert diff < 1e-4
 
 
 def test_load_erasure_lora_says_what_a_converted_file_erases(sd1_file, tmp_path, comfy):
