@@ -45,6 +45,8 @@ def merge_checkpoint(base: str, out: str, lora: str | None = None, unet: str | N
     ``method`` and ``concept`` default to the LoRA's own metadata; they, ``settings`` and the source files'
     names go into the checkpoint's metadata (``erasekit.*``, modelspec). ``progress(message)`` is told each stage.
     """
+    import torch
+
     from . import convert, lora_io, models
 
     say = progress or (lambda message: None)
@@ -60,29 +62,33 @@ def merge_checkpoint(base: str, out: str, lora: str | None = None, unet: str | N
     say(f"loading the base model {base_name}")
     comps = models.load(base, config=model_config)
     arch = comps.architecture
-    before = {k: v.clone() for k, v in comps.unet.state_dict().items()}
-    te_before = [{k: v.clone() for k, v in te.state_dict().items()} for te in comps.text_encoders]
     source = os.path.basename(os.path.normpath(lora or unet))
+    te_changed = [set() for _ in comps.text_encoders]  # state-dict keys the merge changes (no copy of the model kept)
     if lora is not None:
         lora_io.check_compatible(lora, arch)  # another base model's LoRA: one sentence, before any merge
         weights, meta = lora_io.load_lora(lora)
         method, concept = method or meta.get("erasekit.method", ""), concept or meta.get("erasekit.erased_concept", "")
         say(f"merging {source} at strength {strength}")
         lora_io.apply_lora(comps.unet, weights, strength, component="unet")
-        for component, te in zip(lora_io.COMPONENTS[1:], comps.text_encoders):
+        unet_changed = {m.split(".", 1)[1] + ".weight" for m in weights if m.startswith("unet.")}
+        for changed, component, te in zip(te_changed, lora_io.COMPONENTS[1:], comps.text_encoders):
             lora_io.apply_lora(te, weights, strength, component=component)
+            keys = te.state_dict().keys()
+            for m in (m for m in weights if m.startswith(component + ".")):
+                key = m.split(".", 1)[1] + ".weight"
+                changed.add(key if key in keys else key.removeprefix("text_model."))  # transformers 5: no text_model.
     else:
         tensors, meta = convert.read_weights(unet)
         method, concept = method or meta.get("erasekit.method", ""), concept or meta.get("erasekit.erased_concept", "")
         tuned, _ = convert.unet_weights(tensors, comps.unet, source)
-        say(f"replacing {len(tuned)} UNet weights from {source}")
-        sd = comps.unet.state_dict()
+        say(f"putting in {len(tuned)} UNet weights from {source}")
+        sd, unet_changed = comps.unet.state_dict(), set()
         for key, t in tuned.items():
-            sd[key].copy_(t.to(sd[key].dtype))
+            t = t.to(sd[key].dtype)
+            if not torch.equal(sd[key], t):
+                sd[key].copy_(t)
+                unet_changed.add(key)
     unet_sd = comps.unet.state_dict()
-    unet_changed = [k for k, v in unet_sd.items() if not bool((v == before[k]).all())]
-    te_changed = [{k for k, v in te.state_dict().items() if not bool((v == old[k]).all())}
-                  for te, old in zip(comps.text_encoders, te_before)]
     names = unet_ldm_names(unet_sd, dict(comps.unet.config))
     say("writing the checkpoint")
     if os.path.isfile(base):
@@ -96,7 +102,7 @@ def merge_checkpoint(base: str, out: str, lora: str | None = None, unet: str | N
 
 def _into_single_file(base, base_name, comps, unet_sd, unet_changed, names, te_changed):
     tensors, meta = checkpoints.load_file(base, "base checkpoint")
-    for key in unet_changed:
+    for key in sorted(unet_changed):
         ldm = LDM_UNET + names[key]
         if ldm not in tensors or list(tensors[ldm].shape) != list(unet_sd[key].shape):
             raise ArchitectureError(f"The base checkpoint '{base_name}' has no weight '{ldm}' shaped like the UNet's "
