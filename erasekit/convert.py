@@ -49,7 +49,8 @@ class Conversion:
             lines.append(f"{len(self.not_in_lora)} changed weights a LoRA cannot hold (biases, norms) are left out, "
                          "largest relative change: " + ", ".join(f"{k} {v:.2e}" for k, v in top))
         if self.ignored:
-            lines.append(f"{self.ignored} weights that are not the UNet's (text encoder, VAE) were not converted.")
+            lines.append(f"{self.ignored} weights of the file that are not the UNet's (text encoder, VAE) were left "
+                         "out: the LoRA holds the UNet's change.")
         if self.max_error > 0.1:
             lines.append("The error is large: raise --rank (or check that --base is the model this was fine-tuned from).")
         return "\n".join(lines)

@@ -22,6 +22,7 @@ from test_single_file import write_single_file
 
 from erasekit import checkpoints, lora_io, models, tiny
 from erasekit.convert import convert_to_lora
+from erasekit.errors import ArchitectureError
 from tools.comfy_headless import from_pack
 
 
@@ -237,3 +238,14 @@ def test_sd2_and_sdxl_single_files_convert_and_merge(layout, tmp_path, comfy, sd
     back = models.load(out, config=config).unet.state_dict()
     tuned = models.load(str(tmp_path / "tuned.safetensors"), config=config).unet.state_dict()
     assert max((back[k] - tuned[k]).abs().max().item() for k in back) < 1e-5
+
+    # a text-encoder LoRA cannot go into an OpenCLIP encoder (SD2's only one, SDXL's second): refused, nothing written
+    te = "text_encoder_2" if layout == "sdxl" else "text_encoder"
+    width = tiny.TINY_WIDTH_2 if layout == "sdxl" else tiny.TINY_WIDTH
+    te_lora = {f"{te}.text_model.encoder.layers.0.self_attn.q_proj": lora_io.LoraWeights(
+        torch.randn(1, width), torch.randn(width, 1), 1.0)}
+    te_path = lora_io.save_lora(te_lora, str(tmp_path / "te.safetensors"), models.load(path, config=config).architecture,
+                                model_card=False)
+    with pytest.raises(ArchitectureError, match="OpenCLIP"):
+        merge_checkpoint(path, str(tmp_path / "te-merged.safetensors"), lora=te_path, model_config=config)
+    assert not os.path.exists(tmp_path / "te-merged.safetensors")

@@ -161,3 +161,19 @@ def test_the_cli_merges(sd1, tmp_path, capsys):
     assert "erases: red circle" in capsys.readouterr().out and os.path.isfile(out)
     assert main(["merge", "--lora", str(tmp_path / "missing.safetensors"), "--base", sd1, "--out", out]) == 2
     assert "missing.safetensors' does not exist" in capsys.readouterr().err
+
+
+def test_an_sdxl_folder_base_is_refused_with_what_to_pass_instead(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    p = tiny.build("sdxl", seed=1)
+    tok = _tokenizer()
+    StableDiffusionXLPipeline(vae=p["vae"], text_encoder=p["text_encoder"], text_encoder_2=p["text_encoder_2"],
+                              tokenizer=tok, tokenizer_2=tok, unet=p["unet"], scheduler=p["scheduler"]
+                              ).save_pretrained(tmp_path / "sdxl")
+    arch = models.load(str(tmp_path / "sdxl")).architecture
+    path = lora_io.save_lora(random_lora(p["unet"]), str(tmp_path / "l.safetensors"), arch, model_card=False)
+    with pytest.raises(ArchitectureError, match="as a diffusers folder; its OpenCLIP text encoder has no original-layout "
+                                                "writer here: pass the same model as its single-file"):
+        merge_checkpoint(str(tmp_path / "sdxl"), str(tmp_path / "out.safetensors"), lora=path)
+    assert not os.path.exists(tmp_path / "out.safetensors")
