@@ -194,3 +194,15 @@ def test_the_cli_converts_and_refuses_in_one_line(toy, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "evil.pt"), "--base", folder, "--out", out]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: 'evil.pt' is a pickle that holds more than plain tensors") and err.count("\n") == 1
+
+
+def test_a_diffusers_unet_folder_converts(toy, tmp_path):
+    import copy
+
+    folder, unet = toy
+    tuned = copy.deepcopy(unet)
+    tuned.load_state_dict(tuned_weights(unet, seed=5))
+    tuned.save_pretrained(str(tmp_path / "release" / "unet"))  # an NCD release: a diffusers folder's unet/
+    conv = convert_to_lora(str(tmp_path / "release"), folder, str(tmp_path / "out.safetensors"), rank=DELTA_RANK)
+    assert conv.max_error < 1e-4
+    assert checkpoints.read_header(conv.path)[1]["erasekit.source_file"] == "release"

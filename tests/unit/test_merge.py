@@ -177,3 +177,23 @@ def test_an_sdxl_folder_base_is_refused_with_what_to_pass_instead(tmp_path):
                                                 "writer here: pass the same model as its single-file"):
         merge_checkpoint(str(tmp_path / "sdxl"), str(tmp_path / "out.safetensors"), lora=path)
     assert not os.path.exists(tmp_path / "out.safetensors")
+
+
+def test_a_full_disk_leaves_no_checkpoint_and_says_so(sd1, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    base = models.load(sd1)
+    path = lora_io.save_lora(random_lora(base.unet), str(tmp_path / "l.safetensors"), base.architecture, model_card=False)
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 1000)  # part of the file made it to the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ErasekitError, match=r"Could not write '.*merged.safetensors' \(No space left on device\); free "
+                                            "disk space or pick another folder"):
+        merge_checkpoint(sd1, str(tmp_path / "merged.safetensors"), lora=path)
+    assert sorted(os.listdir(tmp_path)) == ["l.safetensors"]
