@@ -5,7 +5,8 @@ ComfyUI's CheckpointLoaderSimple and A1111/Forge read. This is what a publisher 
 must not be a LoRA one can leave unloaded.
 
 A single-file base keeps its file's own layout and every weight the merge does not change (its text
-encoders and VAE as stored, its dtype); only the changed UNet and CLIP-L weights are replaced. A diffusers
+encoders and VAE as stored, its dtype); only the changed UNet and CLIP-L weights are replaced, in the file's
+own tensors (no pipeline is built: the file is held in memory once). A diffusers
 folder base is written out whole: UNet and VAE through :mod:`erasekit.ldm_keys`, a CLIP-L text encoder
 under SD1's ``cond_stage_model.transformer.`` (an OpenCLIP encoder, SD2's or SDXL's second, has no such
 map here: pass that base as its single-file checkpoint).
@@ -44,10 +45,9 @@ def merge_checkpoint(base: str, out: str, lora: str | None = None, unet: str | N
 
     ``method`` and ``concept`` default to the LoRA's own metadata; they, ``settings`` and the source files'
     names go into the checkpoint's metadata (``erasekit.*``, modelspec). ``progress(message)`` is told each stage.
+    ``model_config``: for a single-file base, the diffusers config folder it loads with (as ``--model-config``).
     """
-    import torch
-
-    from . import convert, lora_io, models
+    from . import convert, lora_io
 
     say = progress or (lambda message: None)
     if (lora is None) == (unet is None):
@@ -59,74 +59,151 @@ def merge_checkpoint(base: str, out: str, lora: str | None = None, unet: str | N
     if lora is not None:
         checkpoints.read_header(lora, "LoRA file")  # a missing or damaged file: refused before the model loads
     base_name = os.path.basename(os.path.normpath(base))
-    say(f"loading the base model {base_name}")
-    comps = models.load(base, config=model_config)
-    arch = comps.architecture
     source = os.path.basename(os.path.normpath(lora or unet))
-    te_changed = [set() for _ in comps.text_encoders]  # state-dict keys the merge changes (no copy of the model kept)
+    say(f"reading the base model {base_name}")
+    model = _FileModel(base, model_config) if os.path.isfile(base) else _FolderModel(base)
     if lora is not None:
-        lora_io.check_compatible(lora, arch)  # another base model's LoRA: one sentence, before any merge
+        lora_io.check_compatible(lora, model.architecture)  # another base model's LoRA: one sentence, before any merge
         weights, meta = lora_io.load_lora(lora)
-        method, concept = method or meta.get("erasekit.method", ""), concept or meta.get("erasekit.erased_concept", "")
         say(f"merging {source} at strength {strength}")
-        lora_io.apply_lora(comps.unet, weights, strength, component="unet")
-        unet_changed = {m.split(".", 1)[1] + ".weight" for m in weights if m.startswith("unet.")}
-        for changed, component, te in zip(te_changed, lora_io.COMPONENTS[1:], comps.text_encoders):
-            lora_io.apply_lora(te, weights, strength, component=component)
-            keys = te.state_dict().keys()
-            for m in (m for m in weights if m.startswith(component + ".")):
-                key = m.split(".", 1)[1] + ".weight"
-                changed.add(key if key in keys else key.removeprefix("text_model."))  # transformers 5: no text_model.
+        model.merge_lora(weights, strength)
     else:
         tensors, meta = convert.read_weights(unet)
-        method, concept = method or meta.get("erasekit.method", ""), concept or meta.get("erasekit.erased_concept", "")
-        tuned, _ = convert.unet_weights(tensors, comps.unet, source)
+        tuned, _ = convert.unet_weights(tensors, model.unet_skeleton(), source)
         say(f"putting in {len(tuned)} UNet weights from {source}")
-        sd, unet_changed = comps.unet.state_dict(), set()
         for key, t in tuned.items():
-            t = t.to(sd[key].dtype)
-            if not torch.equal(sd[key], t):
-                sd[key].copy_(t)
-                unet_changed.add(key)
-    unet_sd = comps.unet.state_dict()
-    names = unet_ldm_names(unet_sd, dict(comps.unet.config))
+            model.put(key, t)
+    method, concept = method or meta.get("erasekit.method", ""), concept or meta.get("erasekit.erased_concept", "")
     say("writing the checkpoint")
-    if os.path.isfile(base):
-        tensors, base_meta = _into_single_file(base, base_name, comps, unet_sd, unet_changed, names, te_changed)
-    else:
-        tensors, base_meta = _from_folder(comps, unet_sd, names, base_name), {}
-    meta = {**base_meta, **_metadata(arch, base_name, source, method, concept, strength, settings, bool(lora))}
+    tensors, base_meta = model.ldm_state_dict()
+    meta = {**base_meta, **_metadata(model.architecture, base_name, source, method, concept, strength, settings,
+                                     lora is not None)}
     checkpoints.save_file_atomic(tensors, out, meta)
-    return Merged(out, arch, len(unet_changed), sum(len(c) for c in te_changed), method, concept)
+    return Merged(out, model.architecture, len(model.unet_changed), len(model.text_changed), method, concept)
 
 
-def _into_single_file(base, base_name, comps, unet_sd, unet_changed, names, te_changed):
-    tensors, meta = checkpoints.load_file(base, "base checkpoint")
-    for key in sorted(unet_changed):
-        ldm = LDM_UNET + names[key]
-        if ldm not in tensors or list(tensors[ldm].shape) != list(unet_sd[key].shape):
-            raise ArchitectureError(f"The base checkpoint '{base_name}' has no weight '{ldm}' shaped like the UNet's "
-                                    f"'{key}'; its layout is not the original release's, so the merge cannot be written "
-                                    "into it: pass the model as a diffusers folder.")
-        tensors[ldm] = unet_sd[key].detach().to(tensors[ldm].dtype).clone()
-    if any(te_changed[1:]):
-        raise ArchitectureError("The LoRA changes the second (OpenCLIP) text encoder, whose fused layout Erasekit does "
-                                "not write; merge a LoRA without text-encoder layers for it (train without "
-                                "--train-text-encoder).")
-    if te_changed and te_changed[0]:
-        prefix = next((p for p in _CLIP_L_PREFIXES if any(k.startswith(p) for k in tensors)), None)
-        if prefix is None:
-            raise ArchitectureError(f"The LoRA changes the text encoder, but '{base_name}' has no CLIP-L text encoder in "
-                                    "the original layout (an SD2 OpenCLIP encoder is fused differently); merge a LoRA "
-                                    "without text-encoder layers for it.")
-        te_sd = comps.text_encoders[0].state_dict()
-        for key in te_changed[0]:
-            ldm = prefix + ("" if key.startswith("text_model.") else "text_model.") + key
-            if ldm not in tensors:
-                raise ArchitectureError(f"The base checkpoint '{base_name}' has no text-encoder weight '{ldm}'; its "
-                                        "layout is not the original release's: pass the model as a diffusers folder.")
-            tensors[ldm] = te_sd[key].detach().to(tensors[ldm].dtype).clone()
-    return tensors, meta
+class _FileModel:
+    """A single-file base, changed in place in its own tensors: its layout, dtype and every other weight stay as
+    stored, and no diffusers pipeline is built (a real SDXL file is held once in memory, not twice). Which UNet
+    weight is which comes from its diffusers config (``model_config``, else the shipped one), checked against the
+    file's shapes on an empty (meta-device) UNet of that config."""
+
+    def __init__(self, path: str, model_config: str | None):
+        from . import models
+
+        self.name = os.path.basename(path)
+        shapes, meta = checkpoints.read_header(path, "base checkpoint")
+        self.architecture = checkpoints.detect_architecture(shapes, path)
+        config = model_config or models.default_config_dir(
+            self.architecture, models.config_variant(self.architecture, path, shapes, meta))
+        self.config = _unet_config(config, self.name)
+        self.names = unet_ldm_names(self.unet_skeleton().state_dict(), self.config)
+        for key, shape in self._skeleton_shapes.items():
+            ldm = LDM_UNET + self.names[key]
+            if shapes.get(ldm) != shape:
+                raise ArchitectureError(
+                    f"'{self.name}' does not fit the UNet config in '{config}': its '{ldm}' is {shapes.get(ldm, 'missing')}, "
+                    f"the config's {shape}; pass a diffusers folder of this model (configs, no weights) with --model-config.")
+        self.tensors, self.meta = checkpoints.load_file(path, "base checkpoint")
+        self.clip_prefix = next((p for p in _CLIP_L_PREFIXES if any(k.startswith(p) for k in shapes)), None)
+        self.unet_changed, self.text_changed = set(), set()
+
+    def unet_skeleton(self):
+        """The base's UNet on the meta device: names, shapes and config, no memory."""
+        if not hasattr(self, "_skeleton"):
+            from accelerate import init_empty_weights
+            from diffusers import UNet2DConditionModel
+
+            with init_empty_weights():
+                self._skeleton = UNet2DConditionModel.from_config(self.config)
+            self._skeleton_shapes = {k: list(v.shape) for k, v in self._skeleton.state_dict().items()}
+        return self._skeleton
+
+    def _key(self, module: str) -> str:
+        component, path = module.split(".", 1)
+        if component == "unet":
+            if path + ".weight" not in self.names:
+                raise ArchitectureError(f"The LoRA changes '{module}', which this model does not have; it was made for "
+                                        "another model.")
+            return LDM_UNET + self.names[path + ".weight"]
+        if component == "text_encoder" and self.clip_prefix is not None:
+            return self.clip_prefix + ("" if path.startswith("text_model.") else "text_model.") + path + ".weight"
+        raise ArchitectureError(f"The LoRA changes '{module}', a layer of an OpenCLIP text encoder (SD2's, or SDXL's "
+                                "second), whose fused layout Erasekit does not write; merge a LoRA without those "
+                                "text-encoder layers (train without --train-text-encoder).")
+
+    def merge_lora(self, lora: dict, strength: float) -> None:
+        for module, w in lora.items():
+            key, delta = self._key(module), strength * w.delta()
+            t = self.tensors.get(key)
+            if t is None or t.numel() != delta.numel():
+                raise ArchitectureError(f"The LoRA's '{module}' is {list(delta.shape)}, but '{self.name}' has "
+                                        f"{list(t.shape) if t is not None else 'no such weight'}; it was made for another "
+                                        "model.")
+            self.tensors[key] = (t.float() + delta.reshape(t.shape)).to(t.dtype)  # one rounding, in the file's dtype
+            (self.unet_changed if module.startswith("unet.") else self.text_changed).add(key)
+
+    def put(self, key: str, value) -> None:
+        ldm = LDM_UNET + self.names[key]
+        value = value.to(self.tensors[ldm].dtype)
+        if not bool((value == self.tensors[ldm]).all()):
+            self.tensors[ldm] = value.contiguous()
+            self.unet_changed.add(ldm)
+
+    def ldm_state_dict(self):
+        return self.tensors, self.meta
+
+
+class _FolderModel:
+    """A diffusers-folder base, loaded whole and written out whole in the original layout."""
+
+    def __init__(self, path: str):
+        from . import models
+
+        self.name = os.path.basename(os.path.normpath(path))
+        self.comps = models.load(path)
+        self.architecture = self.comps.architecture
+        self.unet_changed, self.text_changed = set(), set()
+
+    def unet_skeleton(self):
+        return self.comps.unet
+
+    def merge_lora(self, lora: dict, strength: float) -> None:
+        from . import lora_io
+
+        lora_io.apply_lora(self.comps.unet, lora, strength, component="unet")
+        for component, te in zip(lora_io.COMPONENTS[1:], self.comps.text_encoders):
+            lora_io.apply_lora(te, lora, strength, component=component)
+        encoders = lora_io.COMPONENTS[1:1 + len(self.comps.text_encoders)]
+        stray = next((m for m in lora if m.split(".", 1)[0] not in ("unet", *encoders)), None)
+        if stray is not None:
+            raise ArchitectureError(f"The LoRA changes '{stray}', which this model does not have; it was made for "
+                                    "another model.")
+        self.unet_changed = {m for m in lora if m.startswith("unet.")}
+        self.text_changed = set(lora) - self.unet_changed
+
+    def put(self, key: str, value) -> None:
+        sd = self.comps.unet.state_dict()
+        value = value.to(sd[key].dtype)
+        if not bool((value == sd[key]).all()):
+            sd[key].copy_(value)
+            self.unet_changed.add(key)
+
+    def ldm_state_dict(self):
+        unet_sd = self.comps.unet.state_dict()
+        names = unet_ldm_names(unet_sd, dict(self.comps.unet.config))
+        return _from_folder(self.comps, unet_sd, names, self.name), {}
+
+
+def _unet_config(folder: str, name: str) -> dict:
+    path = os.path.join(folder, "unet", "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ErasekitError(f"The UNet config '{path}' that '{name}' needs could not be read ({err}); pass a diffusers "
+                            "folder of this model (configs, no weights) with --model-config.") from None
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def _from_folder(comps, unet_sd, names, base_name) -> dict:

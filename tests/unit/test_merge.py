@@ -128,6 +128,10 @@ def test_a_single_file_base_keeps_its_layout_and_dtype(sd1, tmp_path):
     lora = random_lora(base.unet, seed=2)
     path = lora_io.save_lora(lora, str(tmp_path / "l.safetensors"), base.architecture, model_card=False)
     out = str(tmp_path / "merged-fp16.safetensors")
+    with pytest.raises(ArchitectureError, match=r"'sd1-fp16.safetensors' does not fit the UNet config in '.*sd_v1': its "
+                                                r"'model.diffusion_model.\S+' is \[.*\], the config's \[.*\]; pass a "
+                                                "diffusers folder of this model"):
+        merge_checkpoint(half, out, lora=path)  # the shipped SD1.5 config: real widths, not the tiny model's
     merged = merge_checkpoint(half, out, lora=path, concept="red circle", model_config=sd1)  # tiny widths: its configs
     before, _ = checkpoints.load_file(half)
     after, _ = checkpoints.load_file(out)
