@@ -92,8 +92,8 @@ def _plain_tensor_pickle(path: str) -> dict:
                              "which could run code when loaded, so Erasekit does not open it; convert it to .safetensors "
                              "with the tool that made it, or save only its state_dict.") from None
     except Exception as err:  # torch.load's errors for a truncated zip or not a pickle at all
-        raise ModelFileError(f"'{name}' could not be read as a PyTorch weights file ({str(err).splitlines()[0][:160]}); "
-                             "it is probably corrupt: download it again.") from None
+        raise ModelFileError(f"'{name}' could not be read as a PyTorch weights file ({_last_line(err)}); it is probably "
+                             "corrupt: download it again.") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # an LDM / Lightning checkpoint: the weights, the rest is training state
     if not isinstance(obj, dict) or not obj:
