@@ -142,12 +142,14 @@ def kohya_key(module: str, architecture: Architecture) -> str:
 def save_lora(lora: Lora, path: str, architecture: Architecture, *, save_format: str = "kohya",
               erased_concept: str = "", method: str = "", preserved=(), config: dict | None = None,
               title: str | None = None, description: str | None = None, license: str | None = None,
-              resolution: str | None = None, base_model: str = "", dtype=None, model_card: bool = True) -> str:
+              resolution: str | None = None, base_model: str = "", dtype=None, model_card: bool = True,
+              extra_metadata: dict | None = None) -> str:
     """Write ``lora`` for ``architecture``; return the path of the weights file.
 
     ``path``: the ``.safetensors`` file (kohya) or a folder (peft). Written atomically, with a
     model card beside it (``<name>.md``, or ``README.md`` in the peft folder). ``dtype`` casts
-    the tensors (e.g. ``torch.float16``); default: as given.
+    the tensors (e.g. ``torch.float16``); default: as given. ``extra_metadata``: more ``erasekit.*``
+    strings (a converted file's source and extraction error), added after the standard fields.
     """
     import torch
 
@@ -190,6 +192,7 @@ def save_lora(lora: Lora, path: str, architecture: Architecture, *, save_format:
     }
     if base_model:
         meta["ss_sd_model_name"] = base_model
+    meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     conv = [w for w in lora.values() if w.down.dim() == 4 and w.down.shape[-1] > 1]
     if conv:  # kohya LoCon convention for 3x3 convolutions
         conv_alpha = alphas.most_common(1)[0][0] if save_format == "kohya" else conv[0].alpha  # kohya: the file's one alpha

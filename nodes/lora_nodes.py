@@ -50,6 +50,13 @@ def describe(meta: dict) -> str:
     base = meta.get("ss_base_model_version") or meta.get("modelspec.architecture")
     if base:
         parts.append(f"base: {base}")
+    if meta.get("erasekit.source_file"):  # a fine-tune converted by SVD (python -m trainer convert)
+        try:
+            ext = json.loads(meta.get("erasekit.extraction", "{}"))
+            how = f" (rank {ext['rank']}, max error {float(ext['max_error']):.4f})"
+        except (ValueError, KeyError, TypeError):
+            how = ""
+        parts.append(f"converted from {meta['erasekit.source_file']}{how}")
     preserved = meta.get("erasekit.preserved")
     if preserved:
         try:

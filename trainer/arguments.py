@@ -81,6 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="optimisation steps (default 100 x unsafe images, Table 4)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    c = sub.add_parser("convert", help="turn a fine-tuned UNet (NCD, ResAlign, ESD, UCE...) into an erasure LoRA by SVD")
+    c.add_argument("source", help="the fine-tuned weights: .safetensors (diffusers or 'model.diffusion_model.*' keys, full "
+                                  "or partial, or a whole single-file checkpoint), a diffusers UNet folder, or a "
+                                  ".pt/.bin of plain tensors")
+    c.add_argument("--base", default=None, help="the model it was fine-tuned from: diffusers folder or .safetensors "
+                                                "checkpoint (default: models/toy)")
+    c.add_argument("--model-config", default=None, help=MODEL_CONFIG_HELP)
+    c.add_argument("--out", required=True, help="the LoRA to write (.safetensors; a model card <name>.md beside it)")
+    c.add_argument("--rank", type=int, default=8, help="LoRA rank of every layer (default 8); the error report says "
+                                                       "whether it holds the fine-tune")
+    c.add_argument("--method", default="", help="the erasure method that made it (esd, uce, ncd, resalign...), for the metadata")
+    c.add_argument("--concept", default="", help="the erased concept, for the metadata (Load Erasure LoRA shows it)")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    m = sub.add_parser("merge", help="merge an erasure LoRA (or a fine-tuned UNet) into the base: one single-file "
+                                     "checkpoint for ComfyUI's checkpoint loader and A1111")
+    what = m.add_mutually_exclusive_group(required=True)
+    what.add_argument("--lora", default=None, help="the erasure LoRA (.safetensors) to merge")
+    what.add_argument("--unet", default=None, help="or fine-tuned UNet weights (as `convert` reads them) to put in")
+    m.add_argument("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: models/toy)")
+    m.add_argument("--model-config", default=None, help=MODEL_CONFIG_HELP)
+    m.add_argument("--out", required=True, help="the checkpoint to write (.safetensors)")
+    m.add_argument("--strength", type=float, default=1.0, help="the LoRA's weight (default 1)")
+    m.add_argument("--method", default="", help="recorded in the metadata (default: the LoRA's own)")
+    m.add_argument("--concept", default="", help="recorded in the metadata (default: the LoRA's own)")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = sub.add_parser("app", help="the trainer's web page (Gradio), on 127.0.0.1 by default")
     a.add_argument("--out-root", default="runs", help="every file the app writes goes under this folder (default: runs/)")
     a.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),

@@ -4,6 +4,8 @@
     python -m trainer train --method inpo --target "red circle" --out runs/red-circle --resume
     python -m trainer train --method inpo --target "bobo" --base my-model.safetensors --config my.toml
     python -m trainer guideline --target "red circle" --out models/guideline/red-circle.safetensors
+    python -m trainer convert ncd-unet.safetensors --base sd15.safetensors --out ncd.safetensors --rank 32
+    python -m trainer merge --lora runs/red-circle/erase-red-circle-inpo.safetensors --out toy-no-red-circle.safetensors
     python -m trainer app [--out-root runs] [--comfyui PATH] [--webui PATH] [--listen --auth-file PATH] [--allowed-host NAME]
 
 Settings are resolved in this order, each overriding the one before: the engine's defaults, the
@@ -23,7 +25,7 @@ import threading
 from erasekit.errors import ErasekitError
 
 from .arguments import build_parser
-from .runner import run_guideline, run_training
+from .runner import DEFAULT_BASE, run_guideline, run_training
 
 
 def train_command(args) -> int:
@@ -83,14 +85,46 @@ def guideline_command(args) -> int:
     return 0
 
 
+def convert_command(args) -> int:
+    """A fine-tuned UNet -> an erasure LoRA (:func:`erasekit.convert.convert_to_lora`), with its error report."""
+    from erasekit.convert import convert_to_lora
+
+    _threads(args)
+    conv = convert_to_lora(args.source, str(args.base or DEFAULT_BASE), args.out, rank=args.rank, method=args.method,
+                           concept=args.concept, model_config=args.model_config, progress=print)
+    print(conv.summary())
+    return 0
+
+
+def merge_command(args) -> int:
+    """Base + LoRA (or fine-tuned UNet) -> one original-layout checkpoint (:func:`erasekit.merge.merge_checkpoint`)."""
+    from erasekit.merge import merge_checkpoint
+
+    _threads(args)
+    merged = merge_checkpoint(str(args.base or DEFAULT_BASE), args.out, lora=args.lora, unet=args.unet,
+                              strength=args.strength, method=args.method, concept=args.concept,
+                              model_config=args.model_config, progress=print)
+    print(f"Merged checkpoint: {merged.path} ({merged.architecture.title}; {merged.unet_changed} UNet and "
+          f"{merged.text_changed} text-encoder weights changed; erases: {merged.concept or 'not recorded'})")
+    return 0
+
+
+def _threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "app":
         from .serve import app_command
 
         return app_command(args)
+    commands = {"guideline": guideline_command, "convert": convert_command, "merge": merge_command}
     try:
-        return guideline_command(args) if args.command == "guideline" else train_command(args)
+        return commands.get(args.command, train_command)(args)
     except ErasekitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

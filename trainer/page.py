@@ -5,6 +5,7 @@ every event to a :class:`trainer.app.TrainerApp` handler (each with an ``api_nam
 from __future__ import annotations
 
 from erasekit.erase.images import IMAGE_EXTENSIONS
+from trainer.convert_page import build_convert_section
 from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, with_signature
 from trainer.runs import REPLACE_LABEL, WEBUI_ROOT
 
@@ -151,6 +152,7 @@ def build_page(app):
             export_btn = gr.Button("Export", variant="primary", elem_id="export")
             export_msg = gr.Markdown("", elem_id="export-msg")
             export_path = gr.Textbox(label="Exported file", interactive=False, elem_id="export-path")
+        build_convert_section(app)  # python -m trainer convert / merge on the page (trainer/convert_page.py)
         with gr.Group():
             gr.Markdown("## Runs")
             runs_table = gr.Dataframe(headers=["run", "target", "steps", "status", "output"], interactive=False,
