@@ -297,6 +297,7 @@ def _write_atomic(path, write) -> str:
     try:
         os.makedirs(folder, exist_ok=True)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files 0600: another account's ComfyUI could not read them
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_folder(folder)
@@ -307,6 +308,15 @@ def _write_atomic(path, write) -> str:
                                  "another folder.") from None
         raise
     return path
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it, racing other threads' files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def _fsync_file(path: str) -> None:

@@ -210,3 +210,20 @@ def test_a_failed_sync_is_a_failed_write(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["w.safetensors"]
     monkeypatch.undo()
     assert torch.equal(checkpoints.load_file(str(target))[0]["w"], torch.zeros(2))
+
+
+def test_written_files_follow_the_umask_not_safetensors_0600(tmp_path):
+    """safetensors creates its files readable by their owner only; a LoRA for a ComfyUI under another
+    account must be readable as any other file this process writes (0666 minus the umask)."""
+    import os
+    import stat
+
+    import torch
+
+    from erasekit.checkpoints import _umask, save_file_atomic
+
+    path = save_file_atomic({"a": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~_umask()
+    old = os.umask(0o022)
+    os.umask(old)
+    assert _umask() == old  # read from /proc, unchanged
