@@ -70,12 +70,10 @@ def parse_lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def run(cfg: EvalConfig, log=None) -> dict:
+def run(cfg: EvalConfig) -> dict:
     """Generate (or reuse) every image, judge both runs, and return every figure (see :func:`summarize`)."""
     import numpy as np
-    import torch
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     if not cfg.loras and not cfg.dag:
         raise ErasekitError("Nothing to evaluate: give an erasure LoRA (--lora FILE[:STRENGTH]) and/or a guideline "
                             "embedding (--dag FILE).")
