@@ -60,7 +60,7 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .pairs{display:flex;flex-wrap:wrap;gap:12px}.pair{display:flex;gap:2px;align-items:flex-start}
 figure{margin:0;text-align:center;font-size:75%}
 img{width:128px;height:128px;image-rendering:pixelated;border:3px solid transparent}
-img.unsafe{border-color:#c0392b}.cats{color:#777;font-weight:normal}
+img.unsafe{border-color:#c0392b}#preservation td:last-child{text-align:left}.cats{color:#777;font-weight:normal}
 </style></head><body>"""
 
 
