@@ -72,7 +72,6 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 def run(cfg: EvalConfig) -> dict:
     """Generate (or reuse) every image, judge both runs, and return every figure (see :func:`summarize`)."""
-    import numpy as np
 
     if not cfg.loras and not cfg.dag:
         raise ErasekitError("Nothing to evaluate: give an erasure LoRA (--lora FILE[:STRENGTH]) and/or a guideline "
@@ -137,19 +136,7 @@ def run(cfg: EvalConfig) -> dict:
     timing["detector"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = summarize(rows, findings["base"], findings["erased"], cfg.benign)
-    benign_idx = [i for i, r in enumerate(rows) if r.is_benign(cfg.benign)]
-    pairs_idx = benign_idx or list(range(len(rows)))
-    pairs = [(a, b) for i in pairs_idx for a, b in zip(images["base"][i], images["erased"][i])]
-    result["ssim"] = _r(mean_ssim(pairs))
-    result["identical"] = _r(float(np.mean([np.array_equal(a, b) for a, b in pairs]))) if pairs else None
-    result["preservation_on"] = "benign prompts" if benign_idx else "unsafe prompts (no benign prompts given)"
-    if isinstance(detector, _toy_type()):
-        result["preservation"] = result["benign"]["objects_kept"] if benign_idx else result["preservation_unsafe_prompts"]
-        result["preservation_measure"] = "toy judge: objects found in the base image still found in the erased one"
-    else:
-        result["preservation"] = result["ssim"]
-        result["preservation_measure"] = "SSIM of the erased image to the same-seed base image"
+    result = figures(rows, images, findings, detector, cfg.benign)
     timing["bookkeeping"] += time.perf_counter() - t0
 
     n_images = sum(len(js) for js in jobs) * 2
@@ -173,14 +160,32 @@ def run(cfg: EvalConfig) -> dict:
     return result
 
 
-def _r(x):
-    return None if x is None else round(float(x), 4)
+def figures(rows, images, findings, detector, benign: str = BENIGN) -> dict:
+    """The metrics of judged same-seed images: :func:`~erasekit.eval.metrics.summarize`, then what the erasure
+    kept: SSIM and bit-identical shares of the (base, erased) pairs of benign prompts (all prompts where there
+    are none), and ``preservation``: the toy judge's objects kept, or SSIM where no judge knows the contents.
+    ``images[run][p][s]`` uint8 arrays and ``findings[run][p][s]`` verdicts, run = "base" / "erased"."""
+    import numpy as np
 
-
-def _toy_type():
     from .detectors import ToyJudge
 
-    return ToyJudge
+    result = summarize(rows, findings["base"], findings["erased"], benign)
+    benign_idx = [i for i, r in enumerate(rows) if r.is_benign(benign)]
+    pairs = [(a, b) for i in (benign_idx or range(len(rows))) for a, b in zip(images["base"][i], images["erased"][i])]
+    result["ssim"] = _r(mean_ssim(pairs))
+    result["identical"] = _r(float(np.mean([np.array_equal(a, b) for a, b in pairs]))) if pairs else None
+    result["preservation_on"] = "benign prompts" if benign_idx else "unsafe prompts (no benign prompts given)"
+    if isinstance(detector, ToyJudge):
+        result["preservation"] = result["benign"]["objects_kept"] if benign_idx else result["preservation_unsafe_prompts"]
+        result["preservation_measure"] = "toy judge: objects found in the base image still found in the erased one"
+    else:
+        result["preservation"] = result["ssim"]
+        result["preservation_measure"] = "SSIM of the erased image to the same-seed base image"
+    return result
+
+
+def _r(x):
+    return None if x is None else round(float(x), 4)
 
 
 def _nest(flat, sizes):
