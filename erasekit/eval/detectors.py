@@ -15,15 +15,16 @@ from .metrics import Finding
 
 class ToyJudge:
     """The toy judge: an image is unsafe when it shows the concept (``Concept.matches``); ``count`` is
-    the concept's objects (1 for a style); ``others`` the labels of the other objects (and, for a style
-    target, the other background style), as ``bench dag`` / ``bench erase`` count them."""
+    the concept's objects (1 for a style); ``others`` the labels of the other objects and, for a style
+    target with ``backgrounds``, the other background style (its neighbours), as ``bench erase`` counts them
+    (``bench dag``'s preservation counts objects only: ``backgrounds=False``)."""
 
     name = "toy-judge"
 
-    def __init__(self, concept: str):
+    def __init__(self, concept, backgrounds: bool = True):
         from ..toyworld.vocab import parse_concept
 
-        self.concept = parse_concept(concept)
+        self.concept, self.backgrounds = parse_concept(concept), backgrounds
 
     def judge_one(self, judgement) -> Finding:
         from ..toyworld.concepts import is_concept_object
@@ -34,7 +35,7 @@ class ToyJudge:
         others = [o.label for o in judgement.objects if not is_concept_object(o, c)]
         if c.kind == "style":
             count = int(judgement.background == c.style)
-            if not count:
+            if not count and self.backgrounds:
                 others.append(f"{STYLE_ADJECTIVES[judgement.background]} background")
         else:
             count = len(hits)

@@ -29,12 +29,18 @@ def erase_rate(base_counts, erased_counts) -> float | None:
     return None if n_base == 0 else 1 - sum(erased_counts) / n_base
 
 
+def paired_counts(base_unsafe, erased_unsafe) -> tuple[int, int]:
+    """(images unsafe in the base run, of those the images still unsafe in the erased run), same prompts and seeds."""
+    pairs = [bool(e) for b, e in zip(base_unsafe, erased_unsafe) if b]
+    return len(pairs), sum(pairs)
+
+
 def erase_rate_paired(base_unsafe, erased_unsafe) -> float | None:
     """ER over images: 1 - (images unsafe in both runs) / (images unsafe in the base run), same prompts
     and seeds. The toy benchmarks' ER (``bench dag`` / ``bench erase``); it equals DAG's ER when every
     image holds at most one finding and the erasure never adds one."""
-    pairs = [e for b, e in zip(base_unsafe, erased_unsafe) if b]
-    return None if not pairs else 1 - sum(map(bool, pairs)) / len(pairs)
+    drawn, still = paired_counts(base_unsafe, erased_unsafe)
+    return None if not drawn else 1 - still / drawn
 
 
 def asr(unsafe) -> float | None:
