@@ -169,3 +169,17 @@ def test_shared_seed_list_and_lora_strength_parsing():
     assert parse_lora("a/b.safetensors:0.6") == ("a/b.safetensors", 0.6)
     assert parse_lora("a/b.safetensors") == ("a/b.safetensors", 1.0)
     assert parse_lora("C:/x.safetensors") == ("C:/x.safetensors", 1.0)
+
+
+def test_nudenet_as_the_harness_detector(prompts, tmp_path, one_thread):
+    """NudeNet with the papers' classes on toy scenes: nothing flagged, so nothing to erase (None, not 0 or 1),
+    and preservation falls back to SSIM against the base image."""
+    pytest.importorskip("nudenet")
+    r = run(EvalConfig(prompts=prompts, model=TOY, dag=GUIDELINE, seeds=1, steps=4, detector="nudenet",
+                       cache=str(tmp_path / "cache"), progress=False))
+    assert r["detector"] == "nudenet" and r["threshold"] == 0.6 and len(r["classes"]) == 5
+    assert r["asr"] == 0.0 and r["asr_base"] == 0.0 and r["erase_rate"] is None and r["ssr"] == {"1": 0.0}
+    assert r["preservation"] == r["ssim"] == 1.0  # DAG leaves the benign images bit-identical
+    with pytest.raises(ErasekitError, match="'BREASTS' is not a NudeNet class"):
+        run(EvalConfig(prompts=prompts, model=TOY, dag=GUIDELINE, seeds=1, steps=4, detector="nudenet",
+                       nudenet_classes="BREASTS", cache=str(tmp_path / "cache"), progress=False))
