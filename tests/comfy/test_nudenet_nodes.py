@@ -100,6 +100,24 @@ def test_an_unknown_class_is_named(comfy):
         comfy.run(_graph(classes="FACE"))
 
 
+def test_v1_nodes_run_the_same_graph(tmp_path):
+    """A ComfyUI without comfy_api gets the V1 classes of the same specs; the same graph gives the same results."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _put_inputs(str(tmp_path / "input"))
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps(_graph()))
+    code = ("import sys, json; sys.path.insert(0, %r); from tools.comfy_headless import HeadlessComfy;"
+            "c = HeadlessComfy(%r, api='v1'); n = c.pack_nodes()['ErasekitNudeNetDetect'];"
+            "assert hasattr(n, 'INPUT_TYPES') and not hasattr(n, 'GET_SCHEMA'), 'not V1';"
+            "print(json.dumps(c.run(json.load(open(%r)))))" % (repo, str(tmp_path), str(graph)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check(json.loads(proc.stdout.strip().splitlines()[-1]), str(tmp_path / "output"))
+
+
 @pytest.mark.server
 def test_detect_and_censor_over_http(tmp_path):
     from tools.comfy_server import get_json, serve
