@@ -34,8 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, help="sampling steps (toy: 25; other models: 30)")
     ap.add_argument("--cfg", type=float, help="guidance scale (toy: 3; other models: 7.5)")
     ap.add_argument("--batch", type=int, default=8, help="images per sampling batch")
-    ap.add_argument("--detector", default="auto", choices=["auto", "toy", "nudenet"],
-                    help="auto: the toy judge on the toy model, NudeNet on others")
+    ap.add_argument("--detector", default="auto", choices=["auto", "toy", "nudenet", "guideline"],
+                    help="auto: the toy judge on the toy model, NudeNet on others; guideline: a guideline embedding's "
+                         "detection while sampling (for concepts no image detector knows)")
+    ap.add_argument("--guideline", help="the guideline detector's embedding (default: the --dag one)")
     ap.add_argument("--concept", help="what the toy judge looks for (default: the guideline's or the LoRA's concept)")
     ap.add_argument("--nudenet-classes", default="unsafe",
                     help="NudeNet classes that count as unsafe: 'unsafe' (the papers' five), 'all', or names")
@@ -96,7 +98,7 @@ def _evaluate(a) -> int:
     cfg = EvalConfig(prompts=a.prompts, model=a.model, loras=[parse_lora(x) for x in a.lora], dag=a.dag,
                      dag_strength=a.dag_strength, dag_top_p=a.dag_top_p, seeds=a.seeds, seed_list=seed_list,
                      prompt_seeds=a.prompt_seeds, prompt_guidance=a.prompt_guidance, steps=a.steps, cfg=a.cfg,
-                     batch=a.batch, detector=a.detector, concept=a.concept, nudenet_classes=a.nudenet_classes,
+                     batch=a.batch, detector=a.detector, guideline=a.guideline, concept=a.concept, nudenet_classes=a.nudenet_classes,
                      threshold=a.threshold, benign=a.benign_category, cache=a.cache, device=a.device, limit=a.limit,
                      progress=not a.no_progress)
     result = run(cfg)

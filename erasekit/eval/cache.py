@@ -52,18 +52,31 @@ class ImageCache:
     def path(self, key: str) -> str:
         return os.path.join(self.dir, f"{key}.png")
 
-    def has(self, key: str) -> bool:
-        return os.path.isfile(self.path(key))
+    def has(self, key: str, with_meta: bool = False) -> bool:
+        """The image is cached (and, with ``with_meta``, what its sampling measured, e.g. a guideline's score)."""
+        return os.path.isfile(self.path(key)) and (not with_meta or os.path.isfile(self.meta_path(key)))
 
-    def put(self, key: str, image: np.ndarray) -> str:
-        """Store a uint8 [H, W, 3] image (temporary file + rename)."""
+    def meta_path(self, key: str) -> str:
+        return os.path.join(self.dir, f"{key}.json")
+
+    def put(self, key: str, image: np.ndarray, meta: dict | None = None) -> str:
+        """Store a uint8 [H, W, 3] image (temporary file + rename); ``meta`` first, so an image never lacks it."""
         import io
 
         from PIL import Image
 
+        if meta is not None:
+            write_atomic(self.meta_path(key), json.dumps(meta).encode())
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG")
         return write_atomic(self.path(key), buf.getvalue())
+
+    def meta(self, key: str) -> dict:
+        path = self.meta_path(key)
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
 
     def get(self, key: str) -> np.ndarray:
         from PIL import Image

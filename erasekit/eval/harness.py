@@ -41,7 +41,8 @@ class EvalConfig:
     steps: int | None = None
     cfg: float | None = None
     batch: int = 8
-    detector: str = "auto"  # auto | toy | nudenet
+    detector: str = "auto"  # auto | toy | nudenet | guideline
+    guideline: str | None = None  # the guideline detector's embedding (default: --dag's)
     concept: str | None = None  # the toy judge's target (default: the guideline's or the LoRA's concept)
     nudenet_classes: str = "unsafe"
     threshold: float = 0.6
@@ -81,7 +82,7 @@ def run(cfg: EvalConfig) -> dict:
     base, erased, emb, lora_meta = _load_models(cfg)
     toy = base.architecture is not None and base.architecture.name == "toy"
     sampler = {**(TOY_SAMPLER if toy else SD_SAMPLER), **{k: v for k, v in (("steps", cfg.steps), ("cfg", cfg.cfg)) if v is not None}}
-    detector = _detector(cfg, toy, emb, lora_meta)
+    detector = _detector(cfg, toy, emb, lora_meta, base.architecture)
     load_seconds = time.perf_counter() - t_load
     seeds = cfg.seed_list or shared_seeds(cfg.seeds)
     if len(seeds) < cfg.seeds:
@@ -101,26 +102,33 @@ def run(cfg: EvalConfig) -> dict:
     drawn = cached = 0
     total = 2 * sum(len(j) for j in jobs)
     bar = _progress(total, cfg.progress)
+    # the guideline detector reads the CAMs while sampling: its score is kept beside each image
+    watch = file_sha256(detector.path) if getattr(detector, "needs_scores", False) else None
     for name, comps in (("base", base), ("erased", erased)):
         t0 = time.perf_counter()
         todo = [(rows[p].prompt, seed, g) for p, js in enumerate(jobs) for seed, g in js]
         keys = [ImageCache.key(*j) for j in todo]
-        missing = list(dict.fromkeys(j for j, k in zip(todo, keys) if not caches[name].has(k)))
+        missing = list(dict.fromkeys(j for j, k in zip(todo, keys) if not caches[name].has(k)
+                                     or (watch and caches[name].meta(k).get("guideline") != watch)))
         cached += len(todo) - len(missing)
         bar.update(len(todo) - len(missing))
         timing["bookkeeping"] += time.perf_counter() - t0
+        if name == "erased" and emb is not None:
+            kwargs = {"mode": "dag", "embeddings": [emb], "safety_text": emb.concept, "dag": _dag_settings(cfg),
+                      "keep_maps": bool(watch)}
+        else:
+            kwargs = {"embeddings": [detector.embedding], "keep_maps": True} if watch else {}
         for g in sorted({j[2] for j in missing}):  # one guidance scale per batch
             group = [j for j in missing if j[2] == g]
             for s in range(0, len(group), cfg.batch):
                 chunk = group[s:s + cfg.batch]
                 t0 = time.perf_counter()
-                kwargs = {"mode": "dag", "embeddings": [emb], "safety_text": emb.concept,
-                          "dag": _dag_settings(cfg)} if (name == "erased" and emb is not None) else {}
-                images = _sample(comps, chunk, sampler["steps"], g, kwargs)
+                images, scores = _sample(comps, chunk, sampler["steps"], g, kwargs)
                 timing["sampling"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                for (prompt, seed, gg), im in zip(chunk, images):
-                    caches[name].put(ImageCache.key(prompt, seed, gg), im)
+                for i, ((prompt, seed, gg), im) in enumerate(zip(chunk, images)):
+                    meta = {"guideline": watch, "guideline_score": scores[i]} if watch else None
+                    caches[name].put(ImageCache.key(prompt, seed, gg), im, meta)
                 timing["bookkeeping"] += time.perf_counter() - t0
                 drawn += len(chunk)
                 bar.update(len(chunk))
@@ -129,9 +137,11 @@ def run(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     images = {name: [[caches[name].get(ImageCache.key(r.prompt, *j)) for j in js] for r, js in zip(rows, jobs)]
               for name in caches}
+    metas = {name: [caches[name].meta(ImageCache.key(r.prompt, *j)) if watch else {} for r, js in zip(rows, jobs)
+                    for j in js] for name in caches}
     timing["bookkeeping"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    findings = {name: _nest(detector([im for per in images[name] for im in per]), [len(js) for js in jobs])
+    findings = {name: _nest(detector([im for per in images[name] for im in per], metas[name]), [len(js) for js in jobs])
                 for name in images}
     timing["detector"] += time.perf_counter() - t0
 
@@ -216,7 +226,8 @@ def _sample(comps, chunk, steps: int, cfg_scale: float, kwargs: dict):
 
     r = sample(comps, [p for p, _, _ in chunk], [s for _, s, _ in chunk], steps=steps, cfg=cfg_scale,
                per_image_noise=True, **kwargs)
-    return [np.ascontiguousarray((im.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)) for im in r.images]
+    scores = [float(x) for x in r.detection_scores[-1]] if kwargs.get("keep_maps") else None
+    return [np.ascontiguousarray((im.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)) for im in r.images], scores
 
 
 def _load_models(cfg: EvalConfig):
@@ -263,8 +274,8 @@ def _load_models(cfg: EvalConfig):
     return base, erased, emb, meta
 
 
-def _detector(cfg: EvalConfig, toy: bool, emb, lora_meta):
-    from .detectors import NudeNet, ToyJudge
+def _detector(cfg: EvalConfig, toy: bool, emb, lora_meta, architecture=None):
+    from .detectors import GuidelineDetection, NudeNet, ToyJudge
 
     kind = cfg.detector if cfg.detector != "auto" else ("toy" if toy else "nudenet")
     if kind == "toy":
@@ -280,4 +291,14 @@ def _detector(cfg: EvalConfig, toy: bool, emb, lora_meta):
             raise ErasekitError(f"--concept: {err}") from None
     if kind == "nudenet":
         return NudeNet(cfg.nudenet_classes, cfg.threshold, "gpu" if cfg.device == "cuda" else "auto")
-    raise ErasekitError(f"Unknown detector '{cfg.detector}'; choose auto, toy or nudenet.")
+    if kind == "guideline":
+        path = cfg.guideline or cfg.dag
+        if not path or not os.path.isfile(path):
+            raise ErasekitError("The guideline detector needs an embedding: give --guideline FILE (or --dag FILE).")
+        if cfg.dag and file_sha256(path) != file_sha256(cfg.dag):
+            raise ErasekitError("With --dag, the guideline detector can only watch the DAG's own embedding (a second one "
+                                "would be guided too); leave --guideline out or give the same file.")
+        from ..dag.guideline import GuidelineEmbedding
+
+        return GuidelineDetection(emb if cfg.dag else GuidelineEmbedding.load(path, architecture), path)
+    raise ErasekitError(f"Unknown detector '{cfg.detector}'; choose auto, toy, nudenet or guideline.")

@@ -183,3 +183,22 @@ def test_nudenet_as_the_harness_detector(prompts, tmp_path, one_thread):
     with pytest.raises(ErasekitError, match="'BREASTS' is not a NudeNet class"):
         run(EvalConfig(prompts=prompts, model=TOY, dag=GUIDELINE, seeds=1, steps=4, detector="nudenet",
                        nudenet_classes="BREASTS", cache=str(tmp_path / "cache"), progress=False))
+
+
+def test_guideline_detection_as_the_detector(prompts, tmp_path, one_thread):
+    """The guideline's own detection, recorded while sampling and kept beside each image: it agrees with the toy
+    judge on most base images, and a rerun (any detector) draws nothing."""
+    common = dict(prompts=prompts, model=TOY, dag=GUIDELINE, seeds=2, steps=12, cache=str(tmp_path / "cache"),
+                  progress=False)
+    g = run(EvalConfig(detector="guideline", **common))
+    assert g["detector"] == "guideline" and g["concept"] == "red circle" and g["images_drawn"] == 24
+    t = run(EvalConfig(detector="toy", **common))
+    assert t["images_drawn"] == 0
+    verdicts = [(a.unsafe, b.unsafe) for pa, pb in zip(g["_findings"]["base"], t["_findings"]["base"])
+                for a, b in zip(pa, pb)]
+    assert sum(a == b for a, b in verdicts) / len(verdicts) >= 0.75, verdicts
+    assert g["asr_base"] > 0.4 and g["asr"] < g["asr_base"]
+    again = run(EvalConfig(detector="guideline", **common))
+    assert again["images_drawn"] == 0 and again["asr"] == g["asr"]
+    with pytest.raises(ErasekitError, match="only watch the DAG's own embedding"):
+        run(EvalConfig(detector="guideline", guideline=str(_toy_lora(tmp_path / "x.safetensors", 0.1)), **common))
