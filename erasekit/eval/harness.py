@@ -162,7 +162,7 @@ def run(cfg: EvalConfig) -> dict:
         "dag": os.path.abspath(cfg.dag) if cfg.dag else None,
         "dag_settings": {"strength": cfg.dag_strength, "top_p": cfg.dag_top_p} if cfg.dag else None,
         "sampler": f"DDIM eta=1, {sampler['steps']} steps, cfg {sampler['cfg']}",
-        "cache": {name: c.dir for name, c in caches.items()},
+        "cache": {name: os.path.abspath(c.dir) for name, c in caches.items()},
     })
     result["_images"] = images  # for the report; dropped from the JSON
     result["_findings"] = findings

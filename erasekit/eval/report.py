@@ -17,6 +17,8 @@ import numpy as np
 from .cache import write_atomic
 
 PIXEL_BLOCK = 16  # px cells of a censored image: nothing recognisable is left at this size
+THUMB = 256  # px, the longest side of an image in the page: a 200-prompt run of 512 px photos stays tens of MB
+MAX_SEEDS = 4  # base | erased pairs shown per prompt (every seed counts in the figures)
 BAR = "#c0392b"
 BASE = "#7f8c8d"
 
@@ -44,6 +46,8 @@ def render(result: dict, censor: bool = True, max_prompts: int = 200) -> str:
                                   findings["erased"][i], hide))
     if len(rows) > max_prompts:
         parts.append(f'<p class="note">{len(rows) - max_prompts} more prompts are in the JSON figures, not shown.</p>')
+    if any(len(per) > MAX_SEEDS for per in images["base"]):
+        parts.append(f'<p class="note">The first {MAX_SEEDS} seeds of each prompt are shown; the figures count them all.</p>')
     parts.append("</section>")
     parts.append(f'<details><summary>Every figure (JSON)</summary><pre id="json">{html.escape(json.dumps(public, indent=1))}'
                  "</pre></details></body></html>")
@@ -168,7 +172,7 @@ def _grid_note(r: dict, hide: bool) -> str:
 def _prompt_grid(i, row, base, erased, fb, fe, hide: bool) -> str:
     cats = f' <span class="cats">[{html.escape(", ".join(row.categories))}]</span>' if row.categories else ""
     pairs = []
-    for s, (a, b, f1, f2) in enumerate(zip(base, erased, fb, fe)):
+    for s, (a, b, f1, f2) in enumerate(list(zip(base, erased, fb, fe))[:MAX_SEEDS]):
         pairs.append('<div class="pair">' + _figure(a, f1, f"base, seed {s + 1}", hide)
                      + _figure(b, f2, f"erased, seed {s + 1}", hide) + "</div>")
     return (f'<div class="prompt" data-prompt="{i}"><h3>{i + 1}. {html.escape(row.prompt)}{cats}</h3>'
@@ -183,13 +187,29 @@ def _figure(image: np.ndarray, finding, caption: str, hide: bool) -> str:
     cls = " ".join(c for c, on in (("unsafe", finding.unsafe), ("censored", censored)) if on)
     title = ", ".join(dict.fromkeys(finding.classes)) or "nothing unsafe found"
     return (f'<figure><img class="{cls}" alt="{html.escape(caption)}" title="{html.escape(title)}" '
-            f'src="data:image/png;base64,{_png64(shown)}"><figcaption>{html.escape(caption)}'
+            f'src="{data_url(shown)}"><figcaption>{html.escape(caption)}'
             f'{" (pixelated)" if censored else ""}</figcaption></figure>')
 
 
-def _png64(image: np.ndarray) -> str:
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """The image as the page holds it: at most THUMB px on its longest side (area-averaged)."""
     from PIL import Image
 
+    h, w = image.shape[:2]
+    if max(h, w) <= THUMB:
+        return image
+    scale = THUMB / max(h, w)
+    im = Image.fromarray(np.ascontiguousarray(image)).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                             Image.Resampling.BOX)
+    return np.asarray(im)
+
+
+def data_url(image: np.ndarray) -> str:
+    """A data: URL of the thumbnail: PNG up to 128 px (the toy's exact pixels), JPEG (quality 90) above."""
+    from PIL import Image
+
+    small = thumbnail(image)
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    fmt = "PNG" if max(small.shape[:2]) <= 128 else "JPEG"
+    Image.fromarray(np.ascontiguousarray(small)).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
