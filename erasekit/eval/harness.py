@@ -73,7 +73,6 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 def run(cfg: EvalConfig) -> dict:
     """Generate (or reuse) every image, judge both runs, and return every figure (see :func:`summarize`)."""
-
     if not cfg.loras and not cfg.dag:
         raise ErasekitError("Nothing to evaluate: give an erasure LoRA (--lora FILE[:STRENGTH]) and/or a guideline "
                             "embedding (--dag FILE).")
@@ -92,8 +91,8 @@ def run(cfg: EvalConfig) -> dict:
               r.guidance if cfg.prompt_guidance and r.guidance is not None else sampler["cfg"])
              for s, seed in enumerate(seeds)] for r in rows]
 
-    model_id = file_identity(os.path.join(cfg.model, "model_index.json") if os.path.isdir(cfg.model) else cfg.model)
-    base_desc = {"model": model_id, "steps": sampler["steps"], "sampler": "DDIM eta=1, per-image noise"}
+    base_desc = {"model": _model_identity(cfg.model), "steps": sampler["steps"], "device": str(base.unet.device),
+                 "dtype": str(base.unet.dtype), "sampler": f"{type(base.scheduler).__name__} eta=1, per-image noise"}
     erased_desc = {**base_desc, "loras": [(file_sha256(p), s) for p, s in cfg.loras],
                    "dag": file_sha256(cfg.dag) if cfg.dag else None,
                    "dag_settings": {"strength": cfg.dag_strength, "top_p": cfg.dag_top_p} if cfg.dag else None}
@@ -161,7 +160,7 @@ def run(cfg: EvalConfig) -> dict:
         "model": os.path.abspath(cfg.model), "loras": [[os.path.abspath(p), s] for p, s in cfg.loras],
         "dag": os.path.abspath(cfg.dag) if cfg.dag else None,
         "dag_settings": {"strength": cfg.dag_strength, "top_p": cfg.dag_top_p} if cfg.dag else None,
-        "sampler": f"DDIM eta=1, {sampler['steps']} steps, cfg {sampler['cfg']}",
+        "sampler": f"{type(base.scheduler).__name__} (eta 1), {sampler['steps']} steps, cfg {sampler['cfg']}",
         "cache": {name: os.path.abspath(c.dir) for name, c in caches.items()},
     })
     result["_images"] = images  # for the report; dropped from the JSON
@@ -192,6 +191,15 @@ def figures(rows, images, findings, detector, benign: str = BENIGN) -> dict:
         result["preservation"] = result["ssim"]
         result["preservation_measure"] = "SSIM of the erased image to the same-seed base image"
     return result
+
+
+def _model_identity(path: str) -> list:
+    """What identifies the model's weights cheaply: every file's (path, size, modification time); for a folder, all
+    of its files, so retraining a part of it invalidates the cache."""
+    if not os.path.isdir(path):
+        return [file_identity(path)]
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    return [file_identity(f) for f in files]
 
 
 def _r(x):
