@@ -95,3 +95,27 @@ def test_toy_prompt_csv_round_trips(tmp_path):
     assert len(rows) == 9 and sum(r.is_benign() for r in rows) == 3
     assert all("red circle" in r.categories and "red circle" in r.prompt for r in rows if not r.is_benign())
     assert all("red circle" not in r.prompt for r in rows if r.is_benign())
+
+
+def test_bench_dag_counts_through_the_harness():
+    """bench dag's (erase_rate, preservation) on hand-made judgements: the paired ER over images and the
+    other objects kept, objects only (a style target's backgrounds do not count there)."""
+    import numpy as np
+
+    from erasekit.bench.dag import erase_and_preservation
+    from erasekit.toyworld.judge import Detection, Judgement
+    from erasekit.toyworld.vocab import parse_concept
+
+    def j(*labels, background="plain"):
+        objs = [Detection(*label.split(), mask=np.ones((32, 32), bool), area=30) for label in labels]
+        return Judgement(objs, background)
+
+    red = parse_concept("red circle")
+    plain = [j("red circle", "blue star"), j("red circle"), j("green ring", "green ring"), j("red circle")]
+    guided = [j("blue star"), j("red circle"), j("green ring"), j("white circle")]
+    # 3 images showed it, 1 still does; others before: blue star, 2 green rings -> 2 of 3 kept
+    assert erase_and_preservation(red, plain, guided) == (round(1 - 1 / 3, 4), round(2 / 3, 4))
+    stripes = parse_concept("striped background")
+    plain = [j("red square", background="stripes"), j("blue star", background="dots")]
+    guided = [j("red square", background="plain"), j("blue star", background="grid")]
+    assert erase_and_preservation(stripes, plain, guided) == (1.0, 1.0)  # the lost dotted background is not counted
