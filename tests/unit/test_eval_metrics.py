@@ -119,3 +119,13 @@ def test_bench_dag_counts_through_the_harness():
     plain = [j("red square", background="stripes"), j("blue star", background="dots")]
     guided = [j("red square", background="plain"), j("blue star", background="grid")]
     assert erase_and_preservation(stripes, plain, guided) == (1.0, 1.0)  # the lost dotted background is not counted
+
+
+def test_importing_the_harness_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys, erasekit.eval.__main__, erasekit.eval.harness, erasekit.eval.report, erasekit.eval.detectors;"
+            "print([m for m in ('torch', 'nudenet', 'onnxruntime', 'cv2', 'skimage', 'diffusers', 'PIL') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
