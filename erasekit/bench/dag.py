@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from ..dag.fit import GUIDELINE_IMAGES, GUIDELINE_SAFE_IMAGES
-from ..toyworld.concepts import concept_mask, concept_prompts, is_concept_object
+from ..toyworld.concepts import concept_mask, concept_prompts
 from . import REPO
 
 
@@ -159,24 +159,21 @@ def _comfyui_check(target: str, guideline: str, model: str | None, prompts: int,
 
 
 def erase_and_preservation(concept, plain, guided) -> tuple[float, float]:
-    """(erase_rate, preservation) of guided vs plain judgements of the same prompts and seeds.
+    """(erase_rate, preservation) of guided vs plain judgements of the same prompts and seeds, counted
+    as the evaluation harness counts (:mod:`erasekit.eval.metrics`, verdicts of its toy judge).
 
     erase_rate: 1 - (images where the judge still finds ``concept`` with guidance) / (those where it
-    finds it without), the paper's ER. preservation: of the other objects the judge finds without
-    guidance, the fraction it still finds (by label) with it. None where there is nothing to count."""
-    found_plain = found_guided = kept = others = 0
-    for jp, jg in zip(plain, guided):
-        if concept.matches(jp):
-            found_plain += 1
-            found_guided += concept.matches(jg)
-        have = [o.label for o in jg.objects]
-        for label in (o.label for o in jp.objects if not is_concept_object(o, concept)):
-            others += 1
-            if label in have:
-                kept += 1
-                have.remove(label)
-    return (round(1 - found_guided / found_plain, 4) if found_plain else None,  # None: nothing to erase
-            round(kept / others, 4) if others else None)
+    finds it without), the paper's ER over images. preservation: of the other objects the judge finds
+    without guidance, the fraction it still finds (by label) with it. None where there is nothing to count."""
+    from ..eval.detectors import ToyJudge
+    from ..eval.metrics import erase_rate_paired, objects_kept, ratio
+
+    judge = ToyJudge(concept, backgrounds=False)  # this bench's preservation: objects only
+    before, after = [judge.judge_one(j) for j in plain], [judge.judge_one(j) for j in guided]
+    erase = erase_rate_paired([f.unsafe for f in before], [f.unsafe for f in after])
+    kept = ratio(*objects_kept([f.others for f in before], [f.others for f in after]))
+    return (None if erase is None else round(erase, 4),  # None: nothing to erase
+            None if kept is None else round(kept, 4))
 
 
 def _cam_cost(pipe, emb, batch: int) -> float:

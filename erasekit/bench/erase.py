@@ -79,19 +79,16 @@ def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = froz
       ``neighbours``) and ``unrelated``, as ``[before, after]``. With ``backgrounds`` (a style
       target) the background style a prompt names counts as one more asked-for label.
 
-    Objects count as a multiset."""
-    found_before = sum(b[0] for b in counts["target"][0])
-    found_after = sum(a[0] for b, a in zip(*counts["target"]) if b[0])
-    kept = total = asked_before = asked_after = 0
+    Objects count as a multiset. Counted with the evaluation harness's functions (:mod:`erasekit.eval.metrics`)."""
+    from ..eval.metrics import objects_kept, paired_counts
+
+    found_before, found_after = paired_counts([b[0] for b in counts["target"][0]], [a[0] for a in counts["target"][1]])
+    kept, total = objects_kept([b[1] for before, _ in counts.values() for b in before],
+                               [a[1] for _, after in counts.values() for a in after])
+    asked_before = asked_after = 0
     by_kind = {"neighbour": [0, 0], "unrelated": [0, 0]}
     for name, (before, after) in counts.items():
         for prompt, (_, rest_b), (_, rest_a) in zip(prompts[name], before, after):
-            have = list(rest_a)
-            for label in rest_b:
-                total += 1
-                if label in have:
-                    kept += 1
-                    have.remove(label)
             for label in requested_labels(prompt, backgrounds):
                 row = by_kind["neighbour" if label in neighbours else "unrelated"]
                 b, a = int(label in rest_b), int(label in rest_a)
@@ -102,18 +99,12 @@ def erase_counts(counts: dict, prompts: dict, neighbours: set | frozenset = froz
 
 
 def judge_found(images, concept):
-    from ..toyworld.concepts import is_concept_object
-    from ..toyworld.judge import judge
-    from ..toyworld.vocab import STYLE_ADJECTIVES
+    """(the concept is there, the other labels found) per image [3, H, W]: the evaluation harness's toy judge
+    (:class:`erasekit.eval.detectors.ToyJudge`; for a style target the other styles count as labels, they are
+    its neighbours)."""
+    from ..eval.detectors import ToyJudge
 
-    out = []
-    for img in images:
-        j = judge(img.permute(1, 2, 0).numpy())
-        rest = [o.label for o in j.objects if not is_concept_object(o, concept)]
-        if concept.kind == "style" and j.background != concept.style:  # the other styles are its neighbours
-            rest.append(f"{STYLE_ADJECTIVES[j.background]} background")
-        out.append((concept.matches(j), rest))
-    return out
+    return [(f.unsafe, list(f.others)) for f in ToyJudge(concept)([img.permute(1, 2, 0).numpy() for img in images])]
 
 
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,

@@ -96,7 +96,7 @@ def clipped_x0_step_kwargs(scheduler) -> dict:
 def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str = "cfg", safety_text: str | None = None,
            embeddings=(), dag: DagSettings | None = None, sld: SldSettings | str = "medium",
            sega: SegaSettings | None = None, scheduler=None, eta: float = 1.0, keep_maps: bool = False,
-           on_failure: str = "stop") -> SampleResult:
+           on_failure: str = "stop", per_image_noise: bool = False) -> SampleResult:
     """Generate one image per (prompt, seed) with the chosen guidance.
 
     Args:
@@ -107,6 +107,9 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
         eta: DDIM's eta when the scheduler is DDIM (1 = ancestral-like, the toy model's default).
         on_failure: what a non-finite detection map does: "stop" (raise) or "guide_whole_image"
             (:class:`~erasekit.dag.session.DagSession`).
+        per_image_noise: draw each image's step noise (DDIM eta > 0) from its own seed, so an image does not
+            depend on the batch it was drawn in (the evaluation harness's cache resumes with other batches);
+            False: one generator for the batch (the benchmarks' figures were measured so).
     """
     import inspect
 
@@ -136,6 +139,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     step_kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
     step_kwargs.update(clipped_x0_step_kwargs(sched))
     step_gen = torch.Generator().manual_seed(int(seeds[0]) + 7919)
+    row_gens = [torch.Generator().manual_seed(int(s) + 7919) for s in seeds] \
+        if per_image_noise and "variance_noise" in inspect.signature(sched.step).parameters else None
     # the tap only reads queries: attached in DAG mode, or to watch detection under plain CFG
     watch = bool(embeddings) and (mode == "dag" or keep_maps)
     tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None)) if watch else None
@@ -155,7 +160,11 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
                 return unet(x if rows is None else x[rows], t, **safety.unet_kwargs(rows)).sample
 
             eps = session.step(i, eps, eps_u, eps_p, safety_pass, cfg, a_hat=a_hat, failed=failed)
-            latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
+            if row_gens is not None:  # the same draws as a batch of one with this seed
+                noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in row_gens]).to(latents)
+                latents = sched.step(eps, t, latents, variance_noise=noise, **step_kwargs).prev_sample
+            else:
+                latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
         vae = pipe.vae
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE overflows in fp16
         if upcast:
