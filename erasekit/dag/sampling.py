@@ -96,7 +96,7 @@ def clipped_x0_step_kwargs(scheduler) -> dict:
 def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str = "cfg", safety_text: str | None = None,
            embeddings=(), dag: DagSettings | None = None, sld: SldSettings | str = "medium",
            sega: SegaSettings | None = None, scheduler=None, eta: float = 1.0, keep_maps: bool = False,
-           on_failure: str = "stop") -> SampleResult:
+           on_failure: str = "stop", on_step=None) -> SampleResult:
     """Generate one image per (prompt, seed) with the chosen guidance.
 
     Args:
@@ -107,6 +107,7 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
         eta: DDIM's eta when the scheduler is DDIM (1 = ancestral-like, the toy model's default).
         on_failure: what a non-finite detection map does: "stop" (raise) or "guide_whole_image"
             (:class:`~erasekit.dag.session.DagSession`).
+        on_step: ``on_step(done, steps)`` after each denoising step (a caller's progress bar).
     """
     import inspect
 
@@ -156,6 +157,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
 
             eps = session.step(i, eps, eps_u, eps_p, safety_pass, cfg, a_hat=a_hat, failed=failed)
             latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
+            if on_step is not None:
+                on_step(i + 1, len(sched.timesteps))
         vae = pipe.vae
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE overflows in fp16
         if upcast:
