@@ -157,9 +157,10 @@ def outline_masks(images, masks):
     import torch.nn.functional as F
 
     m = (masks[:, :1] >= 0.5).float()
-    padded = F.pad(m, (1, 1, 1, 1), value=0.0)  # the image's border counts as outside
-    eroded = 1 - F.max_pool2d(1 - padded, 3, 1, 0)
-    dilated = F.max_pool2d(m, 3, 1, 1)
+    w = max(1, images.shape[-1] // 64)  # the line's width: visible in a gallery thumbnail
+    padded = F.pad(m, (w, w, w, w), value=0.0)  # the image's border counts as outside
+    eroded = 1 - F.max_pool2d(1 - padded, 2 * w + 1, 1, 0)
+    dilated = F.max_pool2d(m, 2 * w + 1, 1, w)
     inner, outer = m - eroded, dilated - m
     shown = images * (m + (1 - m) * 0.6)
     shown = shown * (1 - inner) + inner  # white
