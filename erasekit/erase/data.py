@@ -180,8 +180,14 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     preserved, preserve_prompts = ([], []) if config.preserve_dir else _preserve_plan(concept, config)
     total = (config.forget_images if folder is None else 0) + len(preserve_prompts)  # the images to draw
 
+    reported = [0.0]  # never backwards: a batch counts as kept while it draws, the judge may then drop some
+
     def tick(offset):  # progress of a sampling pass whose first image is image ``offset`` of ``total``
-        return None if progress is None else (lambda done: progress(min(total, offset + done), total))
+        def report(done):
+            reported[0] = max(reported[0], min(total, offset + done))
+            progress(reported[0], total)
+
+        return None if progress is None else report
 
     # Forget set: the user's folder, or images of the concept drawn by the base model.
     if folder is not None:

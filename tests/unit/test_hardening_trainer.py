@@ -511,7 +511,8 @@ def test_a_corrupt_metrics_line_anywhere_does_not_break_the_page(tmp_path, monke
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     app = TrainerApp(tmp_path)
     status, log, plot, *_ = app.poll({}, "corrupt-metrics")
-    assert plot["step"].tolist() == [1, 2, 3] and plot["loss"].tolist() == [0.5, 0.4, 0.3]
+    loss = plot[plot["series"] == "loss"]
+    assert loss["step"].tolist() == [1, 2, 3] and loss["value"].tolist() == [0.5, 0.4, 0.3]
     assert list_runs(tmp_path)[0][:3] == ["corrupt-metrics", "red circle", "3/5"]
     assert "s/step, measured" in estimate.time_line(estimate.recent_runs(tmp_path), 10, 1, 0, False, "b")
     _truncate_metrics(run / "metrics.jsonl", 2)  # a resume from step 2 keeps the good lines up to it
