@@ -7,6 +7,7 @@ from __future__ import annotations
 from erasekit.erase.images import IMAGE_EXTENSIONS
 from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, with_signature
 from trainer.help import HELP, STRENGTH_HELP, STRENGTHS
+from trainer.plots import LOSS_COLOURS, SIGNAL_COLOURS
 from trainer.runs import REPLACE_LABEL, WEBUI_ROOT
 from trainer.view import POLL_OUTPUTS
 
@@ -114,12 +115,14 @@ def build_page(app):
             action = gr.Markdown("", elem_id="action")
             job_id = gr.Number(0, visible=False, precision=0)
             with gr.Row():
-                plot = gr.LinePlot(x="step", y="value", color="series", label="Loss", x_title="training step",
-                                   y_title="loss (lower: the step's objective is met)", height=260,
+                plot = gr.LinePlot(x="step", y="value", color="series", x_title="training step",
+                                   label="Loss (blue: each step; orange: smoothed)", color_map=LOSS_COLOURS,
+                                   y_title="loss", height=320,
                                    elem_id="loss-plot")
                 with gr.Column():
-                    signal = gr.LinePlot(x="step", y="value", color="series", label="Erasure signal",
-                                         x_title="training step", y_title="Delta S", height=260, elem_id="signal-plot")
+                    signal = gr.LinePlot(x="step", y="value", color="series", color_map=SIGNAL_COLOURS,
+                                         label="Erasure signal (blue: each step; orange: smoothed; red: the line)",
+                                         x_title="training step", y_title="Delta S", height=320, elem_id="signal-plot")
                     signal_note = gr.Markdown("", elem_id="signal-note")
             with gr.Row():
                 with gr.Column():

@@ -28,6 +28,11 @@ SIGNALS = {
                    "above the line."),
 }
 
+# fixed colours, so the plots' labels can name them (Gradio's legend is cut off below a short plot)
+LOSS_COLOURS = {"loss": "#4c78a8", "loss, smoothed": "#f58518"}
+SIGNAL_COLOURS = {**{f"{s.title}{tail}": colour for s in SIGNALS.values()
+                     for tail, colour in (("", "#4c78a8"), (", smoothed", "#f58518"))},
+                  **{s.threshold_title: "#e45756" for s in SIGNALS.values()}}
 SMOOTHING = 0.9  # the moving average's weight on the past (about the last 10 steps)
 
 

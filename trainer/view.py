@@ -81,7 +81,7 @@ def poll(app, seen, run_name):
     out = {}
     job = jobs.current()
     status = top_status(since)
-    log = "\n".join(job.lines[-60:]) if shown(job, since) else ""
+    log = "\n".join(job.lines[-60:]) if job else ""  # the last job's log stays: it is history, not status
     out.update(_plots(seen, run_dir))
     out.update(_preview(seen, run_dir, app.root))
     out.update(_data_view(seen, run_dir, since))
@@ -119,7 +119,10 @@ def _plots(seen, run_dir) -> dict:
     method = (tables.get("train") or {}).get("method", "inpo") if isinstance(tables.get("train"), dict) else "inpo"
     settings = tables.get(method) if isinstance(tables.get(method), dict) else {}
     frame, note = signal_frame(metrics, method, settings)
-    return {"plot": loss_frame(metrics), "signal": frame, "signal_note": note}
+    loss = loss_frame(metrics)
+    # an empty frame would fix the plot's colour legend with no series in it, and Gradio's LinePlot then
+    # draws none of the lines of later frames: no rows clear the plot instead
+    return {"plot": None if loss.empty else loss, "signal": None if frame.empty else frame, "signal_note": note}
 
 def _preview(seen, run_dir, root) -> dict:
     preview = runs.latest_preview(run_dir) if run_dir else None
