@@ -68,7 +68,7 @@ def test_click_through_data_train_check_export(browser, trainer_url):
     for elem_id, value in (("f-lr", 0.01), ("f-rank", 2), ("f-sample_every", 20), ("f-sample_steps", 2),
                            ("f-checkpoint_every", 20)):
         type_into(browser, elem_id, value)
-    assert "Rough time" in text(browser, "estimate")
+    assert "Rough time" in text(browser, "estimate") and "a guess" in text(browser, "estimate")  # no run measured yet
     click(browser, "start")
     running = until(lambda: "Running: training 'red circle' in ui-run" in text(browser, "job-status")
                      and "/40" in text(browser, "job-status") and text(browser, "job-status"), 120,
@@ -86,6 +86,8 @@ def test_click_through_data_train_check_export(browser, trainer_url):
     assert until(lambda: browser.find_elements("css selector", "#loss-plot canvas, #loss-plot svg"), 20, "the loss plot")
     assert until(lambda: browser.find_elements("css selector", "#preview img"), 20, "the preview image")
     assert until(lambda: "step 40/40" in field(browser, "log").get_attribute("value"), 20, "the log's last step")
+    # the estimate read the run just made again, without a setting changing
+    until(lambda: "measured on the run 'ui-run'" in text(browser, "estimate"), 20, "the estimate after the run")
     _shot(browser, "trained", "loss-plot")
 
     def drawn(elem_id, *words):  # the plot's SVG (axis titles, legend) once Vega has drawn the last update
