@@ -186,6 +186,8 @@ def build_page(app):
             comps[k].change(app.concept_note, [comps["concept_type"], comps["base"]], concept_note, api_name=False)
         strength.input(app.strength_changed, [strength, comps["preset"], comps["base"]],
                        [comps["steps"], comps["lambda_prior"]], api_name="strength")
+        for k in ("preset", "concept_type"):  # they set the preset's own numbers: the strength is its default again
+            comps[k].input(lambda: "default", None, strength, api_name=False)
         comps["concept_type"].input(
             app.concept_type_changed, [comps["concept_type"], comps["base"]],
             [comps["target"], comps["anchor"], comps["preserve"], comps["preset"], comps["steps"], comps["rank"],

@@ -86,7 +86,7 @@ def poll(app, seen, run_name):
     out.update(_preview(seen, run_dir, app.root))
     out.update(_data_view(seen, run_dir, since))
     out.update(_check_view(seen, run_dir, since))
-    rows = runs.list_runs(app.root)
+    rows = [[*r[:3], page_words(r[3]), *r[4:]] for r in runs.list_runs(app.root)]  # a run's last error, too
     if seen.get("runs") != repr(rows):
         seen["runs"] = repr(rows)
         import pandas as pd
