@@ -64,13 +64,12 @@ def step_line(step: str, run_dir, since: float) -> str:
 
 
 def poll(app, seen, run_name):
-    """The page's view (:mod:`trainer.view`): the top status, the run's log, plots, preview, data,
+    """The page's view: the top status, the run's log, plots, preview, data,
     check, each step's line under its button, which buttons can act, the runs. ``seen`` holds what
     this page session was last sent (only changes go out) and when the session started."""
     import time
 
     import gradio as gr
-
 
     seen = dict(seen or {})
     since = seen.setdefault("since", time.time())
@@ -103,6 +102,7 @@ def poll(app, seen, run_name):
         out["trained"] = trained
     return [status, log] + [out[n] if n in out else gr.skip() for n in POLL_OUTPUTS[2:]] + [seen]
 
+
 def _plots(seen, run_dir) -> dict:
     from erasekit.erase.state import read_config
     from trainer.plots import loss_frame, signal_frame
@@ -124,6 +124,7 @@ def _plots(seen, run_dir) -> dict:
     # draws none of the lines of later frames: no rows clear the plot instead
     return {"plot": None if loss.empty else loss, "signal": None if frame.empty else frame, "signal_note": note}
 
+
 def _preview(seen, run_dir, root) -> dict:
     preview = runs.latest_preview(run_dir) if run_dir else None
     try:
@@ -136,6 +137,7 @@ def _preview(seen, run_dir, root) -> dict:
     image = runs.open_image(preview) if preview else None  # a torn or corrupt PNG: no preview
     return {"preview": image, "preview_caption": f"Preview `{_shown_path(preview, root)}`" if image is not None
             else "No preview yet."}
+
 
 def _data_view(seen, run_dir, since) -> dict:
     """The gallery as the run's folder holds it; under Generate data the running or failed data job
@@ -156,6 +158,7 @@ def _data_view(seen, run_dir, since) -> dict:
         out["data_summary"] = line
     return out
 
+
 def _check_view(seen, run_dir, since) -> dict:
     import pandas as pd
 
@@ -175,6 +178,7 @@ def _check_view(seen, run_dir, since) -> dict:
         seen["check_msg"] = line
         out["check_msg"] = line
     return out
+
 
 def _buttons(seen, run_dir) -> dict:
     """Which buttons can act now: nothing starts on a busy run, Stop only while a job runs or waits,
