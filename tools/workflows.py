@@ -110,9 +110,9 @@ def api_to_ui(graph: dict, node_classes: dict, note: str | None = None) -> dict:
     last = max(int(k) for k in graph)
     if note:
         for n in nodes:
-            n["pos"][1] += 300
+            n["pos"][1] += 200
         last += 1
-        nodes.insert(0, {"id": last, "type": "Note", "pos": [40, 20], "size": [640, 260], "flags": {}, "order": 0,
+        nodes.insert(0, {"id": last, "type": "Note", "pos": [40, 10], "size": [620, 170], "flags": {}, "order": 0,
                          "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [note],
                          "color": "#432", "bgcolor": "#653"})
         for i, n in enumerate(nodes):
