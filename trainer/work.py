@@ -85,29 +85,33 @@ def data_job(settings: dict, run_dir: Path):
     is the gallery's files (``<run>/gallery/``) and a summary: a finished job keeps no image."""
 
     def fn(job: Job):
-        from trainer.arguments import build_parser
-        from trainer.runner import prepare
-
         with writing_run(run_dir, "data", job.log):
-            # the data are the same for either method; they are made (and cached) the erasure trainer's way
-            argv = train_argv({**settings, "method": "inpo"}, run_dir, config=write_extra_config(run_dir, settings))
-            args = build_parser().parse_args(argv)
-            job.log(f"loading the base model {args.base or 'models/toy'}")
-            prep = prepare(args, log=job.log, with_data=False, check_fresh=False)
-            data_config = prep["data_config"]
-            job.log(f"generating the forget and preserve sets of '{prep['target']}'")
-            from erasekit.erase.data import build_erase_data
-
-            data = build_erase_data(prep["components"], prep["target"], data_config, log=job.log,
-                                    progress=lambda done, total: job.set_progress(done, total, unit="images"))
-            forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
-            write_review_images(run_dir, [_uint8(img) for img in forget], data.key)
-            summary = (f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve "
-                       f"images of {len(data.preserved)} concepts ({', '.join(data.preserved)}).")
-            gallery = write_gallery(run_dir, data_gallery(prep["components"], data, forget), summary)
-        return {"gallery": gallery, "summary": summary}
+            return make_data(job, settings, run_dir)
 
     return fn
+
+
+def make_data(job: Job, settings: dict, run_dir: Path) -> dict:
+    """The data step's work (the run folder locked by the caller): the sets, with images done / total
+    as they are drawn, the review images and the gallery with its summary."""
+    from erasekit.erase.data import build_erase_data
+    from trainer.arguments import build_parser
+    from trainer.runner import prepare
+
+    # the data are the same for either method; they are made (and cached) the erasure trainer's way
+    argv = train_argv({**settings, "method": "inpo"}, run_dir, config=write_extra_config(run_dir, settings))
+    args = build_parser().parse_args(argv)
+    job.log(f"loading the base model {args.base or 'models/toy'}")
+    prep = prepare(args, log=job.log, with_data=False, check_fresh=False)
+    job.log(f"generating the forget and preserve sets of '{prep['target']}'")
+    data = build_erase_data(prep["components"], prep["target"], prep["data_config"], log=job.log,
+                            progress=lambda done, total: job.set_progress(done, total, unit="images"))
+    forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
+    write_review_images(run_dir, [_uint8(img) for img in forget], data.key)
+    summary = (f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve "
+               f"images of {len(data.preserved)} concepts ({', '.join(data.preserved)}).")
+    gallery = write_gallery(run_dir, data_gallery(prep["components"], data, forget), summary)
+    return {"gallery": gallery, "summary": summary}
 
 
 def decode_latents(components, latents, chunk: int = 16):
@@ -179,6 +183,10 @@ def train_job(settings: dict, run_dir: Path, resume: bool = False):
         from trainer.arguments import build_parser
         from trainer.runner import run_training
 
+        if not resume and not (run_dir / "data.safetensors").is_file():
+            # Start without Generate data: the data step's own work first, so the page counts its images
+            # (the training then reads the same sets from the run's cache) and shows them in step 3
+            make_data(job, settings, run_dir)
         extra = None if resume else write_extra_config(run_dir, settings)
         argv = train_argv({} if resume else settings, run_dir, resume=resume, config=extra)
         if resume and settings.get("steps"):

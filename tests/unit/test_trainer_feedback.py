@@ -161,3 +161,29 @@ def test_a_renamed_export_says_so(tmp_path):
     assert _renamed("erase-red-circle.safetensors", tmp_path / "erase-red-circle.safetensors") == ""
     said = _renamed("red circle (v2)", tmp_path / "red-circle-v2.safetensors")
     assert "Saved as `red-circle-v2.safetensors`" in said and "'red circle (v2)'" in said
+
+
+def test_start_without_data_counts_its_images_then_its_steps(toy, tmp_path, monkeypatch):
+    """Start pressed before Generate data: the job draws the data the data step's way (images done /
+    total, the gallery of step 3), then trains from the run's cache (steps done / total)."""
+    from trainer import jobs, runs, work
+
+    units = []
+    real = jobs.Job.set_progress
+
+    def recording(self, step, total, text=None, unit=None):
+        units.append((unit or "steps", total))
+        return real(self, step, total, text, unit)
+
+    monkeypatch.setattr(jobs.Job, "set_progress", recording)
+    settings = {"target": "red circle", "base": str(toy), "forget_images": 2, "images_per_concept": 1, "neighbours": 1,
+                "unrelated": 1, "data_steps": 2, "steps": 2, "lr": 0.01, "rank": 2, "sample_every": 0,
+                "checkpoint_every": 2, "threads": 1}
+    run = tmp_path / "no-data-first"
+    job = jobs.wait(jobs.submit("train", "train first", work.train_job(settings, run), run))
+    assert job.state == "done", job.message
+    assert ("images", 4) in units and units[-1] == ("steps", 2)  # 2 forget + 2 preserve images, then 2 steps
+    assert units.index(("images", 4)) < units.index(("steps", 2))
+    assert any("preserve images from" in line for line in job.lines)  # the training read the sets just made
+    items, summary = runs.read_gallery(run)
+    assert items and "forget images of 'red circle'" in summary
