@@ -18,6 +18,10 @@ def guideline_files() -> dict[str, str]:
     return find("guideline", "guideline", lambda p: p.endswith(".safetensors") and os.path.isfile(p))
 
 
+# what the list says while no guideline embedding is found: where they come from
+NO_GUIDELINE = "(none yet: train 'DAG guideline tokens' in the Erasekit trainer, Export, press R)"
+
+
 def load_guideline(embedding_name: str):
     from erasekit.dag.guideline import GuidelineEmbedding
 
@@ -119,7 +123,7 @@ SPECS = [
         display_name="Load Guideline Embedding",
         description="Loads a guideline embedding (learned tokens that find one concept in the image while sampling) "
                     "from the pack's models/guideline or ComfyUI's models/guideline.",
-        inputs=[Input("embedding_name", "COMBO", options=lambda: list(guideline_files()) or ["(none found)"],
+        inputs=[Input("embedding_name", "COMBO", options=lambda: list(guideline_files()) or [NO_GUIDELINE],
                       tooltip="A .safetensors guideline embedding made for the base model you sample with.")],
         outputs=[Output(GUIDELINE, "guideline")],
         function=load_guideline,
@@ -146,9 +150,13 @@ SPECS = [
             Input("warmup", "FLOAT", default=0.1, min=0.0, max=1.0, step=0.01,
                   tooltip="Fraction of the steps before guidance starts (paper: 5 of 50)."),
             Input("unsafe_threshold", "FLOAT", default=0.5, min=0.0, max=1.0, step=0.01,
-                  tooltip="Detection map level that marks an unsafe region (AreaScaler, paper 0.5)."),
+                  tooltip="How sure the detector must be that a pixel shows the concept for it to count toward the "
+                          "region's size, which sets how strongly the region is edited (the paper's 0.5; its "
+                          "'AreaScaler'). Lower counts more of the image as the concept."),
             Input("edit_threshold", "FLOAT", default=0.01, min=0.0, max=1.0, step=0.005,
-                  tooltip="Detection map level where edits may happen (EditMask, paper 0.01)."),
+                  tooltip="Pixels whose detection is above this may be edited, the rest of the image stays as "
+                          "it was (the paper's 0.01; its 'EditMask'). Higher edits a tighter area around the "
+                          "concept."),
             Input("sld_preset", "COMBO", options=["weak", "medium", "strong", "max"], default="medium",
                   tooltip="Only for mode SLD."),
             Input("sega_mask", "FLOAT", default=0.0, min=0.0, max=0.99, step=0.05, optional=True,

@@ -9,6 +9,8 @@ import os
 from .spec import Input, NodeSpec, Output, file_stamp
 
 ARCH_KEY = "erasekit_architecture"
+# what the list says while ComfyUI's models/loras holds no LoRA: where erasure LoRAs come from
+NO_LORA = "(no LoRA yet: make one with the Erasekit trainer, Export it, press R)"
 
 
 def lora_names() -> list[str]:
@@ -72,6 +74,10 @@ def load_erasure_lora(model, lora_name: str, strength_model: float, strength_cli
 
     from erasekit import checkpoints, lora_io
 
+    if lora_name == NO_LORA:
+        raise ValueError("No LoRA in ComfyUI's models/loras yet. Make an erasure LoRA with the Erasekit trainer "
+                         "(make trainer: Generate data, Start, then Export into ComfyUI models/loras), or copy a "
+                         ".safetensors LoRA into models/loras; then press R to refresh the list and pick it.")
     path = _lora_path(lora_name)
     if path is None:
         raise ValueError(f"No LoRA named '{lora_name}' in ComfyUI's models/loras; refresh the list or copy the file there.")
@@ -109,12 +115,19 @@ SPECS = [
                     "Refuses a LoRA made for another base model and shows what the LoRA erases.",
         inputs=[
             Input("model", "MODEL"),
-            Input("lora_name", "COMBO", options=lora_names, tooltip="Files in ComfyUI's models/loras."),
-            Input("strength_model", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.01),
-            Input("strength_clip", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.01),
+            Input("lora_name", "COMBO", options=lambda: lora_names() or [NO_LORA],
+                  tooltip="The LoRA files in ComfyUI's models/loras. The Erasekit trainer's Export puts erasure "
+                          "LoRAs there; press R after exporting to see a new one."),
+            Input("strength_model", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.01,
+                  tooltip="How much of the LoRA goes into the image model: 1 erases the concept, 0 is the model as "
+                          "it was; between them keeps more of what is near the concept and erases less."),
+            Input("strength_clip", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.01,
+                  tooltip="The same for the text encoder, when the LoRA has text-encoder weights (Erasekit's INPO "
+                          "LoRAs have none: this then does nothing)."),
             Input("clip", "CLIP", optional=True, tooltip="Also patch the text encoder when the LoRA has text-encoder weights."),
         ],
-        outputs=[Output("MODEL", "model"), Output("CLIP", "clip"), Output("STRING", "info", "What the LoRA erases.")],
+        outputs=[Output("MODEL", "model"), Output("CLIP", "clip"), Output("STRING", "info", "What the LoRA erases, how, for which model; connect "
+                                                        "'Preview as Text' to read it.")],
         function=load_erasure_lora,
         fingerprint=lambda lora_name=None, **_: file_stamp(_lora_path(lora_name)),  # re-exported under its name
         wants_node_id=True,

@@ -104,6 +104,8 @@ def run_browser_flow(out: str, screenshots: str, threads: int = 2) -> dict:
     try:
         driver.get(demo.local_url)
         b.until(lambda: "Erasekit toy model" in b.text(driver, "arch"), 90, "the page")
+        b.field(driver, "f-target", 120)  # the fields are drawn (a loaded CPU draws them seconds after the title)
+        b.until(lambda: b.text(driver, "job-status").startswith("No job running"), 60, "the page's first poll")
         shot("1-start")
         t0 = time.time()
         b.click(driver, "generate-data")

@@ -16,6 +16,34 @@ import os
 from tools import REPO
 
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "LATENT", "CONDITIONING"}
+NOTE_TYPES = ("Note", "MarkdownNote")  # the front end's own nodes: drawn, never queued
+
+# The Note at the top left of each template: what to do first, in a user's words. ComfyUI's Templates
+# dialog shows a custom node's template by its file name with <name>.jpg beside it (no title or
+# description field for them), so the Note is where a template explains itself.
+NOTES = {
+    "erasure_lora_before_after": (
+        "ERASURE LoRA: BEFORE | AFTER\n\n"
+        "What to do first:\n"
+        "1. Make an erasure LoRA with the Erasekit trainer (make trainer, or python -m trainer app): "
+        "Generate data, Start, then Export into 'ComfyUI models/loras'.\n"
+        "2. Press R here to refresh the lists and pick your LoRA in both Load Erasure LoRA nodes.\n"
+        "3. Queue. Left: strength 0 (the model as it was); right: strength 1 (the concept erased), same seed.\n\n"
+        "'Preview as Text' shows what the LoRA erases. The model is the bundled toy model; for your own "
+        "checkpoint use Load Checkpoint instead of Load Diffusers Model."),
+    "detect_and_guide": (
+        "DETECT-AND-GUIDE: SAFE SAMPLING WITHOUT RETRAINING\n\n"
+        "What to do first: nothing to train. The toy model and its 'red circle' guideline embedding ship "
+        "with the pack: press Queue and the red circle turns into something else while the blue square stays.\n\n"
+        "Your own concept: train 'DAG guideline tokens' in the Erasekit trainer, Export into ComfyUI, "
+        "press R and pick it in Load Guideline Embedding. Raise Strength when small objects survive."),
+    "detect_and_guide_side_by_side": (
+        "DETECT-AND-GUIDE, SIDE BY SIDE\n\n"
+        "What to do first: press Queue. Same prompt and seed: left plain sampling, right with "
+        "Detect-and-Guide; the live detection map is drawn on the node while it samples.\n\n"
+        "Your own concept: train 'DAG guideline tokens' in the Erasekit trainer, Export into ComfyUI, "
+        "press R and pick it in Load Guideline Embedding."),
+}
 
 
 def _inputs(node_cls) -> list[tuple[str, object, dict]]:
@@ -38,8 +66,9 @@ def _is_widget(kind, opts) -> bool:
     return kind in ("INT", "FLOAT", "STRING", "BOOLEAN") and not opts.get("forceInput")
 
 
-def api_to_ui(graph: dict, node_classes: dict) -> dict:
-    """UI-format workflow (nodes laid out left to right by depth) for an API-format graph."""
+def api_to_ui(graph: dict, node_classes: dict, note: str | None = None) -> dict:
+    """UI-format workflow (nodes laid out left to right by depth) for an API-format graph; ``note``:
+    a Note node above them (what to do first)."""
     depth: dict[str, int] = {}
 
     def d(nid):
@@ -78,7 +107,17 @@ def api_to_ui(graph: dict, node_classes: dict) -> dict:
         types = _output_types(node_classes[n["type"]])
         n["outputs"] = [{"name": t, "type": t, "links": out_links.get((str(n["id"]), i), []), "slot_index": i}
                         for i, t in enumerate(types)]
-    return {"last_node_id": max(int(k) for k in graph), "last_link_id": len(links), "nodes": nodes, "links": links,
+    last = max(int(k) for k in graph)
+    if note:
+        for n in nodes:
+            n["pos"][1] += 200
+        last += 1
+        nodes.insert(0, {"id": last, "type": "Note", "pos": [40, 10], "size": [620, 170], "flags": {}, "order": 0,
+                         "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [note],
+                         "color": "#432", "bgcolor": "#653"})
+        for i, n in enumerate(nodes):
+            n["order"] = i
+    return {"last_node_id": last, "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
@@ -91,6 +130,8 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
     links = {link[0]: link for link in workflow["links"]}
     graph = {}
     for n in workflow["nodes"]:
+        if n["type"] in NOTE_TYPES:
+            continue
         cls = node_classes[n["type"]]
         linked = {i["name"]: links[i["link"]] for i in n.get("inputs", []) if i.get("link") is not None}
         values = list(n.get("widgets_values", []))
@@ -111,10 +152,11 @@ def example_graphs() -> dict[str, dict]:
     from tools.graphs import dag_graph, lora_before_after_graph, single_dag_graph
 
     # Detect-and-Guide at the node's defaults (strength 1, the paper's scale), as `make demo`
+    lora = lora_before_after_graph("toy", "erase-red-circle.safetensors", "a red circle and a blue square")
+    lora["50"] = {"class_type": "PreviewAny", "inputs": {"source": ["40", 2]}}  # the after branch's LoRA: its info
     return {
         # the trainer app's default export (runs/... or ComfyUI's models/loras): erase-red-circle.safetensors
-        "erasure_lora_before_after": lora_before_after_graph("toy", "erase-red-circle.safetensors",
-                                                             "a red circle and a blue square"),
+        "erasure_lora_before_after": lora,
         "detect_and_guide": single_dag_graph("toy", "a red circle and a blue square", "toy-red-circle.safetensors"),
         "detect_and_guide_side_by_side": dag_graph("toy", "a red circle and a blue square", "toy-red-circle.safetensors"),
     }
@@ -128,7 +170,7 @@ def main() -> None:
     os.makedirs(folder, exist_ok=True)
     for name, graph in example_graphs().items():
         with open(os.path.join(folder, f"{name}.json"), "w") as f:
-            json.dump(api_to_ui(graph, comfy.nodes.NODE_CLASS_MAPPINGS), f, indent=1)
+            json.dump(api_to_ui(graph, comfy.nodes.NODE_CLASS_MAPPINGS, NOTES[name]), f, indent=1)
         print("wrote", os.path.join(folder, f"{name}.json"))
 
 

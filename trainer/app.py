@@ -23,7 +23,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from erasekit.dag.fit import GUIDELINE_IMAGES  # noqa: E402
 from erasekit.erase.images import IMAGE_EXTENSIONS  # noqa: E402
-from erasekit.erase.state import read_metrics  # noqa: E402
 from erasekit.errors import ErasekitError  # noqa: E402
 from trainer import estimate, jobs, runs, work  # noqa: E402
 from trainer.fields import (  # noqa: E402
@@ -37,6 +36,7 @@ from trainer.fields import (  # noqa: E402
     UPLOAD_MB,
 )
 from trainer.review import ReviewHandlers  # noqa: E402
+from trainer.words import page_words  # noqa: E402
 
 
 def _run_steps(run_dir) -> str:
@@ -152,7 +152,7 @@ class TrainerApp(ReviewHandlers):
                 shapes, _ = checkpoints.read_header(base, "checkpoint")
                 arch = checkpoints.detect_architecture(shapes, base)
         except ErasekitError as err:
-            return f"**Error:** {err}"
+            return f"**Error:** {page_words(err)}"
         return f"Architecture: **{arch.title}** (`{arch.name}`)."
 
     def concept_type_changed(self, concept_type, base=None):
@@ -160,6 +160,24 @@ class TrainerApp(ReviewHandlers):
         preset_name = PRESET_OF_TYPE[concept_type]
         return (target, anchor, "\n".join(self._suggested(target)), preset_name,
                 *self.preset_changed(preset_name, base), f"erase-{jobs.slug(target)}")
+
+    def concept_note(self, concept_type, base=None):
+        """A warning under step 2 when the base model cannot draw this kind of concept (also a toast)."""
+        import gradio as gr
+
+        from trainer.help import concept_warning
+
+        note = concept_warning(concept_type, self._is_toy(base or self.base))
+        if note:
+            gr.Warning(note.replace("**", ""))
+        return note
+
+    def strength_changed(self, strength, preset_name, base=None):
+        """(steps, lambda_prior) of the preset at a strength: gentle, default or strong (:mod:`trainer.help`)."""
+        from erasekit.erase.inpo import preset
+        from trainer.help import strength_values
+
+        return strength_values(preset(preset_name or "object", toy=self._is_toy(base or self.base)), strength)
 
     def preset_changed(self, name, base=None):
         from erasekit.erase.inpo import preset
@@ -210,8 +228,8 @@ class TrainerApp(ReviewHandlers):
             folder = self.run_dir(run_name) / "uploads" / "forget"
             self._check_upload(folder.parent.parent, files)
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return f"**Error:** {err}"
+            gr.Warning(page_words(err))
+            return f"**Error:** {page_words(err)}"
         shutil.rmtree(folder, ignore_errors=True)
         # the data cache is keyed by the folder's path, not its files: new uploads mean new data
         (folder.parent.parent / "data.safetensors").unlink(missing_ok=True)
@@ -269,8 +287,8 @@ class TrainerApp(ReviewHandlers):
             s = self.settings(values)
             run_dir = self.run_dir(s["run_name"])
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return f"**Error:** {err}", 0
+            gr.Warning(page_words(err))
+            return f"**Error:** {page_words(err)}", 0
         return self._submit("data", f"data for '{s['target']}' in {run_dir.name}", work.data_job(s, run_dir), run_dir)
 
     def start_training(self, *values):
@@ -294,8 +312,8 @@ class TrainerApp(ReviewHandlers):
                 raise ErasekitError(f"The run '{run_dir.name}' holds guideline tokens; give the INPO training its own "
                                     "run name (step 2).")
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return f"**Error:** {err}", 0
+            gr.Warning(page_words(err))
+            return f"**Error:** {page_words(err)}", 0
         return self._submit("train", f"training '{s['target']}' in {run_dir.name}", work.train_job(s, run_dir), run_dir)
 
     def resume_training(self, run_name, steps, stop_when_erased=None):
@@ -315,8 +333,8 @@ class TrainerApp(ReviewHandlers):
                                     f"({at}); set Steps to the total you want it to train (it was made with "
                                     f"{_run_steps(run_dir)}).")
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return f"**Error:** {err}", 0
+            gr.Warning(page_words(err))
+            return f"**Error:** {page_words(err)}", 0
         s = {"steps": int(steps) if steps else None, "threads": self.threads,
              # ticked: turn it on; unticked (also what a reloaded page shows): the run keeps its own setting
              "stop_when_erased": True if stop_when_erased else None}
@@ -339,8 +357,8 @@ class TrainerApp(ReviewHandlers):
                 raise ErasekitError(f"The run '{run_dir.name}' has no exported LoRA or guideline embedding yet; train it "
                                     "to the end first.")
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return f"**Error:** {err}", 0
+            gr.Warning(page_words(err))
+            return f"**Error:** {page_words(err)}", 0
         return self._submit("check", f"before/after check of {run_dir.name}",
                             work.check_job(run_dir, int(seeds or 4), int(steps or 20),
                                            strength=1.0 if strength is None else float(strength)), run_dir)
@@ -366,15 +384,16 @@ class TrainerApp(ReviewHandlers):
                 runs.export_lora(run_dir, dest, name, description or "", license or "", bool(overwrite),
                                  webui_card=into_webui)
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return f"**Error:** {err}", ""
+            gr.Warning(page_words(err))
+            return f"**Error:** {page_words(err)}", ""
+        renamed = _renamed(lora_name or run_dir.name, path)
         if guideline and into_webui:
-            return (f"Exported **{path}** (guideline embedding for Detect-and-Guide).\n\nIn Automatic1111: open the "
+            return (f"Exported **{path}** (guideline embedding for Detect-and-Guide).{renamed}\n\nIn Automatic1111: open the "
                     f"**Detect-and-Guide (Erasekit)** section of txt2img or img2img and pick `{path.name}` (a restarted "
                     "web UI lists new files)."), str(path)
         if into_webui:
             return (f"Exported **{path}** with its card `{path.with_suffix('.json').name}` (model card: "
-                    f"`{path.with_suffix('.md').name}`).\n\nIn Automatic1111 / Forge: press Refresh on the **Lora** tab "
+                    f"`{path.with_suffix('.md').name}`).{renamed}\n\nIn Automatic1111 / Forge: press Refresh on the **Lora** tab "
                     f"and click the card, or add `<lora:{path.stem}:1>` to the prompt; strength 1 erases the concept."), \
                 str(path)
         if guideline:
@@ -383,13 +402,13 @@ class TrainerApp(ReviewHandlers):
             how = (f"In ComfyUI: **Load Guideline Embedding** (Erasekit) lists `{path.relative_to(folder) if inside else path.name}`"
                    + ("" if inside else " once the file is in ComfyUI's `models/guideline` folder")
                    + "; connect it to **Detect-and-Guide** between the checkpoint loader and the KSampler.")
-            return f"Exported **{path}** (guideline embedding for Detect-and-Guide).\n\n{how}", str(path)
+            return f"Exported **{path}** (guideline embedding for Detect-and-Guide).{renamed}\n\n{how}", str(path)
         in_comfy = self.comfyui is not None and (self.comfyui / "models" / "loras").resolve() in path.parents
         how = (f"In ComfyUI: add **Load Erasure LoRA** (Erasekit) or **LoraLoader** after the checkpoint loader and pick "
                f"`{path.relative_to((self.comfyui / 'models' / 'loras').resolve()) if in_comfy else path.name}`"
                + ("" if in_comfy else " after copying the file into ComfyUI's `models/loras` folder")
                + "; strength 1.0 erases the concept.")
-        return f"Exported **{path}** (model card: `{path.with_suffix('.md').name}`).\n\n{how}", str(path)
+        return f"Exported **{path}** (model card: `{path.with_suffix('.md').name}`).{renamed}\n\n{how}", str(path)
 
     def save_settings(self, file_name, *values):
         import gradio as gr
@@ -406,8 +425,8 @@ class TrainerApp(ReviewHandlers):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_toml(path, {"app": {k: v for k, v in s.items() if v not in (None, "")}})
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return f"**Error:** {err}"
+            gr.Warning(page_words(err))
+            return f"**Error:** {page_words(err)}"
         return f"Settings saved to `{path}`."
 
     def load_settings(self, file_name):
@@ -420,8 +439,8 @@ class TrainerApp(ReviewHandlers):
             tables = read_config(path)
             values = page_values(tables, path)
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return [gr.skip()] * len(KEYS) + [f"**Error:** {err}"]
+            gr.Warning(page_words(err))
+            return [gr.skip()] * len(KEYS) + [f"**Error:** {page_words(err)}"]
         return [values.get(k, gr.skip()) if k in values else gr.skip() for k in KEYS] + [f"Settings loaded from `{path}`."]
 
     def job_status(self, job_id: int = 0) -> dict:
@@ -433,62 +452,10 @@ class TrainerApp(ReviewHandlers):
                 "text": job.describe(), "result": _plain(job.result)}
 
     def poll(self, seen, run_name):
-        """The page's view of the current job: status, log, loss plot, preview, step results, runs."""
-        import gradio as gr
-        import pandas as pd
+        """The page's view of jobs and the run on screen, every second (:func:`trainer.view.poll`)."""
+        from trainer import view
 
-        seen = dict(seen or {})
-        job = jobs.current()
-        status = job.describe() if job else "No job yet: generate data or start a training."
-        if job is not None and job.state == "error":
-            status = f"**Error:** {job.message}"
-        log = "\n".join(job.lines[-60:]) if job else ""
-        try:
-            run_dir = Path(job.run_dir) if job and job.run_dir else self.run_dir(run_name)
-        except ErasekitError:
-            run_dir = None
-        out = {}
-        metrics = read_metrics(run_dir) if run_dir else []
-        key = (str(run_dir), len(metrics))
-        if seen.get("plot") != repr(key):
-            seen["plot"] = repr(key)
-            rows = [m for m in metrics if m.get("loss") is not None]
-            out["plot"] = pd.DataFrame({"step": [m["step"] for m in rows], "loss": [m["loss"] for m in rows]})
-        preview = runs.latest_preview(run_dir) if run_dir else None
-        try:
-            pkey = f"{preview}:{preview.stat().st_mtime if preview else 0}"
-        except OSError:  # removed since it was listed
-            preview, pkey = None, "None:0"
-        if seen.get("preview") != pkey:
-            seen["preview"] = pkey
-            image = runs.open_image(preview) if preview else None  # a torn or corrupt PNG: no preview
-            out["preview"] = image
-            out["preview_caption"] = (f"Preview `{_shown_path(preview, self.root)}`" if image is not None
-                                      else "No preview yet.")
-        for kind in ("data", "check"):
-            j = jobs.latest(kind)
-            v = f"{j.id}:{j.state}" if j else ""
-            if seen.get(kind) != v:
-                seen[kind] = v
-                res = j.result if j is not None and j.state == "done" else None
-                if kind == "data":  # a finished job keeps the files' paths; the images are read here
-                    shown = [(runs.open_image(p), caption) for p, caption in res["gallery"]] if res else []
-                    out["gallery"] = [(img, caption) for img, caption in shown if img is not None] or None
-                    out["data_summary"] = res["summary"] if res else ""
-                else:
-                    out["grid"] = runs.open_image(res["grid"]) if res else None
-                    out["counts"] = pd.DataFrame(res["rows"] if res else [],
-                                                 columns=["row", "prompt", "judged concept", "before", "after"])
-        rows = runs.list_runs(self.root)
-        rkey = repr(rows)
-        if seen.get("runs") != rkey:
-            seen["runs"] = rkey
-            out["runs"] = pd.DataFrame(rows, columns=["run", "target", "steps", "status", "output"])
-        if seen.get("status") != status:  # the line under the Start button follows the job, leaving a warning be
-            seen["status"] = status
-            out["action"] = status
-        names = ["plot", "preview", "preview_caption", "gallery", "data_summary", "grid", "counts", "runs", "action"]
-        return [status, log] + [out[n] if n in out else gr.skip() for n in names] + [seen]
+        return view.poll(self, seen, run_name)
 
     def build(self):
         from trainer.page import build_page
@@ -496,12 +463,15 @@ class TrainerApp(ReviewHandlers):
         return build_page(self)
 
 
-def _shown_path(path: Path, root: Path) -> str:
-    """``path`` relative to the output root where it is inside it (a run given by an absolute path may not be)."""
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
+def _renamed(asked: str, path: Path) -> str:
+    """A sentence when the exported file's name is not the name typed (characters a file name cannot
+    have were replaced); "" when it is."""
+    asked = asked.strip()
+    asked = asked[: -len(".safetensors")] if asked.endswith(".safetensors") else asked
+    if asked == path.stem:
+        return ""
+    return (f" **Saved as `{path.name}`**: the name '{asked}' has characters a file name here cannot have; "
+            f"look for `{path.stem}` in the LoRA list.")
 
 
 def folder_architecture(base: str):

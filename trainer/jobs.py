@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erasekit.errors import ErasekitError
+from trainer.progress import Progress
 
 _ids = itertools.count(1)
 _lock = threading.Lock()
@@ -48,14 +49,18 @@ class Job:
     started: float = 0.0
     finished: float = 0.0
     version: int = 0  # bumped on every change, so the page re-renders only what changed
+    progress: Progress = field(default_factory=Progress)  # done / total with the phase's rate (ETA)
 
     def log(self, text: str) -> None:
         self.lines.append(f"[{time.strftime('%H:%M:%S')}] {text}")
         del self.lines[:-300]
         self.version += 1
 
-    def set_progress(self, step: int, total: int, text: str | None = None) -> None:
-        self.step, self.total = step, total
+    def set_progress(self, step: float, total: int, text: str | None = None, unit: str | None = None) -> None:
+        """``step`` of ``total`` (``unit``: "steps", the default, or "images"; a new total or unit starts
+        a new phase, whose rate gives the time left)."""
+        self.progress.update(step, total, unit)
+        self.step, self.total = int(step), total
         if text:
             self.log(text)
         self.version += 1
@@ -70,8 +75,8 @@ class Job:
         if self.state == "queued":
             return f"Waiting: {what}."
         if self.state == "running":
-            pct = f" step {self.step}/{self.total}" if self.total else ""
-            return f"Running: {what}{pct}, {time.time() - self.started:.0f} s."
+            where = self.progress.text()
+            return f"Running: {what}" + (f": {where}" if where else "") + f" ({time.time() - self.started:.0f} s so far)."
         if self.state == "error":
             return f"Error in {what}: {self.message}"
         return f"{self.state.capitalize()}: {what}" + (f": {self.message}" if self.message else ".")

@@ -7,7 +7,10 @@ from __future__ import annotations
 from erasekit.erase.images import IMAGE_EXTENSIONS
 from trainer.convert_page import build_convert_section
 from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, with_signature
+from trainer.help import HELP, STRENGTH_HELP, STRENGTHS
+from trainer.plots import LOSS_COLOURS, SIGNAL_COLOURS
 from trainer.runs import REPLACE_LABEL, WEBUI_ROOT
+from trainer.view import POLL_OUTPUTS
 
 
 def build_page(app):
@@ -39,7 +42,9 @@ def build_page(app):
                 comps["preserve"] = gr.Textbox("\n".join(app._suggested(d["target"])), lines=4, scale=4,
                                                label="Concepts to preserve (one a line)")
                 suggest_btn = gr.Button("Suggest", scale=1)
-            comps["run_name"] = gr.Textbox(d["run_name"], label="Run name", info=f"A folder under {app.root}.")
+            comps["run_name"] = gr.Textbox(d["run_name"], label="Run name",
+                                           info=f"{HELP['run_name']} Under {app.root}.")
+            concept_note = gr.Markdown(app.concept_note(d["concept_type"], d["base"]), elem_id="concept-note")
         with gr.Group():
             gr.Markdown("## 3. Data")
             with gr.Row():
@@ -61,7 +66,7 @@ def build_page(app):
                 upload_msg = gr.Markdown("")
             data_btn = gr.Button("Generate data", variant="secondary", elem_id="generate-data")
             data_summary = gr.Markdown("", elem_id="data-summary")
-            gallery = gr.Gallery(label="Forget (mask in red) and preserve images", columns=8, height=300,
+            gallery = gr.Gallery(label="Forget (mask outlined) and preserve images", columns=8, height=300,
                                  elem_id="data-gallery")
             with gr.Accordion("Review the forget images: fix a mask with the brush, remove an image", open=False,
                               elem_id="review"):
@@ -83,7 +88,9 @@ def build_page(app):
                                               info="Guideline tokens use the forget images (with masks) and a few "
                                                    "safe images; they train in seconds.")
                 comps["preset"] = gr.Dropdown(["object", "character", "style", "nsfw"], value=d["preset"],
-                                              label="Preset (INPO Table 6)")
+                                              label="Preset (the paper's settings for this kind of concept)")
+                strength = gr.Radio(list(STRENGTHS), value="default", label="Strength", info=STRENGTH_HELP,
+                                    elem_id="strength")
                 comps["steps"] = gr.Number(d["steps"], label="Steps", precision=0)
             with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
                 with gr.Row():
@@ -95,10 +102,7 @@ def build_page(app):
                         comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
                                              precision=0 if k in INT_KEYS else None)
                 comps["stop_when_erased"] = gr.Checkbox(
-                    d["stop_when_erased"], label=dict((a, b) for a, b, _ in FIELDS)["stop_when_erased"],
-                    info="End once the method counts the concept as erased (INPO: dS above tau on a quarter of the last "
-                         "20 steps); later steps mostly wear down what must be kept. Resume: ticked turns it on; "
-                         "unticked keeps the run's own setting.")
+                    d["stop_when_erased"], label=dict((a, b) for a, b, _ in FIELDS)["stop_when_erased"])
                 with gr.Row():
                     settings_file = gr.Textbox("settings.toml", label="Settings file (under the output root)")
                     save_btn = gr.Button("Save settings")
@@ -112,7 +116,16 @@ def build_page(app):
             action = gr.Markdown("", elem_id="action")
             job_id = gr.Number(0, visible=False, precision=0)
             with gr.Row():
-                plot = gr.LinePlot(x="step", y="loss", label="Loss", height=260, elem_id="loss-plot")
+                plot = gr.LinePlot(x="step", y="value", color="series", x_title="training step",
+                                   label="Loss (blue: each step; orange: smoothed)", color_map=LOSS_COLOURS,
+                                   y_title="loss", height=320,
+                                   elem_id="loss-plot")
+                with gr.Column():
+                    signal = gr.LinePlot(x="step", y="value", color="series", color_map=SIGNAL_COLOURS,
+                                         label="Erasure signal (blue: each step; orange: smoothed; red: the line)",
+                                         x_title="training step", y_title="Delta S", height=320, elem_id="signal-plot")
+                    signal_note = gr.Markdown("", elem_id="signal-note")
+            with gr.Row():
                 with gr.Column():
                     preview = gr.Image(label="Latest preview (rows: prompts, columns: seeds)", type="pil",
                                        height=260, elem_id="preview")
@@ -129,6 +142,7 @@ def build_page(app):
                                            info="The LoRA's weight (as in a LoRA loader), or Detect-and-Guide's "
                                                 "strength (1 = the paper; raise it for small objects)")
                 check_btn = gr.Button("Check", elem_id="check")
+            check_msg = gr.Markdown("", elem_id="check-msg")
             grid = gr.Image(label="Before | after", type="numpy", elem_id="check-grid")
             counts = gr.Dataframe(headers=["row", "prompt", "judged concept", "before", "after"], label="Judge counts",
                                   interactive=False, elem_id="check-counts")
@@ -158,8 +172,11 @@ def build_page(app):
             runs_table = gr.Dataframe(headers=["run", "target", "steps", "status", "output"], interactive=False,
                                 elem_id="runs")
             refresh_btn = gr.Button("Refresh")
-        for k, comp in comps.items():  # stable ids for the browser tests and user CSS
+        for k, comp in comps.items():  # stable ids for the browser tests and user CSS; plain words under each
             comp.elem_id = comp.elem_id or f"f-{k}"
+            if not getattr(comp, "info", None) and k in HELP:
+                comp.info = HELP[k]
+        trained = gr.Number(0, visible=False, precision=0)  # finished trainings: the estimate reads them again
         seen = gr.State({})
         timer = gr.Timer(1.0)
 
@@ -167,6 +184,12 @@ def build_page(app):
         sig = {"defaults": d}
         detect_btn.click(app.detect, comps["base"], arch, api_name="detect_model")
         comps["base"].change(app.detect, comps["base"], arch, api_name=False)
+        for k in ("concept_type", "base"):
+            comps[k].change(app.concept_note, [comps["concept_type"], comps["base"]], concept_note, api_name=False)
+        strength.input(app.strength_changed, [strength, comps["preset"], comps["base"]],
+                       [comps["steps"], comps["lambda_prior"]], api_name="strength")
+        for k in ("preset", "concept_type"):  # they set the preset's own numbers: the strength is its default again
+            comps[k].input(lambda: "default", None, strength, api_name=False)
         comps["concept_type"].input(
             app.concept_type_changed, [comps["concept_type"], comps["base"]],
             [comps["target"], comps["anchor"], comps["preserve"], comps["preset"], comps["steps"], comps["rank"],
@@ -184,23 +207,29 @@ def build_page(app):
                             api_name="review_remove")
         suggest_btn.click(app.suggest_preserve, [comps["target"], comps["neighbours"], comps["unrelated"]],
                           comps["preserve"], api_name="suggest_preserve")
-        for k in ("steps", "batch_size", "sample_every"):
-            comps[k].change(app.estimate, [comps["base"], comps["steps"], comps["batch_size"], comps["sample_every"]],
-                            estimate, api_name=False)
-        data_btn.click(with_signature(app.generate_data, KEYS, **sig), inputs, [action, job_id], api_name="generate_data")
+        estimate_in = [comps["base"], comps["steps"], comps["batch_size"], comps["sample_every"]]
+        for trigger in (comps["base"], comps["steps"], comps["batch_size"], comps["sample_every"], trained):
+            trigger.change(app.estimate, estimate_in, estimate, api_name=False)
+        data_btn.click(with_signature(app.generate_data, KEYS, **sig), inputs, [data_summary, job_id],
+                       api_name="generate_data")
         start_btn.click(with_signature(app.start_training, KEYS, **sig), inputs, [action, job_id],
                         api_name="start_training")
         stop_btn.click(app.stop, None, action, api_name="stop")
         resume_btn.click(app.resume_training, [comps["run_name"], comps["steps"], comps["stop_when_erased"]], [action, job_id],
                          api_name="resume")
-        check_btn.click(app.check, [comps["run_name"], check_seeds, check_steps, check_strength], [action, job_id],
+        check_btn.click(app.check, [comps["run_name"], check_seeds, check_steps, check_strength], [check_msg, job_id],
                         api_name="check")
         export_btn.click(app.export, [comps["run_name"], lora_name, description, license_, destination, folder, overwrite],
                          [export_msg, export_path], api_name="export")
         save_btn.click(with_signature(app.save_settings, ["file_name"] + KEYS, {"file_name": "settings.toml", **d}),
                        [settings_file] + inputs, settings_msg, api_name="save_settings")
         load_btn.click(app.load_settings, settings_file, inputs + [settings_msg], api_name="load_settings")
-        poll_out = [status, log, plot, preview, preview_caption, gallery, data_summary, grid, counts, runs_table, action, seen]
+        parts = {"status": status, "log": log, "plot": plot, "preview": preview, "preview_caption": preview_caption,
+                 "gallery": gallery, "data_summary": data_summary, "grid": grid, "counts": counts, "runs": runs_table,
+                 "action": action, "check_msg": check_msg, "signal": signal, "signal_note": signal_note,
+                 "data_btn": data_btn, "start_btn": start_btn, "stop_btn": stop_btn, "resume_btn": resume_btn,
+                 "check_btn": check_btn, "export_btn": export_btn, "trained": trained}
+        poll_out = [parts[n] for n in POLL_OUTPUTS] + [seen]
         timer.tick(app.poll, [seen, comps["run_name"]], poll_out, api_name="poll", show_progress="hidden",
                    concurrency_limit=None)
         refresh_btn.click(lambda run_name: app.poll({}, run_name), [comps["run_name"]], poll_out,

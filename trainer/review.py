@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from erasekit.errors import ErasekitError
 from trainer import runs
+from trainer.words import page_words
 
 
 class ReviewHandlers:
@@ -36,8 +37,8 @@ class ReviewHandlers:
         try:
             return self._editor_value(self.run_dir(run_name), index or 1)
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return gr.skip(), f"**Error:** {err}"
+            gr.Warning(page_words(err))
+            return gr.skip(), f"**Error:** {page_words(err)}"
 
     def review_save(self, run_name, index, editor):
         """The editor's layer (any painted pixel) becomes the mask of forget image ``index``."""
@@ -53,8 +54,8 @@ class ReviewHandlers:
             mask = layer[..., 3] > 0 if layer.ndim == 3 and layer.shape[-1] == 4 else layer.reshape(layer.shape[:2]) > 0
             frac = runs.save_forget_mask(run_dir, index or 1, mask)
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return f"**Error:** {err}"
+            gr.Warning(page_words(err))
+            return f"**Error:** {page_words(err)}"
         return (f"Saved the mask of image {int(index or 1)} ({frac:.0%} of the image). Training uses it as long as the "
                 "data settings stay the same (changing them makes new data).")
 
@@ -67,6 +68,6 @@ class ReviewHandlers:
             left = runs.remove_forget_image(run_dir, index or 1)
             value, shown = self._editor_value(run_dir, min(int(index or 1), left))
         except ErasekitError as err:
-            gr.Warning(str(err))
-            return gr.skip(), gr.skip(), f"**Error:** {err}"
+            gr.Warning(page_words(err))
+            return gr.skip(), gr.skip(), f"**Error:** {page_words(err)}"
         return value, min(int(index or 1), left), f"Removed image {int(index or 1)}; {left} remain. " + shown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -204,16 +205,71 @@ def save_image(path, image) -> Path:
 
 
 GALLERY = "gallery"  # <run>/gallery/NNN.png: the data step's gallery (forget images with masks, preserve images)
+GALLERY_INDEX = "captions.json"  # <run>/gallery/captions.json: the captions, the summary, the data's key
 
 
-def write_gallery(run_dir, items) -> list:
-    """Save the gallery's (uint8 image, caption) pairs as ``<run>/gallery/NNN.png``, replacing old ones;
-    returns [(path, caption)]: what a finished data job keeps instead of the images."""
+def write_gallery(run_dir, items, summary: str = "") -> list:
+    """Save the gallery's (uint8 image, caption) pairs as ``<run>/gallery/NNN.png``, replacing old ones,
+    with their captions, ``summary`` and the key of the run's data cache (so a reloaded page shows
+    them while they still show that data); returns [(path, caption)]: what a finished data job keeps."""
     folder = Path(run_dir) / GALLERY
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.png"):
         old.unlink()
-    return [(str(save_image(folder / f"{i:03d}.png", img)), caption) for i, (img, caption) in enumerate(items)]
+    out = [(str(save_image(folder / f"{i:03d}.png", img)), caption) for i, (img, caption) in enumerate(items)]
+    index = {"captions": [c for _, c in out], "summary": summary, "key": data_key(run_dir)}
+    (folder / GALLERY_INDEX).write_text(json.dumps(index), encoding="utf-8")
+    return out
+
+
+def data_key(run_dir) -> str | None:
+    """The key of the run's data cache (``data.safetensors``), read from its header alone; None: no cache."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / "data.safetensors"
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("erasekit.data", "{}")).get("key")
+    except (OSError, ValueError, RuntimeError):  # missing, torn, not a cache: no data to show
+        return None
+
+
+def read_gallery(run_dir) -> tuple[list, str]:
+    """([(path, caption)], summary) of the run's gallery as the data step left it; ([], sentence) when
+    the run has data but no gallery of it (made by a training or the CLI, or remade since)."""
+    folder = Path(run_dir) / GALLERY
+    key = data_key(run_dir)
+    if key is None:
+        return [], ""
+    try:
+        index = json.loads((folder / GALLERY_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    captions = index.get("captions") if isinstance(index, dict) else None
+    if index.get("key") != key or not isinstance(captions, list):
+        return [], (f"The run '{Path(run_dir).name}' has data (data.safetensors) but no pictures of it here; press "
+                    "'Generate data' to show it (it is read from the run, not drawn again).")
+    items = [(str(folder / f"{i:03d}.png"), str(c)) for i, c in enumerate(captions)]
+    return [(p, c) for p, c in items if os.path.isfile(p)], str(index.get("summary") or "")
+
+
+CHECK_ROWS = "check.json"  # <run>/check.json: the judge's counts of the run's last check (beside check.png)
+
+
+def write_check_rows(run_dir, rows) -> None:
+    (Path(run_dir) / CHECK_ROWS).write_text(json.dumps(rows), encoding="utf-8")
+
+
+def read_check(run_dir) -> tuple[Path | None, list]:
+    """(check.png, its judge rows) of the run's last check; (None, []) when it has none."""
+    grid = Path(run_dir) / "check.png"
+    if not grid.is_file():
+        return None, []
+    try:
+        rows = json.loads((Path(run_dir) / CHECK_ROWS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        rows = []
+    return grid, rows if isinstance(rows, list) else []
 
 
 def open_image(path):

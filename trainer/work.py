@@ -19,7 +19,15 @@ from pathlib import Path
 from erasekit.errors import ErasekitError
 from trainer.jobs import Job
 from trainer.runner import writing_run
-from trainer.runs import find_guideline, find_lora, guideline_path, save_image, write_gallery, write_review_images
+from trainer.runs import (
+    find_guideline,
+    find_lora,
+    guideline_path,
+    save_image,
+    write_check_rows,
+    write_gallery,
+    write_review_images,
+)
 
 
 def train_argv(s: dict, out: str, resume: bool = False, config: str | None = None) -> list:
@@ -77,29 +85,33 @@ def data_job(settings: dict, run_dir: Path):
     is the gallery's files (``<run>/gallery/``) and a summary: a finished job keeps no image."""
 
     def fn(job: Job):
-        from trainer.arguments import build_parser
-        from trainer.runner import prepare
-
         with writing_run(run_dir, "data", job.log):
-            # the data are the same for either method; they are made (and cached) the erasure trainer's way
-            argv = train_argv({**settings, "method": "inpo"}, run_dir, config=write_extra_config(run_dir, settings))
-            args = build_parser().parse_args(argv)
-            job.log(f"loading the base model {args.base or 'models/toy'}")
-            prep = prepare(args, log=job.log, with_data=False, check_fresh=False)
-            data_config = prep["data_config"]
-            job.set_progress(0, 1, f"generating the forget and preserve sets of '{prep['target']}'")
-            from erasekit.erase.data import build_erase_data
-
-            data = build_erase_data(prep["components"], prep["target"], data_config, log=job.log)
-            forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
-            write_review_images(run_dir, [_uint8(img) for img in forget], data.key)
-            gallery = write_gallery(run_dir, data_gallery(prep["components"], data, forget))
-        job.set_progress(1, 1)
-        return {"gallery": gallery, "summary":
-                f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve images "
-                f"of {len(data.preserved)} concepts ({', '.join(data.preserved)})."}
+            return make_data(job, settings, run_dir)
 
     return fn
+
+
+def make_data(job: Job, settings: dict, run_dir: Path) -> dict:
+    """The data step's work (the run folder locked by the caller): the sets, with images done / total
+    as they are drawn, the review images and the gallery with its summary."""
+    from erasekit.erase.data import build_erase_data
+    from trainer.arguments import build_parser
+    from trainer.runner import prepare
+
+    # the data are the same for either method; they are made (and cached) the erasure trainer's way
+    argv = train_argv({**settings, "method": "inpo"}, run_dir, config=write_extra_config(run_dir, settings))
+    args = build_parser().parse_args(argv)
+    job.log(f"loading the base model {args.base or 'models/toy'}")
+    prep = prepare(args, log=job.log, with_data=False, check_fresh=False)
+    job.log(f"generating the forget and preserve sets of '{prep['target']}'")
+    data = build_erase_data(prep["components"], prep["target"], prep["data_config"], log=job.log,
+                            progress=lambda done, total: job.set_progress(done, total, unit="images"))
+    forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
+    write_review_images(run_dir, [_uint8(img) for img in forget], data.key)
+    summary = (f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve "
+               f"images of {len(data.preserved)} concepts ({', '.join(data.preserved)}).")
+    gallery = write_gallery(run_dir, data_gallery(prep["components"], data, forget), summary)
+    return {"gallery": gallery, "summary": summary}
 
 
 def decode_latents(components, latents, chunk: int = 16):
@@ -123,7 +135,7 @@ def _uint8(img):
 
 def data_gallery(components, data, forget_images, limit: int = 24) -> list:
     """(image uint8 [H, W, 3], caption) pairs: forget images (decoded already, ``[N, 3, H, W]``)
-    with the mask overlaid in red, then preserve images."""
+    with the mask outlined, then preserve images."""
     import torch
     import torch.nn.functional as F
 
@@ -132,15 +144,31 @@ def data_gallery(components, data, forget_images, limit: int = 24) -> list:
     images = forget_images[:n]
     masks = data.forget.masks[:n] if data.forget.masks is not None else torch.ones(n, 1, 1, 1)
     masks = F.interpolate(masks.float(), size=images.shape[-2:], mode="nearest")
-    red = torch.tensor([1.0, 0.1, 0.1])[None, :, None, None]
-    shown = images * (1 - 0.45 * masks) + red * 0.45 * masks
-    for img, prompt in zip(shown, data.forget.prompts[:n]):
-        out.append((_uint8(img), f"forget: {prompt} (mask in red)"))
+    for img, prompt in zip(outline_masks(images, masks), data.forget.prompts[:n]):
+        out.append((_uint8(img), f"forget: {prompt} (mask outlined)"))
     if data.preserve is not None and len(data.preserve):
         m = min(len(data.preserve), limit - len(out))
         for img, prompt in zip(decode_latents(components, data.preserve.latents[:m]), data.preserve.prompts[:m]):
             out.append((_uint8(img), f"preserve: {prompt}"))
     return out
+
+
+def outline_masks(images, masks):
+    """``images`` [N, 3, H, W] with each mask's edge drawn: white just inside it, black just outside,
+    so it shows on any colour of concept (a red tint vanished on a red circle). Inside stays as drawn;
+    outside is dimmed a little so the masked part stands out. A whole-image mask gets its frame."""
+    import torch
+    import torch.nn.functional as F
+
+    m = (masks[:, :1] >= 0.5).float()
+    w = max(1, images.shape[-1] // 64)  # the line's width: visible in a gallery thumbnail
+    padded = F.pad(m, (w, w, w, w), value=0.0)  # the image's border counts as outside
+    eroded = 1 - F.max_pool2d(1 - padded, 2 * w + 1, 1, 0)
+    dilated = F.max_pool2d(m, 2 * w + 1, 1, w)
+    inner, outer = m - eroded, dilated - m
+    shown = images * (m + (1 - m) * 0.6)
+    shown = shown * (1 - inner) + inner  # white
+    return shown * (1 - outer) + torch.zeros_like(shown) * outer  # black
 
 
 def train_job(settings: dict, run_dir: Path, resume: bool = False):
@@ -155,6 +183,10 @@ def train_job(settings: dict, run_dir: Path, resume: bool = False):
         from trainer.arguments import build_parser
         from trainer.runner import run_training
 
+        if not resume and not (run_dir / "data.safetensors").is_file():
+            # Start without Generate data: the data step's own work first, so the page counts its images
+            # (the training then reads the same sets from the run's cache) and shows them in step 3
+            make_data(job, settings, run_dir)
         extra = None if resume else write_extra_config(run_dir, settings)
         argv = train_argv({} if resume else settings, run_dir, resume=resume, config=extra)
         if resume and settings.get("steps"):
@@ -267,8 +299,13 @@ def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0, 
         seed_list = list(range(int(seeds)))
         flat_p = [p for _, p, _ in prompts for _ in seed_list]
         flat_s = seed_list * len(prompts)
-        job.set_progress(0, 2, f"sampling {len(flat_p)} images with the base model")
-        before = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg).images
+        n = len(flat_p)
+
+        def on_step(offset):  # the two passes as one count of images (a pass's images move together)
+            return lambda done, total: job.set_progress(offset + n * done / total, 2 * n, unit="images")
+
+        job.log(f"sampling {n} images with the base model")
+        before = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg, on_step=on_step(0)).images
         if job.cancel.is_set():
             return None
         if guideline:
@@ -276,14 +313,13 @@ def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0, 
             from erasekit.dag.guideline import GuidelineEmbedding
 
             emb = GuidelineEmbedding.load(str(made), comps.architecture)
-            job.set_progress(1, 2, "sampling the same seeds with Detect-and-Guide")
+            job.log("sampling the same seeds with Detect-and-Guide")
             after = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg, mode="dag", embeddings=[emb],
-                           safety_text=target, dag=DagSettings(strength=float(strength))).images
+                           safety_text=target, dag=DagSettings(strength=float(strength)), on_step=on_step(n)).images
         else:
             _apply_lora(comps, made, float(strength))
-            job.set_progress(1, 2, f"sampling the same seeds with the LoRA applied at strength {float(strength):g}")
-            after = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg).images
-        job.set_progress(2, 2)
+            job.log(f"sampling the same seeds with the LoRA applied at strength {float(strength):g}")
+            after = sample(comps, flat_p, flat_s, steps=int(steps), cfg=cfg, on_step=on_step(n)).images
         rows = []
         if toy:
             from erasekit.toyworld.judge import judge
@@ -299,6 +335,7 @@ def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0, 
             rows = [[role, prompt, concept, "-", "-"] for role, prompt, concept in prompts]
         grid = check_grid(before, after, len(prompts), len(seed_list))
         path = save_image(run_dir / "check.png", (grid * 255).round().astype(np.uint8))
+        write_check_rows(run_dir, rows)  # a reloaded page shows the run's last check from its folder
         return {"grid": str(path), "rows": rows, "file": str(made)}  # a path: a finished job keeps no image
 
     return fn

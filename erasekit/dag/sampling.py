@@ -96,7 +96,7 @@ def clipped_x0_step_kwargs(scheduler) -> dict:
 def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str = "cfg", safety_text: str | None = None,
            embeddings=(), dag: DagSettings | None = None, sld: SldSettings | str = "medium",
            sega: SegaSettings | None = None, scheduler=None, eta: float = 1.0, keep_maps: bool = False,
-           on_failure: str = "stop", per_image_noise: bool = False) -> SampleResult:
+           on_failure: str = "stop", per_image_noise: bool = False, on_step=None) -> SampleResult:
     """Generate one image per (prompt, seed) with the chosen guidance.
 
     Args:
@@ -110,6 +110,7 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
         per_image_noise: draw each image's step noise (DDIM eta > 0) from its own seed, so an image does not
             depend on the batch it was drawn in (the evaluation harness's cache resumes with other batches);
             False: one generator for the batch (the benchmarks' figures were measured so).
+        on_step: ``on_step(done, steps)`` after each denoising step (a caller's progress bar).
     """
     import inspect
 
@@ -165,6 +166,8 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
                 latents = sched.step(eps, t, latents, variance_noise=noise, **step_kwargs).prev_sample
             else:
                 latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
+            if on_step is not None:
+                on_step(i + 1, len(sched.timesteps))
         vae = pipe.vae
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE overflows in fp16
         if upcast:

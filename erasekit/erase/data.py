@@ -133,8 +133,12 @@ def _pick(n: int, b: int, generator):
 # ----------------------------------------------------------------------------- building
 
 
-def build_erase_data(components, target: str, config: DataConfig | None = None, *, log=print) -> EraseData:
+def build_erase_data(components, target: str, config: DataConfig | None = None, *, log=print,
+                     progress=None) -> EraseData:
     """Forget and preserve sets for erasing ``target`` from ``components`` (see the module docstring).
+
+    ``progress(done, total)``: images drawn so far (a float: a batch reports as its sampling goes) out
+    of the images to draw (forget images kept, then preserve images); not called for a cached set.
 
     Raises ErasekitError with one sentence when the target is not a concept the toy model knows,
     a folder holds no images, or no image of the target could be made.
@@ -173,11 +177,23 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
         elif source == "nudenet":
             require_nudenet()
 
+    preserved, preserve_prompts = ([], []) if config.preserve_dir else _preserve_plan(concept, config)
+    total = (config.forget_images if folder is None else 0) + len(preserve_prompts)  # the images to draw
+
+    reported = [0.0]  # never backwards: a batch counts as kept while it draws, the judge may then drop some
+
+    def tick(offset):  # progress of a sampling pass whose first image is image ``offset`` of ``total``
+        def report(done):
+            reported[0] = max(reported[0], min(total, offset + done))
+            progress(reported[0], total)
+
+        return None if progress is None else report
+
     # Forget set: the user's folder, or images of the concept drawn by the base model.
     if folder is not None:
         images, masks, prompts, has_mask, sizes = folder
     else:
-        images, masks, prompts = _generate_forget(components, concept, target, config)
+        images, masks, prompts = _generate_forget(components, concept, target, config, tick(0))
         if not prompts:
             raise ErasekitError(f"The base model drew '{target}' in none of the {config.forget_images * config.max_tries} "
                                 "images generated for it (checked by the toy judge), so there is nothing to erase; "
@@ -199,32 +215,36 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
             "(the others keep a whole-image mask)")
 
     # Preserve set: the user's folder, or the neighbouring and unrelated concepts.
-    preserved, preserve = [], None
+    preserve = None
     if config.preserve_dir:
         images, _, prompts, _, sizes = read_folder(components, config.preserve_dir, masks=False, caption="")
         preserve, preserved = make_image_set(components, images, prompts, sizes=sizes), sorted(set(prompts))
-    else:
-        if config.preserve_prompts:
-            preserved = list(config.preserve_prompts)
-            prompts = [p for p in preserved for _ in range(config.images_per_concept)]
-        elif concept is not None:
-            kept = preserve_concepts(concept, config.neighbours, config.unrelated, config.seed)
-            pairs = [(c, p) for c in kept for p in prompts_for(c, config.images_per_concept, config.seed)]
-            if config.preserve_pairs > 0:
-                pairs = _paired(pairs, kept, config.preserve_pairs, config.seed)
-            preserved = list(dict.fromkeys(c.text for c, _ in pairs))
-            prompts = [p for _, p in pairs]
-        else:
-            prompts = []
-        if prompts:
-            seeds = [2_000_000 + config.seed * 100_003 + i for i in range(len(prompts))]
-            preserve = make_image_set(components, _generate(components, prompts, seeds, config), prompts)
+    elif preserve_prompts:
+        seeds = [2_000_000 + config.seed * 100_003 + i for i in range(len(preserve_prompts))]
+        preserve = make_image_set(components, _generate(components, preserve_prompts, seeds, config,
+                                                        tick(config.forget_images if folder is None else 0)),
+                                  preserve_prompts)
     log(f"data: {len(forget)} forget images of '{target}', {len(preserve or ())} preserve images of "
         f"{len(preserved)} concepts")
     data = EraseData(target, forget, preserve, preserved, key)
     if config.cache:
         data.save(config.cache)
     return data
+
+
+def _preserve_plan(concept, config: DataConfig) -> tuple[list, list]:
+    """(concepts kept, one prompt per preserve image to draw): the given prompts, else (toy) the
+    neighbouring and unrelated concepts; none for another model without prompts."""
+    if config.preserve_prompts:
+        preserved = list(config.preserve_prompts)
+        return preserved, [p for p in preserved for _ in range(config.images_per_concept)]
+    if concept is None:
+        return [], []
+    kept = preserve_concepts(concept, config.neighbours, config.unrelated, config.seed)
+    pairs = [(c, p) for c in kept for p in prompts_for(c, config.images_per_concept, config.seed)]
+    if config.preserve_pairs > 0:
+        pairs = _paired(pairs, kept, config.preserve_pairs, config.seed)
+    return list(dict.fromkeys(c.text for c, _ in pairs)), [p for _, p in pairs]
 
 
 def _fingerprint(path, deep: bool = False) -> list:
@@ -320,26 +340,33 @@ def _paired(pairs: list, kept: list, share: float, seed: int) -> list:
     return out
 
 
-def _generate(components, prompts, seeds, config: DataConfig):
-    """Images [N, 3, H, W] in [0, 1] from the base model (plain CFG, fixed seeds)."""
+def _generate(components, prompts, seeds, config: DataConfig, progress=None):
+    """Images [N, 3, H, W] in [0, 1] from the base model (plain CFG, fixed seeds); ``progress(images)``
+    as the batches' denoising steps go (a float)."""
     import torch
 
     from ..dag.sampling import sample
 
-    out = [sample(components, prompts[i:i + config.batch], seeds[i:i + config.batch], steps=config.sample_steps,
-                  cfg=config.sample_cfg).images for i in range(0, len(prompts), config.batch)]
+    out = []
+    for i in range(0, len(prompts), config.batch):
+        n = len(prompts[i:i + config.batch])
+        on_step = None if progress is None else (lambda done, steps, i=i, n=n: progress(i + n * done / steps))
+        out.append(sample(components, prompts[i:i + config.batch], seeds[i:i + config.batch], steps=config.sample_steps,
+                          cfg=config.sample_cfg, on_step=on_step).images)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _generate_forget(components, concept, target: str, config: DataConfig):
-    """Images of the target with their masks; on the toy model only those where the judge sees it."""
+def _generate_forget(components, concept, target: str, config: DataConfig, progress=None):
+    """Images of the target with their masks; on the toy model only those where the judge sees it.
+    ``progress(images)``: images kept so far, counting a batch being drawn as if all were kept."""
     import numpy as np
     import torch
 
     n = config.forget_images
     if concept is None:  # another model: no judge, full-image masks
         prompts = [(config.forget_prompts or [target])[i % len(config.forget_prompts or [target])] for i in range(n)]
-        images = _generate(components, prompts, [1_000_000 + config.seed * 100_003 + i for i in range(n)], config)
+        images = _generate(components, prompts, [1_000_000 + config.seed * 100_003 + i for i in range(n)], config,
+                           progress)
         return images, torch.ones(n, 1, *images.shape[-2:]), prompts
     from ..toyworld.concepts import concept_mask, concept_prompts
     from ..toyworld.judge import judge
@@ -350,7 +377,10 @@ def _generate_forget(components, concept, target: str, config: DataConfig):
     for start in range(0, len(candidates), config.batch):
         batch = candidates[start:start + config.batch]
         seeds = [1_000_000 + config.seed * 100_003 + start + i for i in range(len(batch))]
-        for prompt, image in zip(batch, _generate(components, batch, seeds, config)):
+        found, b = len(kept), len(batch)
+        drawn = None if progress is None else (lambda done, found=found, b=b: progress(
+            min(n, found + min(b, n - found) * done / b)))
+        for prompt, image in zip(batch, _generate(components, batch, seeds, config, drawn)):
             mask = concept_mask(judge(image.permute(1, 2, 0).numpy()), concept)  # bool [32, 32]
             if mask.any():
                 kept.append((image, torch.from_numpy(mask.astype(np.float32))[None], prompt))

@@ -3,6 +3,7 @@ export on a tiny random toy model and checks what a person sees (progress text, 
 previews, the judge's counts, the exported file's path). Screenshots: out/screenshots/trainer-*.png."""
 
 import os
+import re
 import time
 
 import pytest
@@ -67,12 +68,16 @@ def test_click_through_data_train_check_export(browser, trainer_url):
     for elem_id, value in (("f-lr", 0.01), ("f-rank", 2), ("f-sample_every", 20), ("f-sample_steps", 2),
                            ("f-checkpoint_every", 20)):
         type_into(browser, elem_id, value)
-    assert "Rough time" in text(browser, "estimate")
+    assert "Rough time" in text(browser, "estimate") and "a guess" in text(browser, "estimate")  # no run measured yet
     click(browser, "start")
     running = until(lambda: "Running: training 'red circle' in ui-run" in text(browser, "job-status")
                      and "/40" in text(browser, "job-status") and text(browser, "job-status"), 120,
                      "the running status with its step")
     assert " step " in running and "Running: training" in text(browser, "action")  # also beside the buttons
+    beside = until(lambda: re.search(r"step \d+/40, \d+\.\d (steps/s|s/step), about \d+ (s|min) left",
+                                     text(browser, "action")) and text(browser, "action"), 120,
+                   "steps, rate and time left under Start")
+    assert "Error" not in beside
     _shot(browser, "training", "loss-plot")
     until(lambda: "Done: training" in text(browser, "job-status"), 240, "the end of training")
     time.sleep(1.5)  # one more tick for the plot and the preview
@@ -81,12 +86,24 @@ def test_click_through_data_train_check_export(browser, trainer_url):
     assert until(lambda: browser.find_elements("css selector", "#loss-plot canvas, #loss-plot svg"), 20, "the loss plot")
     assert until(lambda: browser.find_elements("css selector", "#preview img"), 20, "the preview image")
     assert until(lambda: "step 40/40" in field(browser, "log").get_attribute("value"), 20, "the log's last step")
+    # the estimate read the run just made again, without a setting changing
+    until(lambda: "measured on the run 'ui-run'" in text(browser, "estimate"), 20, "the estimate after the run")
     _shot(browser, "trained", "loss-plot")
 
-    # 5. Check: 2 seeds, 3 sampling steps
-    type_into(browser, "check-seeds", 2)
-    type_into(browser, "check-steps", 3)
+    def drawn(elem_id, *words):  # the plot's SVG (axis titles, legend) once Vega has drawn the last update
+        html = browser.find_element("id", elem_id).get_attribute("innerHTML")
+        return all(w in html for w in words) and "<path" in html
+
+    until(lambda: drawn("loss-plot", "training step", "loss, smoothed"), 30, "labelled axes and the moving average")
+    until(lambda: drawn("signal-plot", "Delta S", "tau (the margin)"), 30, "Delta S with its tau line")
+    assert "above the tau line" in text(browser, "signal-note")
+    _shot(browser, "trained", "loss-plot")
+
+    # 5. Check: 6 seeds, 10 sampling steps: long enough to watch its progress under its button
+    type_into(browser, "check-seeds", 6)
+    type_into(browser, "check-steps", 10)
     click(browser, "check")
+    until(lambda: re.search(r"images \d+/36", text(browser, "check-msg")), 120, "the check's images done / total")
     until(lambda: browser.find_elements("css selector", "#check-grid img"), 180, "the before/after grid")
     counts = until(lambda: "neighbour" in text(browser, "check-counts") and text(browser, "check-counts"), 30,
                     "the judge's counts")

@@ -143,3 +143,17 @@ def test_the_packs_clip_takes_lora_text_weights_clip_skip_and_long_prompts(comfy
     deep.clip_layer(-24)  # past the encoder's depth: the last layer, as ComfyUI's own CLIP does
     assert torch.equal(cond(clip), cond(deep))
     assert cond(clip, " ".join(["red cat"] * 60)).shape[1] == 2 * cond(clip).shape[1]
+
+
+def test_an_empty_lora_list_says_where_erasure_loras_come_from(comfy, monkeypatch):
+    import sys
+
+    module = sys.modules[from_pack("nodes.lora_nodes", "load_erasure_lora").__module__]
+    spec = next(s for s in module.SPECS if s.node_id == "ErasekitLoadErasureLoRA")
+    lora_input = next(i for i in spec.inputs if i.name == "lora_name")
+    monkeypatch.setattr(module, "lora_names", lambda: [])
+    assert lora_input.choices() == [module.NO_LORA] and "Erasekit trainer" in module.NO_LORA
+    assert "Export" in lora_input.tooltip and "press R" in lora_input.tooltip
+    with pytest.raises(ValueError, match=r"No LoRA in ComfyUI's models/loras yet\. Make an erasure LoRA with the "
+                                         r"Erasekit trainer .*then press R"):
+        module.load_erasure_lora(None, module.NO_LORA, 1.0, 1.0)

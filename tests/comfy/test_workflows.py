@@ -5,7 +5,7 @@ import json
 import os
 
 from tools.comfy_headless import REPO
-from tools.workflows import api_to_ui, example_graphs, ui_to_api
+from tools.workflows import NOTES, api_to_ui, example_graphs, ui_to_api
 
 
 def test_example_workflows_are_current_and_round_trip(comfy):
@@ -17,7 +17,11 @@ def test_example_workflows_are_current_and_round_trip(comfy):
         with open(path) as f:
             workflow = json.load(f)
         name = os.path.splitext(os.path.basename(path))[0]
-        assert workflow == json.loads(json.dumps(api_to_ui(graphs[name], classes))), f"{name}: run python -m tools.workflows"
+        assert workflow == json.loads(json.dumps(api_to_ui(graphs[name], classes, NOTES[name]))), \
+            f"{name}: run python -m tools.workflows"
+        notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+        assert len(notes) == 1 and "What to do first" in notes[0]["widgets_values"][0]
+        assert os.path.isfile(os.path.splitext(path)[0] + ".jpg"), f"{name}: no thumbnail for ComfyUI's Templates dialog"
         assert ui_to_api(workflow, classes) == graphs[name]
 
 

@@ -511,7 +511,8 @@ def test_a_corrupt_metrics_line_anywhere_does_not_break_the_page(tmp_path, monke
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     app = TrainerApp(tmp_path)
     status, log, plot, *_ = app.poll({}, "corrupt-metrics")
-    assert plot["step"].tolist() == [1, 2, 3] and plot["loss"].tolist() == [0.5, 0.4, 0.3]
+    loss = plot[plot["series"] == "loss"]
+    assert loss["step"].tolist() == [1, 2, 3] and loss["value"].tolist() == [0.5, 0.4, 0.3]
     assert list_runs(tmp_path)[0][:3] == ["corrupt-metrics", "red circle", "3/5"]
     assert "s/step, measured" in estimate.time_line(estimate.recent_runs(tmp_path), 10, 1, 0, False, "b")
     _truncate_metrics(run / "metrics.jsonl", 2)  # a resume from step 2 keeps the good lines up to it
@@ -585,12 +586,13 @@ def test_finished_jobs_keep_paths_not_images(trained, toy):
             {type(v).__name__ for v in leaves}
     assert all(os.path.isfile(p) for p, _ in job.result["gallery"]) and os.path.isfile(check.result["grid"])
     app = TrainerApp(trained, base=str(toy))
-    names = ["status", "log", "plot", "preview", "preview_caption", "gallery", "data_summary", "grid", "counts", "runs",
-             "action", "seen"]
-    page = dict(zip(names, app.poll({}, "gallery-run")))
+    from trainer.view import POLL_OUTPUTS
+
+    page = dict(zip(POLL_OUTPUTS + ["seen"], app.poll({}, "gallery-run")))
     assert len(page["gallery"]) == len(job.result["gallery"]) >= 3 and page["gallery"][0][0].size[0] > 0
-    assert "forget (mask in red)" in page["gallery"][0][1] or "mask in red" in page["gallery"][0][1]
-    assert page["grid"] is not None and page["grid"].size[0] > 0
+    assert "forget: " in page["gallery"][0][1] and "mask outlined" in page["gallery"][0][1]
+    checked = dict(zip(POLL_OUTPUTS + ["seen"], app.poll({}, "trained")))  # the check is the run's, read from disk
+    assert checked["grid"] is not None and checked["grid"].size[0] > 0 and len(checked["counts"]) >= 1
 
 
 def test_detect_reads_configs_and_headers_not_a_pipeline(tmp_path, monkeypatch, toy):

@@ -53,9 +53,9 @@ def wait(client, job_id, timeout=300, until=None):
 
 def view(client, run_name):
     """What the page shows (/refresh is what the timer runs): a dict by output name."""
-    names = ["status", "log", "plot", "preview", "preview_caption", "gallery", "data_summary", "grid", "counts", "runs",
-             "action"]
-    return dict(zip(names, client.predict(run_name=run_name, api_name="/refresh")))
+    from trainer.view import POLL_OUTPUTS
+
+    return dict(zip(POLL_OUTPUTS, client.predict(run_name=run_name, api_name="/refresh")))
 
 
 def test_detect_and_concept_presets(app):
@@ -95,7 +95,7 @@ def test_generate_train_check_export(app):
     assert st["state"] == "done", st
     page = view(c, "flow")
     assert len(page["gallery"]) >= 2 and "forget images of 'red circle'" in page["data_summary"]
-    assert any("mask in red" in (g.get("caption") or "") for g in page["gallery"])
+    assert any("mask outlined" in (g.get("caption") or "") for g in page["gallery"])
 
     msg, job_id = c.predict(**kw, api_name="/start_training")
     st = wait(c, job_id)
@@ -104,7 +104,10 @@ def test_generate_train_check_export(app):
     page = view(c, "flow")
     assert "preserve images from" in page["log"]  # the data step's sets were reused from the run's cache
     plot = page["plot"]["value"] if "value" in page["plot"] else page["plot"]
-    assert [row[0] for row in plot["data"]] == [1, 2, 3, 4]
+    assert [row[0] for row in plot["data"]] == [1, 2, 3, 4] * 2  # the loss, then its moving average
+    assert {row[2] for row in plot["data"]} == {"loss", "loss, smoothed"}
+    signal = page["signal"]["value"] if "value" in page["signal"] else page["signal"]
+    assert {row[2] for row in signal["data"]} >= {"tau (the margin)"} and "tau line" in page["signal_note"]
     assert page["preview"] and os.path.isfile(page["preview"]) and "step-000004" in page["preview_caption"]
     assert ["flow", "red circle", "4/4", "done", "erase-red-circle-inpo.safetensors"] in page["runs"]["data"]
     # the estimate now reads this run's measured peak memory (before: the weights' size from the headers)
@@ -166,7 +169,7 @@ def test_guideline_tokens_train_check_export(app, tmp_path):
     assert made.endswith("guideline-red-circle.safetensors") and "Detect-and-Guide" in st["message"]
     page = view(c, "tokens")
     plot = page["plot"]["value"] if "value" in page["plot"] else page["plot"]
-    assert [row[0] for row in plot["data"]] == list(range(1, 7))  # the pixel BCE of every step
+    assert [row[0] for row in plot["data"]] == list(range(1, 7)) * 2  # the pixel BCE of every step, smoothed too
     assert ["tokens", "red circle", "6/6", "done", "guideline-red-circle.safetensors"] in page["runs"]["data"]
 
     msg, job_id = c.predict(run_name="tokens", seeds=2, steps=3, api_name="/check")
@@ -316,7 +319,14 @@ def test_engine_errors_are_one_sentence(app):
     msg, job_id = c.predict(**small(app, "blob", target="red blob"), api_name="/generate_data")
     st = wait(c, job_id)
     assert st["state"] == "error" and "unknown word 'blob'" in st["message"] and "\n" not in st["message"]
-    assert view(c, "blob")["status"].startswith("**Error:** Cannot erase 'red blob'")
+    # the error is the data step's, shown under Generate data to a page that saw it end, not under Start
+    from trainer.view import POLL_OUTPUTS
+
+    seen_it = dict(zip(POLL_OUTPUTS, app["app"].poll({"since": 0}, "blob")))
+    assert seen_it["data_summary"].startswith("**Error:** Cannot erase 'red blob'") and seen_it["action"] == ""
+    # a later visitor (a page opened after it ended) is not greeted by it
+    later = view(c, "blob")
+    assert "Error" not in later["status"] and "Error" not in later["data_summary"]
 
 
 def test_comfyui_install_gives_models_and_an_export_folder(tmp_path):

@@ -1,0 +1,69 @@
+"""Plain words for the trainer page: a help line under every setting (Gradio's ``info=``), the
+simple strength presets over INPO's raw numbers, and the warning for a concept type the base model
+cannot draw. Keyed by the field keys of :data:`trainer.fields.FIELDS`; a method that adds settings
+adds its lines here (what a number does, in words a user knows; measured figures go to docs/)."""
+
+from __future__ import annotations
+
+HELP = {
+    "base": "The model to erase from: a diffusers folder or a .safetensors checkpoint on this machine.",
+    "concept_type": "What kind of thing to erase; picking one fills in an example and the settings that suit it.",
+    "target": "The words for the concept, as you would write them in a prompt.",
+    "anchor": "What the concept should turn into. Kept with the settings; INPO itself does not use it.",
+    "preserve": "Things the model must still draw afterwards, one per line: near the concept (a red square for "
+                "a red circle) and unrelated. Suggest fills them in on the toy model.",
+    "run_name": "The folder this run writes into (data, checkpoints, the LoRA). A new name starts a new run.",
+    "forget_images": "How many pictures of the concept the model draws to learn what to erase.",
+    "images_per_concept": "Pictures drawn of each concept to keep; more keeps them safer but takes longer.",
+    "neighbours": "How many concepts close to the target are suggested to keep (the toy model knows them).",
+    "unrelated": "How many unrelated concepts are suggested to keep.",
+    "data_steps": "Sampling steps for each data picture: more is cleaner and slower.",
+    "guideline": "Only for masks from a guideline embedding: the .safetensors file Detect-and-Guide detects with.",
+    "method": "INPO trains a LoRA that removes the concept; DAG guideline tokens train the detector "
+              "Detect-and-Guide uses at generation time (seconds to train).",
+    "preset": "The paper's settings for this kind of concept (INPO, Table 6). Picking one fills in the numbers "
+              "below; the toy model gets its own tuning on top.",
+    "steps": "How long to train. Each step looks at one batch of concept pictures and one of pictures to keep.",
+    "lr": "How big each training step's change is. Lower it if the loss turns into NaN.",
+    "rank": "The LoRA's size: higher can erase harder concepts, and makes a bigger file.",
+    "alpha": "Scales the LoRA's effect; 0 means the same as the rank (the usual choice).",
+    "batch_size": "Pictures per step; more is steadier and needs more memory.",
+    "eta": "Erasure strength: how hard each step pushes the concept away (eta). The paper uses 1, and 3 for styles.",
+    "gamma": "How sharply a picture stops counting once it is erased (gamma); rarely needs changing.",
+    "tau": "How far the concept must be pushed before a picture counts as erased (tau, the margin); it is the "
+           "line on the erasure plot.",
+    "lambda_prior": "How strongly the concepts to keep are protected (lambda_prior). Higher keeps more of them "
+                    "and may erase less.",
+    "sample_every": "Draw preview pictures every this many steps, so you can watch the concept go (0 = never).",
+    "sample_steps": "Sampling steps of each preview picture.",
+    "checkpoint_every": "Save progress every this many steps; Stop and Resume continue from the last save.",
+    "seed": "Fixes the random choices, so the same settings give the same run.",
+    "stop_when_erased": "End once the method counts the concept as erased (INPO: Delta S above tau on a quarter of "
+                        "the last 20 steps); later steps mostly wear down what must be kept. Resume: ticked turns "
+                        "it on; unticked keeps the run's own setting.",
+}
+
+# Over the preset's numbers (INPO): what a person asks for, not which of four numbers to move.
+STRENGTHS = {
+    "gentle": {"lambda_prior": 8 / 7, "steps": 1.0},
+    "default": {"lambda_prior": 1.0, "steps": 1.0},
+    "strong": {"lambda_prior": 6 / 7, "steps": 1.5},
+}
+STRENGTH_HELP = ("Gentle keeps more of what is near the concept and may leave some of it; strong erases more surely "
+                 "and trains longer, at some cost to near concepts. It sets Steps and lambda_prior from the preset.")
+
+
+def strength_values(row: dict, strength: str) -> tuple[int, float]:
+    """(steps, lambda_prior) of a preset row (:func:`erasekit.erase.inpo.preset`) at ``strength``."""
+    scale = STRENGTHS.get(strength or "default", STRENGTHS["default"])
+    return int(round(row["steps"] * scale["steps"])), round(row["lambda_prior"] * scale["lambda_prior"], 4)
+
+
+def concept_warning(concept_type: str, toy: bool) -> str:
+    """A sentence when the base model cannot draw this kind of concept (the toy model draws shapes,
+    colours, backgrounds and its characters; no people); "" when it suits."""
+    if toy and concept_type == "nudity":
+        return ("**The toy model draws no people**, so there is no nudity to erase from it: the data step would "
+                "find nothing. Pick a Stable Diffusion checkpoint in step 1 (masks then come from NudeNet), or "
+                "choose object, style or character to try the trainer on the toy model.")
+    return ""
