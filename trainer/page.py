@@ -146,6 +146,7 @@ def build_page(app):
             grid = gr.Image(label="Before | after", type="numpy", elem_id="check-grid")
             counts = gr.Dataframe(headers=["row", "prompt", "judged concept", "before", "after"], label="Judge counts",
                                   interactive=False, elem_id="check-counts")
+            report_note = gr.Markdown("", elem_id="check-report")
         with gr.Group():
             gr.Markdown("## 6. Export")
             with gr.Row():
@@ -225,7 +226,8 @@ def build_page(app):
                        [settings_file] + inputs, settings_msg, api_name="save_settings")
         load_btn.click(app.load_settings, settings_file, inputs + [settings_msg], api_name="load_settings")
         parts = {"status": status, "log": log, "plot": plot, "preview": preview, "preview_caption": preview_caption,
-                 "gallery": gallery, "data_summary": data_summary, "grid": grid, "counts": counts, "runs": runs_table,
+                 "gallery": gallery, "data_summary": data_summary, "grid": grid, "counts": counts,
+                 "report_note": report_note, "runs": runs_table,
                  "action": action, "check_msg": check_msg, "signal": signal, "signal_note": signal_note,
                  "data_btn": data_btn, "start_btn": start_btn, "stop_btn": stop_btn, "resume_btn": resume_btn,
                  "check_btn": check_btn, "export_btn": export_btn, "trained": trained}

@@ -21,7 +21,7 @@ from trainer.words import page_words
 
 # what poll returns, in order (then ``seen``); trainer.page wires the components by these names
 POLL_OUTPUTS = ["status", "log", "plot", "preview", "preview_caption", "gallery", "data_summary", "grid", "counts",
-                "runs", "action", "check_msg", "signal", "signal_note", "data_btn", "start_btn", "stop_btn",
+                "report_note", "runs", "action", "check_msg", "signal", "signal_note", "data_btn", "start_btn", "stop_btn",
                 "resume_btn", "check_btn", "export_btn", "trained"]
 
 STEP_KINDS = {"data": ("data",), "train": ("train", "guideline"), "check": ("check",)}
@@ -173,6 +173,9 @@ def _check_view(seen, run_dir, since) -> dict:
         seen["grid"] = ckey
         out["grid"] = runs.open_image(grid) if grid else None
         out["counts"] = pd.DataFrame(rows, columns=["row", "prompt", "judged concept", "before", "after"])
+        report = run_dir / "report.html" if run_dir else None
+        out["report_note"] = (f"The same images as an evaluation report (every figure, base | erased per prompt): "
+                              f"`{report.resolve()}`; open it in a browser." if grid and report.is_file() else "")
     line = step_line("check", run_dir, since)
     if seen.get("check_msg") != line:
         seen["check_msg"] = line

@@ -336,7 +336,15 @@ def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0, 
         grid = check_grid(before, after, len(prompts), len(seed_list))
         path = save_image(run_dir / "check.png", (grid * 255).round().astype(np.uint8))
         write_check_rows(run_dir, rows)  # a reloaded page shows the run's last check from its folder
-        return {"grid": str(path), "rows": rows, "file": str(made)}  # a path: a finished job keeps no image
+        report = None
+        if toy:  # the same images as the evaluation harness's page (erasekit.eval), counted its way
+            from .check_report import write_check_report
+
+            report = write_check_report(run_dir, prompts, seed_list, before, after, target=target, model=base,
+                                        made=made, strength=float(strength), guideline=guideline,
+                                        sampler=f"{type(comps.scheduler).__name__}, {int(steps)} steps, cfg {cfg:g}")
+            job.log(f"report: {report}")
+        return {"grid": str(path), "rows": rows, "file": str(made), "report": str(report) if report else None}
 
     return fn
 

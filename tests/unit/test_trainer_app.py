@@ -3,6 +3,8 @@ on a tiny random toy model: data, training with previews, check, export (the LoR
 reloaded page sees the running job, Stop then Resume, paths outside the output root and
 --listen without --auth are refused with one sentence."""
 
+import html
+import json
 import os
 import time
 
@@ -123,6 +125,7 @@ def test_generate_train_check_export(app):
     page = view(c, "flow")
     assert [r[0] for r in page["counts"]["data"]] == ["target", "neighbour", "unrelated"]
     assert page["grid"] and os.path.isfile(page["grid"])
+    assert str(app["app"].run_dir("flow").resolve() / "report.html") in page["report_note"]
     # the Check's strength reaches the job; at 0 the LoRA is off (after = before, pixel for pixel), at 1 not
     msg, job_id = c.predict(run_name="flow", seeds=2, steps=3, strength=0.0, api_name="/check")
     assert wait(c, job_id)["state"] == "done"
@@ -134,9 +137,15 @@ def test_generate_train_check_export(app):
 
     for strength in (0.0, 1.0):
         job = jobs.Job("check", "test", None)
-        g = np.asarray(Image.open(work.check_job(app["app"].run_dir("flow"), 2, 3, strength=strength)(job)["grid"]))
+        out = work.check_job(app["app"].run_dir("flow"), 2, 3, strength=strength)(job)
+        g = np.asarray(Image.open(out["grid"]))
         side = g.shape[0] // 3 * 2  # 3 prompt rows of square images, 2 seeds per panel
         assert (g[:, :side] == g[:, -side:]).all() == (strength == 0.0), strength
+        # the same images as the evaluation harness's page: at strength 0 every kept pair is identical
+        page_html = open(out["report"], encoding="utf-8").read()
+        figures = json.loads(html.unescape(page_html.split('<pre id="json">')[1].split("</pre>")[0]))
+        assert figures["prompts_total"] == 3 and figures["seeds"] == [0, 1] and figures["detector"] == "toy-judge"
+        assert (figures["identical"] == 1.0) == (strength == 0.0) and page_html.count("<img") == 2 * 3 * 2
 
     text, path = c.predict(run_name="flow", lora_name="my erasure", description="Removes red circles.",
                            license="mit", destination="output root", folder="loras/v1", api_name="/export")
