@@ -20,8 +20,9 @@ r_{k+1} = -gamma H r_k: the iteration converges iff the spectral radius rho(gamm
 symmetric H ||r_{k+1}|| / ||r_k|| <= rho. So a residual that does not shrink *proves* rho >= 1.
 
 The divergence guard (unlike the official code, which silently returns the direct gradient): a
-residual ratio >= 1 halves gamma (a smaller Moreau envelope, Fig. 5: gamma <= 1 works) and solves
-again, up to ``max_halvings`` times; then it falls back to z = b (first order). Every firing and
+residual ratio >= 1 shrinks gamma (a smaller Moreau envelope, Fig. 5: gamma <= 1 works) to at most
+half, and to 0.8 / the ratio seen where that is smaller, and solves again, up to ``max_halvings``
+times; then it falls back to z = b (first order). Every firing and
 every fall-back is in the returned :class:`Solve`, which the objective logs per step.
 """
 
@@ -75,7 +76,7 @@ class Solve:
     residual: float  # ||r_{K-1}|| / ||b||: the last residual known without one more product (0 for K = 1)
     rho: float  # the largest residual ratio seen, scaled to the gamma asked for: a lower bound of rho(gamma H)
     gamma: float  # the gamma finally used
-    guard: int = 0  # times the guard fired (gamma halved)
+    guard: int = 0  # times the guard fired (gamma shrunk)
     fallback: bool = False  # the guard gave up: z = b, the first-order hypergradient
 
 
@@ -99,7 +100,7 @@ def richardson(hvp, b: dict, gamma: float = 1.0, iterations: int = 5, max_halvin
             res = norm({k: z_next[k] - z[k] for k in b})  # ||r_k||
             rho = max(rho, res / prev * gamma0 / gamma)  # as a bound of rho(gamma_0 H), the gamma asked for
             if not res < prev:  # rho(gamma H) >= 1 (or a NaN): this gamma diverges
-                diverged = True
+                diverged, ratio = True, res / prev
                 break
             z, prev, last = z_next, res, res / b_norm
             if last < tol:
@@ -107,7 +108,9 @@ def richardson(hvp, b: dict, gamma: float = 1.0, iterations: int = 5, max_halvin
         if not diverged:
             return Solve(z, products, last, rho, gamma, guard)
         guard += 1
-        gamma /= 2
+        # at least halved; at once below 0.8 / the ratio seen where that is smaller (a lower bound of
+        # rho, so the next try may still diverge, and is counted again)
+        gamma *= min(0.5, 0.8 / ratio) if ratio == ratio and ratio > 0 else 0.5
     return Solve(dict(b), products, 1.0, rho, gamma, guard, fallback=True)
 
 

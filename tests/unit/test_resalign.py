@@ -270,3 +270,22 @@ def test_the_finetune_set_mixes_benign_and_target_images(data, finetune_dir):
     ft = finetune_set(tiny_components(), data, obj.config)
     assert isinstance(ft, ImageSet) and len(ft) == 6 + 3  # the folder's six, plus half of six as target images
     assert ft.prompts[-3:] == data.forget.prompts[:3]
+
+
+def test_the_trainer_page_and_cli_pass_resalign_settings_only_to_resalign():
+    """The page holds every method's fields; a run gets its own method's flags only (the CLI refuses
+    another method's), and the CLI resolves them into the [resalign] table."""
+    from trainer.arguments import build_parser
+    from trainer.runner import resolve
+    from trainer.work import train_argv
+
+    page = {"method": "resalign", "target": "red circle", "steps": 5, "eta": 1.0, "gamma": 3.0, "lambda_prior": 0.6,
+            "beta": 0.5, "iterations": 2, "configs": 1, "pool": "", "init_lora": "runs/x/erase.safetensors"}
+    argv = train_argv(page, "runs/ra")
+    assert "--eta" not in argv and "--lambda-prior" not in argv
+    assert argv[argv.index("--beta") + 1] == "0.5" and argv[argv.index("--init-lora") + 1] == "runs/x/erase.safetensors"
+    tables = resolve(build_parser().parse_args(argv), "object", toy=True)
+    assert tables["method"]["beta"] == 0.5 and tables["method"]["iterations"] == 2
+    assert tables["method"]["init_lora"] == "runs/x/erase.safetensors" and tables["train"]["targets"] == "feed-forward"
+    inpo = train_argv({**page, "method": "inpo"}, "runs/inpo")
+    assert "--beta" not in inpo and "--init-lora" not in inpo and "--eta" in inpo
