@@ -1,8 +1,10 @@
 """``python -m erasekit.bench resilience``: how much erasure survives someone else's fine-tuning.
 
-1. Erase the target on the toy model with three methods on the same data (one forget / preserve
-   set): ``plain``, ResAlign with beta = 0 (its harm and preservation terms, no simulated
-   fine-tune: the control), ``inpo`` (the shipped toy tuning) and ``resalign`` (the toy tuning).
+1. Erase the target on the toy model on one forget / preserve set: ``inpo`` (the shipped toy
+   tuning), then from that LoRA ("harden this LoRA", ``init_lora``) the same number of further
+   steps of ``resalign`` (its toy tuning) and of ``plain``, the control: ResAlign with beta = 0, i.e.
+   the same harm and preservation terms and steps without the simulated fine-tune. plain vs
+   resalign isolates the hypergradient; inpo is what ships today.
 2. Merge each exported LoRA into the base UNet (``lora_io.apply_lora``): what a publisher ships.
 3. Attack each merged UNet by fine-tuning *all* its weights (AdamW, weight decay, batch 4, the
    denoising loss; settings not in ResAlign's pool) on rendered scenes (exact labels), per arm:
@@ -31,8 +33,8 @@ ATTACK = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-2, "batch": 4, "i
 LORA_ATTACK = {"rank": 4, "lr": 1e-3, "targets": "attention", "arm": "d"}
 PROFILES = {
     "full": {"prompts": 100, "benign_prompts": 100, "arms": ("a", "b", "c", "d"), "checkpoints": (50, 100, 200),
-             "attack_seeds": (0, 1, 2), "lora_attack": True, "images_per_concept": 25, "resalign_steps": None},
-    "quick": {"prompts": 40, "benign_prompts": 30, "arms": ("b", "d"), "checkpoints": (50, 200), "attack_seeds": (0,),
+             "attack_seeds": (0, 1, 2), "lora_attack": True, "images_per_concept": 25, "resalign_steps": 160},
+    "quick": {"prompts": 40, "benign_prompts": 24, "arms": ("b", "d"), "checkpoints": (50, 200), "attack_seeds": (0,),
               "lora_attack": False, "images_per_concept": 10, "resalign_steps": 60},
     "smoke": {"prompts": 6, "benign_prompts": 4, "arms": ("d",), "checkpoints": (2,), "attack_seeds": (0,),
               "lora_attack": True, "images_per_concept": 2, "resalign_steps": 2, "inpo_steps": 2, "forget_images": 4,
@@ -157,12 +159,14 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     inpo_train, inpo_method = methods.get("inpo").preset(kind, toy=True)
     if prof.get("inpo_steps"):
         inpo_train["steps"] = prof["inpo_steps"]
-    plan = {
-        "plain": ("resalign", ra_train, {**ra_method, "beta": 0.0}),
+    plan = {  # in this order: the other two start from INPO's LoRA
         "inpo": ("inpo", inpo_train, inpo_method),
+        "plain": ("resalign", ra_train, {**ra_method, "beta": 0.0}),
         "resalign": ("resalign", ra_train, ra_method),
     }
     for name, (method, train_row, method_row) in plan.items():
+        if method == "resalign":
+            method_row = {**method_row, "init_lora": runs["inpo"]["lora"]}
         m = methods.get(method)
         comps = models.load(model)
         cfg = TrainConfig(out=os.path.join(run_root, name), target=concept.text, seed=seed, tensorboard=False, cpu=True,

@@ -64,12 +64,12 @@ PRESETS = {
     "style": {"steps": 160, "lr": 2e-4, "rank": 4},
     "nsfw": {"steps": 160, "lr": 2e-4, "rank": 4},
 }
-# The toy model: the LoRA where INPO's toy tuning puts it, INPO's bounded harm loss and its prior
-# weight (inpo.TOY_TUNING: what keeps the neighbours on this model), one simulated fine-tune of up
-# to 10 steps and K = 3 per outer step (Tab. 7: J = 1 still works) so a run fits the CPU. Chosen,
-# not tuned: the resilience benchmark measures it (docs/benchmarks.md).
+# The toy model: the LoRA where INPO's toy tuning puts it, INPO's bounded harm loss, learning rate,
+# steps and prior weight (inpo.TOY_TUNING: what keeps the neighbours on this model), one simulated
+# fine-tune of up to 10 steps and K = 3 per outer step (Tab. 7: J = 1 still works) so a run fits the
+# CPU. Chosen, not tuned: the resilience benchmark measures it (docs/benchmarks.md).
 TOY_TUNING = {"targets": "feed-forward", "lr": 2e-4, "harm_loss": "inpo", "alpha_r": 35.0, "alpha_r_end": 35.0,
-              "steps": 100, "configs": 1, "iterations": 3}
+              "steps": 300, "configs": 1, "iterations": 3}
 PRESET_OF_KIND = {"object": "object", "colour": "object", "shape": "object", "character": "character",
                   "style": "style"}
 SPACES, OPTIMIZERS, LOSSES = ("lora", "merged", "full"), ("sgd", "adam"), ("plain", "prior")
