@@ -289,3 +289,22 @@ def test_the_trainer_page_and_cli_pass_resalign_settings_only_to_resalign():
     assert tables["method"]["init_lora"] == "runs/x/erase.safetensors" and tables["train"]["targets"] == "feed-forward"
     inpo = train_argv({**page, "method": "inpo"}, "runs/inpo")
     assert "--beta" not in inpo and "--init-lora" not in inpo and "--eta" in inpo
+
+
+@pytest.mark.slow  # ~1 min: the toy model draws its own forget and preserve images
+def test_cli_hardens_an_erasure_lora_on_the_toy_model(tmp_path, capsys):
+    """python -m trainer train --method resalign --init-lora <an INPO LoRA> on the bundled toy model
+    (its own data, rendered fine-tuning scenes): the LoRA it exports, the terms it logged."""
+    from trainer.cli import main
+
+    small = ["--target", "red circle", "--forget-images", "2", "--images-per-concept", "1", "--threads", "1"]
+    assert main(["train", "--method", "inpo", "--out", str(tmp_path / "inpo"), "--steps", "2", *small]) == 0
+    lora = next((tmp_path / "inpo").glob("erase-*.safetensors"))
+    argv = ["train", "--method", "resalign", "--out", str(tmp_path / "ra"), "--steps", "2", "--init-lora", str(lora),
+            "--finetune-images", "4", *small]
+    assert main(argv) == 0
+    assert "erase-red-circle-resalign.safetensors" in capsys.readouterr().out
+    rows = metrics(tmp_path / "ra")
+    assert [r["step"] for r in rows] == [1, 2] and all("harm_star" in r and "guard" in r for r in rows)
+    _, meta = lora_io.load_lora(str(tmp_path / "ra" / "erase-red-circle-resalign.safetensors"))
+    assert "resalign" in json.dumps(meta)
