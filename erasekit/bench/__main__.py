@@ -113,6 +113,7 @@ def main(argv=None) -> None:
     z.add_argument("--profile", choices=("full", "quick", "smoke"), default=None, help="overrides --quick")
     z.add_argument("--model", default=None)
     z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--pool", default="", help="ResAlign's pool of simulated fine-tunes (TOML; default: the built-in one)")
     z.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     z.add_argument("--out", default="out/bench/resilience")
     z.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
@@ -140,7 +141,7 @@ def main(argv=None) -> None:
             torch.set_num_threads(a.threads)
         log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
         print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,
-                                          a.seed, log=log)))
+                                          a.seed, a.pool, log=log)))
     if a.which == "lora-roundtrip":
         from .lora import bench_lora_roundtrip
 

@@ -123,7 +123,7 @@ def attack(unet, data, noise_scheduler, steps: int, seed: int, lora: dict | None
 
 
 def bench_resilience(target: str = "red circle", profile: str = "quick", model: str | None = None,
-                     out_dir: str = "out/bench/resilience", seed: int = 0, log=print) -> dict:
+                     out_dir: str = "out/bench/resilience", seed: int = 0, pool: str = "", log=print) -> dict:
     import psutil
     import torch
     from diffusers import DDPMScheduler
@@ -156,6 +156,8 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     ra_train, ra_method = methods.get("resalign").preset(kind, toy=True)
     if prof.get("resalign_steps"):
         ra_train["steps"] = prof["resalign_steps"]
+    if pool:
+        ra_method["pool"] = os.path.abspath(pool)
     inpo_train, inpo_method = methods.get("inpo").preset(kind, toy=True)
     if prof.get("inpo_steps"):
         inpo_train["steps"] = prof["inpo_steps"]
