@@ -38,12 +38,13 @@ one process (the surrogate gradient bypasses DDP's forward).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 from ..errors import ErasekitError
 from .objective import Objective, join_parts
+from .resalign_data import finetune_set, load_into
+from .weight_space import SPACES, WeightSpace
 
 # One simulated fine-tune a row; "the pool". The toy world's default, meant to bracket a user's
 # fine-tune without copying the resilience benchmark's attack (AdamW with weight decay, lr 1e-4,
@@ -72,7 +73,7 @@ TOY_TUNING = {"targets": "feed-forward", "lr": 2e-4, "harm_loss": "inpo", "alpha
               "steps": 300, "configs": 1, "iterations": 3}
 PRESET_OF_KIND = {"object": "object", "colour": "object", "shape": "object", "character": "character",
                   "style": "style"}
-SPACES, OPTIMIZERS, LOSSES = ("lora", "merged", "full"), ("sgd", "adam"), ("plain", "prior")
+OPTIMIZERS, LOSSES = ("sgd", "adam"), ("plain", "prior")
 
 
 @dataclass
@@ -169,86 +170,6 @@ def inpo_harm(pred, target, pred_ref, mask, cfg):
 # name -> f(pred, target, pred_ref, mask, config) -> scalar, minimised. NCD's goes here: its loss
 # needs the four candidates of a tuple, so it would also bring its own batch layout.
 HARM_LOSSES = {"ga": ga_harm, "inpo": inpo_harm}
-
-
-# ----------------------------------------------------------------------------- weight spaces
-
-
-def lora_layers(unet) -> dict:
-    """``{module name: peft LoraLayer}`` of the adapter "default" in ``unet``."""
-    from peft.tuners.lora import LoraLayer
-
-    return {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
-
-
-def merged_weights(layers: dict, lora: dict) -> dict:
-    """``{"<layer>.base_layer.weight": W0 + s B A}`` for each LoRA layer, differentiable in ``lora``
-    (``{"<layer>.lora_A.default.weight": A, ...}``); a conv LoRA's B is 1x1 (peft), as kohya's."""
-    out = {}
-    for name, layer in layers.items():
-        a, b = lora[f"{name}.lora_A.default.weight"], lora[f"{name}.lora_B.default.weight"]
-        w0 = layer.base_layer.weight
-        delta = (b.flatten(1) @ a.flatten(1)).reshape(w0.shape)
-        out[f"{name}.base_layer.weight"] = w0.detach() + layer.scaling["default"] * delta
-    return out
-
-
-class WeightSpace:
-    """The weights a simulated fine-tune moves, as a dict for :func:`torch.func.functional_call` of
-    the unwrapped UNet (no module weight is ever written), and the way back to the LoRA.
-
-    unet: the peft-wrapped base UNet; lora: ``{peft name: Parameter}`` of its adapter.
-    """
-
-    def __init__(self, unet, lora: dict, kind: str):
-        self.unet, self.lora, self.kind = unet, lora, kind
-        if kind == "lora":
-            self.start = {k: v.detach().clone() for k, v in lora.items()}
-            return
-        self.layers = lora_layers(unet)
-        with _no_grad():
-            self.start = {k: v.clone() for k, v in merged_weights(self.layers, lora).items()}
-        if kind == "full":  # every other UNet weight too (the merged ones replace the base layers')
-            for name, p in unet.named_parameters():
-                if ".lora_" not in name and name not in self.start:
-                    self.start[name] = p.detach().clone()
-
-    def __call__(self, params: dict, x, t, kwargs):
-        """eps (or v) of the UNet with ``params`` in place of its own weights."""
-        from torch.func import functional_call
-
-        if self.kind == "lora":
-            return functional_call(self.unet, params, (x, t), kwargs).sample
-        with _adapters_disabled(self.unet):  # merged weights stand for W0 + s B A
-            return functional_call(self.unet, params, (x, t), kwargs).sample
-
-    def pull_back(self, z: dict) -> dict:
-        """A gradient over this space's weights as one over the LoRA's: z itself in "lora", else the
-        merge's VJP (weights the LoRA does not reach drop out: they are not trained)."""
-        import torch
-
-        if self.kind == "lora":
-            return {k: z[k] for k in self.lora}
-        lora = {k: v.detach().requires_grad_(True) for k, v in self.lora.items()}
-        merged = merged_weights(self.layers, lora)
-        keys = list(merged)
-        grads = torch.autograd.grad([merged[k] for k in keys], list(lora.values()), grad_outputs=[z[k] for k in keys])
-        return dict(zip(lora, grads))
-
-
-@contextmanager
-def _adapters_disabled(unet):
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
-
-
-def _no_grad():
-    import torch
-
-    return torch.no_grad()
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -449,84 +370,3 @@ class ResAlignObjective(Objective):
         for x, t, kw, target in ft:
             total = total + ((space(params, x, t, kw).float() - target.float()) ** 2).mean()
         return total
-
-
-# ----------------------------------------------------------------------------- data and init
-
-
-def finetune_set(components, data, cfg: ResAlignConfig, seed: int = 0):
-    """D_FT (B.4): benign images plus ``finetune_target_share`` of forget images. On the toy model
-    the benign ones are rendered scenes without the target (seeds far from the benchmarks'); else
-    the images of ``finetune_dir`` (with .txt captions)."""
-    from .data import ImageSet, make_image_set
-
-    n = int(cfg.finetune_images)
-    n_target = min(int(round(n * cfg.finetune_target_share)), len(data.forget)) if n else 0
-    toy = components.architecture is not None and components.architecture.name == "toy"
-    if cfg.finetune_dir:
-        from .images import read_folder
-
-        images, _, prompts, _, sizes = read_folder(components, cfg.finetune_dir, masks=False, caption="")
-        benign = make_image_set(components, images, prompts, sizes=sizes)
-    elif toy:
-        benign = _rendered_benign(components, data.target, n - n_target, seed)
-    else:
-        raise ErasekitError("ResAlign needs fine-tuning images for this model: set finetune_dir to a folder of "
-                            "images (with .txt captions) like those users would fine-tune on.")
-    if not n_target:
-        return benign
-    idx = list(range(n_target))
-    target = data.forget.take(idx)
-    keys = ("latents", "embeds", "ids", "pooled", "time_ids")
-    import torch
-
-    cat = {k: torch.cat([getattr(benign, k), target[k]]) for k in keys if getattr(benign, k) is not None and k in target}
-    return ImageSet(cat["latents"], cat["embeds"], cat["ids"], list(benign.prompts) + [data.forget.prompts[i] for i in idx],
-                    None, cat.get("pooled"), cat.get("time_ids"))
-
-
-def _rendered_benign(components, target: str, n: int, seed: int):
-    """n rendered toy scenes in which ``target`` does not appear (exact labels: no judge needed)."""
-    import numpy as np
-    import torch
-
-    from ..toyworld.concepts import concept_mask
-    from ..toyworld.scenes import SceneSampler, upscale_for_display
-    from .data import make_image_set, resolve_concept
-
-    concept = resolve_concept(target)
-    rng, scenes = np.random.default_rng(7_000_000 + seed), []  # the benchmarks draw from other seeds
-    sampler = SceneSampler()
-    while len(scenes) < n:
-        s = sampler.sample(rng)
-        if not concept_mask(s, concept).any():
-            scenes.append(s)
-    images = torch.stack([torch.from_numpy(upscale_for_display(s.image)).permute(2, 0, 1).float() / 255 for s in scenes])
-    return make_image_set(components, images, [s.caption for s in scenes])
-
-
-def load_into(path: str, trainable: dict, train_config) -> int:
-    """Copy an erasure LoRA file (kohya or PEFT) into the trainable adapter, as the same weight
-    change at this run's scale (alpha / rank); the ranks and layers must be the run's own."""
-    from ..lora_io import load_lora
-
-    lora, _ = load_lora(path)
-    scale = (train_config.alpha or train_config.rank) / train_config.rank
-    layers = sorted({k.removeprefix("unet.").rsplit(".lora_", 1)[0] for k in trainable if ".lora_A." in k})
-    wanted = {f"unet.{name}" for name in layers}
-    theirs = {k for k in lora if k.startswith("unet.")}
-    if theirs != wanted:
-        missing, extra = sorted(wanted - theirs)[:2], sorted(theirs - wanted)[:2]
-        raise ErasekitError(f"The LoRA '{path}' changes other layers than this run trains (missing {missing}, extra "
-                            f"{extra}); set --targets to the layers it was trained on.")
-    import torch
-
-    with torch.no_grad():
-        for name in layers:
-            w = lora[f"unet.{name}"]
-            a, b = trainable[f"unet.{name}.lora_A.default.weight"], trainable[f"unet.{name}.lora_B.default.weight"]
-            if w.rank != a.shape[0]:
-                raise ErasekitError(f"The LoRA '{path}' has rank {w.rank}, this run {a.shape[0]}; set --rank {w.rank}.")
-            a.copy_(w.down.reshape(a.shape).to(a))
-            b.copy_((w.up * (w.alpha / w.rank) / scale).reshape(b.shape).to(b))
-    return len(layers)

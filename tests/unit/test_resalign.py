@@ -19,10 +19,10 @@ from erasekit.erase.resalign import (
     InnerConfig,
     ResAlignConfig,
     ResAlignObjective,
-    WeightSpace,
     read_pool,
     write_pool,
 )
+from erasekit.erase.weight_space import WeightSpace
 from erasekit.errors import ErasekitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -265,7 +265,7 @@ def test_resalign_is_a_registered_method():
 
 def test_the_finetune_set_mixes_benign_and_target_images(data, finetune_dir):
     obj = objective(finetune_dir, "", finetune_target_share=0.5)
-    from erasekit.erase.resalign import finetune_set
+    from erasekit.erase.resalign_data import finetune_set
 
     ft = finetune_set(tiny_components(), data, obj.config)
     assert isinstance(ft, ImageSet) and len(ft) == 6 + 3  # the folder's six, plus half of six as target images
