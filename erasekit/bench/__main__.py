@@ -114,6 +114,8 @@ def main(argv=None) -> None:
     z.add_argument("--model", default=None)
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--pool", default="", help="ResAlign's pool of simulated fine-tunes (TOML; default: the built-in one)")
+    z.add_argument("--configs", type=int, default=None, help="ResAlign's J (default: the toy tuning's 1; the paper 3)")
+    z.add_argument("--iterations", type=int, default=None, help="ResAlign's K (default: the toy tuning's 3; the paper 5)")
     z.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     z.add_argument("--out", default="out/bench/resilience")
     z.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
@@ -141,7 +143,8 @@ def main(argv=None) -> None:
             torch.set_num_threads(a.threads)
         log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
         print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,
-                                          a.seed, a.pool, log=log)))
+                                          a.seed, a.pool, {k: getattr(a, k) for k in ("configs", "iterations")
+                                                           if getattr(a, k) is not None}, log=log)))
     if a.which == "lora-roundtrip":
         from .lora import bench_lora_roundtrip
 

@@ -123,7 +123,8 @@ def attack(unet, data, noise_scheduler, steps: int, seed: int, lora: dict | None
 
 
 def bench_resilience(target: str = "red circle", profile: str = "quick", model: str | None = None,
-                     out_dir: str = "out/bench/resilience", seed: int = 0, pool: str = "", log=print) -> dict:
+                     out_dir: str = "out/bench/resilience", seed: int = 0, pool: str = "", resalign: dict | None = None,
+                     log=print) -> dict:
     import psutil
     import torch
     from diffusers import DDPMScheduler
@@ -158,6 +159,7 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
         ra_train["steps"] = prof["resalign_steps"]
     if pool:
         ra_method["pool"] = os.path.abspath(pool)
+    ra_method.update(resalign or {})  # e.g. {"configs": 3, "iterations": 5}: the paper's J and K
     inpo_train, inpo_method = methods.get("inpo").preset(kind, toy=True)
     if prof.get("inpo_steps"):
         inpo_train["steps"] = prof["inpo_steps"]
