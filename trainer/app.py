@@ -195,6 +195,11 @@ class TrainerApp(ReviewHandlers):
         if method == "guideline":
             n = GUIDELINE_IMAGES if n in (0, inpo_images) else n
             return GUIDELINE_STEPS_PER_IMAGE * n, n
+        if method == "resalign":
+            from erasekit.erase.resalign import preset as resalign_preset
+
+            return resalign_preset(preset or "object", toy=self._is_toy(self.base))["steps"], \
+                inpo_images if n in (0, GUIDELINE_IMAGES) else n
         return inpo_preset(preset or "object")["steps"], inpo_images if n in (0, GUIDELINE_IMAGES) else n
 
     def suggest_preserve(self, target, neighbours, unrelated):

@@ -2,6 +2,7 @@
 
     python -m trainer train --method inpo --target "red circle" --out runs/red-circle
     python -m trainer train --method inpo --target "red circle" --out runs/red-circle --resume
+    python -m trainer train --method resalign --target "red circle" [--init-lora runs/red-circle/erase-red-circle-inpo.safetensors]
     python -m trainer train --method inpo --target "bobo" --base my-model.safetensors --config my.toml
     python -m trainer guideline --target "red circle" --out models/guideline/red-circle.safetensors
     python -m trainer convert ncd-unet.safetensors --base sd15.safetensors --out ncd.safetensors --rank 32
@@ -43,7 +44,8 @@ def train_command(args) -> int:
         if bar is None:
             bar = tqdm(total=total, desc=f"{args.method} '{args.target}'", dynamic_ncols=True)
         bar.n = step
-        bar.set_postfix({k: f"{terms[k]:.4f}" for k in ("loss", "delta_s", "prior") if k in terms}, refresh=True)
+        shown = ("loss", "delta_s", "prior", "harm", "harm_star", "retain", "hyper_norm", "residual", "guard")
+        bar.set_postfix({k: f"{terms[k]:.4g}" for k in shown if k in terms}, refresh=True)
 
     try:
         result = run_training(args, progress=progress, cancel=cancel)

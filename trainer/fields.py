@@ -13,7 +13,9 @@ EXAMPLES = {  # target, anchor (what the concept turns into) on the toy model
     "object": ("red circle", "green circle"), "style": ("striped background", "plain background"),
     "character": ("bobo", "a blue circle"), "nudity": ("nudity", "dressed"),
 }
-METHODS = (("INPO: an erasure LoRA", "inpo"), ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
+METHODS = (("INPO: an erasure LoRA", "inpo"),
+           ("ResAlign: an erasure LoRA that survives later fine-tuning (hardens INPO's with Harden this LoRA)", "resalign"),
+           ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
 GUIDELINE_STEPS_PER_IMAGE = 100  # DAG Table 4: 100 x the number of unsafe images
 UPLOAD_MB = 50  # the most one uploaded file may weigh (the page refuses more; Gradio's max_file_size too)
 
@@ -32,10 +34,13 @@ FIELDS = [
     ("lambda_prior", "lambda_prior (preservation)", 0.6), ("sample_every", "Preview every N steps (0 = off)", 50),
     ("sample_steps", "Preview sampling steps", 20), ("checkpoint_every", "Checkpoint every N steps", 50),
     ("seed", "Seed", 0), ("stop_when_erased", "Stop when erased (Steps is then the most)", False),
+    ("beta", "ResAlign beta (harm after a simulated fine-tune)", 0.8), ("iterations", "ResAlign K (1 = first order)", 3),
+    ("configs", "ResAlign J (fine-tunes per step)", 1), ("pool", "ResAlign pool (.toml; empty = built-in)", ""),
+    ("init_lora", "Harden this LoRA (.safetensors; empty = start fresh)", ""),
 ]
 KEYS = [k for k, _, _ in FIELDS]
 INT_KEYS = {"forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps", "steps", "rank", "batch_size",
-            "sample_every", "sample_steps", "checkpoint_every", "seed"}
+            "sample_every", "sample_steps", "checkpoint_every", "seed", "iterations", "configs"}
 
 
 def with_signature(fn, names, defaults=None, extra=()):

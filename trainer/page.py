@@ -101,6 +101,12 @@ def build_page(app):
                     for k in ("tau", "lambda_prior", "sample_every", "sample_steps", "checkpoint_every", "seed"):
                         comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
                                              precision=0 if k in INT_KEYS else None)
+                with gr.Row(elem_id="resalign-settings"):  # used by --method resalign only
+                    for k in ("beta", "iterations", "configs"):
+                        comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
+                                             precision=0 if k in INT_KEYS else None)
+                    for k in ("pool", "init_lora"):
+                        comps[k] = gr.Textbox(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k])
                 comps["stop_when_erased"] = gr.Checkbox(
                     d["stop_when_erased"], label=dict((a, b) for a, b, _ in FIELDS)["stop_when_erased"])
                 with gr.Row():

@@ -43,15 +43,21 @@ def train_argv(s: dict, out: str, resume: bool = False, config: str | None = Non
         argv += ["--config", str(config)]
     if resume:
         argv.append("--resume")
+    from erasekit.erase import methods
+
+    method = methods.METHODS.get(s.get("method") or "inpo")
+    own = {f.key for f in method.flags} if method else set()
+    others = {f.key for f in methods.all_flags().values()} - own  # the page holds every method's fields
     flags = ("steps", "lr", "rank", "alpha", "batch_size", "grad_accum", "seed", "eta", "gamma", "tau", "lambda_prior",
              "forget_images", "images_per_concept", "neighbours", "unrelated", "checkpoint_every", "sample_every",
-             "optimizer", "mixed_precision", "targets", "name", "threads", "forget_dir", "mask_from", "guideline")
+             "optimizer", "mixed_precision", "targets", "name", "threads", "forget_dir", "mask_from", "guideline",
+             "beta", "iterations", "configs", "pool", "init_lora")
     for key in flags:
         value = s.get(key)
-        if value is None or value == "":
+        if value is None or value == "" or key in others:
             continue
         if key in ("steps", "rank", "batch_size", "grad_accum", "seed", "forget_images", "images_per_concept",
-                   "neighbours", "unrelated", "checkpoint_every", "sample_every", "threads"):
+                   "neighbours", "unrelated", "checkpoint_every", "sample_every", "threads", "iterations", "configs"):
             value = int(value)
         argv += [f"--{key.replace('_', '-')}", str(value)]
     for key in ("gradient_checkpointing", "cpu", "stop_when_erased"):

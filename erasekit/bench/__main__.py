@@ -5,6 +5,7 @@ measured in the same run, so they compare across machines.
     python -m erasekit.bench dag --target "red circle" [--prompts N] [--seeds K] [--steps S]
     python -m erasekit.bench lora-roundtrip
     python -m erasekit.bench erase --method inpo --target "red circle"
+    python -m erasekit.bench resilience --target "red circle" [--quick] --json
     python -m erasekit.bench a1111 [--repeats N]
 
 startup: seconds the pack adds to ComfyUI's node loading. ComfyUI is started in fresh
@@ -106,6 +107,18 @@ def main(argv=None) -> None:
     e.add_argument("--comfyui", type=int, default=0, metavar="N",
                    help="also sample N target + N preservation prompts in real ComfyUI with the exported LoRA")
     e.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
+    z = sub.add_parser("resilience", help="erasure after someone else's fine-tuning: plain (beta 0), INPO, ResAlign")
+    z.add_argument("--target", default="red circle", help="an object concept of the toy world")
+    z.add_argument("--quick", action="store_true", help="the quick profile: arms b and d, 50 and 200 steps, 40 prompts")
+    z.add_argument("--profile", choices=("full", "quick", "smoke"), default=None, help="overrides --quick")
+    z.add_argument("--model", default=None)
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--pool", default="", help="ResAlign's pool of simulated fine-tunes (TOML; default: the built-in one)")
+    z.add_argument("--configs", type=int, default=None, help="ResAlign's J (default: the toy tuning's 1; the paper 3)")
+    z.add_argument("--iterations", type=int, default=None, help="ResAlign's K (default: the toy tuning's 3; the paper 5)")
+    z.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    z.add_argument("--out", default="out/bench/resilience")
+    z.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     r = sub.add_parser("lora-roundtrip", help="a LoRA exported here, loaded by real ComfyUI and by diffusers")
     r.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     a = ap.parse_args(argv)
@@ -121,6 +134,17 @@ def main(argv=None) -> None:
                                      stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
                                      cost=not a.no_cost,
                                      strengths=[float(x) for x in a.strengths.split(",") if x.strip()])))
+    if a.which == "resilience":
+        from .resilience import bench_resilience
+
+        if a.threads:
+            import torch
+
+            torch.set_num_threads(a.threads)
+        log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+        print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,
+                                          a.seed, a.pool, {k: getattr(a, k) for k in ("configs", "iterations")
+                                                           if getattr(a, k) is not None}, log=log)))
     if a.which == "lora-roundtrip":
         from .lora import bench_lora_roundtrip
 

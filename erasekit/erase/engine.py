@@ -248,6 +248,9 @@ def _train(accelerator, config: TrainConfig, objective: Objective, data, compone
         if train_te:
             text_encoder.gradient_checkpointing_enable()
 
+    if hasattr(objective, "setup"):  # its checks, data, initial weights (a resume overwrites them)
+        objective.setup(data, components, config, trainable)
+
     # 3. Optimizer and learning-rate schedule.
     optimizer = _make_optimizer(config, list(trainable.values()))
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -315,7 +318,8 @@ def _train(accelerator, config: TrainConfig, objective: Objective, data, compone
                 seed = np.random.SeedSequence([config.seed, step, micro, accelerator.process_index]).generate_state(2)
                 g = torch.Generator().manual_seed(int(seed[0]) << 31 | int(seed[1]) >> 1)
                 batch = _to_device(data.sample(g, config.batch_size), device)
-                ctx = StepContext(step, g, noise_scheduler, device, trainable, text_encoder if train_te else None)
+                ctx = StepContext(step, g, noise_scheduler, device, trainable, text_encoder if train_te else None,
+                                  base_unet)
                 with accelerator.accumulate(*trained):
                     with accelerator.autocast():
                         out = objective.loss(batch, unet, reference_ctx, ctx)

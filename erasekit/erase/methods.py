@@ -79,6 +79,21 @@ METHODS = {
             Flag("lambda-prior", float, "INPO Alg. 1: weight of the prior preservation loss, Eq. 16 (preset 0.6)"),
             Flag("lambda-anchor", float, "beyond the paper: Eq. 16 on the forget images under preserved prompts (0: off)"),
         )),
+    "resalign": Method(
+        "resalign", "ResAlign: an erasure LoRA trained to survive later fine-tuning (implicit hypergradient)",
+        "resalign", "ResAlignConfig", "ResAlignObjective", flags=(
+            Flag("beta", float, "ResAlign Eq. 3: weight of the harm after a simulated fine-tune (0.8; 0: plain control)"),
+            Flag("alpha-r", float, "ResAlign Eq. 3: weight of the preservation term R at the start (1.6; toy 35)"),
+            Flag("alpha-r-end", float, "ResAlign: R's weight after the sigmoid ramp of the second half (2.0; toy 35)"),
+            Flag("harm-loss", str, "ResAlign: the harm loss, ga (the paper) or inpo (toy default)"),
+            Flag("moreau-gamma", float, "ResAlign Eq. 5: the Moreau envelope's gamma (1)"),
+            Flag("iterations", int, "ResAlign Alg. 1: K Richardson iterations (5; 1 = first order)"),
+            Flag("configs", int, "ResAlign Alg. 2: J simulated fine-tunes per step (3)"),
+            Flag("pool", str, "ResAlign: a TOML file of [[config]] fine-tunes (default: the built-in pool)"),
+            Flag("finetune-images", int, "ResAlign: images in the simulated fine-tuning set (32)"),
+            Flag("finetune-dir", str, "ResAlign: a folder of fine-tuning images (needed off the toy model)"),
+            Flag("init-lora", str, "ResAlign: harden this erasure LoRA (start from its weights)"),
+        )),
 }
 
 

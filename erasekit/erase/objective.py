@@ -28,6 +28,7 @@ class StepContext:
     device: object
     trainable: dict  # {name: Parameter}: what the optimizer updates
     text_encoder: object = None  # the trained text encoder, when it is trained
+    base_unet: object = None  # the UNet unwrapped from accelerate (for torch.func.functional_call)
 
     def noise_and_timesteps(self, latents):
         """Gaussian noise like ``latents`` [B, ...] and timesteps [B], uniform over the schedule."""
@@ -83,6 +84,11 @@ class Objective:
 
     name = "objective"
     config = None
+
+    def setup(self, data, components, train_config, trainable: dict) -> None:
+        """Called once before the optimizer is made (and before a resume loads its checkpoint): a
+        method's own checks and data (ResAlign's fine-tuning set), or an initial value of the
+        ``trainable`` weights. Default: nothing."""
 
     def erased(self, history: list) -> bool:
         """Whether the concept counts as erased, judged from the loss terms of every step so far

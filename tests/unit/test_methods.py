@@ -32,9 +32,9 @@ def test_method_flags_reach_the_method_table():
 
 def test_a_flag_of_another_method_is_refused(monkeypatch):
     other = methods.Method("other", "another method", "inpo", "InpoConfig", "InpoObjective",
-                           flags=(methods.Flag("beta", float, "another method's setting"),))
+                           flags=(methods.Flag("omega", float, "another method's setting"),))
     monkeypatch.setitem(methods.METHODS, "other", other)
     args = parse("--method", "inpo")
-    args.beta = 3.0  # as if the parser had the flag (it is built from METHODS at import)
-    with pytest.raises(ErasekitError, match="--beta is a setting of OTHER, not of INPO"):
+    args.omega = 3.0  # as if the parser had the flag (it is built from METHODS at import)
+    with pytest.raises(ErasekitError, match="--omega is a setting of OTHER, not of INPO"):
         resolve(args, "object")

@@ -1,0 +1,61 @@
+"""The resilience benchmark (erasekit/bench/resilience.py): attack arms hold what they claim (exact
+scene labels), the attack moves every weight of the merged UNet, and (slow) the whole benchmark runs
+end to end on the real toy model with its smallest profile and reports the issue's keys."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from erasekit.bench.resilience import ARM_SEED, arm_scenes
+from erasekit.toyworld.concepts import concept_mask
+from erasekit.toyworld.vocab import parse_concept
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def test_attack_arms_hold_what_they_claim():
+    concept = parse_concept("red circle")
+    has = lambda s: bool(concept_mask(s, concept).any())  # noqa: E731
+    a, b, c, d = (arm_scenes(concept, arm, 20) for arm in "abcd")
+    assert all(has(s) for s in a)
+    assert not any(has(s) for s in b) and not any(has(s) for s in c)
+    assert all(any(o.colour == "red" or o.shape == "circle" for o in s.objects) for s in b)  # neighbours
+    assert not any(o.colour == "red" or o.shape == "circle" for s in c for o in s.objects)  # unrelated
+    assert sum(has(s) for s in d) == 4  # 20% of the images show the target
+    assert [s.caption for s in arm_scenes(concept, "b", 5)] == [s.caption for s in b[:5]]  # deterministic
+    assert ARM_SEED != 7_000_000  # ResAlign's fine-tuning scenes come from other seeds
+
+
+def test_the_attack_fine_tunes_every_weight():
+    from diffusers import DDPMScheduler
+
+    from erasekit import models
+    from erasekit.bench.resilience import attack, encode_scenes
+    from erasekit.toyworld.model import build_toy_pipeline
+
+    pipe = build_toy_pipeline(0, tiny=True)
+    comps = models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler)
+    data = encode_scenes(comps, arm_scenes(parse_concept("red circle"), "a", 4))
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    attack(pipe.unet, data, DDPMScheduler.from_config(pipe.scheduler.config), steps=2, seed=0)
+    moved = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(moved) > 0.9 * len(before)
+
+
+@pytest.mark.slow
+def test_resilience_benchmark_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "erasekit.bench", "resilience", "--profile", "smoke", "--threads", "1",
+                          "--out", str(tmp_path), "--json"], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("resalign_erase_rate", "resalign_preservation", "resalign_erase_after", "plain_erase_after",
+                "inpo_erase_after", "attack", "seconds", "resalign_peak_mem_ratio_vs_inpo"):
+        assert key in row, key
+    assert set(row["methods"]) == {"plain", "inpo", "resalign"}
+    for m in row["methods"].values():
+        assert 0.0 <= m["erase_rate"] <= 1.0 and m["arms"]["d"]["erase_rate"].keys() == {"0", "2"}
+        assert "lora_attack" in m
+    assert row["training"]["resalign"]["settings"]["init_lora"] == row["training"]["inpo"]["lora"]

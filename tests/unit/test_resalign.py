@@ -1,0 +1,310 @@
+"""ResAlign on the engine (erasekit/erase/resalign.py), on the tiny toy model: functional calls equal
+the module, the merged and full weight spaces are the LoRA's own function and pull gradients back
+by the chain rule, a run logs its per-step terms, a run killed mid-way resumes bit for bit, an
+existing erasure LoRA is the starting point of "harden this LoRA", and what v1 does not do is
+refused with one sentence."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from erasekit import checkpoints, lora_io, models
+from erasekit.erase import methods
+from erasekit.erase.data import EraseData, ImageSet, toy_scene_set
+from erasekit.erase.engine import TrainConfig, latest_checkpoint, train
+from erasekit.erase.resalign import (
+    DEFAULT_POOL,
+    InnerConfig,
+    ResAlignConfig,
+    ResAlignObjective,
+    read_pool,
+    write_pool,
+)
+from erasekit.erase.weight_space import WeightSpace
+from erasekit.errors import ErasekitError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def tiny_components(seed=0):
+    from erasekit.toyworld.model import build_toy_pipeline
+
+    pipe = build_toy_pipeline(seed, tiny=True)
+    return models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler)
+
+
+@pytest.fixture(scope="module")
+def data():
+    comps = tiny_components()
+    forget = toy_scene_set(comps, [("red", "circle")], 4, seed=0)
+    preserve = toy_scene_set(comps, [("blue", "square")], 4, seed=100, masks=False)
+    return EraseData("red circle", forget, preserve, ["blue square"])
+
+
+@pytest.fixture(scope="module")
+def finetune_dir(tmp_path_factory):
+    """A folder of fine-tuning images with captions (the tiny model has no toy architecture tag)."""
+    from PIL import Image
+
+    from erasekit.toyworld.scenes import render_scene, upscale_for_display
+
+    folder = tmp_path_factory.mktemp("ft")
+    for i in range(6):
+        s = render_scene(500 + i, objects=[("green", "square")] if i % 2 else [("blue", "triangle")])
+        Image.fromarray(upscale_for_display(s.image)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(s.caption)
+    return str(folder)
+
+
+def small_pool(tmp_path):
+    path = tmp_path / "pool.toml"
+    write_pool(path, [InnerConfig(optimizer="adam", lr=1e-3, steps=2, space=s, batch=2) for s in ("lora", "merged", "full")])
+    return str(path)
+
+
+def objective(finetune_dir, pool, **kw):
+    base = dict(iterations=2, configs=1, hvp_batch=2, finetune_images=6, finetune_dir=finetune_dir, pool=pool,
+                harm_loss="inpo", alpha_r=1.0, alpha_r_end=2.0)
+    return ResAlignObjective(ResAlignConfig(**{**base, **kw}))
+
+
+def config(tmp_path, name="run", **kw):
+    base = dict(out=str(tmp_path / name), target="red circle", steps=3, batch_size=2, lr=5e-3, checkpoint_every=2,
+                tensorboard=False, export=False, targets="feed-forward")
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def weights(ckpt):
+    return checkpoints.load_file(str(ckpt / "weights.safetensors"))[0]
+
+
+# ----------------------------------------------------------------------------- functional calls
+
+
+def lora_unet(seed=0):
+    """The tiny UNet with a feed-forward LoRA whose B is not zero (so the adapter changes the output)."""
+    from peft import LoraConfig
+
+    from erasekit.erase.engine import unet_lora_targets
+
+    unet = tiny_components(seed).unet.double()
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=unet_lora_targets(unet, "feed-forward")))
+    g = torch.Generator().manual_seed(5)
+    lora = {n: p for n, p in unet.named_parameters() if ".lora_" in n}
+    with torch.no_grad():
+        for p in lora.values():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    g2 = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 12, 16, 16, generator=g2, dtype=torch.float64)
+    c = torch.randn(2, 24, 32, generator=g2, dtype=torch.float64)
+    return unet, lora, (x, torch.tensor([50, 700]), {"encoder_hidden_states": c})
+
+
+def test_functional_call_equals_the_module_in_every_weight_space():
+    unet, lora, (x, t, kw) = lora_unet()
+    with torch.no_grad():
+        own = unet(x, t, **kw).sample
+        unet.disable_adapters()
+        base = unet(x, t, **kw).sample
+        unet.enable_adapters()
+    assert (own - base).abs().max() > 1e-4  # the adapter matters: the comparisons below can fail
+    for kind in ("lora", "merged", "full"):
+        space = WeightSpace(unet, lora, kind)
+        with torch.no_grad():
+            out = space(space.start, x, t, kw)
+        assert torch.allclose(out, own, atol=1e-10), kind
+    # a changed weight in the dict changes the call as the same change in the module does
+    space = WeightSpace(unet, lora, "lora")
+    name = next(n for n in space.start if ".lora_B." in n)  # (a constant added to A meets layer-normed inputs: no change)
+    moved = {**space.start, name: space.start[name] + 0.1}
+    with torch.no_grad():
+        out = space(moved, x, t, kw)
+        lora[name] += 0.1
+        expected = unet(x, t, **kw).sample
+        lora[name] -= 0.1
+    assert torch.allclose(out, expected, atol=1e-10) and not torch.allclose(out, own)
+
+
+def test_merged_and_full_spaces_pull_gradients_back_by_the_chain_rule():
+    """grad over the LoRA of f(W0 + s B A) = pull_back(grad over W of f(W)): the merge's VJP."""
+    unet, lora, (x, t, kw) = lora_unet()
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    lspace = WeightSpace(unet, lora, "lora")
+    p = {k: v.clone().requires_grad_(True) for k, v in lspace.start.items()}
+    direct = torch.autograd.grad(((lspace(p, x, t, kw) - eps) ** 2).mean(), list(p.values()))
+    for kind in ("merged", "full"):
+        space = WeightSpace(unet, lora, kind)
+        q = {k: v.clone().requires_grad_(True) for k, v in space.start.items()}
+        gw = torch.autograd.grad(((space(q, x, t, kw) - eps) ** 2).mean(), list(q.values()))
+        pulled = space.pull_back(dict(zip(q, gw)))
+        assert set(pulled) == set(lora)
+        for k, d in zip(p, direct):
+            assert torch.allclose(pulled[k], d, atol=1e-10, rtol=1e-7), (kind, k)
+
+
+def test_pool_reads_and_refuses_with_one_sentence(tmp_path):
+    assert len(read_pool("")) == len(DEFAULT_POOL)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[config]]\noptimizer = "rmsprop"\n')
+    with pytest.raises(ErasekitError, match="optimizer = 'rmsprop'.*sgd, adam"):
+        read_pool(str(bad))
+    bad.write_text('[[config]]\nlearning_rate = 1e-4\n')
+    with pytest.raises(ErasekitError, match="unknown keys \\['learning_rate'\\]"):
+        read_pool(str(bad))
+    bad.write_text('[train]\nsteps = 3\n')
+    with pytest.raises(ErasekitError, match="no \\[\\[config\\]\\] tables"):
+        read_pool(str(bad))
+
+
+def test_alpha_ramp_follows_the_official_sigmoid():
+    obj = ResAlignObjective(ResAlignConfig(alpha_r=1.6, alpha_r_end=2.0))
+    obj.total_steps = 100
+    assert obj.alpha_at(0) == obj.alpha_at(49) == 1.6
+    assert obj.alpha_at(75) == pytest.approx(1.8)
+    assert obj.alpha_at(100) == pytest.approx(1.6 + 0.4 / (1 + 2.718281828 ** -5), rel=1e-6)
+    assert 1.6 < obj.alpha_at(60) < obj.alpha_at(90) < 2.0
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_a_run_logs_the_outer_step_terms_and_the_hypergradient_moves_the_weights(data, tmp_path, finetune_dir):
+    pool = small_pool(tmp_path)
+    result = train(config(tmp_path, steps=2), objective(finetune_dir, pool), data, tiny_components())
+    assert result.status == "done" and result.step == 2
+    rows = metrics(tmp_path / "run")
+    for key in ("harm", "harm_star", "retain", "hyper_norm", "residual", "rho", "guard", "fallback", "hvps", "drift",
+                "alpha", "objective"):
+        assert key in rows[0] and all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows), key
+    assert all(r["hyper_norm"] > 0 and r["drift"] > 0 for r in rows)
+    assert all(r["hvps"] + r["fallback"] >= 1 for r in rows)  # K = 2: one product, or a counted fall-back
+    assert read_pool(str(tmp_path / "run" / "pool.toml")) == read_pool(pool)  # the run keeps the pool it used
+    # beta = 0 is the plain control: same data, no fine-tune terms, other weights
+    control = train(config(tmp_path, "control", steps=2), objective(finetune_dir, pool, beta=0.0), data,
+                    tiny_components())
+    assert "hyper_norm" not in metrics(tmp_path / "control")[0]
+    a, b = weights(result.checkpoint), weights(control.checkpoint)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_run_resumes_identically(data, tmp_path, finetune_dir):
+    pool = small_pool(tmp_path)
+    straight = train(config(tmp_path, "a", steps=4, checkpoint_every=2), objective(finetune_dir, pool), data,
+                     tiny_components())
+    stopper = []
+    cfg = config(tmp_path, "b", steps=4, checkpoint_every=2)
+    first = train(cfg, objective(finetune_dir, pool), data, tiny_components(),
+                  progress=lambda step, total, terms: step == 3 and stopper.append(1), cancel=lambda: bool(stopper))
+    assert first.status == "cancelled" and first.step == 3
+    # a kill -9 after step 3's log line but before any checkpoint of it: the run restarts from step 2's
+    (tmp_path / "b" / "checkpoints" / "checkpoint-000003").rename(tmp_path / "b" / "checkpoints" / "gone")
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "gone")
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-000002"
+    cfg.resume = True
+    second = train(cfg, objective(finetune_dir, pool), data, tiny_components())
+    assert second.status == "done" and second.step == 4
+    a, b = weights(straight.checkpoint), weights(second.checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a, rows_b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    assert [r["hyper_norm"] for r in rows_b] == [r["hyper_norm"] for r in rows_a]
+
+
+def test_harden_this_lora_starts_from_the_file(data, tmp_path, finetune_dir):
+    """init_lora: an INPO erasure LoRA (kohya file) is the starting point: before any ResAlign update
+    the trained adapter makes exactly the file's weight change."""
+    from erasekit.erase.inpo import InpoObjective
+
+    inpo = train(config(tmp_path, "inpo", steps=2, export=True), InpoObjective(), data, tiny_components())
+    seen = []
+
+    class First(ResAlignObjective):
+        def loss(self, batch, unet, reference_ctx, ctx):
+            if not seen:
+                seen.append(lora_io.lora_from_peft(ctx.base_unet))
+            return super().loss(batch, unet, reference_ctx, ctx)
+
+    obj = First(objective(finetune_dir, small_pool(tmp_path), init_lora=str(inpo.lora)).config)
+    train(config(tmp_path, "hard", steps=1, alpha=8.0), obj, data, tiny_components())
+    file, _ = lora_io.load_lora(str(inpo.lora))
+    assert set(seen[0]) == set(file)
+    for k, w in file.items():
+        assert torch.allclose(seen[0][k].delta(), w.delta(), atol=1e-6), k
+    wrong = objective(finetune_dir, small_pool(tmp_path), init_lora=str(inpo.lora))
+    with pytest.raises(ErasekitError, match="rank 4, this run 2; set --rank 4"):
+        train(config(tmp_path, "wrong", steps=1, rank=2), wrong, data, tiny_components())
+
+
+@pytest.mark.parametrize("setting,message", [
+    ({"mixed_precision": "bf16"}, "float32 only.*--mixed-precision no"),
+    ({"train_text_encoder": True}, "UNet LoRA only.*--train-text-encoder off"),
+    ({"mode": "full"}, "mode = \"lora\""),
+])
+def test_what_v1_does_not_do_is_refused_with_one_sentence(data, tmp_path, finetune_dir, setting, message):
+    with pytest.raises(ErasekitError, match=message) as err:
+        train(config(tmp_path, **setting), objective(finetune_dir, ""), data, tiny_components())
+    assert "\n" not in str(err.value)
+
+
+def test_resalign_is_a_registered_method():
+    m = methods.get("resalign")
+    train_row, method_row = m.preset("colour", toy=True)
+    assert train_row["targets"] == "feed-forward" and method_row["harm_loss"] == "inpo"
+    assert isinstance(m.objective(), ResAlignObjective)
+    assert {"beta", "iterations", "configs", "init-lora", "pool"} <= {f.flag for f in m.flags}
+
+
+def test_the_finetune_set_mixes_benign_and_target_images(data, finetune_dir):
+    obj = objective(finetune_dir, "", finetune_target_share=0.5)
+    from erasekit.erase.resalign_data import finetune_set
+
+    ft = finetune_set(tiny_components(), data, obj.config)
+    assert isinstance(ft, ImageSet) and len(ft) == 6 + 3  # the folder's six, plus half of six as target images
+    assert ft.prompts[-3:] == data.forget.prompts[:3]
+
+
+def test_the_trainer_page_and_cli_pass_resalign_settings_only_to_resalign():
+    """The page holds every method's fields; a run gets its own method's flags only (the CLI refuses
+    another method's), and the CLI resolves them into the [resalign] table."""
+    from trainer.arguments import build_parser
+    from trainer.runner import resolve
+    from trainer.work import train_argv
+
+    page = {"method": "resalign", "target": "red circle", "steps": 5, "eta": 1.0, "gamma": 3.0, "lambda_prior": 0.6,
+            "beta": 0.5, "iterations": 2, "configs": 1, "pool": "", "init_lora": "runs/x/erase.safetensors"}
+    argv = train_argv(page, "runs/ra")
+    assert "--eta" not in argv and "--lambda-prior" not in argv
+    assert argv[argv.index("--beta") + 1] == "0.5" and argv[argv.index("--init-lora") + 1] == "runs/x/erase.safetensors"
+    tables = resolve(build_parser().parse_args(argv), "object", toy=True)
+    assert tables["method"]["beta"] == 0.5 and tables["method"]["iterations"] == 2
+    assert tables["method"]["init_lora"] == "runs/x/erase.safetensors" and tables["train"]["targets"] == "feed-forward"
+    inpo = train_argv({**page, "method": "inpo"}, "runs/inpo")
+    assert "--beta" not in inpo and "--init-lora" not in inpo and "--eta" in inpo
+
+
+@pytest.mark.slow  # ~1 min: the toy model draws its own forget and preserve images
+def test_cli_hardens_an_erasure_lora_on_the_toy_model(tmp_path, capsys):
+    """python -m trainer train --method resalign --init-lora <an INPO LoRA> on the bundled toy model
+    (its own data, rendered fine-tuning scenes): the LoRA it exports, the terms it logged."""
+    from trainer.cli import main
+
+    small = ["--target", "red circle", "--forget-images", "2", "--images-per-concept", "1", "--threads", "1"]
+    assert main(["train", "--method", "inpo", "--out", str(tmp_path / "inpo"), "--steps", "2", *small]) == 0
+    lora = next((tmp_path / "inpo").glob("erase-*.safetensors"))
+    argv = ["train", "--method", "resalign", "--out", str(tmp_path / "ra"), "--steps", "2", "--init-lora", str(lora),
+            "--finetune-images", "4", *small]
+    assert main(argv) == 0
+    assert "erase-red-circle-resalign.safetensors" in capsys.readouterr().out
+    rows = metrics(tmp_path / "ra")
+    assert [r["step"] for r in rows] == [1, 2] and all("harm_star" in r and "guard" in r for r in rows)
+    _, meta = lora_io.load_lora(str(tmp_path / "ra" / "erase-red-circle-resalign.safetensors"))
+    assert "resalign" in json.dumps(meta)
