@@ -140,14 +140,7 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     a folder holds no images, or no image of the target could be made.
     """
     config = config or DataConfig()
-    # what the data is made from, files by their size and time too: a guideline retrained in place, a mask
-    # repainted or a caption fixed in the forget folder, a base model replaced under its name make new data
-    prints = [_fingerprint(config.forget_dir), _fingerprint(config.preserve_dir), _fingerprint(config.guideline),
-              _fingerprint(components.source, deep=True)]
-    if config.cache:  # the cache itself (kept in a folder fingerprinted above) is no input
-        prints = [[row for row in p if row[0] != os.path.basename(config.cache)] for p in prints]
-    key = hashlib.sha256(json.dumps([target, components.source, {**asdict(config), "cache": None}, prints],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = data_key(components, target, config)
     if config.cache and os.path.isfile(config.cache):
         data = EraseData.load(config.cache)
         if data.key == key:
@@ -198,33 +191,51 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
         log(f"masks: the guideline '{emb.concept}' found the concept in {int(found.sum())} of {len(found)} images "
             "(the others keep a whole-image mask)")
 
-    # Preserve set: the user's folder, or the neighbouring and unrelated concepts.
-    preserved, preserve = [], None
-    if config.preserve_dir:
-        images, _, prompts, _, sizes = read_folder(components, config.preserve_dir, masks=False, caption="")
-        preserve, preserved = make_image_set(components, images, prompts, sizes=sizes), sorted(set(prompts))
-    else:
-        if config.preserve_prompts:
-            preserved = list(config.preserve_prompts)
-            prompts = [p for p in preserved for _ in range(config.images_per_concept)]
-        elif concept is not None:
-            kept = preserve_concepts(concept, config.neighbours, config.unrelated, config.seed)
-            pairs = [(c, p) for c in kept for p in prompts_for(c, config.images_per_concept, config.seed)]
-            if config.preserve_pairs > 0:
-                pairs = _paired(pairs, kept, config.preserve_pairs, config.seed)
-            preserved = list(dict.fromkeys(c.text for c, _ in pairs))
-            prompts = [p for _, p in pairs]
-        else:
-            prompts = []
-        if prompts:
-            seeds = [2_000_000 + config.seed * 100_003 + i for i in range(len(prompts))]
-            preserve = make_image_set(components, _generate(components, prompts, seeds, config), prompts)
+    preserve, preserved = build_preserve_set(components, concept, config)
     log(f"data: {len(forget)} forget images of '{target}', {len(preserve or ())} preserve images of "
         f"{len(preserved)} concepts")
     data = EraseData(target, forget, preserve, preserved, key)
     if config.cache:
         data.save(config.cache)
     return data
+
+
+def build_preserve_set(components, concept, config: DataConfig):
+    """The preserve set D_PR and the preserved concepts as text: the user's folder, the given prompts, or
+    (toy model, ``concept`` known) the neighbouring and unrelated concepts drawn by the base model.
+    ``(None, [])`` where there is nothing to preserve."""
+    preserved, preserve = [], None
+    if config.preserve_dir:
+        images, _, prompts, _, sizes = read_folder(components, config.preserve_dir, masks=False, caption="")
+        return make_image_set(components, images, prompts, sizes=sizes), sorted(set(prompts))
+    if config.preserve_prompts:
+        preserved = list(config.preserve_prompts)
+        prompts = [p for p in preserved for _ in range(config.images_per_concept)]
+    elif concept is not None:
+        kept = preserve_concepts(concept, config.neighbours, config.unrelated, config.seed)
+        pairs = [(c, p) for c in kept for p in prompts_for(c, config.images_per_concept, config.seed)]
+        if config.preserve_pairs > 0:
+            pairs = _paired(pairs, kept, config.preserve_pairs, config.seed)
+        preserved = list(dict.fromkeys(c.text for c, _ in pairs))
+        prompts = [p for _, p in pairs]
+    else:
+        prompts = []
+    if prompts:
+        seeds = [2_000_000 + config.seed * 100_003 + i for i in range(len(prompts))]
+        preserve = make_image_set(components, _generate(components, prompts, seeds, config), prompts)
+    return preserve, preserved
+
+
+def data_key(components, target: str, config, extra=()) -> str:
+    """What a data set is made from, as a short hash: the target, the model, the settings (the cache
+    path left out) and the files behind them, by size and time (a guideline retrained in place, a mask
+    repainted, a caption fixed, a base model replaced under its name make new data)."""
+    prints = [_fingerprint(config.forget_dir), _fingerprint(config.preserve_dir), _fingerprint(config.guideline),
+              _fingerprint(components.source, deep=True)]
+    if config.cache:  # the cache itself (kept in a folder fingerprinted above) is no input
+        prints = [[row for row in p if row[0] != os.path.basename(config.cache)] for p in prints]
+    return hashlib.sha256(json.dumps([target, components.source, {**asdict(config), "cache": None}, prints, *extra],
+                                     sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _fingerprint(path, deep: bool = False) -> list:
