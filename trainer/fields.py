@@ -13,7 +13,9 @@ EXAMPLES = {  # target, anchor (what the concept turns into) on the toy model
     "object": ("red circle", "green circle"), "style": ("striped background", "plain background"),
     "character": ("bobo", "a blue circle"), "nudity": ("nudity", "dressed"),
 }
-METHODS = (("INPO: an erasure LoRA", "inpo"), ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
+METHODS = (("INPO: an erasure LoRA", "inpo"),
+           ("NCD: an erasure LoRA (a safe picture preferred over three harmful ones)", "ncd"),
+           ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
 GUIDELINE_STEPS_PER_IMAGE = 100  # DAG Table 4: 100 x the number of unsafe images
 UPLOAD_MB = 50  # the most one uploaded file may weigh (the page refuses more; Gradio's max_file_size too)
 
@@ -32,7 +34,28 @@ FIELDS = [
     ("lambda_prior", "lambda_prior (preservation)", 0.6), ("sample_every", "Preview every N steps (0 = off)", 50),
     ("sample_steps", "Preview sampling steps", 20), ("checkpoint_every", "Checkpoint every N steps", 50),
     ("seed", "Seed", 0), ("stop_when_erased", "Stop when erased (Steps is then the most)", False),
+    # NCD's own settings (shown when the method is NCD)
+    ("beta", "beta (NCD reward scale)", 2000.0), ("lambda_pair", "lambda (NCD pair loss)", 0.5),
+    ("pair_reduce", "Pair loss over the harmful images", "sum"), ("harm_weights", "Harm weights (NCD-HA)", ""),
+    ("nca", "NCA objective (ablation)", False), ("img2img_strength", "img2img strength (safe pictures)", 0.9),
 ]
+METHOD_FIELDS = {  # the fields only one method reads: passed as its flags, shown with it
+    "inpo": ("eta", "gamma", "tau", "lambda_prior"),
+    "ncd": ("beta", "lambda_pair", "pair_reduce", "harm_weights", "nca", "img2img_strength", "anchor", "lambda_prior"),
+}
+NCD_TIPS = {
+    "beta": "Eq. 10: scale of the implicit rewards r = beta/2 (error of the base - error of the model). Only the "
+            "official code has it (2000 for SD1.5); larger moves the rewards into saturation sooner.",
+    "lambda_pair": "Eq. 18: weight of the pairwise loss that ranks the safe picture above each harmful one (0.5).",
+    "pair_reduce": "Eq. 18 sums the pair terms over the three harmful pictures (the paper); the official code "
+                   "averages them (a third of the weight).",
+    "harm_weights": "NCD-HA (Eq. 19-20): weights of the harmful pictures, most harmful first, e.g. 1.2,1.0,0.8 "
+                    "(Tab. 8); empty: plain NCD.",
+    "nca": "The NCA objective (Eq. 15), whose gradient on the safe picture reverses once sigma(r_0) > 0.8: the "
+           "ablation NCD improves on.",
+    "img2img_strength": "How far img2img redraws a harmful picture into its safe one under the anchor's prompt "
+                        "(1: from scratch). Pictures where the judge still sees the concept are dropped.",
+}
 KEYS = [k for k, _, _ in FIELDS]
 INT_KEYS = {"forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps", "steps", "rank", "batch_size",
             "sample_every", "sample_steps", "checkpoint_every", "seed"}

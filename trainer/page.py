@@ -5,7 +5,7 @@ every event to a :class:`trainer.app.TrainerApp` handler (each with an ``api_nam
 from __future__ import annotations
 
 from erasekit.erase.images import IMAGE_EXTENSIONS
-from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, with_signature
+from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, NCD_TIPS, with_signature
 from trainer.runs import REPLACE_LABEL, WEBUI_ROOT
 
 
@@ -80,7 +80,9 @@ def build_page(app):
             with gr.Row():
                 comps["method"] = gr.Dropdown(list(METHODS), value="inpo", label="Method",
                                               info="Guideline tokens use the forget images (with masks) and a few "
-                                                   "safe images; they train in seconds.")
+                                                   "safe images; they train in seconds. NCD makes its own pictures: "
+                                                   "each prompt's three drawings of the concept and one redrawn as "
+                                                   "the anchor (or name.png + name_safe.png uploads).")
                 comps["preset"] = gr.Dropdown(["object", "character", "style", "nsfw"], value=d["preset"],
                                               label="Preset (INPO Table 6)")
                 comps["steps"] = gr.Number(d["steps"], label="Steps", precision=0)
@@ -93,6 +95,15 @@ def build_page(app):
                     for k in ("tau", "lambda_prior", "sample_every", "sample_steps", "checkpoint_every", "seed"):
                         comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
                                              precision=0 if k in INT_KEYS else None)
+                with gr.Row(visible=d["method"] == "ncd", elem_id="ncd-settings") as ncd_row:
+                    label = dict((a, b) for a, b, _ in FIELDS)
+                    for k in ("beta", "lambda_pair", "img2img_strength"):
+                        comps[k] = gr.Number(d[k], label=label[k], info=NCD_TIPS[k])
+                    comps["pair_reduce"] = gr.Dropdown(["sum", "mean"], value=d["pair_reduce"], label=label["pair_reduce"],
+                                                       info=NCD_TIPS["pair_reduce"])
+                    comps["harm_weights"] = gr.Textbox(d["harm_weights"], label=label["harm_weights"],
+                                                       placeholder="1.2,1.0,0.8", info=NCD_TIPS["harm_weights"])
+                    comps["nca"] = gr.Checkbox(d["nca"], label=label["nca"], info=NCD_TIPS["nca"])
                 comps["stop_when_erased"] = gr.Checkbox(
                     d["stop_when_erased"], label=dict((a, b) for a, b, _ in FIELDS)["stop_when_erased"],
                     info="End once the method counts the concept as erased (INPO: dS above tau on a quarter of the last "
@@ -172,6 +183,7 @@ def build_page(app):
             api_name="concept_type")
         comps["method"].input(app.method_changed, [comps["method"], comps["forget_images"], comps["preset"]],
                               [comps["steps"], comps["forget_images"]], api_name="method")
+        comps["method"].input(app.method_view, [comps["method"], comps["base"]], [comps["lr"], ncd_row], api_name=False)
         comps["preset"].input(app.preset_changed, [comps["preset"], comps["base"]],
                               [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
                               api_name="preset")

@@ -61,7 +61,7 @@ def resolve(args, kind: str | None, toy: bool = False) -> dict:
     for flag in methods.all_flags().values():
         if getattr(args, flag.key, None) is None:
             continue
-        if flag not in method.flags:
+        if flag.flag not in {f.flag for f in method.flags}:  # a flag several methods share has a help of each
             owners = " and ".join(m.upper() for m in methods.methods_with_flag(flag.flag))
             raise ErasekitError(f"--{flag.flag} is a setting of {owners}, not of {args.method.upper()}; leave it out or "
                                 f"pick --method {methods.methods_with_flag(flag.flag)[0]}.")

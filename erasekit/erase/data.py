@@ -107,10 +107,13 @@ class EraseData:
         return save_file_atomic(tensors, path, {"erasekit.data": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: str) -> EraseData:
+    def load(cls, path: str) -> EraseData | None:
+        """The cached sets, or None where the file holds another method's data (NCD's tuples)."""
         from ..checkpoints import load_file
 
         tensors, meta = load_file(path, "data cache")
+        if "erasekit.data" not in meta:
+            return None
         meta = json.loads(meta["erasekit.data"])
         sets = {}
         for name in ("forget", "preserve"):
@@ -143,7 +146,7 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     key = data_key(components, target, config)
     if config.cache and os.path.isfile(config.cache):
         data = EraseData.load(config.cache)
-        if data.key == key:
+        if data is not None and data.key == key:
             log(f"data: {len(data.forget)} forget / {len(data.preserve or ())} preserve images from {config.cache}")
             return data
     toy = components.architecture is not None and components.architecture.name == "toy"

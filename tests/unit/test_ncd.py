@@ -7,6 +7,7 @@ mode's SVD export, the CLI, a kill mid-run and the bench's SSR-N / ASR."""
 import json
 import math
 import os
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -418,7 +419,7 @@ def write_pairs(folder, n=2):
 
     from erasekit.toyworld.scenes import render_scene, upscale_for_display
 
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for i in range(n):
         Image.fromarray(upscale_for_display(render_scene(i, objects=[("red", "circle")]).image)).save(folder / f"p{i}.png")
         Image.fromarray(upscale_for_display(render_scene(i, objects=[("green", "circle")]).image)).save(folder / f"p{i}_safe.png")
@@ -435,14 +436,15 @@ def test_cli_trains_ncd_and_refuses_other_methods_flags(tmp_path, capsys):
     common = ["train", "--method", "ncd", "--target", "red circle", "--base", str(tmp_path / "toy"), "--threads", "1"]
     rc = main(common + ["--out", out, "--forget-dir", str(tmp_path / "pairs"), "--images-per-concept", "1",
                         "--neighbours", "1", "--unrelated", "1", "--steps", "2", "--batch-size", "1", "--nca",
-                        "--harm-weights", "1.2,1.0,0.8", "--pair-reduce", "mean", "--beta", "500"])
+                        "--harm-weights", "1.2,1.0,0.8", "--pair-reduce", "mean", "--beta", "500", "--lambda-prior", "7"])
     assert rc == 0, capsys.readouterr().err
     lora, meta = lora_io.load_lora(os.path.join(out, "erase-red-circle-ncd.safetensors"))
     assert lora and meta["erasekit.method"] == "ncd" and meta["erasekit.erased_concept"] == "red circle"
     resolved = read_config(os.path.join(out, "config.toml"))
     assert resolved["ncd"]["nca"] is True and resolved["ncd"]["harm_weights"] == "1.2,1.0,0.8"
     assert resolved["ncd"]["pair_reduce"] == "mean" and resolved["ncd"]["beta"] == 500.0
-    assert resolved["ncd"]["lambda_prior"] == preset("object", toy=True)["lambda_prior"]  # the toy tuning
+    assert resolved["ncd"]["lambda_prior"] == 7.0  # a flag NCD shares with INPO
+    assert resolved["ncd"]["lambda_pair"] == preset("object", toy=True)["lambda_pair"]
     assert resolved["train"]["mode"] == "lora" and resolved["train"]["targets"] == "feed-forward"
     assert resolved["data"]["img2img_strength"] == 0.9  # NCD's [data] table
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -541,3 +543,57 @@ def test_ssr_and_asr_eq12():
     summary = over_seeds(runs)
     assert summary["erase_rate_min"] == 0.9 and summary["preservation_min"] == 0.93
     assert set(summary["seeds"]) == {"0", "1"} and summary["ssr_mean"]["10"] == 0.95
+
+
+def test_trainer_page_trains_ncd_with_its_settings(tmp_path):
+    """The trainer app, driven as the page drives it (gradio_client): method NCD with pairs uploaded
+    for the run, NCD's fields passed as its flags (INPO's left out), the LoRA exported; the method's
+    view shows NCD's settings and its preset's learning rate."""
+    from gradio_client import Client
+
+    from erasekit.erase.engine import read_config
+    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+    from trainer.app import TrainerApp
+    from trainer.fields import METHODS
+    from trainer.work import train_argv
+
+    assert "ncd" in dict((v, k) for k, v in METHODS)
+    save_toy_pipeline(build_toy_pipeline(0, tiny=True), tmp_path / "toy")
+    app = TrainerApp(tmp_path / "runs", base=str(tmp_path / "toy"), threads=1)
+    lr, row = app.method_view("ncd", "/not/a/toy")
+    assert lr == 1e-6 and row["visible"] is True  # the paper's full-UNet learning rate
+    assert app.method_view("inpo", str(tmp_path / "toy"))[1]["visible"] is False
+    argv = train_argv({"method": "ncd", "eta": 2.0, "beta": 500.0, "nca": True, "anchor": "green circle",
+                       "lambda_prior": 3.0}, "out")
+    assert "--eta" not in argv and argv[argv.index("--beta") + 1] == "500.0" and "--nca" in argv
+    assert argv[argv.index("--anchor") + 1] == "green circle" and "--lambda-prior" in argv
+    inpo = train_argv({"method": "inpo", "eta": 2.0, "beta": 500.0, "nca": True, "anchor": "green circle"}, "out")
+    assert "--eta" in inpo and "--beta" not in inpo and "--nca" not in inpo and "--anchor" not in inpo
+
+    write_pairs(tmp_path / "runs" / "ncd-run" / "uploads" / "forget")
+    demo = app.build()
+    demo.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        c = Client(demo.local_url, verbose=False)
+        kw = {"base": str(tmp_path / "toy"), "run_name": "ncd-run", "target": "red circle", "preserve": "",
+              "images_per_concept": 1, "neighbours": 1, "unrelated": 1, "data_steps": 3, "steps": 3, "lr": 0.01,
+              "rank": 2, "batch_size": 1, "sample_every": 0, "checkpoint_every": 2, "method": "ncd", "beta": 300.0,
+              "pair_reduce": "mean", "harm_weights": "1.2,1.0,0.8", "lambda_prior": 2.0}
+        msg, job_id = c.predict(**kw, api_name="/start_training")
+        assert "Queued" in msg, msg
+        end = time.time() + 300
+        while time.time() < end:
+            st = c.predict(job_id=job_id, api_name="/job_status")
+            if st["state"] not in ("queued", "running"):
+                break
+            time.sleep(0.2)
+        assert st["state"] == "done", st["message"]
+    finally:
+        demo.close()
+    run = tmp_path / "runs" / "ncd-run"
+    resolved = read_config(str(run / "config.toml"))
+    assert resolved["ncd"]["beta"] == 300.0 and resolved["ncd"]["pair_reduce"] == "mean"
+    assert resolved["ncd"]["harm_weights"] == "1.2,1.0,0.8" and resolved["ncd"]["lambda_prior"] == 2.0
+    assert "inpo" not in resolved and resolved["data"]["forget_dir"].endswith("forget")
+    lora, meta = lora_io.load_lora(str(run / "erase-red-circle-ncd.safetensors"))
+    assert lora and meta["erasekit.method"] == "ncd"
