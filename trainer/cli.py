@@ -41,7 +41,8 @@ def train_command(args) -> int:
         if bar is None:
             bar = tqdm(total=total, desc=f"{args.method} '{args.target}'", dynamic_ncols=True)
         bar.n = step
-        bar.set_postfix({k: f"{terms[k]:.4f}" for k in ("loss", "delta_s", "prior") if k in terms}, refresh=True)
+        bar.set_postfix({k: f"{terms[k]:.4f}" for k in ("loss", "delta_s", "prior", "implicit_acc", "sigma_r0")
+                         if k in terms}, refresh=True)
 
     try:
         result = run_training(args, progress=progress, cancel=cancel)
