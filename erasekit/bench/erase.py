@@ -180,7 +180,8 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     lr = lr or row["lr"]
     targets = targets or row.get("targets", "attention")
     batch_size = batch_size or row.get("batch_size", 1)
-    run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
+    # seed and process in the name: runs started in the same second (several seeds at once) get their own folder
+    run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-s{seed}-{int(time.time())}-{os.getpid()}")
     extra = {k: row[k] for k in ("grad_accum", "lr_scheduler", "lr_warmup_steps", "weight_decay", "max_grad_norm")
              if k in row}
     config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=rank or row.get("rank", 4), seed=seed,
