@@ -129,14 +129,17 @@ def main(argv=None) -> None:
         if set(given) - own:
             ap.error(f"--{sorted(set(given) - own)[0].replace('_', '-')} is not a setting of {a.method}")
         seeds = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else [a.seed]
-        runs = [bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
-                            images_per_concept=a.images_per_concept, neighbours=a.neighbours,
-                            preserve_pairs=a.preserve_pairs, seed=seed, rank=a.rank,
-                            comfyui_prompts=a.comfyui, inpo=given, targets=a.targets, batch_size=a.batch_size,
-                            stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
-                            cost=not a.no_cost and i == 0, mode=a.mode, ssr_prompts=a.ssr_prompts,
-                            strengths=[float(x) for x in a.strengths.split(",") if x.strip()])
-                for i, seed in enumerate(seeds)]
+        runs = []
+        for i, seed in enumerate(seeds):
+            runs.append(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
+                                    images_per_concept=a.images_per_concept, neighbours=a.neighbours,
+                                    preserve_pairs=a.preserve_pairs, seed=seed, rank=a.rank,
+                                    comfyui_prompts=a.comfyui, inpo=given, targets=a.targets, batch_size=a.batch_size,
+                                    stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
+                                    cost=not a.no_cost and i == 0, mode=a.mode, ssr_prompts=a.ssr_prompts,
+                                    strengths=[float(x) for x in a.strengths.split(",") if x.strip()]))
+            if a.seeds:  # each seed as it ends: a run stopped later keeps the seeds it finished
+                log(f"seed {seed}: {json.dumps(runs[-1])}")
         if a.seeds:
             from .erase import over_seeds
 
