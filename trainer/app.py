@@ -202,6 +202,18 @@ class TrainerApp(ReviewHandlers):
                 inpo_images if n in (0, GUIDELINE_IMAGES) else n
         return inpo_preset(preset or "object")["steps"], inpo_images if n in (0, GUIDELINE_IMAGES) else n
 
+    def method_view(self, method, base=None):
+        """(learning rate, NCD's settings, ResAlign's settings shown or hidden) for the method: its preset's
+        learning rate (NCD on a real model: the paper's 1e-6 for the full UNet), each method's row only with it."""
+        import gradio as gr
+
+        from erasekit.erase import methods
+
+        if method not in methods.METHODS:  # the guideline tokens keep the field as it is
+            return gr.skip(), gr.update(visible=False), gr.update(visible=False)
+        train_row, _ = methods.get(method).preset("object", toy=self._is_toy(base or self.base))
+        return train_row.get("lr", 1e-4), gr.update(visible=method == "ncd"), gr.update(visible=method == "resalign")
+
     def suggest_preserve(self, target, neighbours, unrelated):
         import gradio as gr
 
@@ -550,11 +562,12 @@ def page_values(tables: dict, path) -> dict:
                                 f"{', '.join(KEYS)}.")
         values, table = app, "[app]"
     else:  # a run's config.toml: [data] sample_steps is the data's sampling (the page's data_steps)
-        train, inpo, data = (tables.get(n) if isinstance(tables.get(n), dict) else {} for n in ("train", "inpo", "data"))
-        values = {**{k: v for k, v in data.items() if k != "sample_steps"}, **inpo, **train}
+        train, inpo, ncd, data = (tables.get(n) if isinstance(tables.get(n), dict) else {}
+                                  for n in ("train", "inpo", "ncd", "data"))
+        values = {**{k: v for k, v in data.items() if k != "sample_steps"}, **inpo, **ncd, **train}
         if "sample_steps" in data:
             values["data_steps"] = data["sample_steps"]
-        table = "[train], [inpo] or [data]"
+        table = "[train], [inpo], [ncd] or [data]"
     defaults = {k: d for k, _, d in FIELDS}
     for key in KEYS:
         if key in values:

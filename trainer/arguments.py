@@ -37,13 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
             ("grad-accum", int, "micro-batches accumulated into each optimizer step (default 1)"),
             ("checkpoint-every", int, "steps between checkpoints (default 100; a kill loses at most this many)"),
             ("sample-every", int, "steps between preview images (0: none)"),
-            *((f.flag, f.kind, f.help) for f in methods.all_flags().values()),
+            *((f.flag, f.kind, f.help) for f in methods.all_flags().values() if f.kind is not bool),
             ("preserve-pairs", float, "toy model: share of preserve prompts showing two preserved objects (0: off)"),
             ("forget-images", int, "images of the concept to generate (default 16)"),
             ("images-per-concept", int, "preserve images per preserved concept (default 25)"),
             ("neighbours", int, "neighbouring concepts to preserve (default 4)"),
-            ("unrelated", int, "unrelated concepts to preserve (default 4)")):
+            ("unrelated", int, "unrelated concepts to preserve (default 4)"),
+            ("anchor", str, "NCD: what the concept becomes in the safe pictures (default on the toy model: its safe "
+                            "counterpart, e.g. red circle -> green circle)"),
+            ("img2img-strength", float, "NCD: how far img2img redraws a harmful picture into its safe one (0-1, "
+                                        "default 0.9)"),
+            ("max-tries", int, "draw up to this many times the images asked for to find the concept (default 4)")):
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    for f in methods.all_flags().values():  # a method's switches: --nca / --no-nca
+        if f.kind is bool:
+            p.add_argument(f"--{f.flag}", action=argparse.BooleanOptionalAction, default=None, help=f.help)
     p.add_argument("--mode", choices=("lora", "full"), default=None)
     p.add_argument("--targets", default=None, help="cross-attention | attention (default; the toy model: feed-forward) | "
                    "feed-forward | all | to_k,to_v,...")

@@ -44,7 +44,8 @@ def train_command(args) -> int:
         if bar is None:
             bar = tqdm(total=total, desc=f"{args.method} '{args.target}'", dynamic_ncols=True)
         bar.n = step
-        shown = ("loss", "delta_s", "prior", "harm", "harm_star", "retain", "hyper_norm", "residual", "guard")
+        shown = ("loss", "delta_s", "prior", "implicit_acc", "sigma_r0", "harm", "harm_star", "retain", "hyper_norm",
+                 "residual", "guard")
         bar.set_postfix({k: f"{terms[k]:.4g}" for k in shown if k in terms}, refresh=True)
 
     try:

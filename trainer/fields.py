@@ -14,6 +14,7 @@ EXAMPLES = {  # target, anchor (what the concept turns into) on the toy model
     "character": ("bobo", "a blue circle"), "nudity": ("nudity", "dressed"),
 }
 METHODS = (("INPO: an erasure LoRA", "inpo"),
+           ("NCD: an erasure LoRA (a safe picture preferred over three harmful ones)", "ncd"),
            ("ResAlign: an erasure LoRA that survives later fine-tuning (hardens INPO's with Harden this LoRA)", "resalign"),
            ("DAG guideline tokens: an embedding for Detect-and-Guide", "guideline"))
 GUIDELINE_STEPS_PER_IMAGE = 100  # DAG Table 4: 100 x the number of unsafe images
@@ -34,10 +35,22 @@ FIELDS = [
     ("lambda_prior", "lambda_prior (preservation)", 0.6), ("sample_every", "Preview every N steps (0 = off)", 50),
     ("sample_steps", "Preview sampling steps", 20), ("checkpoint_every", "Checkpoint every N steps", 50),
     ("seed", "Seed", 0), ("stop_when_erased", "Stop when erased (Steps is then the most)", False),
-    ("beta", "ResAlign beta (harm after a simulated fine-tune)", 0.8), ("iterations", "ResAlign K (1 = first order)", 3),
-    ("configs", "ResAlign J (fine-tunes per step)", 1), ("pool", "ResAlign pool (.toml; empty = built-in)", ""),
+    # NCD's own settings (shown when the method is NCD)
+    ("beta", "beta (NCD reward scale)", 2000.0), ("lambda_pair", "lambda (NCD pair loss)", 0.5),
+    ("pair_reduce", "Pair loss over the harmful images", "sum"), ("harm_weights", "Harm weights (NCD-HA)", ""),
+    ("nca", "NCA objective (ablation)", False), ("img2img_strength", "img2img strength (safe pictures)", 0.9),
+    # ResAlign's own settings (shown when the method is ResAlign); its beta is another quantity than NCD's
+    ("resalign_beta", "beta (ResAlign: harm after a simulated fine-tune)", 0.8),
+    ("iterations", "ResAlign K (1 = first order)", 3), ("configs", "ResAlign J (fine-tunes per step)", 1),
+    ("pool", "ResAlign pool (.toml; empty = built-in)", ""),
     ("init_lora", "Harden this LoRA (.safetensors; empty = start fresh)", ""),
 ]
+METHOD_FIELDS = {  # the fields only one method reads: passed as its flags, shown with it
+    "inpo": ("eta", "gamma", "tau", "lambda_prior"),
+    "ncd": ("beta", "lambda_pair", "pair_reduce", "harm_weights", "nca", "img2img_strength", "anchor", "lambda_prior"),
+    "resalign": ("resalign_beta", "iterations", "configs", "pool", "init_lora"),
+}
+FLAG_OF = {"resalign_beta": "beta"}  # a page field whose CLI flag has another name (both methods have a --beta)
 KEYS = [k for k, _, _ in FIELDS]
 INT_KEYS = {"forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps", "steps", "rank", "batch_size",
             "sample_every", "sample_steps", "checkpoint_every", "seed", "iterations", "configs"}

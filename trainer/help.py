@@ -19,8 +19,9 @@ HELP = {
     "unrelated": "How many unrelated concepts are suggested to keep.",
     "data_steps": "Sampling steps for each data picture: more is cleaner and slower.",
     "guideline": "Only for masks from a guideline embedding: the .safetensors file Detect-and-Guide detects with.",
-    "method": "INPO trains a LoRA that removes the concept; DAG guideline tokens train the detector "
-              "Detect-and-Guide uses at generation time (seconds to train).",
+    "method": "INPO, NCD and ResAlign each train a LoRA that removes the concept (NCD learns from a safe redrawing "
+              "of each picture; ResAlign makes the erasure last when others fine-tune the model later); DAG guideline "
+              "tokens train the detector Detect-and-Guide uses at generation time (seconds to train).",
     "preset": "The paper's settings for this kind of concept (INPO, Table 6). Picking one fills in the numbers "
               "below; the toy model gets its own tuning on top.",
     "steps": "How long to train. Each step looks at one batch of concept pictures and one of pictures to keep.",
@@ -41,6 +42,24 @@ HELP = {
     "stop_when_erased": "End once the method counts the concept as erased (INPO: Delta S above tau on a quarter of "
                         "the last 20 steps); later steps mostly wear down what must be kept. Resume: ticked turns "
                         "it on; unticked keeps the run's own setting.",
+    # NCD
+    "beta": "NCD: how sharply the model's pictures are compared with the base model's (beta); larger settles the "
+            "comparison sooner. The paper's code uses 2000.",
+    "lambda_pair": "NCD: how much the safe picture must come out ahead of each harmful one (lambda, 0.5).",
+    "pair_reduce": "NCD: add up the three harmful pictures' pair terms (the paper) or average them (its code: a third "
+                   "of the weight).",
+    "harm_weights": "NCD-HA: weigh the harmful pictures by how harmful they are, most harmful first, e.g. "
+                    "1.2,1.0,0.8; empty treats them alike.",
+    "nca": "NCD: train with the older NCA objective instead, for comparison; leave it off.",
+    "img2img_strength": "NCD: how far each harmful picture is redrawn into its safe version under the anchor "
+                        "(1 = from scratch). Redrawings that still show the concept are dropped.",
+    # ResAlign
+    "resalign_beta": "ResAlign: how much the erasure must hold after a simulated fine-tune by someone else (beta, "
+                     "0.8; 0 trains plain erasure, the comparison).",
+    "iterations": "ResAlign: precision of each step's look ahead (K; 1 is the quick first-order estimate).",
+    "configs": "ResAlign: simulated fine-tunes per step (J); more is steadier and slower.",
+    "pool": "ResAlign: a .toml file listing the fine-tunes to simulate; empty uses the built-in list.",
+    "init_lora": "ResAlign: an erasure LoRA to harden (e.g. one INPO made); empty starts from nothing.",
 }
 
 # Over the preset's numbers (INPO): what a person asks for, not which of four numbers to move.

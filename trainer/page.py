@@ -86,7 +86,9 @@ def build_page(app):
             with gr.Row():
                 comps["method"] = gr.Dropdown(list(METHODS), value="inpo", label="Method",
                                               info="Guideline tokens use the forget images (with masks) and a few "
-                                                   "safe images; they train in seconds.")
+                                                   "safe images; they train in seconds. NCD makes its own pictures: "
+                                                   "each prompt's three drawings of the concept and one redrawn as "
+                                                   "the anchor (or name.png + name_safe.png uploads).")
                 comps["preset"] = gr.Dropdown(["object", "character", "style", "nsfw"], value=d["preset"],
                                               label="Preset (the paper's settings for this kind of concept)")
                 strength = gr.Radio(list(STRENGTHS), value="default", label="Strength", info=STRENGTH_HELP,
@@ -101,8 +103,17 @@ def build_page(app):
                     for k in ("tau", "lambda_prior", "sample_every", "sample_steps", "checkpoint_every", "seed"):
                         comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
                                              precision=0 if k in INT_KEYS else None)
-                with gr.Row(elem_id="resalign-settings"):  # used by --method resalign only
-                    for k in ("beta", "iterations", "configs"):
+                with gr.Row(visible=d["method"] == "ncd", elem_id="ncd-settings") as ncd_row:
+                    label = dict((a, b) for a, b, _ in FIELDS)
+                    for k in ("beta", "lambda_pair", "img2img_strength"):
+                        comps[k] = gr.Number(d[k], label=label[k], info=HELP[k])
+                    comps["pair_reduce"] = gr.Dropdown(["sum", "mean"], value=d["pair_reduce"], label=label["pair_reduce"],
+                                                       info=HELP["pair_reduce"])
+                    comps["harm_weights"] = gr.Textbox(d["harm_weights"], label=label["harm_weights"],
+                                                       placeholder="1.2,1.0,0.8", info=HELP["harm_weights"])
+                    comps["nca"] = gr.Checkbox(d["nca"], label=label["nca"], info=HELP["nca"])
+                with gr.Row(visible=d["method"] == "resalign", elem_id="resalign-settings") as resalign_row:
+                    for k in ("resalign_beta", "iterations", "configs"):
                         comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
                                              precision=0 if k in INT_KEYS else None)
                     for k in ("pool", "init_lora"):
@@ -204,6 +215,7 @@ def build_page(app):
             api_name="concept_type")
         comps["method"].input(app.method_changed, [comps["method"], comps["forget_images"], comps["preset"]],
                               [comps["steps"], comps["forget_images"]], api_name="method")
+        comps["method"].input(app.method_view, [comps["method"], comps["base"]], [comps["lr"], ncd_row, resalign_row], api_name=False)
         comps["preset"].input(app.preset_changed, [comps["preset"], comps["base"]],
                               [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
                               api_name="preset")

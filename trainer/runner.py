@@ -28,7 +28,8 @@ FLAGS = {
     "preserve_dir": ("data", "preserve_dir"), "forget_images": ("data", "forget_images"),
     "images_per_concept": ("data", "images_per_concept"), "neighbours": ("data", "neighbours"),
     "unrelated": ("data", "unrelated"), "cache": ("data", "cache"), "mask_from": ("data", "mask_from"),
-    "guideline": ("data", "guideline"),
+    "guideline": ("data", "guideline"), "anchor": ("data", "anchor"), "img2img_strength": ("data", "img2img_strength"),
+    "max_tries": ("data", "max_tries"),
 }  # ... and every method's own settings (erasekit.erase.methods), in its table
 
 
@@ -60,7 +61,7 @@ def resolve(args, kind: str | None, toy: bool = False) -> dict:
     for flag in methods.all_flags().values():
         if getattr(args, flag.key, None) is None:
             continue
-        if flag not in method.flags:
+        if flag.flag not in {f.flag for f in method.flags}:  # a flag several methods share has a help of each
             owners = " and ".join(m.upper() for m in methods.methods_with_flag(flag.flag))
             raise ErasekitError(f"--{flag.flag} is a setting of {owners}, not of {args.method.upper()}; leave it out or "
                                 f"pick --method {methods.methods_with_flag(flag.flag)[0]}.")
@@ -77,7 +78,7 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
     Shared by the CLI and the trainer app (:mod:`trainer.jobs`)."""
     from erasekit import models
     from erasekit.erase import methods
-    from erasekit.erase.data import DataConfig, resolve_concept
+    from erasekit.erase.data import resolve_concept
     from erasekit.erase.engine import TrainConfig, config_from_dict, latest_checkpoint
 
     log = log or (lambda m: print(m, file=sys.stderr))
@@ -103,7 +104,7 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
     tables = resolve(args, kind, toy)
     config = config_from_dict(TrainConfig, tables["train"], "[train]")
     method_config = config_from_dict(methods.get(args.method).config, tables["method"], f"[{args.method}]")
-    data_config = config_from_dict(DataConfig, tables["data"], "[data]")
+    data_config = config_from_dict(methods.get(args.method).data_config, tables["data"], "[data]")
     if not config.sample_prompts:
         config.sample_prompts = [target] if not toy else [f"a {target}" if kind != "character" else target]
 

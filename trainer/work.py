@@ -43,24 +43,24 @@ def train_argv(s: dict, out: str, resume: bool = False, config: str | None = Non
         argv += ["--config", str(config)]
     if resume:
         argv.append("--resume")
-    from erasekit.erase import methods
+    from trainer.fields import FLAG_OF, METHOD_FIELDS
 
-    method = methods.METHODS.get(s.get("method") or "inpo")
-    own = {f.key for f in method.flags} if method else set()
-    others = {f.key for f in methods.all_flags().values()} - own  # the page holds every method's fields
+    method = s.get("method") or "inpo"
+    own = METHOD_FIELDS.get(method, ())
     flags = ("steps", "lr", "rank", "alpha", "batch_size", "grad_accum", "seed", "eta", "gamma", "tau", "lambda_prior",
              "forget_images", "images_per_concept", "neighbours", "unrelated", "checkpoint_every", "sample_every",
              "optimizer", "mixed_precision", "targets", "name", "threads", "forget_dir", "mask_from", "guideline",
-             "beta", "iterations", "configs", "pool", "init_lora")
+             "beta", "lambda_pair", "pair_reduce", "harm_weights", "img2img_strength", "anchor",
+             "resalign_beta", "iterations", "configs", "pool", "init_lora")
     for key in flags:
         value = s.get(key)
-        if value is None or value == "" or key in others:
-            continue
+        if value is None or value == "" or (any(key in f for f in METHOD_FIELDS.values()) and key not in own):
+            continue  # another method's setting
         if key in ("steps", "rank", "batch_size", "grad_accum", "seed", "forget_images", "images_per_concept",
                    "neighbours", "unrelated", "checkpoint_every", "sample_every", "threads", "iterations", "configs"):
             value = int(value)
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    for key in ("gradient_checkpointing", "cpu", "stop_when_erased"):
+        argv += [f"--{FLAG_OF.get(key, key).replace('_', '-')}", str(value)]
+    for key in ("gradient_checkpointing", "cpu", "stop_when_erased") + (("nca",) if "nca" in own else ()):
         if s.get(key):
             argv.append(f"--{key.replace('_', '-')}")
     return argv

@@ -4,7 +4,7 @@ measured in the same run, so they compare across machines.
     python -m erasekit.bench startup [--repeats N]
     python -m erasekit.bench dag --target "red circle" [--prompts N] [--seeds K] [--steps S]
     python -m erasekit.bench lora-roundtrip
-    python -m erasekit.bench erase --method inpo --target "red circle"
+    python -m erasekit.bench erase --method inpo|ncd|resalign --target "red circle" [--seeds 0,1,2]
     python -m erasekit.bench resilience --target "red circle" [--quick] --json
     python -m erasekit.bench a1111 [--repeats N]
 
@@ -50,7 +50,7 @@ def bench_startup(repeats: int = 3) -> dict:
 
 def main(argv=None) -> None:
     from ..dag.fit import GUIDELINE_IMAGES
-    from .erase import INPO_SETTINGS  # light: its heavy imports are inside functions
+    from ..erase import methods  # light: the methods' modules are imported when used
 
     ap = argparse.ArgumentParser(prog="python -m erasekit.bench", description="Erasekit benchmarks (JSON lines).")
     sub = ap.add_subparsers(dest="which", required=True)
@@ -78,25 +78,35 @@ def main(argv=None) -> None:
     d.add_argument("--out", default="out/bench")
     d.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     e = sub.add_parser("erase", help="an erasure LoRA trained on the toy world, judged, and its cost")
-    e.add_argument("--method", default="inpo", choices=["inpo"])
+    e.add_argument("--method", default="inpo", choices=list(methods.METHODS))
     e.add_argument("--target", default="red circle")
     e.add_argument("--prompts", type=int, default=200)
     e.add_argument("--steps", type=int, default=None, help="default: the method's preset for the concept type")
     e.add_argument("--lr", type=float, default=None, help="default: the preset's (with the toy model's tuning)")
     e.add_argument("--model", default=None)
-    for key in INPO_SETTINGS:
-        e.add_argument(f"--{key.replace('_', '-')}", type=float, default=None,
-                       help="override the preset's value (INPO Eq. 14-16; lambda-anchor: beyond the paper)")
+    for flag in methods.all_flags().values():  # override the toy preset's value
+        if flag.kind is bool:
+            e.add_argument(f"--{flag.flag}", action=argparse.BooleanOptionalAction, default=None, help=flag.help)
+        else:
+            e.add_argument(f"--{flag.flag}", type=flag.kind, default=None, help=flag.help)
     e.add_argument("--images-per-concept", type=int, default=25, help="preserve images per preserved concept (paper: 25)")
     e.add_argument("--neighbours", type=int, default=4, help="neighbouring concepts in the preserve set (paper: 4)")
     e.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the preset's, 4)")
     e.add_argument("--seed", type=int, default=0, help="data, LoRA initialisation and training draws")
+    e.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="train once per seed (e.g. 0,1,2) and report each and the worst (erase_rate_min, "
+                        "preservation_min); overrides --seed")
+    e.add_argument("--mode", choices=("lora", "full"), default=None,
+                   help="LoRA, or the full UNet exported as a LoRA by SVD (default: the toy preset's, lora)")
+    e.add_argument("--ssr-prompts", type=int, default=20,
+                   help="target prompts for SSR-N and ASR (NCD Eq. 12), each with 10 seeds of one shared list (0: skip)")
     e.add_argument("--preserve-pairs", type=float, default=0.0,
                    help="share of preserve prompts that show two preserved objects (the paper: 0)")
     e.add_argument("--targets", default=None,
                    help="LoRA target modules: cross-attention, attention, feed-forward (the toy tuning's default), all, "
                         "or names like to_k,to_v")
-    e.add_argument("--batch-size", type=int, default=1, help="forget and preserve images per step (each)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="forget and preserve images (NCD: tuples) per step (default: the toy preset's, else 1)")
     e.add_argument("--train-text-encoder", action="store_true", help="a LoRA on the text encoder too")
     e.add_argument("--stop-when-erased", action="store_true",
                    help="end training once the objective counts the concept as erased (--steps is then a maximum)")
@@ -126,14 +136,29 @@ def main(argv=None) -> None:
         from .erase import bench_erase
 
         log = lambda msg: print(msg, file=sys.stderr)
-        inpo = {k: getattr(a, k) for k in INPO_SETTINGS if getattr(a, k) is not None}
-        print(json.dumps(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
-                                     images_per_concept=a.images_per_concept, neighbours=a.neighbours,
-                                     preserve_pairs=a.preserve_pairs, seed=a.seed, rank=a.rank,
-                                     comfyui_prompts=a.comfyui, inpo=inpo, targets=a.targets, batch_size=a.batch_size,
-                                     stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
-                                     cost=not a.no_cost,
-                                     strengths=[float(x) for x in a.strengths.split(",") if x.strip()])))
+        method = methods.get(a.method)
+        own = {f.key for f in method.flags}
+        given = {f.key: getattr(a, f.key) for f in methods.all_flags().values() if getattr(a, f.key) is not None}
+        if set(given) - own:
+            ap.error(f"--{sorted(set(given) - own)[0].replace('_', '-')} is not a setting of {a.method}")
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else [a.seed]
+        runs = []
+        for i, seed in enumerate(seeds):
+            runs.append(bench_erase(a.method, a.target, a.prompts, a.steps, a.lr, a.model, a.out, log=log,
+                                    images_per_concept=a.images_per_concept, neighbours=a.neighbours,
+                                    preserve_pairs=a.preserve_pairs, seed=seed, rank=a.rank,
+                                    comfyui_prompts=a.comfyui, inpo=given, targets=a.targets, batch_size=a.batch_size,
+                                    stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
+                                    cost=not a.no_cost and i == 0, mode=a.mode, ssr_prompts=a.ssr_prompts,
+                                    strengths=[float(x) for x in a.strengths.split(",") if x.strip()]))
+            if a.seeds:  # each seed as it ends: a run stopped later keeps the seeds it finished
+                log(f"seed {seed}: {json.dumps(runs[-1])}")
+        if a.seeds:
+            from .erase import over_seeds
+
+            print(json.dumps(over_seeds(runs)))
+        else:
+            print(json.dumps(runs[0]))
     if a.which == "resilience":
         from .resilience import bench_resilience
 

@@ -36,7 +36,8 @@ class PlainLoraObjective:
 
         from ..erase.objective import join_parts
 
-        both = join_parts([batch["forget"]] + ([batch["preserve"]] if "preserve" in batch else []))
+        first = batch["forget"] if "forget" in batch else _flat_tuples(batch["tuples"])
+        both = join_parts([first] + ([batch["preserve"]] if "preserve" in batch else []))
         noise, t = ctx.noise_and_timesteps(both["latents"])
         pred = unet(ctx.add_noise(both["latents"], noise, t), t, **ctx.unet_inputs(both)).sample
         loss = F.mse_loss(pred, ctx.target(both["latents"], noise, t))
@@ -44,6 +45,35 @@ class PlainLoraObjective:
 
 
 INPO_SETTINGS = ("eta", "gamma", "tau", "lambda_prior", "lambda_anchor")  # overridable, and reported
+SSR_N = (1, 3, 10)  # NCD Eq. 12's N: the first N seeds of the shared list
+SSR_SEEDS = 10  # how many seeds of the shared list are drawn for each SSR prompt
+
+
+def _flat_tuples(part: dict) -> dict:
+    """An NCD batch part's B K candidates as one part of B K images (each with its tuple's caption)."""
+    k = part["latents"].shape[1]
+    out = {"latents": part["latents"].flatten(0, 1)}
+    out.update({key: part[key].repeat_interleave(k, dim=0) for key in ("embeds", "ids", "pooled", "time_ids")
+                if key in part})
+    return out
+
+
+def ssr_seed_list(n: int = SSR_SEEDS, seed: int = 0) -> list:
+    """NCD Eq. 12's one shared seed list, drawn from [1, 1024] (disjoint from the training data's
+    seeds, which start at 1,000,000)."""
+    import random
+
+    return random.Random(f"ssr:{seed}").sample(range(1, 1025), n)
+
+
+def ssr_asr(found, n_values=SSR_N) -> dict:
+    """SSR-N (NCD Eq. 12) and ASR from ``found`` [P][S] (does image s of prompt p show the target):
+    SSR-N = the share of prompts with at least one such image among their first N seeds; ASR = the
+    share of all images that show it."""
+    p = max(len(found), 1)
+    out = {str(n): round(sum(any(row[:n]) for row in found) / p, 4) for n in n_values}
+    images = sum(len(row) for row in found)
+    return {"ssr": out, "asr": round(sum(sum(row) for row in found) / max(images, 1), 4)}
 
 
 def _objective(method: str, preset_name: str, overrides: dict | None = None):
@@ -113,14 +143,16 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                 preserve_pairs: float = 0.0, rank: int | None = None,
                 inpo: dict | None = None, targets: str | None = None, batch_size: int = 1,
                 stop_when_erased: bool = False, train_text_encoder: bool = False,
-                cost: bool = True, strengths: list[float] | None = None, log=print) -> dict:
+                cost: bool = True, strengths: list[float] | None = None, mode: str | None = None,
+                ssr_prompts: int = 20, log=print) -> dict:
+    """Train ``method`` on the toy model and judge it (see the module docstring). ``inpo``: the
+    method's settings that override its toy preset (any method's, despite the name)."""
     import copy
 
     from .. import models
     from ..dag.sampling import sample
-    from ..erase.data import DataConfig, build_erase_data
+    from ..erase import methods
     from ..erase.engine import TrainConfig, train
-    from ..erase.inpo import preset
     from ..toyworld.concepts import concept_prompts
     from ..toyworld.vocab import parse_concept
 
@@ -130,15 +162,22 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     comps = models.load(model)
     base_unet = copy.deepcopy(comps.unet)
     base_te = copy.deepcopy(comps.text_encoder) if train_text_encoder else comps.text_encoder
-    data = build_erase_data(comps, target, DataConfig(forget_images=forget_images, images_per_concept=images_per_concept,
-                                                      neighbours=neighbours, preserve_pairs=preserve_pairs,
-                                                      seed=seed), log=log)
-    steps = steps or preset(kind)["steps"]
-    lr = lr or preset(kind, toy=True)["lr"]
-    targets = targets or preset(kind, toy=True).get("targets", "attention")
-    run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-{int(time.time())}")
-    config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=rank or preset(kind)["rank"], seed=seed,
+    m = methods.get(method) if method != "plain" else methods.get("inpo")
+    data = m.build_data(comps, target, m.data_config(forget_images=forget_images, images_per_concept=images_per_concept,
+                                                     neighbours=neighbours, preserve_pairs=preserve_pairs, seed=seed),
+                        log=log)
+    row = m.preset(kind, toy=True)[0]  # the train settings of the toy preset
+    steps = steps or row["steps"]
+    lr = lr or row["lr"]
+    targets = targets or row.get("targets", "attention")
+    batch_size = batch_size or row.get("batch_size", 1)
+    # seed and process in the name: runs started in the same second (several seeds at once) get their own folder
+    run_dir = os.path.join(out_dir, f"{method}-{'-'.join(concept.text.split())}-s{seed}-{int(time.time())}-{os.getpid()}")
+    extra = {k: row[k] for k in ("grad_accum", "lr_scheduler", "lr_warmup_steps", "weight_decay", "max_grad_norm")
+             if k in row}
+    config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=rank or row.get("rank", 4), seed=seed,
                          targets=targets, batch_size=batch_size, stop_when_erased=stop_when_erased,
+                         mode=mode or row.get("mode", "lora"), **extra,
                          train_text_encoder=train_text_encoder, checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
     t0 = time.time()
     objective = _objective(method, kind, inpo)
@@ -156,7 +195,20 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                        judge_found(sample(pipe, ps[s:s + 50], list(range(s, min(s + 50, len(ps)))), steps=25,
                                            cfg=3.0).images, concept)] for name, ps in prompts.items()}
 
-    before = judged(_pipe(comps, base_unet, base_te))
+    # SSR-N and ASR (NCD Eq. 12): distinct target prompts, each with the same shared seed list
+    ssr_texts = list(dict.fromkeys(concept_prompts(concept, 10 * ssr_prompts, 0, seed + 1)[0]))[:ssr_prompts]
+    ssr_seeds = ssr_seed_list(SSR_SEEDS, seed)
+
+    def ssr_judged(pipe):
+        rows = [(p, s) for p in ssr_texts for s in ssr_seeds]
+        hits = [h for i in range(0, len(rows), 50) for h, _ in judge_found(
+            sample(pipe, [p for p, _ in rows[i:i + 50]], [s for _, s in rows[i:i + 50]], steps=25, cfg=3.0).images,
+            concept)]
+        return ssr_asr([hits[i * len(ssr_seeds):(i + 1) * len(ssr_seeds)] for i in range(len(ssr_texts))])
+
+    base_pipe = _pipe(comps, base_unet, base_te)
+    before = judged(base_pipe)
+    ssr_before = ssr_judged(base_pipe) if ssr_prompts else {}
     pipe_erased = _pipe(comps, comps.unet, comps.text_encoder)
     by_strength = {}
     for strength in sorted({1.0, *(strengths or ())}, reverse=True):
@@ -166,13 +218,23 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                          backgrounds=concept.kind == "style")
         by_strength[strength] = (n, after)
     _set_lora_strength(comps, 1.0)
+    ssr_after = ssr_judged(pipe_erased) if ssr_prompts else {}
     n, after = by_strength[1.0]
     counts = {k: (before[k], after[k]) for k in prompts}
-    cost = _cost(model, target, seed, targets) if cost else {}
+    cost = _cost(model, target, seed, targets, method, batch_size) if cost else {}
     if comfyui_prompts:
         cost.update(_comfyui_check(str(result.lora), concept.text, model, comfyui_prompts, seed))
-    settings = {k: getattr(objective.config, k) for k in INPO_SETTINGS} if objective.config else {}
+    settings = _settings(objective)
+    extraction = {}
+    if config.mode == "full":  # what the rank-r LoRA could not hold of the full fine-tune
+        from ..lora_io import load_lora
+
+        extraction = {"extraction": json.loads(load_lora(str(result.lora))[1]["erasekit.config"]).get("extraction")}
+    ssr = {"ssr": ssr_after.get("ssr"), "asr": ssr_after.get("asr"), "ssr_before": ssr_before.get("ssr"),
+           "asr_before": ssr_before.get("asr"), "ssr_prompts": len(ssr_texts), "ssr_seeds": ssr_seeds} if ssr_prompts else {}
+    last = {k: round(v, 4) for k, v in result.last.items() if k in ("implicit_acc", "sigma_r0", "delta_s")}
     return {"bench": "erase", "method": method, "target": concept.text, "seed": seed, "steps": steps, "lr": lr, "rank": config.rank, "targets": targets, "batch_size": batch_size,
+            "mode": config.mode, **extraction, "last_step": last,
             "steps_trained": result.step, "train_text_encoder": train_text_encoder,
             **settings,
             "preserved_concepts": list(data.preserved), "preserve_images": len(data.preserve or ()),
@@ -180,11 +242,30 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
             "targets_drawn_before": round(n["drawn_before"] / len(target_prompts), 4),
             **_rates(n), "preservation_same_seed": round(n["kept"] / max(n["total"], 1), 4),
-            "benign_target_rate_after": round(sum(a[0] for a in counts["benign"][1]) / len(benign), 4),
+            "benign_target_rate_after": round(sum(a[0] for a in counts["benign"][1]) / len(benign), 4), **ssr,
             **({"by_strength": {f"{k:g}": _rates(v[0]) for k, v in by_strength.items()}}
                if len(by_strength) > 1 else {}),
             "train_seconds": round(train_seconds, 1), "lora": str(result.lora), **cost,
             "sampler": "DDIM eta=1, 25 steps, cfg 3"}
+
+
+def over_seeds(runs: list) -> dict:
+    """One report of several seeds' runs: each run under ``seeds``, the worst erase rate and
+    preservation, the mean of each, and SSR-N / ASR averaged. The cost (step time, memory) is the first run's."""
+    def mean(key):
+        return round(sum(r[key] for r in runs) / len(runs), 4)
+
+    out = {"bench": "erase", "method": runs[0]["method"], "target": runs[0]["target"],
+           "seeds": {str(r["seed"]): r for r in runs},
+           "erase_rate_min": min(r["erase_rate"] for r in runs), "preservation_min": min(r["preservation"] for r in runs),
+           "erase_rate_mean": mean("erase_rate"), "preservation_mean": mean("preservation")}
+    if all(r.get("ssr") for r in runs):
+        out["ssr_mean"] = {n: round(sum(r["ssr"][n] for r in runs) / len(runs), 4) for n in runs[0]["ssr"]}
+        out["asr_mean"] = mean("asr")
+    for key in ("step_time_ratio", "peak_mem_ratio"):
+        if key in runs[0]:
+            out[key] = runs[0][key]
+    return out
 
 
 def _rates(n: dict) -> dict:
@@ -223,25 +304,42 @@ def _pipe(comps, unet, text_encoder):
     return p
 
 
-def _cost(model: str, target: str, seed: int, targets: str = "attention") -> dict:
+def _settings(objective) -> dict:
+    """The method's settings, as reported: INPO's overridable ones, or every field of another method's config."""
+    from dataclasses import asdict
+
+    if objective.config is None:
+        return {}
+    if objective.name == "inpo":
+        return {k: getattr(objective.config, k) for k in INPO_SETTINGS}
+    return asdict(objective.config)
+
+
+def _cost(model: str, target: str, seed: int, targets: str = "attention", method: str = "inpo",
+          batch_size: int = 1) -> dict:
+    """Step time and peak memory of ``method`` against plain LoRA fine-tuning on the same batch
+    (NCD: the same B K candidates), each in a fresh process."""
     from ..fresh_process import json_from
 
     runs = {}
-    for method in ("plain", "inpo"):
+    for name in ("plain", method):
         code = f"from erasekit.bench.erase import measure_steps; " \
-               f"measure_steps({method!r}, {model!r}, {target!r}, {seed}, targets={targets!r})"
-        runs[method] = json_from(["-c", code], f"measuring {method} steps", timeout=900, cwd=REPO)
-    passes = {"plain": 1, "inpo": 2}
-    raw = runs["inpo"]["step_seconds"] / runs["plain"]["step_seconds"]
-    return {"step_time_ratio": round(raw / (passes["inpo"] / passes["plain"]), 4), "step_time_ratio_raw": round(raw, 4),
-            "peak_mem_ratio": round(runs["inpo"]["peak_added_mb"] / max(runs["plain"]["peak_added_mb"], 1e-6), 4),
+               f"measure_steps({name!r}, {model!r}, {target!r}, {seed}, targets={targets!r}, shape={method!r})"
+        runs[name] = json_from(["-c", code], f"measuring {name} steps", timeout=900, cwd=REPO)
+    passes = {"plain": 1, method: 2}  # INPO and NCD: one trained and one reference pass over the same images
+    raw = runs[method]["step_seconds"] / runs["plain"]["step_seconds"]
+    return {"step_time_ratio": round(raw / (passes[method] / passes["plain"]), 4), "step_time_ratio_raw": round(raw, 4),
+            "peak_mem_ratio": round(runs[method]["peak_added_mb"] / max(runs["plain"]["peak_added_mb"], 1e-6), 4),
             "step_seconds": {k: v["step_seconds"] for k, v in runs.items()},
             "peak_added_mb": {k: v["peak_added_mb"] for k, v in runs.items()}}
 
 
-def measure_steps(method: str, model: str, target: str, seed: int, steps: int = 12, targets: str = "attention") -> None:
-    """In a fresh process: the same engine, synthetic forget/preserve batches of the toy's shapes;
-    prints step time and the peak memory the steps add (resident set after each step, MiB)."""
+def measure_steps(method: str, model: str, target: str, seed: int, steps: int = 12, targets: str = "attention",
+                  shape: str = "inpo") -> None:
+    """In a fresh process: the same engine, synthetic batches of the toy's shapes (``shape`` "inpo":
+    forget / preserve sets, batch 4 each, 8 images a step; "ncd": 2 tuples of 4 candidates and 2
+    preserve images, 10 images a step; plain fine-tuning sees the same images); prints step time and the peak memory the steps add
+    (resident set after each step, MiB)."""
     import tempfile
 
     import psutil
@@ -263,6 +361,16 @@ def measure_steps(method: str, model: str, target: str, seed: int, steps: int = 
                         ["x"] * n, torch.ones(n, 1, c.sample_size, c.sample_size) if masks else None)
 
     data = EraseData(target, image_set(True), image_set(False), ["y"])
+    batch = 4
+    if shape == "ncd":
+        from ..erase.ncd_data import NcdData
+
+        f = image_set(True)
+        k = 4
+        data = NcdData(target, torch.randn(n, k, *f.latents.shape[1:]), f.embeds, f.ids,
+                       torch.tensor([[1.0, 0, 0, 0]] * n), torch.rand(n, k), ["x"] * n, ["x"] * n,
+                       preserve=image_set(False), preserved=["y"])
+        batch = 2
     proc = psutil.Process()
     times, rss = [], []
 
@@ -274,7 +382,7 @@ def measure_steps(method: str, model: str, target: str, seed: int, steps: int = 
     # peak is sampled after each step (ru_maxrss would report the loading peak instead).
     base_rss = proc.memory_info().rss
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(out=tmp, steps=steps, batch_size=4, checkpoint_every=10_000, tensorboard=False, export=False,
+        cfg = TrainConfig(out=tmp, steps=steps, batch_size=batch, checkpoint_every=10_000, tensorboard=False, export=False,
                           cpu=True, seed=seed, targets=targets)
         train(cfg, _objective(method, "object"), data, comps, progress=progress)
     step_s = (times[-1] - times[1]) / (len(times) - 2)  # skip the first (warm-up) step

@@ -96,7 +96,8 @@ def clipped_x0_step_kwargs(scheduler) -> dict:
 def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str = "cfg", safety_text: str | None = None,
            embeddings=(), dag: DagSettings | None = None, sld: SldSettings | str = "medium",
            sega: SegaSettings | None = None, scheduler=None, eta: float = 1.0, keep_maps: bool = False,
-           on_failure: str = "stop", per_image_noise: bool = False, on_step=None) -> SampleResult:
+           on_failure: str = "stop", per_image_noise: bool = False, on_step=None, init_images=None,
+           strength: float = 1.0) -> SampleResult:
     """Generate one image per (prompt, seed) with the chosen guidance.
 
     Args:
@@ -111,6 +112,9 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
             depend on the batch it was drawn in (the evaluation harness's cache resumes with other batches);
             False: one generator for the batch (the benchmarks' figures were measured so).
         on_step: ``on_step(done, steps)`` after each denoising step (a caller's progress bar).
+        init_images: img2img (SDEdit, as diffusers' img2img pipeline): images [B, 3, H, W] in [0, 1]
+            encoded by the VAE, noised with the seed's noise to the timestep ``strength`` of the way
+            up the schedule, then denoised over the last ``round(steps * strength)`` steps.
     """
     import inspect
 
@@ -137,6 +141,16 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     # the noise is drawn in float32 on the CPU (the same images on any device), then moved to the UNet's dtype
     latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, unet.dtype) * sched.init_noise_sigma
     sched.set_timesteps(steps)
+    timesteps = sched.timesteps
+    if init_images is not None:
+        if not 0 < strength <= 1:
+            raise ValueError(f"img2img strength must be in (0, 1], not {strength}")
+        timesteps = timesteps[steps - max(1, min(steps, round(steps * strength))):]
+        vae = pipe.vae
+        with torch.no_grad():  # the inverse of the decode below
+            x0 = vae.encode(init_images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
+        noise = latents / sched.init_noise_sigma
+        latents = sched.add_noise(x0.to(device, unet.dtype), noise, timesteps[:1].repeat(b)).to(unet.dtype)
     step_kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
     step_kwargs.update(clipped_x0_step_kwargs(sched))
     step_gen = torch.Generator().manual_seed(int(seeds[0]) + 7919)
@@ -146,11 +160,11 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
     watch = bool(embeddings) and (mode == "dag" or keep_maps)
     tap = GuidelineTap(unet, embeddings, cond_slice=slice(b, None)) if watch else None
     session = DagSession(guidance, embeddings if watch else (), keep_maps=keep_maps, on_failure=on_failure)
-    session.start(steps)
+    session.start(len(timesteps))
     hw = latents.shape[-2:]
     unet_passes = 0
     with torch.no_grad(), (tap if tap is not None else _Null()):
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(timesteps):
             x = sched.scale_model_input(latents, t)
             eps_u, eps_p = unet(torch.cat([x, x]), t, **both.unet_kwargs()).sample.chunk(2)
             unet_passes += 1
@@ -167,7 +181,7 @@ def sample(pipe, prompts, seeds, *, steps: int = 25, cfg: float = 5.0, mode: str
             else:
                 latents = sched.step(eps, t, latents, generator=step_gen, **step_kwargs).prev_sample
             if on_step is not None:
-                on_step(i + 1, len(sched.timesteps))
+                on_step(i + 1, len(timesteps))
         vae = pipe.vae
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE overflows in fp16
         if upcast:

@@ -107,10 +107,13 @@ class EraseData:
         return save_file_atomic(tensors, path, {"erasekit.data": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: str) -> EraseData:
+    def load(cls, path: str) -> EraseData | None:
+        """The cached sets, or None where the file holds another method's data (NCD's tuples)."""
         from ..checkpoints import load_file
 
         tensors, meta = load_file(path, "data cache")
+        if "erasekit.data" not in meta:
+            return None
         meta = json.loads(meta["erasekit.data"])
         sets = {}
         for name in ("forget", "preserve"):
@@ -144,17 +147,10 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
     a folder holds no images, or no image of the target could be made.
     """
     config = config or DataConfig()
-    # what the data is made from, files by their size and time too: a guideline retrained in place, a mask
-    # repainted or a caption fixed in the forget folder, a base model replaced under its name make new data
-    prints = [_fingerprint(config.forget_dir), _fingerprint(config.preserve_dir), _fingerprint(config.guideline),
-              _fingerprint(components.source, deep=True)]
-    if config.cache:  # the cache itself (kept in a folder fingerprinted above) is no input
-        prints = [[row for row in p if row[0] != os.path.basename(config.cache)] for p in prints]
-    key = hashlib.sha256(json.dumps([target, components.source, {**asdict(config), "cache": None}, prints],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = data_key(components, target, config)
     if config.cache and os.path.isfile(config.cache):
         data = EraseData.load(config.cache)
-        if data.key == key:
+        if data is not None and data.key == key:
             log(f"data: {len(data.forget)} forget / {len(data.preserve or ())} preserve images from {config.cache}")
             return data
     toy = components.architecture is not None and components.architecture.name == "toy"
@@ -215,15 +211,8 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
             "(the others keep a whole-image mask)")
 
     # Preserve set: the user's folder, or the neighbouring and unrelated concepts.
-    preserve = None
-    if config.preserve_dir:
-        images, _, prompts, _, sizes = read_folder(components, config.preserve_dir, masks=False, caption="")
-        preserve, preserved = make_image_set(components, images, prompts, sizes=sizes), sorted(set(prompts))
-    elif preserve_prompts:
-        seeds = [2_000_000 + config.seed * 100_003 + i for i in range(len(preserve_prompts))]
-        preserve = make_image_set(components, _generate(components, preserve_prompts, seeds, config,
-                                                        tick(config.forget_images if folder is None else 0)),
-                                  preserve_prompts)
+    preserve, preserved = build_preserve_set(components, concept, config,
+                                             tick(config.forget_images if folder is None else 0))
     log(f"data: {len(forget)} forget images of '{target}', {len(preserve or ())} preserve images of "
         f"{len(preserved)} concepts")
     data = EraseData(target, forget, preserve, preserved, key)
@@ -245,6 +234,32 @@ def _preserve_plan(concept, config: DataConfig) -> tuple[list, list]:
     if config.preserve_pairs > 0:
         pairs = _paired(pairs, kept, config.preserve_pairs, config.seed)
     return list(dict.fromkeys(c.text for c, _ in pairs)), [p for _, p in pairs]
+
+
+def build_preserve_set(components, concept, config: DataConfig, progress=None):
+    """The preserve set D_PR and the preserved concepts as text: the user's folder, the given prompts, or
+    (toy model, ``concept`` known) the neighbouring and unrelated concepts drawn by the base model
+    (``progress(images)`` as they are drawn). ``(None, [])`` where there is nothing to preserve."""
+    if config.preserve_dir:
+        images, _, prompts, _, sizes = read_folder(components, config.preserve_dir, masks=False, caption="")
+        return make_image_set(components, images, prompts, sizes=sizes), sorted(set(prompts))
+    preserved, prompts = _preserve_plan(concept, config)
+    if not prompts:
+        return None, preserved
+    seeds = [2_000_000 + config.seed * 100_003 + i for i in range(len(prompts))]
+    return make_image_set(components, _generate(components, prompts, seeds, config, progress), prompts), preserved
+
+
+def data_key(components, target: str, config, extra=()) -> str:
+    """What a data set is made from, as a short hash: the target, the model, the settings (the cache
+    path left out) and the files behind them, by size and time (a guideline retrained in place, a mask
+    repainted, a caption fixed, a base model replaced under its name make new data)."""
+    prints = [_fingerprint(config.forget_dir), _fingerprint(config.preserve_dir), _fingerprint(config.guideline),
+              _fingerprint(components.source, deep=True)]
+    if config.cache:  # the cache itself (kept in a folder fingerprinted above) is no input
+        prints = [[row for row in p if row[0] != os.path.basename(config.cache)] for p in prints]
+    return hashlib.sha256(json.dumps([target, components.source, {**asdict(config), "cache": None}, prints, *extra],
+                                     sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _fingerprint(path, deep: bool = False) -> list:

@@ -7,7 +7,8 @@ A method is a module of :mod:`erasekit.erase` with
   style, nsfw); keys that are :class:`~.engine.TrainConfig` fields (steps, lr, rank, targets) go to
   ``[train]``, the rest to the method's table;
 - optionally ``build_data(components, target, data_config, log=None)``: the method's training data
-  (default: :func:`~.data.build_erase_data`, the forget / preserve sets).
+  (default: :func:`~.data.build_erase_data`, the forget / preserve sets), and a ``data_config_class``
+  (a :class:`~.data.DataConfig` subclass with the method's own data settings, the ``[data]`` table).
 
 Modules are imported only when a method is used, so listing the methods costs no torch import.
 """
@@ -41,6 +42,7 @@ class Method:
     config_class: str
     objective_class: str
     flags: tuple = ()
+    data_config_class: str = ""  # default: data.DataConfig
 
     def _module(self):
         return importlib.import_module(f"{__package__}.{self.module}")
@@ -48,6 +50,15 @@ class Method:
     @property
     def config(self) -> type:
         return getattr(self._module(), self.config_class)
+
+    @property
+    def data_config(self) -> type:
+        """The ``[data]`` table's class: the method's own, or :class:`~.data.DataConfig`."""
+        if not self.data_config_class:
+            from .data import DataConfig
+
+            return DataConfig
+        return getattr(self._module(), self.data_config_class)
 
     def objective(self, config=None):
         """The method's Objective, with ``config`` (default: the config class's defaults)."""
@@ -78,6 +89,18 @@ METHODS = {
             Flag("tau", float, "INPO Eq. 14: target margin of dS (preset 0.1)"),
             Flag("lambda-prior", float, "INPO Alg. 1: weight of the prior preservation loss, Eq. 16 (preset 0.6)"),
             Flag("lambda-anchor", float, "beyond the paper: Eq. 16 on the forget images under preserved prompts (0: off)"),
+        )),
+    "ncd": Method(
+        "ncd", "NCD: an erasure LoRA (noise contrast: a safe picture preferred over three harmful ones)", "ncd",
+        "NcdConfig", "NcdObjective", data_config_class="NcdDataConfig", flags=(
+            Flag("beta", float, "NCD Eq. 10: reward scale of the implicit rewards (the official code: 2000 for SD1.5)"),
+            Flag("score-temperature", float, "NCD Eq. 11: alpha, temperature of the score weights' softmax (0.1)"),
+            Flag("lambda-pair", float, "NCD Eq. 18: lambda, weight of the pairwise loss (0.5)"),
+            Flag("pair-reduce", str, "NCD Eq. 18: sum (the paper) or mean (the official code) over the harmful images"),
+            Flag("harm-weights", str, "NCD-HA Eq. 19-20: weights of the harmful images, most harmful first, e.g. "
+                                      "1.2,1.0,0.8 (Tab. 8); empty: plain NCD"),
+            Flag("nca", bool, "the NCA objective (Eq. 15) instead of NCD's (the gradient-reversal ablation)"),
+            Flag("lambda-prior", float, "beyond the NCD paper: INPO's prior preservation loss on preserve images (0: off)"),
         )),
     "resalign": Method(
         "resalign", "ResAlign: an erasure LoRA trained to survive later fine-tuning (implicit hypergradient)",
@@ -111,7 +134,9 @@ def all_flags() -> dict:
     out = {}
     for method in METHODS.values():
         for f in method.flags:
-            out.setdefault(f.flag, f)
+            if f.flag in out and f.help not in out[f.flag].help:  # --help shows what each method means by it
+                f = Flag(f.flag, out[f.flag].kind, f"{out[f.flag].help}; {f.help}")
+            out[f.flag] = out.get(f.flag) if f.flag in out and f.help in out[f.flag].help else f
     return out
 
 

@@ -280,7 +280,7 @@ def test_the_trainer_page_and_cli_pass_resalign_settings_only_to_resalign():
     from trainer.work import train_argv
 
     page = {"method": "resalign", "target": "red circle", "steps": 5, "eta": 1.0, "gamma": 3.0, "lambda_prior": 0.6,
-            "beta": 0.5, "iterations": 2, "configs": 1, "pool": "", "init_lora": "runs/x/erase.safetensors"}
+            "resalign_beta": 0.5, "iterations": 2, "configs": 1, "pool": "", "init_lora": "runs/x/erase.safetensors"}
     argv = train_argv(page, "runs/ra")
     assert "--eta" not in argv and "--lambda-prior" not in argv
     assert argv[argv.index("--beta") + 1] == "0.5" and argv[argv.index("--init-lora") + 1] == "runs/x/erase.safetensors"
