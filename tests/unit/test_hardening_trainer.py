@@ -530,9 +530,11 @@ def test_a_torn_preview_and_a_broken_run_config_do_not_break_the_page(tmp_path, 
     (run / "samples" / "step-000002.png").write_bytes(b"\x89PNG\r\n\x1a\n torn by a full disk")
     (run / "config.toml").write_bytes(b"\xff not toml")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n', encoding="utf-8")
-    out = TrainerApp(tmp_path).poll({}, "torn-preview")
-    assert out[3] is None and out[4] == "No preview yet."
-    assert out[9]["run"].tolist() == ["torn-preview"]
+    from trainer.view import POLL_OUTPUTS
+
+    out = dict(zip(POLL_OUTPUTS, TrainerApp(tmp_path).poll({}, "torn-preview")))
+    assert out["preview"] is None and out["preview_caption"] == "No preview yet."
+    assert out["runs"]["run"].tolist() == ["torn-preview"]
 
 
 def test_uploading_into_a_run_with_checkpoints_is_refused(tmp_path):
