@@ -89,3 +89,13 @@ def save_sd1_folder(folder: str, tokenizer, seed: int = 0) -> dict:
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return p
+
+
+def toy_components(seed: int = 0):
+    """The toy model's architecture at tiny size, random (``Components``, as ``models.load`` returns): the
+    training engine's and the methods' tests run on it in seconds."""
+    from . import models
+    from .toyworld.model import build_toy_pipeline
+
+    pipe = build_toy_pipeline(seed, tiny=True)
+    return models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler)

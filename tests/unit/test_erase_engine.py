@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from erasekit import checkpoints, lora_io, models
+from erasekit import checkpoints, lora_io
 from erasekit.erase.data import DataConfig, EraseData, build_erase_data, toy_scene_set
 from erasekit.erase.engine import (
     Objective,
@@ -22,15 +22,12 @@ from erasekit.erase.engine import (
 )
 from erasekit.erase.inpo import InpoObjective
 from erasekit.errors import ErasekitError
+from erasekit.tiny import toy_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def tiny_components(seed=0):
-    from erasekit.toyworld.model import build_toy_pipeline
-
-    pipe = build_toy_pipeline(seed, tiny=True)
-    return models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler)
+tiny_components = toy_components  # erasekit/tiny.py
 
 
 @pytest.fixture(scope="module")

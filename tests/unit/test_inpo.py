@@ -8,7 +8,6 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from erasekit import models
 from erasekit.erase.data import EraseData, toy_scene_set
 from erasekit.erase.engine import StepContext, TrainConfig, train
 from erasekit.erase.inpo import (
@@ -21,6 +20,7 @@ from erasekit.erase.inpo import (
     preset,
     prior_loss,
 )
+from erasekit.tiny import toy_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -108,11 +108,7 @@ def test_presets_follow_table6():
 # ----------------------------------------------------------------------------- on the tiny model
 
 
-def tiny_components(seed=0):
-    from erasekit.toyworld.model import build_toy_pipeline
-
-    pipe = build_toy_pipeline(seed, tiny=True)
-    return models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler)
+tiny_components = toy_components  # erasekit/tiny.py
 
 
 @pytest.fixture(scope="module")

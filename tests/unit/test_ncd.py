@@ -30,6 +30,7 @@ from erasekit.erase.ncd import (
 )
 from erasekit.erase.ncd_data import NcdData, NcdDataConfig, anchor_of, build_ncd_data, safe_prompt
 from erasekit.errors import ErasekitError
+from erasekit.tiny import toy_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 LOG2 = math.log(2)
@@ -126,11 +127,7 @@ def test_presets_are_the_papers_and_the_toy_tuning_on_top():
 # ----------------------------------------------------------------------------- on the tiny model
 
 
-def tiny_components(seed=0):
-    from erasekit.toyworld.model import build_toy_pipeline
-
-    pipe = build_toy_pipeline(seed, tiny=True)
-    return models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler)
+tiny_components = toy_components  # erasekit/tiny.py
 
 
 def scene_tuples(comps, n=4, preserve=True) -> NcdData:

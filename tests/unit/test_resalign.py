@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from erasekit import checkpoints, lora_io, models
+from erasekit import checkpoints, lora_io
 from erasekit.erase import methods
 from erasekit.erase.data import EraseData, ImageSet, toy_scene_set
 from erasekit.erase.engine import TrainConfig, latest_checkpoint, train
@@ -24,15 +24,12 @@ from erasekit.erase.resalign import (
 )
 from erasekit.erase.weight_space import WeightSpace
 from erasekit.errors import ErasekitError
+from erasekit.tiny import toy_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def tiny_components(seed=0):
-    from erasekit.toyworld.model import build_toy_pipeline
-
-    pipe = build_toy_pipeline(seed, tiny=True)
-    return models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler)
+tiny_components = toy_components  # erasekit/tiny.py
 
 
 @pytest.fixture(scope="module")
