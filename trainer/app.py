@@ -28,6 +28,7 @@ from trainer import estimate, jobs, runs, work  # noqa: E402
 from trainer.fields import (  # noqa: E402
     DEFAULT_BASE,
     EXAMPLES,
+    FIELD_OF_SETTING,
     FIELDS,
     GUIDELINE_STEPS_PER_IMAGE,
     INT_KEYS,
@@ -547,7 +548,7 @@ def _json_file(base: str, name: str) -> dict | None:
 
 def page_values(tables: dict, path) -> dict:
     """The page's fields from a settings file: its ``[app]`` table (what Save settings writes), else a
-    run's ``[train]``, ``[inpo]`` and ``[data]``. A value of the wrong type for its field (text in a
+    run's ``[train]``, ``[<method>]`` and ``[data]``. A value of the wrong type for its field (text in a
     number, a list, "yes" for a tick box) is refused with one sentence; an ``[app]`` key that is no
     field of the page is refused too (a typo would be dropped silently)."""
     from erasekit.erase.state import shown_value
@@ -562,12 +563,19 @@ def page_values(tables: dict, path) -> dict:
                                 f"{', '.join(KEYS)}.")
         values, table = app, "[app]"
     else:  # a run's config.toml: [data] sample_steps is the data's sampling (the page's data_steps)
-        train, inpo, ncd, data = (tables.get(n) if isinstance(tables.get(n), dict) else {}
-                                  for n in ("train", "inpo", "ncd", "data"))
-        values = {**{k: v for k, v in data.items() if k != "sample_steps"}, **inpo, **ncd, **train}
+        from erasekit.erase.methods import METHODS
+
+        def table_of(name):
+            return tables.get(name) if isinstance(tables.get(name), dict) else {}
+
+        data = table_of("data")
+        values = {k: v for k, v in data.items() if k != "sample_steps"}
+        for method in METHODS:  # a run has one method's table; ResAlign's beta is the page's resalign_beta
+            values.update({FIELD_OF_SETTING.get((method, k), k): v for k, v in table_of(method).items()})
+        values.update(table_of("train"))
         if "sample_steps" in data:
             values["data_steps"] = data["sample_steps"]
-        table = "[train], [inpo], [ncd] or [data]"
+        table = "[train], " + ", ".join(f"[{m}]" for m in METHODS) + " or [data]"
     defaults = {k: d for k, _, d in FIELDS}
     for key in KEYS:
         if key in values:

@@ -51,6 +51,7 @@ METHOD_FIELDS = {  # the fields only one method reads: passed as its flags, show
     "resalign": ("resalign_beta", "iterations", "configs", "pool", "init_lora"),
 }
 FLAG_OF = {"resalign_beta": "beta"}  # a page field whose CLI flag has another name (both methods have a --beta)
+FIELD_OF_SETTING = {("resalign", "beta"): "resalign_beta"}  # ... and the way back, from a run's [resalign] table
 KEYS = [k for k, _, _ in FIELDS]
 INT_KEYS = {"forget_images", "images_per_concept", "neighbours", "unrelated", "data_steps", "steps", "rank", "batch_size",
             "sample_every", "sample_steps", "checkpoint_every", "seed", "iterations", "configs"}

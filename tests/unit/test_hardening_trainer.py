@@ -474,7 +474,7 @@ def test_the_page_refuses_a_settings_file_of_wrong_types(tmp_path):
                         ("[app]\nlr = [1]\n", "must be a number, not the list [1]"),
                         ("[app]\nstepz = 3\n", "Unknown setting 'stepz' in [app]"),
                         ("app = 3\n", "must be a table ([app]), not 3"),
-                        ("[train]\nrank = \"4\"\n", "The setting 'rank' in [train], [inpo] or [data] of")):
+                        ("[train]\nrank = \"4\"\n", "The setting 'rank' in [train], [inpo], [ncd], [resalign] or [data] of")):
         (tmp_path / "s.toml").write_text(text, encoding="utf-8")
         out = app.load_settings("s.toml")
         assert out[-1].startswith("**Error:** ") and words in out[-1], out[-1]
@@ -736,3 +736,13 @@ def test_requirements_name_what_the_code_imports():
     pyproject = open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8").read()
     assert f"gradio>={major},<{major + 1}" in dev and f'"gradio>={major},<{major + 1}"' in pyproject
     assert '"tomli-w>=1.0"' in pyproject.split("[project.optional-dependencies]")[0]
+
+
+def test_a_resalign_runs_config_loads_its_beta_into_its_own_field(tmp_path):
+    """NCD and ResAlign both have a beta (different quantities): a ResAlign run's [resalign] beta goes to the
+    page's ResAlign field, an NCD run's [ncd] beta to NCD's."""
+    from trainer.app import page_values
+
+    values = page_values({"train": {"steps": 5}, "resalign": {"beta": 0.3, "iterations": 2}}, tmp_path / "c.toml")
+    assert values["resalign_beta"] == 0.3 and "beta" not in values and values["iterations"] == 2
+    assert page_values({"ncd": {"beta": 500.0}}, tmp_path / "c.toml")["beta"] == 500.0
