@@ -99,7 +99,8 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
                     # plain CFG carries the guideline tap too (it only reads queries; its cost is
                     # cam_cost_ratio), so the detection maps come from the very images judged
                     r = sample(pipe, chunk, seed_list, steps=steps, cfg=cfg, mode=mode, safety_text=concept.text,
-                               embeddings=[emb], keep_maps=(mode == "cfg"), dag=DagSettings(strength=strength, top_p=sega_mask))
+                               embeddings=[emb], keep_maps=(mode == "cfg"), dag=DagSettings(strength=strength, top_p=sega_mask),
+                               per_image_noise=True)  # an image depends on its prompt and seed only, as in erasekit.eval
                     secs += time.perf_counter() - t0
                     imgs.append(r.images)
                     if mode == "cfg":
