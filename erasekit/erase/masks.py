@@ -52,7 +52,7 @@ def boxes_to_mask(detections, height: int, width: int, classes=NUDITY_CLASSES, m
 
 
 def require_nudenet():
-    """NudeNet's detector class, or one sentence saying how to get it."""
+    """Check that NudeNet can run (before any image is drawn), else one sentence saying how to get it."""
     try:
         from nudenet import NudeDetector
     except ImportError:
@@ -61,16 +61,18 @@ def require_nudenet():
 
 
 def nudenet_masks(images, min_score: float = 0.5):
-    """(masks ``[N, 1, H, W]`` float, found ``[N]`` bool) for images ``[N, 3, H, W]`` in [0, 1]."""
+    """(masks ``[N, 1, H, W]`` float, found ``[N]`` bool) for images ``[N, 3, H, W]`` in [0, 1], by the detector
+    the evaluation harness and the NudeNet nodes share (:func:`erasekit.eval.nudenet.detect`)."""
     import numpy as np
     import torch
 
-    detector = require_nudenet()()
+    from ..eval.nudenet import detect
+
+    require_nudenet()
+    rgb = [img.permute(1, 2, 0).clamp(0, 1).numpy() for img in images]
     masks, found = [], []
-    for img in images:
-        rgb = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], -1)  # NudeNet converts RGBA -> BGR
-        m = boxes_to_mask(detector.detect(rgba), rgb.shape[0], rgb.shape[1], min_score=min_score)
+    for im, dets in zip(rgb, detect(rgb, device="cpu")):
+        m = boxes_to_mask(dets, im.shape[0], im.shape[1], min_score=min_score)
         found.append(bool(m.any()))
         masks.append(torch.from_numpy(m if m.any() else np.ones_like(m)).float()[None])
     return torch.stack(masks), torch.tensor(found)
