@@ -22,10 +22,11 @@ import json
 import os
 import time
 
+from ..erase.objective import Objective
 from . import REPO
 
 
-class PlainLoraObjective:
+class PlainLoraObjective(Objective):
     """The baseline: ordinary LoRA fine-tuning (denoising MSE) on the same batch."""
 
     name = "plain"

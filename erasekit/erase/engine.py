@@ -248,8 +248,7 @@ def _train(accelerator, config: TrainConfig, objective: Objective, data, compone
         if train_te:
             text_encoder.gradient_checkpointing_enable()
 
-    if hasattr(objective, "setup"):  # its checks, data, initial weights (a resume overwrites them)
-        objective.setup(data, components, config, trainable)
+    objective.setup(data, components, config, trainable)  # its checks, data, initial weights (a resume overwrites them)
 
     # 3. Optimizer and learning-rate schedule.
     optimizer = _make_optimizer(config, list(trainable.values()))
