@@ -134,9 +134,8 @@ def all_flags() -> dict:
     out = {}
     for method in METHODS.values():
         for f in method.flags:
-            if f.flag in out and f.help not in out[f.flag].help:  # --help shows what each method means by it
-                f = Flag(f.flag, out[f.flag].kind, f"{out[f.flag].help}; {f.help}")
-            out[f.flag] = out.get(f.flag) if f.flag in out and f.help in out[f.flag].help else f
+            prev = out.get(f.flag)  # a shared flag's --help gives what each method means by it
+            out[f.flag] = f if prev is None else Flag(f.flag, prev.kind, f"{prev.help}; {f.help}")
     return out
 
 
