@@ -123,16 +123,22 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
     return out
 
 
-def run_training(args, *, progress=None, cancel=None, log=None):
+def run_training(args, *, progress=None, cancel=None, log=None, prep=None):
     """Resolve the settings, make (or load) the data and train: the engine's ``RunResult``.
     The one run function of the CLI and the trainer app. The run folder is locked from the data
-    on (:func:`writing_run`): another process writing it is refused with one sentence."""
+    on (:func:`writing_run`): another process writing it is refused with one sentence. ``prep``:
+    what :func:`prepare` returned for these ``args`` (the app's Start has loaded the model for the
+    data already), else it is made here."""
     from erasekit.erase import methods
-    from erasekit.erase.engine import train
+    from erasekit.erase.engine import latest_checkpoint, train
 
     log = log or (lambda m: print(m, file=sys.stderr))
     method = methods.get(args.method)
-    prep = prepare(args, log=log, with_data=False)
+    if prep is None:
+        prep = prepare(args, log=log, with_data=False)
+    elif not prep["config"].resume and latest_checkpoint(prep["config"].out) is not None:  # prepare's own check
+        raise ErasekitError(f"The folder '{prep['config'].out}' already holds a run; resume it with --resume or pick "
+                            "another --out folder.")
     with writing_run(prep["config"].out, "training", log):
         data = method.build_data(prep["components"], prep["target"], prep["data_config"], log=log)
         return train(prep["config"], method.objective(prep["method_config"]), data, prep["components"],

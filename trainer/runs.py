@@ -222,16 +222,28 @@ def write_gallery(run_dir, items, summary: str = "") -> list:
     return out
 
 
-def data_key(run_dir) -> str | None:
-    """The key of the run's data cache (``data.safetensors``), read from its header alone; None: no cache."""
+DATA_HEADERS = ("erasekit.data", "erasekit.ncd_data")  # the caches' headers: INPO's (and ResAlign's) sets, NCD's tuples
+
+
+def _data_header(run_dir) -> tuple[str, dict]:
+    """(header name, its JSON) of the run's data cache, read from the file's header alone; ("", {}):
+    missing, torn, not a cache."""
     from safetensors import safe_open
 
     path = Path(run_dir) / "data.safetensors"
     try:
         with safe_open(str(path), "pt") as f:
-            return json.loads((f.metadata() or {}).get("erasekit.data", "{}")).get("key")
-    except (OSError, ValueError, RuntimeError):  # missing, torn, not a cache: no data to show
-        return None
+            meta = f.metadata() or {}
+        name = next((name for name in DATA_HEADERS if name in meta), "")
+        header = json.loads(meta[name]) if name else {}
+        return (name, header) if isinstance(header, dict) else ("", {})
+    except (OSError, ValueError, RuntimeError):
+        return "", {}
+
+
+def data_key(run_dir) -> str | None:
+    """The key of the run's data cache (``data.safetensors``, any method's); None: no cache."""
+    return _data_header(run_dir)[1].get("key")
 
 
 def read_gallery(run_dir) -> tuple[list, str]:
@@ -308,6 +320,10 @@ def _review_data(run_dir, index: int):
     from erasekit.erase.data import EraseData
 
     cache = Path(run_dir) / "data.safetensors"
+    if _data_header(run_dir)[0] == "erasekit.ncd_data":  # NCD's tuples: the concept's pictures and safe ones
+        raise ErasekitError(f"The run '{Path(run_dir).name}' holds NCD's pictures (three of the concept and a safe one "
+                            "per prompt), which have no masks to fix; the review is for INPO's and ResAlign's forget "
+                            "images.")
     if not cache.is_file() or not (Path(run_dir) / REVIEW).is_dir():
         raise ErasekitError(f"The run '{Path(run_dir).name}' has no data yet; press 'Generate data' first.")
     if busy_with(run_dir) is not None:
@@ -316,6 +332,9 @@ def _review_data(run_dir, index: int):
     if holder is not None:  # another process (the CLI, another app) writes the run
         raise ErasekitError(busy_sentence(run_dir, holder))
     data = EraseData.load(str(cache))
+    if data is None:  # replaced by another kind of data since the header was read
+        raise ErasekitError(f"The run '{Path(run_dir).name}' has no forget images to review; press 'Generate data' "
+                            "first.")
     key_file = Path(run_dir) / REVIEW / "key.txt"
     n = len(data.forget)
     if not key_file.is_file() or key_file.read_text(encoding="utf-8") != data.key or \

@@ -97,26 +97,52 @@ def data_job(settings: dict, run_dir: Path):
     return fn
 
 
-def make_data(job: Job, settings: dict, run_dir: Path) -> dict:
-    """The data step's work (the run folder locked by the caller): the sets, with images done / total
-    as they are drawn, the review images and the gallery with its summary."""
-    from erasekit.erase.data import build_erase_data
+def data_method(settings: dict) -> str:
+    """The method whose data the data step makes: the one chosen, or INPO's sets for the guideline
+    tokens (they draw their own images when trained)."""
+    from erasekit.erase.methods import METHODS
+
+    method = settings.get("method") or "inpo"
+    return method if method in METHODS else "inpo"
+
+
+def prepare_data(job: Job, settings: dict, run_dir: Path, check_fresh: bool = False):
+    """``(args, prep)``: the CLI's arguments for the settings and :func:`trainer.runner.prepare`'s
+    model, target and configs (the model loaded once, for the data and a training after it)."""
     from trainer.arguments import build_parser
     from trainer.runner import prepare
 
-    # the data are the same for either method; they are made (and cached) the erasure trainer's way
-    argv = train_argv({**settings, "method": "inpo"}, run_dir, config=write_extra_config(run_dir, settings))
+    argv = train_argv({**settings, "method": data_method(settings)}, run_dir, config=write_extra_config(run_dir, settings))
     args = build_parser().parse_args(argv)
     job.log(f"loading the base model {args.base or 'models/toy'}")
-    prep = prepare(args, log=job.log, with_data=False, check_fresh=False)
-    job.log(f"generating the forget and preserve sets of '{prep['target']}'")
-    data = build_erase_data(prep["components"], prep["target"], prep["data_config"], log=job.log,
-                            progress=lambda done, total: job.set_progress(done, total, unit="images"))
-    forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
-    write_review_images(run_dir, [_uint8(img) for img in forget], data.key)
-    summary = (f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve "
-               f"images of {len(data.preserved)} concepts ({', '.join(data.preserved)}).")
-    gallery = write_gallery(run_dir, data_gallery(prep["components"], data, forget), summary)
+    return args, prepare(args, log=job.log, with_data=False, check_fresh=check_fresh)
+
+
+def make_data(job: Job, settings: dict, run_dir: Path, prep: dict | None = None) -> dict:
+    """The data step's work (the run folder locked by the caller): the chosen method's data
+    (:meth:`erasekit.erase.methods.Method.build_data`: INPO's forget and preserve sets, NCD's tuples),
+    with images done / total as they are drawn, the review images (forget images with masks) and the
+    gallery with its summary. ``prep``: the prepared run (:func:`prepare_data`), else made here."""
+    from erasekit.erase.methods import get
+
+    method = get(data_method(settings))
+    if prep is None:
+        _, prep = prepare_data(job, settings, run_dir)
+    job.log(f"generating {method.name.upper()}'s data for '{prep['target']}'")
+    data = method.build_data(prep["components"], prep["target"], prep["data_config"], log=job.log,
+                             progress=lambda done, total: job.set_progress(done, total, unit="images"))
+    if hasattr(data, "forget"):  # forget / preserve sets (INPO, ResAlign)
+        forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
+        write_review_images(run_dir, [_uint8(img) for img in forget], data.key)
+        summary = (f"{len(data.forget)} forget images of '{data.target}' and {len(data.preserve or ())} preserve "
+                   f"images of {len(data.preserved)} concepts ({', '.join(data.preserved)}).")
+        items = data_gallery(prep["components"], data, forget)
+    else:  # NCD's tuples: no masks to review
+        summary = (f"{len(data)} tuples of '{data.target}' (a safe picture and {data.latents.shape[1] - 1} of the "
+                   f"concept each) and {len(data.preserve or ())} preserve images of {len(data.preserved)} concepts"
+                   f"{' (' + ', '.join(data.preserved) + ')' if data.preserved else ''}.")
+        items = tuple_gallery(prep["components"], data)
+    gallery = write_gallery(run_dir, items, summary)
     return {"gallery": gallery, "summary": summary}
 
 
@@ -159,6 +185,23 @@ def data_gallery(components, data, forget_images, limit: int = 24) -> list:
     return out
 
 
+def tuple_gallery(components, data, limit: int = 24) -> list:
+    """(image uint8 [H, W, 3], caption) pairs of NCD's tuples (:class:`erasekit.erase.ncd_data.NcdData`):
+    each tuple's safe picture, then its pictures of the concept, then preserve images."""
+    k = data.latents.shape[1]
+    n = min(len(data), max(1, limit // (2 * k)))
+    images = decode_latents(components, data.latents[:n].flatten(0, 1))
+    out = []
+    for i in range(n):
+        out.append((_uint8(images[i * k]), f"safe: {data.safe_prompts[i]}"))
+        out += [(_uint8(images[i * k + j]), f"concept {j}/{k - 1}: {data.prompts[i]}") for j in range(1, k)]
+    if data.preserve is not None and len(data.preserve):
+        m = min(len(data.preserve), limit - len(out))
+        for img, prompt in zip(decode_latents(components, data.preserve.latents[:m]), data.preserve.prompts[:m]):
+            out.append((_uint8(img), f"preserve: {prompt}"))
+    return out
+
+
 def outline_masks(images, masks):
     """``images`` [N, 3, H, W] with each mask's edge drawn: white just inside it, black just outside,
     so it shows on any colour of concept (a red tint vanished on a red circle). Inside stays as drawn;
@@ -189,28 +232,33 @@ def train_job(settings: dict, run_dir: Path, resume: bool = False):
         from trainer.arguments import build_parser
         from trainer.runner import run_training
 
-        if not resume and not (run_dir / "data.safetensors").is_file():
-            # Start without Generate data: the data step's own work first, so the page counts its images
-            # (the training then reads the same sets from the run's cache) and shows them in step 3
-            make_data(job, settings, run_dir)
-        extra = None if resume else write_extra_config(run_dir, settings)
-        argv = train_argv({} if resume else settings, run_dir, resume=resume, config=extra)
-        if resume and settings.get("steps"):
-            argv += ["--steps", str(int(settings["steps"]))]
-        if resume and settings.get("threads"):
-            argv += ["--threads", str(int(settings["threads"]))]
-        if resume and settings.get("stop_when_erased") is not None:
-            argv.append("--stop-when-erased" if settings["stop_when_erased"] else "--no-stop-when-erased")
-        args = build_parser().parse_args(argv)
+        prep = None
+        if resume:
+            argv = train_argv({}, run_dir, resume=True)
+            if settings.get("steps"):
+                argv += ["--steps", str(int(settings["steps"]))]
+            if settings.get("threads"):
+                argv += ["--threads", str(int(settings["threads"]))]
+            if settings.get("stop_when_erased") is not None:
+                argv.append("--stop-when-erased" if settings["stop_when_erased"] else "--no-stop-when-erased")
+            args = build_parser().parse_args(argv)
+        else:
+            # the data step's own work first, on the model loaded for the training: the page counts the
+            # images as they are drawn and shows them in step 3 (data already made for these settings, by
+            # Generate data or the CLI, is read from the run's cache); the training then reads the same data
+            args, prep = prepare_data(job, settings, run_dir, check_fresh=True)
+            make_data(job, settings, run_dir, prep)
+            argv = train_argv(settings, run_dir, config=write_extra_config(run_dir, settings))
         job.log("python -m trainer " + " ".join(a if " " not in a else repr(a) for a in argv))
 
         def progress(step, total, terms):
             job.set_progress(step, total)
             if step == 1 or step == total or step % max(1, total // 20) == 0:
-                job.log(f"step {step}/{total}: " + ", ".join(f"{k} {terms[k]:.4f}" for k in ("loss", "inpo", "prior", "delta_s")
+                job.log(f"step {step}/{total}: " + ", ".join(f"{k} {terms[k]:.4f}" for k in ("loss", "inpo", "mod", "pair", "prior", "delta_s",
+                                                                     "implicit_acc")
                                                             if k in terms))
 
-        result = run_training(args, progress=progress, cancel=job.cancel, log=job.log)
+        result = run_training(args, progress=progress, cancel=job.cancel, log=job.log, prep=prep)
         if result.status == "cancelled":
             job.state, job.message = "cancelled", f"stopped at step {result.step}; Resume continues from the checkpoint"
         else:

@@ -75,11 +75,11 @@ def preset(name_or_kind: str, toy: bool = False) -> dict:
     return {**PRESETS[PRESET_OF_KIND.get(name_or_kind, name_or_kind)], **(TOY_TUNING if toy else {})}
 
 
-def build_data(components, target, data_config, log=None):
+def build_data(components, target, data_config, log=None, progress=None):
     """The five-tuples (:func:`erasekit.erase.ncd_data.build_ncd_data`)."""
     from .ncd_data import build_ncd_data
 
-    return build_ncd_data(components, target, data_config, log=log or print)
+    return build_ncd_data(components, target, data_config, log=log or print, progress=progress)
 
 
 # ----------------------------------------------------------------------------- the equations

@@ -30,6 +30,7 @@ from .data import (
     ImageSet,
     _generate,
     _pick,
+    _preserve_plan,
     build_preserve_set,
     data_key,
     make_image_set,
@@ -111,9 +112,14 @@ class NcdData:
                    meta["safe_prompts"], t.get("pooled"), t.get("time_ids"), preserve, meta["preserved"], meta["key"])
 
 
-def build_ncd_data(components, target: str, config: DataConfig | None = None, *, log=print) -> NcdData:
+def build_ncd_data(components, target: str, config: DataConfig | None = None, *, log=print,
+                   progress=None) -> NcdData:
     """Five-tuples for erasing ``target`` from ``components`` (see the module docstring), loaded from
     ``config.cache`` where it was made from the same inputs.
+
+    ``progress(done, total)``: images made so far (a float: a batch reports as its sampling goes) out of
+    the images to make, 1 + 3 per tuple (a prompt's draws count as if it made a tuple; the judge may then
+    drop it, and the count does not go back), then the preserve images; not called for a cached set.
 
     Raises ErasekitError with one sentence when the model is not the toy model and no pairs are given,
     the folder holds no pair, or no tuple survives the judge."""
@@ -126,6 +132,17 @@ def build_ncd_data(components, target: str, config: DataConfig | None = None, *,
             return data
     toy = components.architecture is not None and components.architecture.name == "toy"
     concept = resolve_concept(target) if toy else None
+    drawn = 0 if config.forget_dir or concept is None else config.forget_images * (HARMFUL + 1)
+    total = drawn + (0 if config.preserve_dir else len(_preserve_plan(concept, config)[1]))
+    reported = [0.0]
+
+    def tick(offset):  # images ``done`` of a pass whose first image is image ``offset`` of ``total``
+        def report(done):
+            reported[0] = max(reported[0], min(total, offset + done))
+            progress(reported[0], total)
+
+        return None if progress is None else report
+
     if config.forget_dir:
         images, scores, harm, prompts, safe_prompts, sizes = _read_pairs(components, config.forget_dir, target)
     elif concept is None:
@@ -135,7 +152,7 @@ def build_ncd_data(components, target: str, config: DataConfig | None = None, *,
             "name_safe.png (the same picture without it), optionally name_2.png / name_3.png (more pictures of "
             "the prompt) and name.txt (the prompt).")
     else:
-        images, scores, harm, prompts, safe_prompts = _generate_tuples(components, concept, config, log)
+        images, scores, harm, prompts, safe_prompts = _generate_tuples(components, concept, config, log, tick(0))
         sizes = None
     n, k = len(prompts), images.shape[0] // max(len(prompts), 1)
     flat = make_image_set(components, images, [p for p in prompts for _ in range(k)],
@@ -144,7 +161,7 @@ def build_ncd_data(components, target: str, config: DataConfig | None = None, *,
     data = NcdData(target, flat.latents.view(n, k, *flat.latents.shape[1:]), flat.embeds[take], flat.ids[take], scores,
                    harm, prompts, safe_prompts, None if flat.pooled is None else flat.pooled[take],
                    None if flat.time_ids is None else flat.time_ids[take], key=key)
-    data.preserve, data.preserved = build_preserve_set(components, concept, config)
+    data.preserve, data.preserved = build_preserve_set(components, concept, config, tick(drawn))
     log(f"data: {n} tuples of '{target}' (1 safe + {k - 1} harmful images each), {len(data.preserve or ())} "
         f"preserve images of {len(data.preserved)} concepts")
     if config.cache:
@@ -170,9 +187,10 @@ def safe_prompt(prompt: str, concept, anchor: str) -> str:
     return prompt.replace(concept.text, anchor)
 
 
-def _generate_tuples(components, concept, config: NcdDataConfig, log):
+def _generate_tuples(components, concept, config: NcdDataConfig, log, progress=None):
     """Toy model: tuples of 1 safe + 3 harmful images, judged. Returns images [N K, 3, H, W], scores and
-    harm [N, K], prompts and safe prompts."""
+    harm [N, K], prompts and safe prompts. ``progress(images)``: the images of the tuples kept so far,
+    a chunk being drawn counting as if each prompt it still needs made one."""
     import torch
 
     from ..toyworld.concepts import concept_mask, concept_prompts
@@ -199,7 +217,10 @@ def _generate_tuples(components, concept, config: NcdDataConfig, log):
         base = 4_000_000 + config.seed * 100_003
         prompts = [p for p in chunk for _ in range(draws_per_prompt)]
         seeds = [base + (tried + i) * draws_per_prompt + j for i in range(len(chunk)) for j in range(draws_per_prompt)]
-        images = _generate(components, prompts, seeds, config)
+        found, expect = len(tuples), min(len(chunk), n - len(tuples))
+        on_draw = None if progress is None else (lambda done, found=found, expect=expect, total=len(prompts): progress(
+            need * (found + expect * done / total)))
+        images = _generate(components, prompts, seeds, config, on_draw)
         drawn += len(images)
         ready = []
         for i, prompt in enumerate(chunk):
@@ -226,6 +247,8 @@ def _generate_tuples(components, concept, config: NcdDataConfig, log):
             if concept_mask(j, concept).any() or (anchor_concept is not None and not anchor_concept.matches(j)):
                 continue
             tuples.append((prompt, text, img, hits[:HARMFUL]))
+        if progress is not None:
+            progress(need * min(n, len(tuples)))
     tuples = tuples[:n]
     log(f"data: {drawn} draws of {tried} prompts, {confirmed} showed '{concept.text}'; {len(tuples)} tuples kept "
         f"(safe image: img2img at strength {config.img2img_strength} to '{anchor}', judged)")
