@@ -217,9 +217,9 @@ def _generate_tuples(components, concept, config: NcdDataConfig, log, progress=N
         base = 4_000_000 + config.seed * 100_003
         prompts = [p for p in chunk for _ in range(draws_per_prompt)]
         seeds = [base + (tried + i) * draws_per_prompt + j for i in range(len(chunk)) for j in range(draws_per_prompt)]
-        found, expect = len(tuples), min(len(chunk), n - len(tuples))
-        on_draw = None if progress is None else (lambda done, found=found, expect=expect, total=len(prompts): progress(
-            need * (found + expect * done / total)))
+        found, expect, count = len(tuples), min(len(chunk), n - len(tuples)), len(prompts)
+        on_draw = None if progress is None else (lambda done, found=found, expect=expect, count=count: progress(
+            need * (found + expect * done / count)))
         images = _generate(components, prompts, seeds, config, on_draw)
         drawn += len(images)
         ready = []
