@@ -118,3 +118,127 @@ def test_click_through_data_train_check_export(browser, trainer_url):
     assert str(root.resolve()) in path and "Load Erasure LoRA" in text(browser, "export-msg")
     assert "ui-run" in text(browser, "runs")
     _shot(browser, "export", "export-msg")
+
+
+@pytest.fixture(scope="module")
+def toy_trainer_url(tmp_path_factory):
+    """The page on the bundled toy model: NCD keeps only the tuples whose pictures the judge confirms
+    (three of the concept, one redrawn without it), which a random model does not draw."""
+    from trainer.app import TrainerApp
+    from trainer.runner import DEFAULT_BASE
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("trainer-ui-ncd")
+    demo = TrainerApp(tmp / "runs", base=str(DEFAULT_BASE), threads=1).build()
+    demo.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo.local_url, tmp / "runs"
+    finally:
+        demo.close()
+        torch.set_num_threads(n)
+
+
+def _choose_method(browser, label: str):
+    from selenium.webdriver.common.keys import Keys
+
+    box = field(browser, "f-method")
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(label)
+    until(lambda: browser.find_elements("css selector", "[role=option]"), 10, "the method list")
+    box.send_keys(Keys.ENTER)
+
+
+def test_ncd_from_the_page_data_train_check_export(browser, toy_trainer_url):
+    """NCD chosen in the method list: Generate data makes its tuples (a safe picture and three of the
+    concept per prompt, counted as drawn), a reload shows them again, Start trains NCD, Check judges
+    the same seeds before / after, Export writes a LoRA whose metadata names NCD and the concept."""
+    from safetensors import safe_open
+
+    url, root = toy_trainer_url
+    browser.get(url)
+    until(lambda: text(browser, "job-status").strip(), 90, "the page")
+
+    def shown(elem_id):
+        found = browser.find_elements("css selector", f"#{elem_id}")
+        return bool(found) and found[0].is_displayed()
+
+    browser.find_element("xpath", "//*[@id='advanced']//*[contains(text(), 'Advanced settings')]").click()
+    assert not shown("ncd-settings")
+    _choose_method(browser, "NCD")
+    until(lambda: shown("ncd-settings") and not shown("resalign-settings"), 30, "NCD's settings row")
+    assert field(browser, "f-method").get_attribute("value").startswith("NCD")
+    from erasekit.erase.methods import get
+
+    lr = get("ncd").preset("object", toy=True)[0]["lr"]
+    until(lambda: float(field(browser, "f-lr").get_attribute("value")) == lr, 30, "NCD's toy learning rate")
+
+    # 3. Data, the cheapest the page allows NCD on the toy model: 2 tuples, 1 preserve image each of 2
+    # concepts, 10 sampling steps (fewer and the judge confirms no tuple's safe picture)
+    for elem_id, value in (("f-run_name", "ncd-ui-run"), ("f-forget_images", 2), ("f-images_per_concept", 1),
+                           ("f-neighbours", 1), ("f-unrelated", 1), ("f-data_steps", 10)):
+        type_into(browser, elem_id, value)
+    click(browser, "generate-data")
+    until(lambda: re.search(r"images \d+(\.\d)?/10\b", text(browser, "data-summary")), 120,
+          "the tuples' images done / total (2 x (1 + 3) + 2 preserve images)")
+    summary = until(lambda: "tuples of 'red circle'" in text(browser, "data-summary") and text(browser, "data-summary"),
+                    240, "NCD's data summary")
+    assert summary.startswith("2 tuples of 'red circle' (a safe picture and 3 of the concept each)"), summary
+    assert "forget images" not in summary  # not INPO's sets
+    until(lambda: len(browser.find_elements("css selector", "#data-gallery img")) >= 8, 30, "the tuples' pictures")
+    html = browser.find_element("id", "data-gallery").get_attribute("innerHTML")
+    assert "safe: a green circle" in html and "concept 1/3: a red circle" in html, html[:400]
+    _shot(browser, "ncd-data", "data-gallery")
+
+    browser.get(url)  # a reload: the run's NCD data from its folder
+    until(lambda: text(browser, "job-status").strip(), 90, "the page after a reload")
+    type_into(browser, "f-run_name", "ncd-ui-run")
+    until(lambda: "2 tuples of 'red circle'" in text(browser, "data-summary"), 30, "NCD's data after a reload")
+    assert until(lambda: browser.find_elements("css selector", "#data-gallery img"), 30, "the gallery after a reload")
+    browser.find_element("xpath", "//*[@id='advanced']//*[contains(text(), 'Advanced settings')]").click()
+    _choose_method(browser, "NCD")
+    until(lambda: shown("ncd-settings"), 30, "NCD's settings row after the reload")
+
+    # 4. Train: 8 steps, a preview at 4 and 8, on the data just made (not drawn again)
+    type_into(browser, "f-steps", 8)
+    for elem_id, value in (("f-sample_every", 4), ("f-sample_steps", 2), ("f-checkpoint_every", 4)):
+        type_into(browser, elem_id, value)
+    for elem_id, value in (("f-forget_images", 2), ("f-images_per_concept", 1), ("f-neighbours", 1),
+                           ("f-unrelated", 1), ("f-data_steps", 10)):  # the reload put the defaults back
+        type_into(browser, elem_id, value)
+    click(browser, "start")
+    until(lambda: "Running: training 'red circle' in ncd-ui-run" in text(browser, "job-status")
+          and "/8" in text(browser, "job-status"), 240, "the running status with its step")
+    until(lambda: "Done: training" in text(browser, "job-status"), 300, "the end of training")
+    time.sleep(1.5)  # one more tick for the log
+    assert "erase-red-circle-ncd.safetensors" in text(browser, "job-status")
+    log = until(lambda: "step 8/8" in field(browser, "log").get_attribute("value")
+                and field(browser, "log").get_attribute("value"), 20, "the log's last step")
+    assert "--method ncd" in log and "2 tuples, 2 preserve images from" in log
+    assert "draws of" not in log  # the tuples of Generate data, read from the run, not drawn again
+    assert "implicit_acc" in log
+    assert until(lambda: browser.find_elements("css selector", "#loss-plot canvas, #loss-plot svg"), 20, "the loss plot")
+    _shot(browser, "ncd-trained", "loss-plot")
+
+    # 5. Check: 2 seeds, 10 sampling steps; the judge's counts of each prompt before / after
+    type_into(browser, "check-seeds", 2)
+    type_into(browser, "check-steps", 10)
+    click(browser, "check")
+    until(lambda: browser.find_elements("css selector", "#check-grid img"), 240, "the before/after grid")
+    counts = until(lambda: "unrelated" in text(browser, "check-counts") and text(browser, "check-counts"), 30,
+                   "the judge's counts")
+    assert "red circle" in counts and "neighbour" in counts
+    assert re.search(r"target.*red circle.*\d/2.*\d/2", counts.replace("\n", " ")), counts
+    _shot(browser, "ncd-check", "check-grid")
+
+    # 6. Export: the file's metadata names the method and the concept (what Load Erasure LoRA shows)
+    type_into(browser, "lora-name", "ncd-ui-erasure")
+    click(browser, "export")
+    path = until(lambda: field(browser, "export-path").get_attribute("value"), 60, "the exported path")
+    assert path.endswith("ncd-ui-erasure.safetensors") and os.path.isfile(path) and str(root.resolve()) in path
+    assert "Load Erasure LoRA" in text(browser, "export-msg")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["erasekit.method"] == "ncd" and meta["erasekit.erased_concept"] == "red circle"
+    _shot(browser, "ncd-export", "export-msg")
