@@ -66,7 +66,7 @@ def build_page(app):
                 upload_msg = gr.Markdown("")
             data_btn = gr.Button("Generate data", variant="secondary", elem_id="generate-data")
             data_summary = gr.Markdown("", elem_id="data-summary")
-            gallery = gr.Gallery(label="Forget (mask outlined) and preserve images", columns=8, height=300,
+            gallery = gr.Gallery(label="Forget (mask outlined) or NCD's tuples, and preserve images", columns=8, height=300,
                                  elem_id="data-gallery")
             with gr.Accordion("Review the forget images: fix a mask with the brush, remove an image", open=False,
                               elem_id="review"):
