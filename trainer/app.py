@@ -196,10 +196,10 @@ class TrainerApp(ReviewHandlers):
         if method == "guideline":
             n = GUIDELINE_IMAGES if n in (0, inpo_images) else n
             return GUIDELINE_STEPS_PER_IMAGE * n, n
-        if method == "resalign":
-            from erasekit.erase.resalign import preset as resalign_preset
+        if method in ("resalign", "ncd"):  # their presets' steps (NCD: the paper's 3200, the toy tuning's own)
+            from erasekit.erase import methods
 
-            return resalign_preset(preset or "object", toy=self._is_toy(self.base))["steps"], \
+            return methods.get(method).preset(preset or "object", toy=self._is_toy(self.base))[0]["steps"], \
                 inpo_images if n in (0, GUIDELINE_IMAGES) else n
         return inpo_preset(preset or "object")["steps"], inpo_images if n in (0, GUIDELINE_IMAGES) else n
 

@@ -4,8 +4,9 @@ Each goes through the CLI's own functions (:func:`trainer.__main__.prepare`, ``r
 ``run_guideline``) with the page's settings turned into CLI arguments (:func:`train_argv`), so
 the page and ``python -m trainer`` resolve a run identically.
 
-* :func:`data_job`: the forget and preserve sets, as a gallery with the masks overlaid;
-* :func:`train_job`: INPO (an erasure LoRA), resumable;
+* :func:`data_job`: the chosen method's data (INPO's forget and preserve sets, as a gallery with the
+  masks overlaid; NCD's tuples), through the method registry;
+* :func:`train_job`: an erasure LoRA (INPO, NCD, ResAlign), resumable;
 * :func:`guideline_job`: DAG guideline tokens (a guideline embedding for Detect-and-Guide);
 * :func:`check_job`: the same seeds before / after (the LoRA, or Detect-and-Guide with the
   embedding), judged on the toy model.

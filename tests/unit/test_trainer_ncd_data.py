@@ -138,3 +138,16 @@ def test_inpo_data_then_ncd_start_remakes_the_data_as_ncds(tmp_path):
     assert job.state == "done", (job.message, job.lines[-5:])
     assert NcdData.load(str(run / "data.safetensors")) is not None
     assert runs.read_gallery(run)[1].startswith("2 tuples of 'red circle'")
+
+
+def test_choosing_ncd_sets_its_presets_steps(tmp_path):
+    """The method list moves Steps to NCD's preset: the toy tuning's on the toy model, the paper's
+    3200 (A.1) on another model, not INPO's."""
+    from erasekit.erase import methods
+    from trainer.app import TrainerApp
+
+    toy_steps = methods.get("ncd").preset("object", toy=True)[0]["steps"]
+    assert TrainerApp(tmp_path / "runs", base=TOY).method_changed("ncd", 16, "object") == (toy_steps, 16)
+    other = TrainerApp(tmp_path / "runs", base=str(tmp_path / "sd15.safetensors"))
+    assert other.method_changed("ncd", 2, "object") == (3200, 2)
+    assert other.method_changed("inpo", 2, "object")[0] != 3200
