@@ -108,6 +108,8 @@ class TrainerApp(ReviewHandlers):
         s["preserve_prompts"] = lines if lines and lines not in suggestions else None
         s["threads"] = self.threads
         s["base"] = (s.get("base") or self.base).strip()
+        # ResAlign's pool table: checked and written as the run's pool.toml by Start (start_training), not a flag
+        s["pool_table"], s["pool"] = s.get("pool"), None
         if not s.get("target", "").strip():
             raise ErasekitError("No concept to erase: type one in step 2, e.g. 'red circle'.")
         uploads = self.run_dir(s["run_name"]) / "uploads" / "forget"
@@ -232,12 +234,13 @@ class TrainerApp(ReviewHandlers):
     def _memory(self, base: str) -> str:
         return estimate.memory_line(estimate.recent_runs(self.root), base)
 
-    def upload_images(self, run_name, files):
+    def upload_images(self, run_name, files, method="inpo"):
         """Copy uploaded images (``name.png`` / ``.jpg`` / ``.webp``, optional ``name_mask.png`` and
-        ``name.txt``) into the run's ``uploads/forget`` folder: they become the forget set instead of
-        generated images. Refused while a job or another process uses the run, and once the run has
-        checkpoints (its data would change under a later Resume); a file over the upload limit is
-        refused with its name and size. Nothing of the run changes when an upload is refused."""
+        ``name.txt``; NCD's pairs add ``name_safe.png``) into the run's ``uploads/forget`` folder: they
+        become the forget set (NCD: its tuples) instead of generated images; :meth:`upload_summary` says
+        what the chosen method will use. Refused while a job or another process uses the run, and once
+        the run has checkpoints (its data would change under a later Resume); a file over the upload
+        limit is refused with its name and size. Nothing of the run changes when an upload is refused."""
         import shutil
 
         import gradio as gr
@@ -252,21 +255,45 @@ class TrainerApp(ReviewHandlers):
         # the data cache is keyed by the folder's path, not its files: new uploads mean new data
         (folder.parent.parent / "data.safetensors").unlink(missing_ok=True)
         shutil.rmtree(folder.parent.parent / runs.REVIEW, ignore_errors=True)
-        kept = []
         for f in files or []:
             src = Path(f if isinstance(f, str) else getattr(f, "name", f))
             name = re.sub(r"[^A-Za-z0-9._-]+", "-", src.name)
             if name.lower().endswith((*IMAGE_EXTENSIONS, ".txt")):
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, folder / name)
-                kept.append(name)
-        stems = [os.path.splitext(n.lower()) for n in kept]
+        return self.upload_summary(run_name, method) or "No uploaded images: the forget set is generated from the base model."
+
+    def upload_summary(self, run_name, method="inpo") -> str:
+        """What the run's uploaded images are to the chosen method: INPO's (and ResAlign's) forget images
+        with their masks, or NCD's pairs (``name.png`` beside ``name_safe.png``; ``name_2`` / ``name_3``
+        more pictures of the concept; a picture without its safe version is left out). "" without uploads."""
+        try:
+            folder = self.run_dir(run_name) / "uploads" / "forget"
+        except ErasekitError:
+            return ""
+        names = sorted(f.name.lower() for f in folder.iterdir()) if folder.is_dir() else []
+        stems = [os.path.splitext(n) for n in names]
         images = [stem for stem, ext in stems if ext in IMAGE_EXTENSIONS and not stem.endswith("_mask")]
         if not images:
-            return "No uploaded images: the forget set is generated from the base model."
+            return ""
+        run = folder.parent.parent.name
+        if method == "ncd":
+            heads = [s for s in images if not s.endswith("_safe") and not re.search(r"_[23]$", s)]
+            pairs = [s for s in heads if s + "_safe" in images]
+            alone = [s for s in heads if s not in pairs]
+            more = sum(f"{s}_{j}" in images for s in pairs for j in (2, 3))
+            if not pairs:
+                return (f"**No NCD pair** among the {len(images)} uploaded images of run '{run}': NCD needs each picture "
+                        "of the concept as name.png beside the same picture without it as name_safe.png.")
+            return (f"{len(pairs)} uploaded NCD pair{'s' if len(pairs) != 1 else ''} (a picture of the concept beside its "
+                    f"safe version, name_safe.png{f'; {more} more pictures of the concept as name_2 / name_3' if more else ''}"
+                    f") replace NCD's generated tuples of run '{run}'"
+                    + (f"; {len(alone)} picture{'s' if len(alone) != 1 else ''} without a name_safe.png "
+                       f"({', '.join(alone[:3])}{', ...' if len(alone) > 3 else ''}) {'is' if len(alone) == 1 else 'are'} "
+                       "left out." if alone else "."))
         masks = sum(stem.endswith("_mask") and stem[:-5] in images for stem, ext in stems)
         return (f"{len(images)} uploaded images ({masks} with a mask; no mask = the whole image) replace the generated "
-                f"forget set of run '{folder.parent.parent.name}'.")
+                f"forget set of run '{run}'.")
 
     def _check_upload(self, run_dir: Path, files) -> None:
         """Refuse an upload into a run that is busy (a job here, another process's lock) or has
@@ -329,6 +356,12 @@ class TrainerApp(ReviewHandlers):
             if runs.find_guideline(run_dir) is not None:
                 raise ErasekitError(f"The run '{run_dir.name}' holds guideline tokens; give the INPO training its own "
                                     "run name (step 2).")
+            if s.get("method") == "resalign":  # a bad row of the table: one sentence, nothing starts
+                from dataclasses import asdict
+
+                from trainer.pool import pool_from_table
+
+                s["pool_rows"] = [asdict(c) for c in pool_from_table(s["pool_table"])]
         except ErasekitError as err:
             gr.Warning(page_words(err))
             return f"**Error:** {page_words(err)}", 0
@@ -429,12 +462,18 @@ class TrainerApp(ReviewHandlers):
         return f"Exported **{path}** (model card: `{path.with_suffix('.md').name}`).{renamed}\n\n{how}", str(path)
 
     def save_settings(self, file_name, *values):
+        from dataclasses import asdict
+
         import gradio as gr
 
         from erasekit.erase.state import write_toml
 
         try:
+            from trainer.pool import pool_from_table
+
             s = dict(zip(KEYS, values))
+            if "pool" in s:  # the table as [[app.pool]] rows, checked (Load settings reads them back)
+                s["pool"] = [asdict(c) for c in pool_from_table(s["pool"])]
             path = jobs.safe_path(self.root, file_name or "settings.toml", "settings file")
             if path.suffix != ".toml":
                 path = path.with_suffix(".toml")
@@ -460,6 +499,22 @@ class TrainerApp(ReviewHandlers):
             gr.Warning(page_words(err))
             return [gr.skip()] * len(KEYS) + [f"**Error:** {page_words(err)}"]
         return [values.get(k, gr.skip()) if k in values else gr.skip() for k in KEYS] + [f"Settings loaded from `{path}`."]
+
+    def load_pool_file(self, path):
+        """ResAlign's pool table from a pool TOML file (a relative path: under the output root), and a
+        sentence under the button; a bad file leaves the table as it is."""
+        import gradio as gr
+
+        from trainer.pool import read_pool_file
+
+        try:
+            table = read_pool_file(path, self.root)
+        except ErasekitError as err:
+            gr.Warning(page_words(err))
+            return gr.skip(), f"**Error:** {page_words(err)}"
+        n = len(table["data"])
+        return table, (f"The table now holds the {n} simulated fine-tune{'s' if n != 1 else ''} of `{path}`; Start "
+                       "trains with the table as it is then.")
 
     def job_status(self, job_id: int = 0) -> dict:
         job = jobs.get(job_id) if job_id else jobs.current()
@@ -578,7 +633,11 @@ def page_values(tables: dict, path) -> dict:
         table = "[train], " + ", ".join(f"[{m}]" for m in METHODS) + " or [data]"
     defaults = {k: d for k, _, d in FIELDS}
     for key in KEYS:
-        if key in values:
+        if key == "pool" and key in values:  # rows ([[app.pool]]) or a pool file's path (a run's [resalign])
+            from trainer.pool import table_of_setting
+
+            values = {**values, "pool": table_of_setting(values["pool"], f"The setting 'pool' in {table} of '{path}'")}
+        elif key in values:
             _check_page_value(key, values[key], defaults[key], table, path)
     return values
 

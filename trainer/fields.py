@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 
+from .pool import DEFAULT_TABLE
 from .runner import DEFAULT_BASE
 
 CONCEPT_TYPES = ("object", "style", "character", "nudity")
@@ -42,7 +43,7 @@ FIELDS = [
     # ResAlign's own settings (shown when the method is ResAlign); its beta is another quantity than NCD's
     ("resalign_beta", "beta (ResAlign: harm after a simulated fine-tune)", 0.8),
     ("iterations", "ResAlign K (1 = first order)", 3), ("configs", "ResAlign J (fine-tunes per step)", 1),
-    ("pool", "ResAlign pool (.toml; empty = built-in)", ""),
+    ("pool", "ResAlign pool: the simulated fine-tunes, one a row", DEFAULT_TABLE),
     ("init_lora", "Harden this LoRA (.safetensors; empty = start fresh)", ""),
 ]
 METHOD_FIELDS = {  # the fields only one method reads: passed as its flags, shown with it

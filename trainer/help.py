@@ -58,7 +58,12 @@ HELP = {
                      "0.8; 0 trains plain erasure, the comparison).",
     "iterations": "ResAlign: precision of each step's look ahead (K; 1 is the quick first-order estimate).",
     "configs": "ResAlign: simulated fine-tunes per step (J); more is steadier and slower.",
-    "pool": "ResAlign: a .toml file listing the fine-tunes to simulate; empty uses the built-in list.",
+    "pool": "ResAlign: the fine-tunes someone might run later, one a row; each step simulates some of them (J) and "
+            "trains the erasure to survive them. optimizer sgd or adam; lr its learning rate; steps how long; space "
+            "which weights it moves (lora, merged or full); loss plain, or prior (also keeps the concepts to keep); "
+            "batch pictures a step. Start trains with the table as it is and keeps it as the run's pool.toml.",
+    "pool_file": "ResAlign: fill the table from a pool file (a run's pool.toml, or your own [[config]] tables); "
+                 "a path under the output root, or a full path. The table is what Start uses.",
     "init_lora": "ResAlign: an erasure LoRA to harden (e.g. one INPO made); empty starts from nothing.",
 }
 

@@ -9,6 +9,8 @@ from trainer.convert_page import build_convert_section
 from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, with_signature
 from trainer.help import HELP, STRENGTH_HELP, STRENGTHS
 from trainer.plots import LOSS_COLOURS, SIGNAL_COLOURS
+from trainer.pool import COLUMNS as POOL_COLUMNS
+from trainer.pool import DATATYPES as POOL_TYPES
 from trainer.runs import REPLACE_LABEL, WEBUI_ROOT
 from trainer.view import POLL_OUTPUTS
 
@@ -112,12 +114,21 @@ def build_page(app):
                     comps["harm_weights"] = gr.Textbox(d["harm_weights"], label=label["harm_weights"],
                                                        placeholder="1.2,1.0,0.8", info=HELP["harm_weights"])
                     comps["nca"] = gr.Checkbox(d["nca"], label=label["nca"], info=HELP["nca"])
-                with gr.Row(visible=d["method"] == "resalign", elem_id="resalign-settings") as resalign_row:
-                    for k in ("resalign_beta", "iterations", "configs"):
-                        comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
-                                             precision=0 if k in INT_KEYS else None)
-                    for k in ("pool", "init_lora"):
-                        comps[k] = gr.Textbox(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k])
+                with gr.Column(visible=d["method"] == "resalign", elem_id="resalign-settings") as resalign_row:
+                    with gr.Row():
+                        for k in ("resalign_beta", "iterations", "configs"):
+                            comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
+                                                 precision=0 if k in INT_KEYS else None)
+                        comps["init_lora"] = gr.Textbox(d["init_lora"], label=dict((a, b) for a, b, _ in FIELDS)["init_lora"])
+                    comps["pool"] = gr.Dataframe(d["pool"], headers=POOL_COLUMNS, datatype=POOL_TYPES, interactive=True,
+                                                 label=dict((a, b) for a, b, _ in FIELDS)["pool"], row_count=None,
+                                                 show_row_numbers=True, elem_id="f-pool")
+                    gr.Markdown(HELP["pool"], elem_id="pool-help")
+                    with gr.Row():
+                        pool_file = gr.Textbox("", label="Pool file (.toml)", info=HELP["pool_file"], scale=4,
+                                               placeholder="e.g. my-run/pool.toml", elem_id="pool-file")
+                        pool_btn = gr.Button("Load pool file", scale=1, elem_id="load-pool")
+                    pool_msg = gr.Markdown("", elem_id="pool-msg")
                 comps["stop_when_erased"] = gr.Checkbox(
                     d["stop_when_erased"], label=dict((a, b) for a, b, _ in FIELDS)["stop_when_erased"])
                 with gr.Row():
@@ -219,7 +230,9 @@ def build_page(app):
         comps["preset"].input(app.preset_changed, [comps["preset"], comps["base"]],
                               [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
                               api_name="preset")
-        uploads.change(app.upload_images, [comps["run_name"], uploads], upload_msg, api_name="upload_images")
+        uploads.change(app.upload_images, [comps["run_name"], uploads, comps["method"]], upload_msg, api_name="upload_images")
+        comps["method"].input(app.upload_summary, [comps["run_name"], comps["method"]], upload_msg, api_name=False)
+        pool_btn.click(app.load_pool_file, pool_file, [comps["pool"], pool_msg], api_name="load_pool_file")
         review_show.click(app.review_show, [comps["run_name"], review_index], [editor, review_msg], api_name="review_show")
         review_save.click(app.review_save, [comps["run_name"], review_index, editor], review_msg, api_name="review_save")
         review_remove.click(app.review_remove, [comps["run_name"], review_index], [editor, review_index, review_msg],

@@ -221,6 +221,32 @@ def outline_masks(images, masks):
     return shown * (1 - outer) + torch.zeros_like(shown) * outer  # black
 
 
+# the terms a training's log line shows, where the method logs them: INPO's, NCD's (its implicit accuracy and
+# sigma(r_0)), ResAlign's per outer step (harm before / after the simulated fine-tune, the hypergradient's norm,
+# the divergence guard's count)
+LOGGED = ("loss", "inpo", "mod", "pair", "prior", "delta_s", "implicit_acc", "sigma_r0", "harm", "harm_star",
+          "hyper_norm", "guard")
+
+
+COUNTS = ("guard",)  # logged as floats (the engine averages over accumulation), shown as counts
+
+
+def _figure(key: str, value) -> str:
+    return f"{float(value):g}" if key in COUNTS else f"{float(value):.4f}"
+
+
+def with_pool_file(settings: dict, run_dir: Path) -> dict:
+    """The settings with ResAlign's pool table (``pool_rows``, checked by Start) written as the run's
+    ``pool.toml`` (:func:`erasekit.erase.resalign.write_pool`) and that file as the ``pool`` setting."""
+    if settings.get("method") != "resalign" or settings.get("pool_rows") is None:
+        return settings
+    from erasekit.erase.resalign import pool_rows, write_pool
+
+    path = run_dir / "pool.toml"
+    write_pool(path, pool_rows(settings["pool_rows"], "The ResAlign pool table"))
+    return {**settings, "pool": str(path)}
+
+
 def train_job(settings: dict, run_dir: Path, resume: bool = False):
     """INPO on the run (resumed from its last checkpoint with ``resume``), with the run folder locked
     from the first file written on (its settings in ``<run>/app/config.toml``)."""
@@ -249,15 +275,13 @@ def train_job(settings: dict, run_dir: Path, resume: bool = False):
             # Generate data or the CLI, is read from the run's cache); the training then reads the same data
             args, prep = prepare_data(job, settings, run_dir, check_fresh=True)
             make_data(job, settings, run_dir, prep)
-            argv = train_argv(settings, run_dir, config=write_extra_config(run_dir, settings))
+            argv = train_argv(with_pool_file(settings, run_dir), run_dir, config=write_extra_config(run_dir, settings))
         job.log("python -m trainer " + " ".join(a if " " not in a else repr(a) for a in argv))
 
         def progress(step, total, terms):
             job.set_progress(step, total)
             if step == 1 or step == total or step % max(1, total // 20) == 0:
-                job.log(f"step {step}/{total}: " + ", ".join(f"{k} {terms[k]:.4f}" for k in ("loss", "inpo", "mod", "pair", "prior", "delta_s",
-                                                                     "implicit_acc")
-                                                            if k in terms))
+                job.log(f"step {step}/{total}: " + ", ".join(f"{k} {_figure(k, terms[k])}" for k in LOGGED if k in terms))
 
         result = run_training(args, progress=progress, cancel=job.cancel, log=job.log, prep=prep)
         if result.status == "cancelled":

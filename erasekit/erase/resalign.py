@@ -133,12 +133,38 @@ def read_pool(path: str = "") -> list:
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise ErasekitError(f"The ResAlign pool '{path}' has no [[config]] tables; write one per simulated fine-tune, "
                             "e.g. [[config]] optimizer = \"adam\", lr = 1e-4, steps = 10, space = \"full\".")
-    known = {f.name for f in fields(InnerConfig)}
-    for r in rows:
-        unknown = set(r) - known
+    return pool_rows(rows, f"The ResAlign pool '{path}'")
+
+
+def pool_rows(rows: list, where: str = "The ResAlign pool") -> list:
+    """The pool's rows (:class:`InnerConfig`) from dicts (a TOML file's ``[[config]]`` tables, a table's
+    rows), each checked: known keys only, one of the choices for ``optimizer`` / ``space`` / ``loss``,
+    a number above 0 for ``lr``, whole numbers of at least 1 for ``steps`` and ``batch`` (a float or a
+    text is refused, not cast). A bad row is refused with one sentence naming it (``where`` starts the
+    sentence: the file, or the page's table)."""
+    if not rows:
+        raise ErasekitError(f"{where} has no rows; give at least one simulated fine-tune.")
+    known = [f.name for f in fields(InnerConfig)]
+    out = []
+    for i, r in enumerate(rows, 1):
+        unknown = set(r) - set(known)
         if unknown:
-            raise ErasekitError(f"The ResAlign pool '{path}' has unknown keys {sorted(unknown)}; known: {sorted(known)}.")
-    return [InnerConfig(**r) for r in rows]
+            raise ErasekitError(f"{where} has unknown keys {sorted(unknown)}; known: {sorted(known)}.")
+        choices = {"optimizer": OPTIMIZERS, "space": SPACES, "loss": LOSSES}
+        for key, value in r.items():
+            if value is None or value == "":
+                raise ErasekitError(f"{where}, row {i}, has no {key}; fill it in or remove the row.")
+            if key in ("steps", "batch"):
+                ok, kind = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "a whole number, at least 1"
+            elif key == "lr":
+                ok, kind = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf"), \
+                    "a number above 0"
+            else:
+                ok, kind = value in choices[key], f"one of {', '.join(choices[key])}"
+            if not ok:
+                raise ErasekitError(f"{where}, row {i}, has {key} = {value!r}; it must be {kind}.")
+        out.append(InnerConfig(**r))  # its own rules too (the same as above)
+    return out
 
 
 def write_pool(path, pool: list) -> None:
