@@ -150,8 +150,8 @@ def build_page(app):
                                    elem_id="loss-plot")
                 with gr.Column():
                     signal = gr.LinePlot(x="step", y="value", color="series", color_map=SIGNAL_COLOURS,
-                                         label="Erasure signal (blue: each step; orange: smoothed; red: the line)",
-                                         x_title="training step", y_title="Delta S", height=320, elem_id="signal-plot")
+                                         label="Erasure signal (the note under it names the lines' colours)",
+                                         x_title="training step", y_title="signal", height=320, elem_id="signal-plot")
                     signal_note = gr.Markdown("", elem_id="signal-note")
             with gr.Row():
                 with gr.Column():

@@ -104,8 +104,10 @@ def poll(app, seen, run_name):
 
 
 def _plots(seen, run_dir) -> dict:
+    import gradio as gr
+
     from erasekit.erase.state import read_config
-    from trainer.plots import loss_frame, signal_frame
+    from trainer.plots import loss_frame, signal_axis, signal_frame
 
     metrics = read_metrics(run_dir) if run_dir else []
     key = repr((str(run_dir), len(metrics)))
@@ -122,7 +124,8 @@ def _plots(seen, run_dir) -> dict:
     loss = loss_frame(metrics)
     # an empty frame would fix the plot's colour legend with no series in it, and Gradio's LinePlot then
     # draws none of the lines of later frames: no rows clear the plot instead
-    return {"plot": None if loss.empty else loss, "signal": None if frame.empty else frame, "signal_note": note}
+    return {"plot": None if loss.empty else loss, "signal_note": note,
+            "signal": gr.update(value=None if frame.empty else frame, y_title=signal_axis(method))}
 
 
 def _preview(seen, run_dir, root) -> dict:
