@@ -118,7 +118,7 @@ def _plots(seen, run_dir) -> dict:
         tables = read_config(run_dir / "config.toml") if run_dir and (run_dir / "config.toml").is_file() else {}
     except ErasekitError:
         tables = {}
-    method = (tables.get("train") or {}).get("method", "inpo") if isinstance(tables.get("train"), dict) else "inpo"
+    method = run_method(tables)
     settings = tables.get(method) if isinstance(tables.get(method), dict) else {}
     frame, note = signal_frame(metrics, method, settings)
     loss = loss_frame(metrics)
@@ -126,6 +126,17 @@ def _plots(seen, run_dir) -> dict:
     # draws none of the lines of later frames: no rows clear the plot instead
     return {"plot": None if loss.empty else loss, "signal_note": note,
             "signal": gr.update(value=None if frame.empty else frame, y_title=signal_axis(method))}
+
+
+def run_method(tables: dict) -> str:
+    """The method a run's config.toml was made with: [train] method where written (the guideline tokens),
+    else the method whose own table it has (an erasure LoRA's run: [inpo], [ncd] or [resalign])."""
+    from erasekit.erase.methods import METHODS
+
+    train = tables.get("train") if isinstance(tables.get("train"), dict) else {}
+    if isinstance(train.get("method"), str) and train["method"]:
+        return train["method"]
+    return next((m for m in METHODS if isinstance(tables.get(m), dict)), "inpo")
 
 
 def _preview(seen, run_dir, root) -> dict:

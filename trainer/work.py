@@ -273,9 +273,11 @@ def train_job(settings: dict, run_dir: Path, resume: bool = False):
             # the data step's own work first, on the model loaded for the training: the page counts the
             # images as they are drawn and shows them in step 3 (data already made for these settings, by
             # Generate data or the CLI, is read from the run's cache); the training then reads the same data
-            args, prep = prepare_data(job, settings, run_dir, check_fresh=True)
-            make_data(job, settings, run_dir, prep)
-            argv = train_argv(with_pool_file(settings, run_dir), run_dir, config=write_extra_config(run_dir, settings))
+            # ResAlign's pool table as the run's pool.toml first: prepare reads the method's settings, pool too
+            run_settings = with_pool_file(settings, run_dir)
+            args, prep = prepare_data(job, run_settings, run_dir, check_fresh=True)
+            make_data(job, run_settings, run_dir, prep)
+            argv = train_argv(run_settings, run_dir, config=write_extra_config(run_dir, run_settings))
         job.log("python -m trainer " + " ".join(a if " " not in a else repr(a) for a in argv))
 
         def progress(step, total, terms):

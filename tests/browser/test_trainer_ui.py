@@ -242,3 +242,88 @@ def test_ncd_from_the_page_data_train_check_export(browser, toy_trainer_url):
         meta = f.metadata()
     assert meta["erasekit.method"] == "ncd" and meta["erasekit.erased_concept"] == "red circle"
     _shot(browser, "ncd-export", "export-msg")
+
+
+def _edit_cell(browser, elem_id: str, row: int, col: int, value):
+    """Double-click a Dataframe cell, type ``value`` over it and press Enter (how a person edits the table)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    selector = f"#{elem_id} [data-testid='cell-{row}-{col}']"
+    cell = until(lambda: browser.find_element("css selector", selector), 30, f"the cell {row},{col} of #{elem_id}")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", cell)
+    ActionChains(browser).double_click(cell).perform()
+    box = until(lambda: browser.find_element("css selector", f"{selector} textarea, {selector} input"), 10, "the cell's editor")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value))
+    box.send_keys(Keys.ENTER)
+    until(lambda: browser.find_element("css selector", selector).text.split("\n")[0].strip() == str(value), 10,
+          "the edited cell")  # (a selected cell also shows its menu button, a line of its own)
+
+
+def test_resalign_from_the_page_pool_table_refusal_and_a_short_run(browser, toy_trainer_url):
+    """ResAlign chosen in the method list: its settings row and the pool table show (the built-in pool);
+    Load pool file fills the table from a one-row pool file; a row edited to steps 0 is refused under
+    Start in one sentence and nothing starts; steps 3 trains 2 outer steps (J 1, K 1) on the bundled
+    toy model; the run keeps the edited row in its pool.toml; the signal plot draws harm before / after
+    the simulated fine-tune and its note counts the divergence guard."""
+    from erasekit.erase.resalign import DEFAULT_POOL, InnerConfig, read_pool, write_pool
+
+    url, root = toy_trainer_url
+    write_pool(root / "one-row.toml", [InnerConfig("sgd", 0.01, 2, "lora", "plain", 1)])
+    browser.get(url)
+    until(lambda: text(browser, "job-status").strip(), 90, "the page")
+
+    def shown(elem_id):
+        found = browser.find_elements("css selector", f"#{elem_id}")
+        return bool(found) and found[0].is_displayed()
+
+    browser.find_element("xpath", "//*[@id='advanced']//*[contains(text(), 'Advanced settings')]").click()
+    assert not shown("resalign-settings")
+    _choose_method(browser, "ResAlign")
+    until(lambda: shown("resalign-settings") and shown("f-pool") and not shown("ncd-settings"), 30,
+          "ResAlign's settings row and its pool table")
+    table = text(browser, "f-pool")
+    assert all(c in table for c in ("optimizer", "lr", "steps", "space", "loss", "batch"))
+    assert len(browser.find_elements("css selector", "#f-pool [data-testid^='cell-'][data-testid$='-0']")) == len(DEFAULT_POOL)
+
+    type_into(browser, "pool-file", "one-row.toml")
+    click(browser, "load-pool")
+    until(lambda: "1 simulated fine-tune of" in text(browser, "pool-msg"), 30, "the pool file's rows in the table")
+    until(lambda: not browser.find_elements("css selector", "#f-pool [data-testid='cell-1-0']"), 10, "one row left")
+    _shot(browser, "resalign-pool", "resalign-settings")
+
+    # the cheapest run: 2 forget images, 1 preserve image each of 2 concepts, 3 sampling steps; 2 outer steps
+    for elem_id, value in (("f-run_name", "resalign-ui-run"), ("f-forget_images", 2), ("f-images_per_concept", 1),
+                           ("f-neighbours", 1), ("f-unrelated", 1), ("f-data_steps", 3), ("f-steps", 2),
+                           ("f-sample_every", 0), ("f-checkpoint_every", 2), ("f-iterations", 1), ("f-configs", 1)):
+        type_into(browser, elem_id, value)
+    _edit_cell(browser, "f-pool", 0, 2, 0)  # steps 0: refused
+    click(browser, "start")
+    refused = until(lambda: "Error" in text(browser, "action") and text(browser, "action"), 60, "the refusal under Start")
+    assert "ResAlign pool table" in refused and "row 1, has steps = 0" in refused and "--" not in refused, refused
+    assert not (root / "resalign-ui-run").exists()  # nothing started
+
+    _edit_cell(browser, "f-pool", 0, 2, 3)
+    click(browser, "start")
+    until(lambda: "Running: training 'red circle' in resalign-ui-run" in text(browser, "job-status"), 120,
+          "the running status")
+    until(lambda: "Done: training" in text(browser, "job-status"), 600, "the end of training")
+    time.sleep(1.5)  # one more tick for the log and the plots
+    assert "erase-red-circle-resalign.safetensors" in text(browser, "job-status")
+    pool = read_pool(str(root / "resalign-ui-run" / "pool.toml"))
+    assert pool == [InnerConfig("sgd", 0.01, 3, "lora", "plain", 1)]  # the edited row, as the run used it
+    log = until(lambda: "step 2/2" in field(browser, "log").get_attribute("value")
+                and field(browser, "log").get_attribute("value"), 20, "the log's last step")
+    assert "--method resalign" in log and f"--pool {root.resolve() / 'resalign-ui-run' / 'pool.toml'}" in log
+    assert "harm_star" in log and "guard" in log and "hyper_norm" in log
+
+    def drawn(elem_id, *words):
+        html = browser.find_element("id", elem_id).get_attribute("innerHTML")
+        return all(w in html for w in words) and "<path" in html
+
+    until(lambda: drawn("signal-plot", "harm now", "harm after a simulated fine-tune"), 30, "harm before / after")
+    note = text(browser, "signal-note")
+    assert "Erased looks like both lines falling" in note and "Outer step 2: harm" in note
+    assert "divergence guard stepped in" in note and "Delta S" not in note
+    _shot(browser, "resalign-trained", "signal-plot")

@@ -212,3 +212,27 @@ def test_the_upload_summary_counts_ncd_pairs_when_ncd_is_chosen(app, tmp_path):
     lone = app.upload_images("lone", [files[0]], "ncd")
     assert lone.startswith("**No NCD pair** among the 1 uploaded images") and "name_safe.png" in lone
     assert app.upload_summary("nothing-here", "ncd") == ""
+
+
+def test_the_page_plots_the_signal_of_the_method_the_run_was_made_with(tmp_path):
+    """A run's config.toml names its method by its own table ([ncd], [resalign]); the page's signal
+    plot and note follow it (not INPO's Delta S for every LoRA run)."""
+    import json
+
+    from trainer.view import _plots, run_method
+
+    rows = {"resalign": {"harm": 0.8, "harm_star": 0.9, "hyper_norm": 0.1, "guard": 1.0, "fallback": 0.0},
+            "ncd": {"implicit_acc": 0.5, "sigma_r0": 0.6}, "inpo": {"delta_s": 0.2}}
+    series = {"resalign": "harm now", "ncd": "implicit accuracy (safe picture ahead)",
+              "inpo": "Delta S (how much less likely the concept became)"}
+    for method, terms in rows.items():
+        run = tmp_path / method
+        run.mkdir()
+        (run / "config.toml").write_text(f'[train]\nsteps = 2\n[{method}]\nbeta = 0.8\n[data]\nforget_images = 2\n')
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0, **terms}) + "\n" for i in (1, 2)))
+        out = _plots({}, run)
+        assert series[method] in set(out["signal"]["value"]["series"]), method
+        assert out["signal"]["y_title"] == {"resalign": "harm loss (lower: more erased)", "ncd": "share / probability",
+                                            "inpo": "Delta S"}[method]
+        assert ("Delta S" in out["signal_note"]) == (method == "inpo"), method
+    assert run_method({"train": {"method": "guideline"}}) == "guideline" and run_method({}) == "inpo"
