@@ -472,7 +472,7 @@ class TrainerApp(ReviewHandlers):
             from trainer.pool import pool_from_table
 
             s = dict(zip(KEYS, values))
-            if "pool" in s:  # the table as [[app.pool]] rows, checked (Load settings reads them back)
+            if "pool" in s:  # the table as rows (a list of tables), checked (Load settings reads them back)
                 s["pool"] = [asdict(c) for c in pool_from_table(s["pool"])]
             path = jobs.safe_path(self.root, file_name or "settings.toml", "settings file")
             if path.suffix != ".toml":
@@ -633,7 +633,7 @@ def page_values(tables: dict, path) -> dict:
         table = "[train], " + ", ".join(f"[{m}]" for m in METHODS) + " or [data]"
     defaults = {k: d for k, _, d in FIELDS}
     for key in KEYS:
-        if key == "pool" and key in values:  # rows ([[app.pool]]) or a pool file's path (a run's [resalign])
+        if key == "pool" and key in values:  # rows (Save settings) or a pool file's path (a run's [resalign])
             from trainer.pool import table_of_setting
 
             values = {**values, "pool": table_of_setting(values["pool"], f"The setting 'pool' in {table} of '{path}'")}

@@ -8,7 +8,7 @@ path is the method's ``pool`` setting: the CLI and a run's ``config.toml`` see a
 
 Values travel in three shapes: the component's payload (``{"headers", "data"}``: the page's default,
 what gradio_client sends and receives), a pandas DataFrame (what a handler gets from the page), and
-rows (dicts, what a settings file keeps as ``[[app.pool]]``). :func:`table_rows` reads any of them."""
+rows (dicts, what a settings file keeps as ``pool`` in ``[app]``). :func:`table_rows` reads any of them."""
 
 from __future__ import annotations
 
@@ -119,4 +119,4 @@ def table_of_setting(value, where: str) -> dict:
         return payload(read_pool(str(file)))
     if isinstance(value, list) and all(isinstance(r, dict) for r in value):
         return payload(pool_rows(table_rows(value), where))
-    raise ErasekitError(f"{where} must be rows of the pool ([[app.pool]] tables) or a pool file's path, not {value!r}.")
+    raise ErasekitError(f"{where} must be rows of the pool (a list of tables) or a pool file's path, not {value!r}.")
