@@ -217,8 +217,13 @@ def test_ncd_from_the_page_data_train_check_export(browser, toy_trainer_url):
                 and field(browser, "log").get_attribute("value"), 20, "the log's last step")
     assert "--method ncd" in log and "2 tuples, 2 preserve images from" in log
     assert "draws of" not in log  # the tuples of Generate data, read from the run, not drawn again
-    assert "implicit_acc" in log
+    assert "implicit_acc" in log and "sigma_r0" in log
     assert until(lambda: browser.find_elements("css selector", "#loss-plot canvas, #loss-plot svg"), 20, "the loss plot")
+    # NCD's own signal, not INPO's Delta S: its implicit accuracy and sigma(r_0), with the 0.5 line
+    until(lambda: "implicit accuracy" in browser.find_element("id", "signal-plot").get_attribute("innerHTML")
+          and "<path" in browser.find_element("id", "signal-plot").get_attribute("innerHTML"), 30, "NCD's signal")
+    note = text(browser, "signal-note")
+    assert "implicit accuracy climbing to 1" in note and "Last step: implicit accuracy" in note and "Delta S" not in note
     _shot(browser, "ncd-trained", "loss-plot")
 
     # 5. Check: 2 seeds, 10 sampling steps; the judge's counts of each prompt before / after
