@@ -8,7 +8,8 @@ The erasure LoRA theta is trained against what a fine-tune would make of it. Out
 
 - L_h, the harm loss (``harm_loss``): "ga", gradient ascent -E||eps_theta - eps||^2 on the forget
   images (the paper), or "inpo", INPO's Eq. 15 against the base model (Tab. 9: the method is
-  loss-agnostic; with ``init_lora`` this hardens an existing INPO erasure). :data:`HARM_LOSSES` is
+  loss-agnostic; with ``init_lora`` this hardens an existing INPO erasure), or "relative" (beyond
+  the paper): the error relative to the base model's, capped (:func:`relative_harm`). :data:`HARM_LOSSES` is
   where NCD's loss goes once it exists (a function of the same signature).
 - R = E||eps_theta - eps_theta0||^2 on the preserve images (INPO's Eq. 16 too), weighted by alpha,
   which the official code ramps from ``alpha_r`` to ``alpha_r_end`` by a sigmoid over the second half
@@ -103,7 +104,8 @@ class ResAlignConfig:
     alpha_r: float = 1.6  # Eq. 3: alpha, the weight of R, at the start ...
     alpha_r_end: float = 2.0  # ... ramped to this by a sigmoid after ramp_start (the official code)
     ramp_start: float = 0.5  # share of the steps before the ramp begins
-    harm_loss: str = "ga"  # ga (the paper) | inpo (Tab. 9)
+    harm_loss: str = "ga"  # ga (the paper) | inpo (Tab. 9) | relative (beyond the paper: error vs the base's, capped)
+    harm_cap: float = 5.0  # harm_loss "relative": the most (e_theta - e_0) / e_0 counts
     moreau_gamma: float = 1.0  # Eq. 5: the Moreau envelope's gamma
     iterations: int = 5  # K (Alg. 1): Richardson iterations; 1 = first order
     max_halvings: int = 3  # the guard: gamma is halved at most this often, then first order
@@ -193,9 +195,23 @@ def inpo_harm(pred, target, pred_ref, mask, cfg):
     return inpo_loss(delta, cfg.inpo_eta, cfg.inpo_gamma, cfg.inpo_tau).mean()
 
 
+def relative_harm(pred, target, pred_ref, mask, cfg):
+    """L_h = -E[min((e_theta - e_0) / e_0, cap)] (beyond the paper): the forget images' denoising error
+    relative to the base model's on the same x_t. Dividing by e_0 weighs every timestep alike (the raw
+    error spans orders of magnitude over t, so GA's and INPO's per-batch values are mostly timestep
+    noise); the cap ``harm_cap`` bounds the ascent, which GA's loss does not."""
+    import torch
+
+    from .inpo import masked_score
+
+    mask = mask if cfg.use_mask else None
+    e, e0 = masked_score(pred, target, mask), masked_score(pred_ref, target, mask).detach()
+    return -torch.clamp((e - e0) / (e0 + 1e-3), max=cfg.harm_cap).mean()
+
+
 # name -> f(pred, target, pred_ref, mask, config) -> scalar, minimised. NCD's goes here: its loss
 # needs the four candidates of a tuple, so it would also bring its own batch layout.
-HARM_LOSSES = {"ga": ga_harm, "inpo": inpo_harm}
+HARM_LOSSES = {"ga": ga_harm, "inpo": inpo_harm, "relative": relative_harm}
 
 
 # ----------------------------------------------------------------------------- the objective

@@ -305,3 +305,20 @@ def test_cli_hardens_an_erasure_lora_on_the_toy_model(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2] and all("harm_star" in r and "guard" in r for r in rows)
     _, meta = lora_io.load_lora(str(tmp_path / "ra" / "erase-red-circle-resalign.safetensors"))
     assert "resalign" in json.dumps(meta)
+
+
+def test_relative_harm_on_hand_computed_values():
+    """relative: -mean(min((e - e0) / (e0 + 1e-3), cap)), e and e0 the per-image squared errors."""
+    import torch
+
+    from erasekit.erase.resalign import ResAlignConfig, relative_harm
+
+    target = torch.zeros(2, 1, 1, 2)
+    pred = torch.tensor([[[[1.0, 1.0]]], [[[3.0, 3.0]]]])  # e = 1, 9
+    ref = torch.tensor([[[[1.0, 1.0]]], [[[1.0, 1.0]]]])  # e0 = 1, 1
+    cfg = ResAlignConfig(harm_loss="relative", harm_cap=5.0)
+    got = relative_harm(pred.requires_grad_(True), target, ref, None, cfg)
+    want = -(0.0 + 5.0) / 2  # (1 - 1) / 1.001 = 0; (9 - 1) / 1.001 = 7.99 capped at 5
+    assert abs(float(got) - want) < 1e-6
+    (g,) = torch.autograd.grad(got, pred)
+    assert g[1].abs().sum() == 0 and g[0].abs().sum() > 0  # past the cap the image pulls no more
