@@ -70,6 +70,5 @@ class ClipScorer:
 
 
 def _tensor(x):
-    """transformers 5 may return a model output where 4 returned the projected features."""
-    return x if hasattr(x, "shape") else (getattr(x, "pooler_output", None) if getattr(x, "pooler_output", None)
-                                          is not None else x[0])
+    """The projected features: transformers 4 returns them, 5 a model output holding them as ``pooler_output``."""
+    return x if hasattr(x, "shape") else x.pooler_output

@@ -1,5 +1,7 @@
 """The erase benchmark's counting, on hand-made judge rows."""
 
+import pytest
+
 from erasekit.bench.erase import erase_counts, requested_labels
 
 
@@ -39,6 +41,7 @@ def test_a_style_erasure_keeps_count_of_the_other_styles():
     assert n["asked_by_kind"] == {"neighbour": [1, 0], "unrelated": [2, 2]}  # the dotted background was lost
 
 
+@pytest.mark.slow  # trains a LoRA (2 steps, but the data is drawn first): minutes on a loaded machine
 def test_bench_erase_draws_and_judges_through_the_harness(tmp_path, monkeypatch, one_thread):
     """Every image the bench counts comes from the harness's draw_and_judge (a pass-through spy records it), prompt i
     with seed i, and the bench's figures are recomputed from what that returned (bundled toy model, 2 training
