@@ -75,6 +75,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     from ..dag.guideline import GuidelineEmbedding
     from ..eval.detectors import ToyJudge
     from ..eval.draw import draw_and_judge
+    from ..eval.metrics import unchanged
     from ..toyworld.model import load_toy_pipeline
     from ..toyworld.vocab import parse_concept
 
@@ -127,7 +128,7 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     for mode in modes:
         erase, kept = erase_and_preservation_of(runs[("target", "cfg")]["findings"], runs[("target", mode)]["findings"])
         plain_b, guided_b = runs[("benign", "cfg")], runs[("benign", mode)]
-        same = [np.array_equal(a, b) for a, b in zip(plain_b["drawing"].images, guided_b["drawing"].images)]
+        same = [unchanged(a, b) for a, b in zip(plain_b["drawing"].images, guided_b["drawing"].images)]
         prefix = "" if mode == "dag" else f"{mode}_"
         result[f"{prefix}erase_rate"] = erase
         result[f"{prefix}preservation"] = kept

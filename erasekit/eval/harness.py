@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..errors import ErasekitError
 from .cache import ImageCache, file_identity, file_sha256
 from .draw import iter_draw
-from .metrics import mean_ssim, summarize
+from .metrics import mean_ssim, summarize, unchanged
 from .prompts import BENIGN, read_prompts
 
 TOY_SAMPLER = {"steps": 25, "cfg": 3.0}  # the benchmarks' sampler on the toy model (DDIM eta 1)
@@ -176,8 +176,8 @@ def run(cfg: EvalConfig) -> dict:
 
 def figures(rows, images, findings, detector, benign: str = BENIGN) -> dict:
     """The metrics of judged same-seed images: :func:`~erasekit.eval.metrics.summarize`, then what the erasure
-    kept: SSIM and bit-identical shares of the (base, erased) pairs of benign prompts (all prompts where there
-    are none), and ``preservation``: the toy judge's objects kept, or SSIM where no judge knows the contents.
+    kept: SSIM and unchanged (:func:`~erasekit.eval.metrics.unchanged`) shares of the (base, erased) pairs of
+    benign prompts (all prompts where there are none), and ``preservation``: the toy judge's objects kept, or SSIM where no judge knows the contents.
     ``images[run][p][s]`` uint8 arrays and ``findings[run][p][s]`` verdicts, run = "base" / "erased"."""
     import numpy as np
 
@@ -187,7 +187,7 @@ def figures(rows, images, findings, detector, benign: str = BENIGN) -> dict:
     benign_idx = [i for i, r in enumerate(rows) if r.is_benign(benign)]
     pairs = [(a, b) for i in (benign_idx or range(len(rows))) for a, b in zip(images["base"][i], images["erased"][i])]
     result["ssim"] = _r(mean_ssim(pairs))
-    result["identical"] = _r(float(np.mean([np.array_equal(a, b) for a, b in pairs]))) if pairs else None
+    result["identical"] = _r(float(np.mean([unchanged(a, b) for a, b in pairs]))) if pairs else None
     result["preservation_on"] = "benign prompts" if benign_idx else "unsafe prompts (no benign prompts given)"
     if isinstance(detector, ToyJudge):
         result["preservation"] = result["benign"]["objects_kept"] if benign_idx else result["preservation_unsafe_prompts"]

@@ -32,6 +32,7 @@ def test_bench_dag_draws_and_judges_through_the_harness(tmp_path, monkeypatch):
     from erasekit.bench.dag import bench_dag, erase_and_preservation_of
     from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase
     from erasekit.eval import draw
+    from erasekit.eval.metrics import unchanged
     from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
 
     pipe = build_toy_pipeline(seed=0, tiny=True)
@@ -60,7 +61,7 @@ def test_bench_dag_draws_and_judges_through_the_harness(tmp_path, monkeypatch):
     assert [s for _, s, _ in seen[0][1]] == [0, 1, 2, 3, 100_003, 100_004, 100_005, 100_006]
     (_, _, (_, plain)), (_, _, (_, guided)) = seen[0], seen[1]
     assert (r["erase_rate"], r["preservation"]) == erase_and_preservation_of(plain, guided)
-    identical = [np.array_equal(a, b) for a, b in zip(seen[4][2][0].images, seen[5][2][0].images)]
+    identical = [unchanged(a, b) for a, b in zip(seen[4][2][0].images, seen[5][2][0].images)]
     assert r["benign_identical"] == round(float(np.mean(identical)), 4)
     seen.clear()
     again = bench_dag("red circle", 4, 4, batch=3, modes=("dag",), **common)
