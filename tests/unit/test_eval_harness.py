@@ -122,6 +122,7 @@ def _kill_when(args, cache, n_png: int):
     proc.wait(30)
 
 
+@pytest.mark.slow  # 41 s on the shared 2-core machine, 218 s with benchmarks beside it
 def test_a_200_prompt_run_killed_twice_resumes_without_redrawing(tmp_path, one_thread):
     """200 prompts (400 images, 2 steps): killed in the base run and again in the erased run; each rerun keeps
     every finished PNG untouched and draws only the rest, and the figures equal a recompute from the cache, whose
