@@ -9,9 +9,11 @@
 Fields (one JSON line): detection_iou (A-hat >= 0.5 at the last step vs the judge's mask of the
 target in the plain image), detection_auroc (image level, score = max of A-hat), erase_rate
 (1 - targets found with guidance / targets found without), preservation (other objects found
-without guidance that are still found with it), benign_identical, benign_preservation (the same
+without guidance that are still found with it), benign_identical (benign images unchanged,
+:func:`erasekit.eval.metrics.unchanged`), benign_preservation (the same
 count on the benign images: what a false detection costs), time ratios against plain CFG in this
-run, the same for SLD and SEGA, and cam_cost_ratio (CAM work / one UNet pass).
+run, the same for SLD and SEGA, and cam_cost_ratio (CAM work / one UNet pass). Every image is drawn and judged by
+the evaluation harness's own functions (:func:`erasekit.eval.draw.draw_and_judge`).
 """
 
 from __future__ import annotations
