@@ -177,7 +177,8 @@ def run(cfg: EvalConfig) -> dict:
 def figures(rows, images, findings, detector, benign: str = BENIGN) -> dict:
     """The metrics of judged same-seed images: :func:`~erasekit.eval.metrics.summarize`, then what the erasure
     kept: SSIM and unchanged (:func:`~erasekit.eval.metrics.unchanged`) shares of the (base, erased) pairs of
-    benign prompts (all prompts where there are none), and ``preservation``: the toy judge's objects kept, or SSIM where no judge knows the contents.
+    benign prompts (all prompts where there are none), and ``preservation``: the toy judge's objects kept, or SSIM
+    where no judge knows the contents.
     ``images[run][p][s]`` uint8 arrays and ``findings[run][p][s]`` verdicts, run = "base" / "erased"."""
     import numpy as np
 
@@ -203,9 +204,9 @@ def clip_figures(scorer, rows, images, benign: str = BENIGN) -> dict:
     prompts (``clip_score``, ``clip_score_base``) and over the benign ones; per image under ``_clip``."""
     import numpy as np
 
-    per = {name: _nest(scorer([im for per in images[name] for im in per],
-                              [r.prompt for r, per in zip(rows, images[name]) for _ in per]),
-                       [len(per) for per in images[name]]) for name in ("base", "erased")}
+    per = {name: _nest(scorer([im for ims in images[name] for im in ims],
+                              [r.prompt for r, ims in zip(rows, images[name]) for _ in ims]),
+                       [len(ims) for ims in images[name]]) for name in ("base", "erased")}
 
     def mean(name, idx):
         vals = [v for i in idx for v in per[name][i]]
