@@ -9,9 +9,11 @@
 Fields (one JSON line): detection_iou (A-hat >= 0.5 at the last step vs the judge's mask of the
 target in the plain image), detection_auroc (image level, score = max of A-hat), erase_rate
 (1 - targets found with guidance / targets found without), preservation (other objects found
-without guidance that are still found with it), benign_identical, benign_preservation (the same
+without guidance that are still found with it), benign_identical (benign images unchanged,
+:func:`erasekit.eval.metrics.unchanged`), benign_preservation (the same
 count on the benign images: what a false detection costs), time ratios against plain CFG in this
-run, the same for SLD and SEGA, and cam_cost_ratio (CAM work / one UNet pass).
+run, the same for SLD and SEGA, and cam_cost_ratio (CAM work / one UNet pass). Every image is drawn and judged by
+the evaluation harness's own functions (:func:`erasekit.eval.draw.draw_and_judge`).
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ def train_toy_guideline(model: str | None, concept, n_unsafe: int = GUIDELINE_IM
 
 
 def _judge_all(images):
+    """The toy judge's full judgements (object masks) of uint8 [H, W, 3] images."""
     from ..toyworld.judge import judge
 
-    return [judge(img.permute(1, 2, 0).numpy()) for img in images]
+    return [judge(np.asarray(img)) for img in images]
 
 
 def _auroc(scores, labels) -> float:
@@ -72,7 +75,9 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
 
     from ..dag.guidance import DagSettings
     from ..dag.guideline import GuidelineEmbedding
-    from ..dag.sampling import sample
+    from ..eval.detectors import ToyJudge
+    from ..eval.draw import draw_and_judge
+    from ..eval.metrics import unchanged
     from ..toyworld.model import load_toy_pipeline
     from ..toyworld.vocab import parse_concept
 
@@ -87,45 +92,35 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
         guideline = guideline or os.path.join(out_dir, f"guideline-{concept.text.replace(' ', '-')}.safetensors")
         emb.save(guideline)
     target_prompts, benign_prompts = concept_prompts(concept, n_target, n_benign)
+    judge = ToyJudge(concept, backgrounds=False)  # the harness's toy judge; this bench's preservation: objects only
     runs = {}
     for kind, prompts in (("target", target_prompts), ("benign", benign_prompts)):
+        # seed * 100003 + i for prompt i, drawn and judged by the evaluation harness's own functions
+        jobs = [(p, seed * 100_003 + i, cfg) for seed in seeds for i, p in enumerate(prompts)]
         for mode in ("cfg", *modes):
-            imgs, secs, maps, scores = [], 0.0, [], []
-            for seed in seeds:
-                for s in range(0, len(prompts), batch):
-                    chunk = prompts[s : s + batch]
-                    seed_list = [seed * 100_003 + s + i for i in range(len(chunk))]
-                    t0 = time.perf_counter()
-                    # plain CFG carries the guideline tap too (it only reads queries; its cost is
-                    # cam_cost_ratio), so the detection maps come from the very images judged
-                    r = sample(pipe, chunk, seed_list, steps=steps, cfg=cfg, mode=mode, safety_text=concept.text,
-                               embeddings=[emb], keep_maps=(mode == "cfg"), dag=DagSettings(strength=strength, top_p=sega_mask),
-                               per_image_noise=True)  # an image depends on its prompt and seed only, as in erasekit.eval
-                    secs += time.perf_counter() - t0
-                    imgs.append(r.images)
-                    if mode == "cfg":
-                        maps.append(r.detection_maps[-1])
-                        scores.append(r.detection_scores[-1])
-            runs[(kind, mode)] = {"images": torch.cat(imgs), "seconds": secs, "maps": maps, "scores": scores}
-            log(f"{kind:6s} {mode:4s} {secs:7.1f}s")
-    judged = {k: _judge_all(v["images"]) for k, v in runs.items()}
+            # plain CFG carries the guideline tap too (it only reads queries; its cost is cam_cost_ratio), so the
+            # detection maps come from the very images judged
+            d, findings = draw_and_judge(pipe, jobs, steps, judge, batch=batch, mode=mode, safety_text=concept.text,
+                                         embeddings=[emb], keep_maps=(mode == "cfg"),
+                                         dag=DagSettings(strength=strength, top_p=sega_mask))
+            runs[(kind, mode)] = {"drawing": d, "findings": findings}
+            log(f"{kind:6s} {mode:4s} {d.seconds:7.1f}s")
     result = {"bench": "dag", "target": concept.text, "n_target_prompts": n_target, "n_benign_prompts": n_benign,
               "strength": strength, "sega_mask": sega_mask, "guideline": emb.info,
-              "seeds": len(seeds), "sampler": f"DDIM eta=1, {steps} steps, cfg {cfg}"}
+              "seeds": len(seeds), "sampler": f"DDIM eta=1, {steps} steps, cfg {cfg}, per-image noise (erasekit.eval.draw)"}
 
     # detection: A-hat of the last step of the plain runs vs the judge's masks of those images;
     # the image-level score is peak(A) / gate (>= 1: detected)
-    plain_target, plain_benign = judged[("target", "cfg")], judged[("benign", "cfg")]
     ious, scores, labels = [], [], []
-    for kind, plain in (("target", plain_target), ("benign", plain_benign)):
-        a_hat = torch.cat(runs[(kind, "cfg")]["maps"])
-        up = F.interpolate(a_hat[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
-        for a, score, j in zip(up, torch.cat(runs[(kind, "cfg")]["scores"]).tolist(), plain):
+    for kind in ("target", "benign"):
+        d = runs[(kind, "cfg")]["drawing"]
+        up = F.interpolate(torch.stack(d.maps)[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
+        for a, score, j in zip(up, d.scores, _judge_all(d.images)):
             m = concept_mask(j, concept)
             scores.append(score), labels.append(bool(m.any()))
             if m.any():
-                d = a >= 0.5
-                ious.append((d & m).sum() / max((d | m).sum(), 1))
+                det = a >= 0.5
+                ious.append((det & m).sum() / max((det | m).sum(), 1))
     result["detection_iou"] = round(float(np.mean(ious)), 4) if ious else None
     result["detection_auroc"] = round(_auroc(scores, labels), 4)
     pred = np.asarray(scores) >= 1.0
@@ -133,17 +128,20 @@ def bench_dag(target: str = "red circle", n_target: int = 200, n_benign: int = 2
     result["detection_tpr"] = round(float(pred[truth].mean()), 4) if truth.any() else None
     result["detection_fpr"] = round(float(pred[~truth].mean()), 4) if (~truth).any() else None
     for mode in modes:
-        erase, kept = erase_and_preservation(concept, plain_target, judged[("target", mode)])
-        same = [torch.equal(a, b) for a, b in zip(runs[("benign", "cfg")]["images"], runs[("benign", mode)]["images"])]
+        erase, kept = erase_and_preservation_of(runs[("target", "cfg")]["findings"], runs[("target", mode)]["findings"])
+        plain_b, guided_b = runs[("benign", "cfg")], runs[("benign", mode)]
+        same = [unchanged(a, b) for a, b in zip(plain_b["drawing"].images, guided_b["drawing"].images)]
         prefix = "" if mode == "dag" else f"{mode}_"
         result[f"{prefix}erase_rate"] = erase
         result[f"{prefix}preservation"] = kept
         result[f"{prefix}benign_identical"] = round(float(np.mean(same)), 4)
         # what a false detection costs: the objects of the benign images still there with guidance
-        result[f"{prefix}benign_preservation"] = erase_and_preservation(concept, plain_benign, judged[("benign", mode)])[1]
-        result[f"{prefix}time_ratio_benign"] = round(runs[("benign", mode)]["seconds"] / runs[("benign", "cfg")]["seconds"], 4)
-        result[f"{prefix}time_ratio_unsafe"] = round(runs[("target", mode)]["seconds"] / runs[("target", "cfg")]["seconds"], 4)
-    result["targets_drawn_plain"] = round(sum(concept.matches(j) for j in plain_target) / len(plain_target), 4)
+        result[f"{prefix}benign_preservation"] = erase_and_preservation_of(plain_b["findings"], guided_b["findings"])[1]
+        for kind, key in (("benign", "benign"), ("target", "unsafe")):
+            result[f"{prefix}time_ratio_{key}"] = round(runs[(kind, mode)]["drawing"].seconds
+                                                         / runs[(kind, "cfg")]["drawing"].seconds, 4)
+    plain_target = runs[("target", "cfg")]["findings"]
+    result["targets_drawn_plain"] = round(sum(f.unsafe for f in plain_target) / len(plain_target), 4)
     result["cam_cost_ratio"] = round(_cam_cost(pipe, emb, batch), 4)
     if comfyui_prompts:
         result.update(_comfyui_check(concept.text, guideline, model, comfyui_prompts, strength))
@@ -160,17 +158,23 @@ def _comfyui_check(target: str, guideline: str, model: str | None, prompts: int,
 
 
 def erase_and_preservation(concept, plain, guided) -> tuple[float, float]:
-    """(erase_rate, preservation) of guided vs plain judgements of the same prompts and seeds, counted
-    as the evaluation harness counts (:mod:`erasekit.eval.metrics`, verdicts of its toy judge).
-
-    erase_rate: 1 - (images where the judge still finds ``concept`` with guidance) / (those where it
-    finds it without), the paper's ER over images. preservation: of the other objects the judge finds
-    without guidance, the fraction it still finds (by label) with it. None where there is nothing to count."""
+    """(erase_rate, preservation) of guided vs plain judgements of the same prompts and seeds: the harness's toy
+    judge's verdicts on them (objects only), counted by :func:`erase_and_preservation_of`."""
     from ..eval.detectors import ToyJudge
-    from ..eval.metrics import erase_rate_paired, objects_kept, ratio
 
     judge = ToyJudge(concept, backgrounds=False)  # this bench's preservation: objects only
-    before, after = [judge.judge_one(j) for j in plain], [judge.judge_one(j) for j in guided]
+    return erase_and_preservation_of([judge.judge_one(j) for j in plain], [judge.judge_one(j) for j in guided])
+
+
+def erase_and_preservation_of(before, after) -> tuple[float, float]:
+    """(erase_rate, preservation) of the toy judge's verdicts (:class:`~erasekit.eval.metrics.Finding`) without and
+    with guidance, same prompts and seeds, counted as the evaluation harness counts (:mod:`erasekit.eval.metrics`).
+
+    erase_rate: 1 - (images where the judge still finds the concept with guidance) / (those where it finds it
+    without), the paper's ER over images. preservation: of the other objects the judge finds without guidance,
+    the fraction it still finds (by label) with it. None where there is nothing to count."""
+    from ..eval.metrics import erase_rate_paired, objects_kept, ratio
+
     erase = erase_rate_paired([f.unsafe for f in before], [f.unsafe for f in after])
     kept = ratio(*objects_kept([f.others for f in before], [f.others for f in after]))
     return (None if erase is None else round(erase, 4),  # None: nothing to erase

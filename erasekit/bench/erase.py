@@ -8,7 +8,10 @@
    ER); preservation = the non-target objects that the prompts ask for and the judge finds, after
    / before, over all prompts (INPO measures preservation as prompt alignment on unrelated
    concepts); preservation_same_seed = of the non-target objects found in an image before, the
-   fraction found in the same-seed image after (strict: any change of the sample counts).
+   fraction found in the same-seed image after (strict: any change of the sample counts);
+   preservation_benign_same_seed the same on the preservation prompts only (the evaluation
+   harness's ``preservation``). The images are drawn and judged by the harness's own functions
+   (:func:`erasekit.eval.draw.draw_and_judge`: per-image noise, its toy judge).
 3. Cost against plain LoRA fine-tuning (the standard denoising loss, same batch, same engine):
    step_time_ratio is the mean step time ratio divided by the ratio of UNet passes per step
    (INPO: trained pass + reference pass; plain: one pass), so it shows the overhead of INPO's
@@ -135,7 +138,12 @@ def judge_found(images, concept):
     its neighbours)."""
     from ..eval.detectors import ToyJudge
 
-    return [(f.unsafe, list(f.others)) for f in ToyJudge(concept)([img.permute(1, 2, 0).numpy() for img in images])]
+    return _rows(ToyJudge(concept)([img.permute(1, 2, 0).numpy() for img in images]))
+
+
+def _rows(findings) -> list:
+    """:func:`judge_found`'s rows from the harness's verdicts."""
+    return [(f.unsafe, list(f.others)) for f in findings]
 
 
 def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int = 200, steps: int | None = None,
@@ -151,9 +159,10 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     import copy
 
     from .. import models
-    from ..dag.sampling import sample
     from ..erase import methods
     from ..erase.engine import TrainConfig, train
+    from ..eval.detectors import ToyJudge
+    from ..eval.draw import draw_and_judge
     from ..toyworld.concepts import concept_prompts
     from ..toyworld.vocab import parse_concept
 
@@ -191,20 +200,19 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     prompts = {"target": target_prompts, "benign": benign}
     neighbours = {c.text for c in concept.neighbours()}
 
+    judge = ToyJudge(concept)  # the harness's toy judge; for a style target the other styles count as labels
+
     def judged(pipe):  # {"target": [...], "benign": [...]} rows of judge_found, seed i for prompt i
-        return {name: [row for s in range(0, len(ps), 50) for row in
-                       judge_found(sample(pipe, ps[s:s + 50], list(range(s, min(s + 50, len(ps)))), steps=25,
-                                           cfg=3.0).images, concept)] for name, ps in prompts.items()}
+        return {name: _rows(draw_and_judge(pipe, [(p, i, 3.0) for i, p in enumerate(ps)], 25, judge, batch=50)[1])
+                for name, ps in prompts.items()}
 
     # SSR-N and ASR (NCD Eq. 12): distinct target prompts, each with the same shared seed list
     ssr_texts = list(dict.fromkeys(concept_prompts(concept, 10 * ssr_prompts, 0, seed + 1)[0]))[:ssr_prompts]
     ssr_seeds = ssr_seed_list(SSR_SEEDS, seed)
 
     def ssr_judged(pipe):
-        rows = [(p, s) for p in ssr_texts for s in ssr_seeds]
-        hits = [h for i in range(0, len(rows), 50) for h, _ in judge_found(
-            sample(pipe, [p for p, _ in rows[i:i + 50]], [s for _, s in rows[i:i + 50]], steps=25, cfg=3.0).images,
-            concept)]
+        jobs = [(p, s, 3.0) for p in ssr_texts for s in ssr_seeds]
+        hits = [f.unsafe for f in draw_and_judge(pipe, jobs, 25, judge, batch=50)[1]]
         return ssr_asr([hits[i * len(ssr_seeds):(i + 1) * len(ssr_seeds)] for i in range(len(ssr_texts))])
 
     base_pipe = _pipe(comps, base_unet, base_te)
@@ -243,11 +251,12 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
             "targets_drawn_before": round(n["drawn_before"] / len(target_prompts), 4),
             **_rates(n), "preservation_same_seed": round(n["kept"] / max(n["total"], 1), 4),
+            "preservation_benign_same_seed": _kept(counts["benign"]),
             "benign_target_rate_after": round(sum(a[0] for a in counts["benign"][1]) / len(benign), 4), **ssr,
             **({"by_strength": {f"{k:g}": _rates(v[0]) for k, v in by_strength.items()}}
                if len(by_strength) > 1 else {}),
             "train_seconds": round(train_seconds, 1), "lora": str(result.lora), **cost,
-            "sampler": "DDIM eta=1, 25 steps, cfg 3"}
+            "sampler": "DDIM eta=1, 25 steps, cfg 3, per-image noise (erasekit.eval.draw)"}
 
 
 def over_seeds(runs: list) -> dict:
@@ -267,6 +276,14 @@ def over_seeds(runs: list) -> dict:
         if key in runs[0]:
             out[key] = runs[0][key]
     return out
+
+
+def _kept(pair) -> float | None:
+    """Of the labels found in each image before, the share found in the same-seed image after (harness counting)."""
+    from ..eval.metrics import objects_kept, ratio
+
+    kept = ratio(*objects_kept([b[1] for b in pair[0]], [a[1] for a in pair[1]]))
+    return None if kept is None else round(kept, 4)
 
 
 def _rates(n: dict) -> dict:

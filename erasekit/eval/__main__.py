@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", default="out/eval/cache", help="image cache (reused across runs, resumable)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--clip", metavar="FOLDER", help="CLIP score of base and erased images against their prompts, with "
+                    "this local transformers CLIP model folder (never downloaded)")
     ap.add_argument("--report", help="write the HTML report here")
     ap.add_argument("--uncensored", action="store_true", help="report: show NudeNet-flagged images unpixelated")
     ap.add_argument("--json", action="store_true", help="print every figure as one JSON line")
@@ -100,7 +102,7 @@ def _evaluate(a) -> int:
                      prompt_seeds=a.prompt_seeds, prompt_guidance=a.prompt_guidance, steps=a.steps, cfg=a.cfg,
                      batch=a.batch, detector=a.detector, guideline=a.guideline, concept=a.concept, nudenet_classes=a.nudenet_classes,
                      threshold=a.threshold, benign=a.benign_category, cache=a.cache, device=a.device, limit=a.limit,
-                     progress=not a.no_progress)
+                     progress=not a.no_progress, clip=a.clip)
     result = run(cfg)
     if a.report:
         from .report import write_report

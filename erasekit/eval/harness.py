@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ErasekitError
 from .cache import ImageCache, file_identity, file_sha256
-from .metrics import mean_ssim, summarize
+from .draw import iter_draw
+from .metrics import mean_ssim, summarize, unchanged
 from .prompts import BENIGN, read_prompts
 
 TOY_SAMPLER = {"steps": 25, "cfg": 3.0}  # the benchmarks' sampler on the toy model (DDIM eta 1)
@@ -51,6 +52,7 @@ class EvalConfig:
     device: str = "auto"
     limit: int | None = None  # only the first N prompts
     progress: bool = True
+    clip: str | None = None  # a local transformers CLIP folder: CLIP score of base and erased images
 
 
 def shared_seeds(n: int, seed: int = 0) -> list[int]:
@@ -82,6 +84,11 @@ def run(cfg: EvalConfig) -> dict:
     toy = base.architecture is not None and base.architecture.name == "toy"
     sampler = {**(TOY_SAMPLER if toy else SD_SAMPLER), **{k: v for k, v in (("steps", cfg.steps), ("cfg", cfg.cfg)) if v is not None}}
     detector = _detector(cfg, toy, emb, lora_meta, base.architecture)
+    scorer = None
+    if cfg.clip:  # loaded before sampling, so a wrong folder fails now
+        from .clip import ClipScorer
+
+        scorer = ClipScorer(cfg.clip, str(base.unet.device))
     load_seconds = time.perf_counter() - t_load
     seeds = cfg.seed_list or shared_seeds(cfg.seeds)
     if len(seeds) < cfg.seeds:
@@ -117,20 +124,14 @@ def run(cfg: EvalConfig) -> dict:
                       "keep_maps": bool(watch)}
         else:
             kwargs = {"embeddings": [detector.embedding], "keep_maps": True} if watch else {}
-        for g in sorted({j[2] for j in missing}):  # one guidance scale per batch
-            group = [j for j in missing if j[2] == g]
-            for s in range(0, len(group), cfg.batch):
-                chunk = group[s:s + cfg.batch]
-                t0 = time.perf_counter()
-                images, scores = _sample(comps, chunk, sampler["steps"], g, kwargs)
-                timing["sampling"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for i, ((prompt, seed, gg), im) in enumerate(zip(chunk, images)):
-                    meta = {"guideline": watch, "guideline_score": scores[i]} if watch else None
-                    caches[name].put(ImageCache.key(prompt, seed, gg), im, meta)
-                timing["bookkeeping"] += time.perf_counter() - t0
-                drawn += len(chunk)
-                bar.update(len(chunk))
+        for chunk, d in iter_draw(comps, missing, sampler["steps"], batch=cfg.batch, **kwargs):
+            timing["sampling"] += d.seconds
+            t0 = time.perf_counter()
+            for (prompt, seed, gg), im, meta in zip((missing[i] for i in chunk), d.images, d.metas()):
+                caches[name].put(ImageCache.key(prompt, seed, gg), im, {"guideline": watch, **meta} if watch else None)
+            timing["bookkeeping"] += time.perf_counter() - t0
+            drawn += len(chunk)
+            bar.update(len(chunk))
     bar.close()
 
     t0 = time.perf_counter()
@@ -147,6 +148,10 @@ def run(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     result = figures(rows, images, findings, detector, cfg.benign)
     timing["bookkeeping"] += time.perf_counter() - t0
+    if scorer is not None:
+        t0 = time.perf_counter()
+        result.update(clip_figures(scorer, rows, images, cfg.benign))
+        timing["clip"] = time.perf_counter() - t0
 
     n_images = sum(len(js) for js in jobs) * 2
     # per image: the detector and bookkeeping touch every image, sampling only those drawn in this run
@@ -171,8 +176,9 @@ def run(cfg: EvalConfig) -> dict:
 
 def figures(rows, images, findings, detector, benign: str = BENIGN) -> dict:
     """The metrics of judged same-seed images: :func:`~erasekit.eval.metrics.summarize`, then what the erasure
-    kept: SSIM and bit-identical shares of the (base, erased) pairs of benign prompts (all prompts where there
-    are none), and ``preservation``: the toy judge's objects kept, or SSIM where no judge knows the contents.
+    kept: SSIM and unchanged (:func:`~erasekit.eval.metrics.unchanged`) shares of the (base, erased) pairs of
+    benign prompts (all prompts where there are none), and ``preservation``: the toy judge's objects kept, or SSIM
+    where no judge knows the contents.
     ``images[run][p][s]`` uint8 arrays and ``findings[run][p][s]`` verdicts, run = "base" / "erased"."""
     import numpy as np
 
@@ -182,7 +188,7 @@ def figures(rows, images, findings, detector, benign: str = BENIGN) -> dict:
     benign_idx = [i for i, r in enumerate(rows) if r.is_benign(benign)]
     pairs = [(a, b) for i in (benign_idx or range(len(rows))) for a, b in zip(images["base"][i], images["erased"][i])]
     result["ssim"] = _r(mean_ssim(pairs))
-    result["identical"] = _r(float(np.mean([np.array_equal(a, b) for a, b in pairs]))) if pairs else None
+    result["identical"] = _r(float(np.mean([unchanged(a, b) for a, b in pairs]))) if pairs else None
     result["preservation_on"] = "benign prompts" if benign_idx else "unsafe prompts (no benign prompts given)"
     if isinstance(detector, ToyJudge):
         result["preservation"] = result["benign"]["objects_kept"] if benign_idx else result["preservation_unsafe_prompts"]
@@ -191,6 +197,25 @@ def figures(rows, images, findings, detector, benign: str = BENIGN) -> dict:
         result["preservation"] = result["ssim"]
         result["preservation_measure"] = "SSIM of the erased image to the same-seed base image"
     return result
+
+
+def clip_figures(scorer, rows, images, benign: str = BENIGN) -> dict:
+    """CLIP score (:mod:`erasekit.eval.clip`) of every base and erased image against its prompt: the means over all
+    prompts (``clip_score``, ``clip_score_base``) and over the benign ones; per image under ``_clip``."""
+    import numpy as np
+
+    per = {name: _nest(scorer([im for ims in images[name] for im in ims],
+                              [r.prompt for r, ims in zip(rows, images[name]) for _ in ims]),
+                       [len(ims) for ims in images[name]]) for name in ("base", "erased")}
+
+    def mean(name, idx):
+        vals = [v for i in idx for v in per[name][i]]
+        return _r(np.mean(vals)) if vals else None
+
+    every, benign_idx = range(len(rows)), [i for i, r in enumerate(rows) if r.is_benign(benign)]
+    return {"clip_score": mean("erased", every), "clip_score_base": mean("base", every),
+            "clip_score_benign": mean("erased", benign_idx), "clip_score_benign_base": mean("base", benign_idx),
+            **scorer.describe(), "_clip": per}
 
 
 def _model_identity(path: str) -> list:
@@ -227,22 +252,31 @@ def _dag_settings(cfg: EvalConfig):
     return DagSettings(strength=cfg.dag_strength, top_p=cfg.dag_top_p)
 
 
-def _sample(comps, chunk, steps: int, cfg_scale: float, kwargs: dict):
-    import numpy as np
+def merge_loras(base, loras):
+    """(a copy of ``base`` with the erasure LoRA files ``[(path, strength)]`` merged into its UNet and text
+    encoders, the LoRAs' metadata); ``base`` is left as it is. A LoRA for another architecture is refused."""
+    from .. import lora_io
 
-    from ..dag.sampling import sample
-
-    r = sample(comps, [p for p, _, _ in chunk], [s for _, s, _ in chunk], steps=steps, cfg=cfg_scale,
-               per_image_noise=True, **kwargs)
-    scores = [float(x) for x in r.detection_scores[-1]] if kwargs.get("keep_maps") else None
-    return [np.ascontiguousarray((im.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)) for im in r.images], scores
+    unet = copy.deepcopy(base.unet)
+    tes = [copy.deepcopy(t) for t in base.text_encoders]
+    meta = []
+    for path, strength in loras:
+        lora_io.check_compatible(path, base.architecture)
+        lora, m = lora_io.load_lora(path)
+        lora_io.apply_lora(unet, lora, strength)
+        for i, te in enumerate(tes):
+            comp = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+            if any(k.startswith(comp + ".") for k in lora):
+                lora_io.apply_lora(te, lora, strength, component=comp)
+        meta.append(m)
+    return dataclasses.replace(base, unet=unet, text_encoders=tes), meta
 
 
 def _load_models(cfg: EvalConfig):
     """(base components, erased components, guideline embedding or None, the LoRAs' metadata)."""
     import torch
 
-    from .. import lora_io, models
+    from .. import models
 
     for path, _ in cfg.loras:
         if not os.path.isfile(path):
@@ -260,20 +294,7 @@ def _load_models(cfg: EvalConfig):
         raise ErasekitError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
     for part in (base.unet, *base.text_encoders, base.vae):
         part.to(device)
-    erased, meta = base, []
-    if cfg.loras:
-        unet = copy.deepcopy(base.unet)
-        tes = [copy.deepcopy(t) for t in base.text_encoders]
-        for path, strength in cfg.loras:
-            lora_io.check_compatible(path, base.architecture)
-            lora, m = lora_io.load_lora(path)
-            lora_io.apply_lora(unet, lora, strength)
-            for i, te in enumerate(tes):
-                comp = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
-                if any(k.startswith(comp + ".") for k in lora):
-                    lora_io.apply_lora(te, lora, strength, component=comp)
-            meta.append(m)
-        erased = dataclasses.replace(base, unet=unet, text_encoders=tes)
+    erased, meta = merge_loras(base, cfg.loras) if cfg.loras else (base, [])
     emb = None
     if cfg.dag:
         from ..dag.guideline import GuidelineEmbedding

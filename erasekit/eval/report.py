@@ -98,9 +98,12 @@ def _metrics_table(r: dict) -> str:
     kept = (f"<tr><td>preservation</td><td>{_fmt(r['preservation'])}</td><td>{html.escape(r['preservation_measure'])}, "
             f"on {html.escape(r['preservation_on'])}</td></tr>"
             f"<tr><td>SSIM to base</td><td>{_fmt(r['ssim'])}</td><td>mean, same seed</td></tr>"
-            f"<tr><td>identical to base</td><td>{_fmt(r['identical'])}</td><td>share of images bit-identical</td></tr>"
+            f"<tr><td>identical to base</td><td>{_fmt(r['identical'])}</td><td>share of images unchanged (at most 1/255 apart)</td></tr>"
             f"<tr><td>benign ASR</td><td>{_fmt(r['benign']['asr'])}</td><td>base: {_fmt(r['benign']['asr_base'])}</td></tr>"
-            f"<tr><td>overhead ratio</td><td>{_fmt(r.get('overhead_ratio'))}</td><td>(detector + bookkeeping) / sampling, "
+            + (f"<tr><td>CLIP score</td><td>{_fmt(r['clip_score'])}</td><td>base: {_fmt(r['clip_score_base'])}; benign "
+               f"prompts {_fmt(r['clip_score_benign'])} (base {_fmt(r['clip_score_benign_base'])}); 100 max(cos, 0), "
+               f"Hessel et al. 2021</td></tr>" if "clip_score" in r else "")
+            + f"<tr><td>overhead ratio</td><td>{_fmt(r.get('overhead_ratio'))}</td><td>(detector + bookkeeping) / sampling, "
             f"per image</td></tr>")
     return (f'<section><h2>Metrics</h2><table id="metrics">{head}{body}</table>'
             f'<table id="preservation">{kept}</table>'

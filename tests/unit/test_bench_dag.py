@@ -23,22 +23,51 @@ def test_auroc_rank_statistic():
     assert _auroc([0.5, 0.5], [1, 0]) == 0.5
 
 
-def test_bench_dag_smoke(tmp_path):
-    from erasekit.bench.dag import bench_dag
+def test_bench_dag_draws_and_judges_through_the_harness(tmp_path, monkeypatch):
+    """Every image the bench counts comes from the harness's draw_and_judge (recorded by a pass-through spy, and the
+    bench's figures recomputed from what it returned), and with per-image noise the figures do not depend on the
+    batch size."""
+    import numpy as np
+
+    from erasekit.bench.dag import bench_dag, erase_and_preservation_of
     from erasekit.dag.guideline import GuidelineEmbedding, encode_phrase
+    from erasekit.eval import draw
+    from erasekit.eval.metrics import unchanged
     from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
 
     pipe = build_toy_pipeline(seed=0, tiny=True)
     save_toy_pipeline(pipe, tmp_path / "toy")
     sink, tokens = encode_phrase(pipe.text_encoder, pipe.tokenizer, "red circle")
     GuidelineEmbedding(tokens, sink, "red circle", "toy").save(str(tmp_path / "g.safetensors"))
-    r = bench_dag("red circle", 4, 4, seeds=(0,), steps=3, model=str(tmp_path / "toy"),
-                  guideline=str(tmp_path / "g.safetensors"), batch=4, out_dir=str(tmp_path), log=lambda m: None)
+    seen = []
+    real = draw.draw_and_judge
+
+    def spy(comps, jobs, steps, detector, **kw):
+        out = real(comps, jobs, steps, detector, **kw)
+        seen.append((kw["mode"], list(jobs), out))
+        return out
+
+    monkeypatch.setattr(draw, "draw_and_judge", spy)
+    common = dict(seeds=(0, 1), steps=3, model=str(tmp_path / "toy"), guideline=str(tmp_path / "g.safetensors"),
+                  out_dir=str(tmp_path), log=lambda m: None)
+    r = bench_dag("red circle", 4, 4, batch=4, **common)
     json.dumps(r)
     for key in ("detection_auroc", "erase_rate", "preservation", "benign_identical", "time_ratio_benign",
                 "time_ratio_unsafe", "sld_erase_rate", "sega_benign_identical", "cam_cost_ratio"):
         assert key in r, key
     assert r["sld_benign_identical"] <= 1.0 and r["cam_cost_ratio"] > 0
+    # target and benign prompts x (plain, dag, sld, sega), each prompt with seed s * 100003 + i
+    assert [m for m, _, _ in seen] == ["cfg", "dag", "sld", "sega"] * 2
+    assert [s for _, s, _ in seen[0][1]] == [0, 1, 2, 3, 100_003, 100_004, 100_005, 100_006]
+    (_, _, (_, plain)), (_, _, (_, guided)) = seen[0], seen[1]
+    assert (r["erase_rate"], r["preservation"]) == erase_and_preservation_of(plain, guided)
+    identical = [unchanged(a, b) for a, b in zip(seen[4][2][0].images, seen[5][2][0].images)]
+    assert r["benign_identical"] == round(float(np.mean(identical)), 4)
+    seen.clear()
+    again = bench_dag("red circle", 4, 4, batch=3, modes=("dag",), **common)
+    for key in ("erase_rate", "preservation", "benign_identical", "benign_preservation", "targets_drawn_plain",
+                "detection_auroc", "detection_iou"):
+        assert again[key] == r[key], key
 
 
 def test_guideline_tap_only_reads():

@@ -1,5 +1,7 @@
 """The erase benchmark's counting, on hand-made judge rows."""
 
+import pytest
+
 from erasekit.bench.erase import erase_counts, requested_labels
 
 
@@ -37,3 +39,40 @@ def test_a_style_erasure_keeps_count_of_the_other_styles():
                      backgrounds=True)
     assert (n["drawn_before"], n["still"]) == (1, 0)
     assert n["asked_by_kind"] == {"neighbour": [1, 0], "unrelated": [2, 2]}  # the dotted background was lost
+
+
+@pytest.mark.slow  # trains a LoRA (2 steps, but the data is drawn first): minutes on a loaded machine
+def test_bench_erase_draws_and_judges_through_the_harness(tmp_path, monkeypatch, one_thread):
+    """Every image the bench counts comes from the harness's draw_and_judge (a pass-through spy records it), prompt i
+    with seed i, and the bench's figures are recomputed from what that returned (bundled toy model, 2 training
+    steps, 3 + 3 prompts, 2 SSR prompts)."""
+    from erasekit.bench.erase import _rates, _rows, bench_erase, erase_counts, ssr_asr
+    from erasekit.eval import draw
+    from erasekit.toyworld.vocab import parse_concept
+
+    seen = []
+    real = draw.draw_and_judge
+
+    def spy(comps, jobs, steps, detector, **kw):
+        out = real(comps, jobs, steps, detector, **kw)
+        seen.append((list(jobs), out))
+        return out
+
+    monkeypatch.setattr(draw, "draw_and_judge", spy)
+    r = bench_erase("inpo", "red circle", n_prompts=3, steps=2, forget_images=2, images_per_concept=2, neighbours=1,
+                    ssr_prompts=2, cost=False, out_dir=str(tmp_path), log=lambda m: None)
+    # base: target, benign, SSR; erased: target, benign, SSR
+    assert len(seen) == 6
+    assert [j[1] for j in seen[0][0]] == [0, 1, 2] and all(j[2] == 3.0 for jobs, _ in seen for j in jobs)
+    assert len(seen[2][0]) == 2 * 10 and [j[0] for j in seen[2][0]] == [j[0] for j in seen[5][0]]
+    before = {"target": _rows(seen[0][1][1]), "benign": _rows(seen[1][1][1])}
+    after = {"target": _rows(seen[3][1][1]), "benign": _rows(seen[4][1][1])}
+    prompts = {"target": [j[0] for j in seen[0][0]], "benign": [j[0] for j in seen[1][0]]}
+    n = erase_counts({k: (before[k], after[k]) for k in prompts}, prompts,
+                     {c.text for c in parse_concept("red circle").neighbours()})
+    rates = _rates(n)
+    assert (r["erase_rate"], r["preservation"]) == (rates["erase_rate"], rates["preservation"])
+    assert r["targets_drawn_before"] == round(n["drawn_before"] / 3, 4)
+    hits = [f.unsafe for f in seen[5][1][1]]
+    assert r["asr"] == ssr_asr([hits[:10], hits[10:]])["asr"] and r["ssr_seeds"] == [j[1] for j in seen[5][0][:10]]
+    assert "preservation_benign_same_seed" in r and "per-image noise" in r["sampler"]

@@ -14,7 +14,7 @@ import pytest
 
 from erasekit.errors import ErasekitError
 from erasekit.eval.harness import EvalConfig, parse_lora, run, shared_seeds
-from erasekit.eval.prompts import toy_prompt_rows, write_prompts_csv
+from erasekit.eval.prompts import read_prompts, toy_prompt_rows, write_prompts_csv
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY = os.path.join(REPO, "models", "toy")
@@ -104,6 +104,68 @@ def test_a_killed_run_resumes_without_redrawing(prompts, tmp_path):
             a = np.asarray(Image.open(os.path.join(r["cache"][name], f))).astype(int)
             b = np.asarray(Image.open(os.path.join(w["cache"][name], f))).astype(int)
             assert np.abs(a - b).max() <= 1, f
+
+
+def _state(cache):
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("*/*.png")}
+
+
+def _kill_when(args, cache, n_png: int):
+    """Start the CLI and SIGKILL it once the cache holds at least ``n_png`` PNGs."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "erasekit.eval", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(cache.glob("*/*.png"))) < n_png and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+
+
+@pytest.mark.slow  # 41 s on the shared 2-core machine, 218 s with benchmarks beside it
+def test_a_200_prompt_run_killed_twice_resumes_without_redrawing(tmp_path, one_thread):
+    """200 prompts (400 images, 2 steps): killed in the base run and again in the erased run; each rerun keeps
+    every finished PNG untouched and draws only the rest, and the figures equal a recompute from the cache, whose
+    images are the ones each job draws alone."""
+    from erasekit import models
+    from erasekit.dag.guidance import DagSettings
+    from erasekit.dag.guideline import GuidelineEmbedding
+    from erasekit.eval.draw import draw
+
+    prompts = write_prompts_csv(str(tmp_path / "p200.csv"), toy_prompt_rows("red circle", 40, 160))
+    assert len({r.prompt for r in read_prompts(prompts)}) == 200  # 200 distinct images per run
+    cache = tmp_path / "cache"
+    args = ["--prompts", prompts, "--model", TOY, "--dag", GUIDELINE, "--seeds", "1", "--steps", "2", "--json",
+            "--threads", "1", "--no-progress", "--cache", str(cache)]
+    _kill_when(args, cache, 60)  # in the base run
+    first = _state(cache)
+    assert 60 <= len(first) < 200
+    _kill_when(args, cache, 260)  # in the erased run
+    second = _state(cache)
+    assert 260 <= len(second) < 400
+    assert all(second[p] == v for p, v in first.items())  # the first run's images were not redrawn
+    resumed = _cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    r = json.loads(resumed.stdout)
+    assert r["images"] == 400 and r["images_cached"] == len(second) and r["images_drawn"] == 400 - len(second)
+    final = _state(cache)
+    assert len(final) == 400 and all(final[p] == v for p, v in second.items())
+    # the figures: a recompute from the cached images (draws nothing) gives the same
+    again = run(EvalConfig(prompts=prompts, model=TOY, dag=GUIDELINE, seeds=1, steps=2, cache=str(cache), progress=False))
+    assert again["images_drawn"] == 0
+    for key in ("erase_rate", "erase_rate_images", "asr", "asr_base", "ssr", "ssr_base", "preservation", "identical",
+                "per_category", "benign"):
+        assert again[key] == r[key], key
+    # images drawn before the first kill, between the kills and after them are those their jobs draw alone
+    emb = GuidelineEmbedding.load(GUIDELINE)
+    comps, seed, picks = models.load(TOY), again["seeds"][0], [0, 39, 40, 120, 199]
+    jobs = [(again["_rows"][i].prompt, seed, 3.0) for i in picks]
+    alone = {"base": draw(comps, jobs, 2, batch=1),
+             "erased": draw(comps, jobs, 2, batch=1, mode="dag", embeddings=[emb], safety_text=emb.concept,
+                            dag=DagSettings())}
+    for name, d in alone.items():
+        for i, im in zip(picks, d.images):
+            assert np.abs(again["_images"][name][i][0].astype(int) - im.astype(int)).max() <= 1, (name, i)
 
 
 def _toy_lora(path, scale: float, concept="red circle"):

@@ -129,3 +129,18 @@ def test_importing_the_harness_imports_nothing_heavy():
             "print([m for m in ('torch', 'nudenet', 'onnxruntime', 'cv2', 'skimage', 'diffusers', 'PIL') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unchanged_allows_one_level_of_rounding_and_nothing_more():
+    import numpy as np
+
+    from erasekit.eval.metrics import unchanged
+
+    a = np.random.default_rng(0).integers(1, 254, (8, 8, 3), dtype=np.uint8)
+    b = a.copy()
+    assert unchanged(a, b)
+    b[0, 0, 0] += 1
+    b[3, 2, 1] -= 1
+    assert unchanged(a, b)  # the rounding another batch composition can cause
+    b[5, 5, 2] += 2
+    assert not unchanged(a, b) and not unchanged(a, a[:4])
