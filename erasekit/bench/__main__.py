@@ -126,6 +126,8 @@ def main(argv=None) -> None:
     z.add_argument("--pool", default="", help="ResAlign's pool of simulated fine-tunes (TOML; default: the built-in one)")
     z.add_argument("--configs", type=int, default=None, help="ResAlign's J (default: the toy tuning's 1; the paper 3)")
     z.add_argument("--iterations", type=int, default=None, help="ResAlign's K (default: the toy tuning's 3; the paper 5)")
+    z.add_argument("--harm-loss", default=None, help="ResAlign's harm loss: ga, inpo (the toy tuning's) or relative")
+    z.add_argument("--resalign-steps", type=int, default=None, help="outer steps of ResAlign and the control (default: the profile's)")
     z.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     z.add_argument("--out", default="out/bench/resilience")
     z.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
@@ -168,8 +170,9 @@ def main(argv=None) -> None:
             torch.set_num_threads(a.threads)
         log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
         print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,
-                                          a.seed, a.pool, {k: getattr(a, k) for k in ("configs", "iterations")
-                                                           if getattr(a, k) is not None}, log=log)))
+                                          a.seed, a.pool, {k: getattr(a, k) for k in ("configs", "iterations", "harm_loss")
+                                                           if getattr(a, k) is not None}, log=log,
+                                          resalign_steps=a.resalign_steps)))
     if a.which == "lora-roundtrip":
         from .lora import bench_lora_roundtrip
 

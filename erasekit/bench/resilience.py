@@ -124,19 +124,20 @@ def attack(unet, data, noise_scheduler, steps: int, seed: int, lora: dict | None
 
 def bench_resilience(target: str = "red circle", profile: str = "quick", model: str | None = None,
                      out_dir: str = "out/bench/resilience", seed: int = 0, pool: str = "", resalign: dict | None = None,
-                     log=print) -> dict:
+                     log=print, resalign_steps: int | None = None) -> dict:
     import psutil
     import torch
     from diffusers import DDPMScheduler
 
     from .. import lora_io, models
-    from ..dag.sampling import sample
     from ..erase import methods
     from ..erase.data import DataConfig, build_erase_data
     from ..erase.engine import TrainConfig, train
+    from ..eval.detectors import ToyJudge
+    from ..eval.draw import draw_and_judge
     from ..toyworld.concepts import concept_prompts
     from ..toyworld.vocab import parse_concept
-    from .erase import _pipe, erase_counts, judge_found
+    from .erase import _pipe, _rows, erase_counts
 
     t_start = time.time()
     prof = PROFILES[profile]
@@ -155,8 +156,8 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     runs = {}
     proc = psutil.Process()
     ra_train, ra_method = methods.get("resalign").preset(kind, toy=True)
-    if prof.get("resalign_steps"):
-        ra_train["steps"] = prof["resalign_steps"]
+    if resalign_steps or prof.get("resalign_steps"):
+        ra_train["steps"] = resalign_steps or prof["resalign_steps"]
     if pool:
         ra_method["pool"] = os.path.abspath(pool)
     ra_method.update(resalign or {})  # e.g. {"configs": 3, "iterations": 5}: the paper's J and K
@@ -200,11 +201,12 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     prompts = {"target": target_prompts, "benign": benign_prompts}
     neighbours = {c.text for c in concept.neighbours()}
 
-    def judged(unet, which=("target", "benign")):
+    judge = ToyJudge(concept)
+
+    def judged(unet, which=("target", "benign")):  # drawn and judged as bench erase and the harness: seed i for prompt i
         pipe = _pipe(base, unet, base.text_encoder)
-        return {k: [row for s in range(0, len(prompts[k]), 50) for row in
-                    judge_found(sample(pipe, prompts[k][s:s + 50], list(range(s, min(s + 50, len(prompts[k])))),
-                                       steps=25, cfg=3.0).images, concept)] for k in which}
+        return {k: _rows(draw_and_judge(pipe, [(p, i, 3.0) for i, p in enumerate(prompts[k])], 25, judge, batch=50)[1])
+                for k in which}
 
     reference = judged(base_unet)  # the base model: what the target prompts draw before any erasure
 

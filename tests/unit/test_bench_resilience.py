@@ -48,7 +48,7 @@ def test_the_attack_fine_tunes_every_weight():
 @pytest.mark.slow
 def test_resilience_benchmark_end_to_end(tmp_path):
     out = subprocess.run([sys.executable, "-m", "erasekit.bench", "resilience", "--profile", "smoke", "--threads", "1",
-                          "--out", str(tmp_path), "--json"], capture_output=True, text=True, timeout=1800)
+                          "--harm-loss", "relative", "--resalign-steps", "3", "--out", str(tmp_path), "--json"], capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("resalign_erase_rate", "resalign_preservation", "resalign_erase_after", "plain_erase_after",
@@ -59,3 +59,5 @@ def test_resilience_benchmark_end_to_end(tmp_path):
         assert 0.0 <= m["erase_rate"] <= 1.0 and m["arms"]["d"]["erase_rate"].keys() == {"0", "2"}
         assert "lora_attack" in m
     assert row["training"]["resalign"]["settings"]["init_lora"] == row["training"]["inpo"]["lora"]
+    for name in ("plain", "resalign"):  # the overrides reach ResAlign and its control alike
+        assert row["training"][name]["settings"]["harm_loss"] == "relative" and row["training"][name]["steps"] == 3
