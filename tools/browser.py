@@ -66,6 +66,24 @@ def text(browser, elem_id) -> str:
     return browser.find_element("css selector", f"#{elem_id}").text
 
 
+def shown(browser, elem_id) -> bool:
+    """Whether the element ``#elem_id`` is on the page and displayed."""
+    found = browser.find_elements("css selector", f"#{elem_id}")
+    return bool(found) and found[0].is_displayed()
+
+
+def choose(browser, elem_id, label: str):
+    """Pick ``label`` in the Gradio dropdown ``#elem_id`` by typing it and pressing Enter."""
+    from selenium.webdriver.common.keys import Keys
+
+    box = field(browser, elem_id)
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(label)
+    until(lambda: browser.find_elements("css selector", "[role=option]"), 10, f"the options of #{elem_id}")
+    box.send_keys(Keys.ENTER)
+
+
 def until(fn, timeout: float = 180, what: str = ""):
     """``fn()``'s first truthy value, polled while the page re-renders; AssertionError on timeout."""
     end = time.time() + timeout

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tools.browser import click, field, shot, text, type_into, until
+from tools.browser import choose, click, field, shot, shown, text, type_into, until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCREENSHOTS = os.path.join(REPO, "out", "screenshots")
@@ -113,33 +113,18 @@ def test_help_presets_and_the_toy_models_nudity_warning(browser, page_url):
     until(lambda: not text(browser, "concept-note").strip(), 30, "the warning gone for an object")
 
 
-def _choose_method(browser, label: str):
-    from selenium.webdriver.common.keys import Keys
-
-    box = field(browser, "f-method")
-    box.click()
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(label)
-    until(lambda: browser.find_elements("css selector", "[role=option]"), 10, "the method list")
-    box.send_keys(Keys.ENTER)
-
-
 def test_each_method_shows_its_own_settings(browser, page_url):
     """NCD's and ResAlign's settings (each with its own beta) appear with their method only, with help under them."""
     _open(browser, page_url)
     click(browser, "advanced")  # the accordion holding the methods' settings
 
-    def shown(elem_id):
-        found = browser.find_elements("css selector", f"#{elem_id}")
-        return bool(found) and found[0].is_displayed()
-
-    assert not shown("ncd-settings") and not shown("resalign-settings")  # INPO, the default
-    _choose_method(browser, "NCD")
-    until(lambda: shown("ncd-settings") and not shown("resalign-settings"), 30, "NCD's settings alone")
+    assert not shown(browser, "ncd-settings") and not shown(browser, "resalign-settings")  # INPO, the default
+    choose(browser, "f-method", "NCD")
+    until(lambda: shown(browser, "ncd-settings") and not shown(browser, "resalign-settings"), 30, "NCD's settings alone")
     assert "reward" in text(browser, "ncd-settings").lower() or "beta" in text(browser, "ncd-settings").lower()
     assert field(browser, "f-beta").get_attribute("value") == "2000"
-    _choose_method(browser, "ResAlign")
-    until(lambda: shown("resalign-settings") and not shown("ncd-settings"), 30, "ResAlign's settings alone")
+    choose(browser, "f-method", "ResAlign")
+    until(lambda: shown(browser, "resalign-settings") and not shown(browser, "ncd-settings"), 30, "ResAlign's settings alone")
     assert field(browser, "f-resalign_beta").get_attribute("value") == "0.8"
     assert "Harden this LoRA" in text(browser, "resalign-settings")
     shot(browser, os.path.join(SCREENSHOTS, "trainer-feedback-resalign.png"), "resalign-settings")

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tools.browser import click, field, shot, text, type_into, until
+from tools.browser import choose, click, field, shot, shown, text, type_into, until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCREENSHOTS = os.path.join(REPO, "out", "screenshots")
@@ -139,17 +139,6 @@ def toy_trainer_url(tmp_path_factory):
         torch.set_num_threads(n)
 
 
-def _choose_method(browser, label: str):
-    from selenium.webdriver.common.keys import Keys
-
-    box = field(browser, "f-method")
-    box.click()
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(label)
-    until(lambda: browser.find_elements("css selector", "[role=option]"), 10, "the method list")
-    box.send_keys(Keys.ENTER)
-
-
 def test_ncd_from_the_page_data_train_check_export(browser, toy_trainer_url):
     """NCD chosen in the method list: Generate data makes its tuples (a safe picture and three of the
     concept per prompt, counted as drawn), a reload shows them again, Start trains NCD, Check judges
@@ -160,14 +149,10 @@ def test_ncd_from_the_page_data_train_check_export(browser, toy_trainer_url):
     browser.get(url)
     until(lambda: text(browser, "job-status").strip(), 90, "the page")
 
-    def shown(elem_id):
-        found = browser.find_elements("css selector", f"#{elem_id}")
-        return bool(found) and found[0].is_displayed()
-
     browser.find_element("xpath", "//*[@id='advanced']//*[contains(text(), 'Advanced settings')]").click()
-    assert not shown("ncd-settings")
-    _choose_method(browser, "NCD")
-    until(lambda: shown("ncd-settings") and not shown("resalign-settings"), 30, "NCD's settings row")
+    assert not shown(browser, "ncd-settings")
+    choose(browser, "f-method", "NCD")
+    until(lambda: shown(browser, "ncd-settings") and not shown(browser, "resalign-settings"), 30, "NCD's settings row")
     assert field(browser, "f-method").get_attribute("value").startswith("NCD")
     from erasekit.erase.methods import get
 
@@ -197,8 +182,8 @@ def test_ncd_from_the_page_data_train_check_export(browser, toy_trainer_url):
     until(lambda: "2 tuples of 'red circle'" in text(browser, "data-summary"), 30, "NCD's data after a reload")
     assert until(lambda: browser.find_elements("css selector", "#data-gallery img"), 30, "the gallery after a reload")
     browser.find_element("xpath", "//*[@id='advanced']//*[contains(text(), 'Advanced settings')]").click()
-    _choose_method(browser, "NCD")
-    until(lambda: shown("ncd-settings"), 30, "NCD's settings row after the reload")
+    choose(browser, "f-method", "NCD")
+    until(lambda: shown(browser, "ncd-settings"), 30, "NCD's settings row after the reload")
 
     # 4. Train: 8 steps, a preview at 4 and 8, on the data just made (not drawn again)
     type_into(browser, "f-steps", 8)
@@ -279,14 +264,10 @@ def test_resalign_from_the_page_pool_table_refusal_and_a_short_run(browser, toy_
     browser.get(url)
     until(lambda: text(browser, "job-status").strip(), 90, "the page")
 
-    def shown(elem_id):
-        found = browser.find_elements("css selector", f"#{elem_id}")
-        return bool(found) and found[0].is_displayed()
-
     browser.find_element("xpath", "//*[@id='advanced']//*[contains(text(), 'Advanced settings')]").click()
-    assert not shown("resalign-settings")
-    _choose_method(browser, "ResAlign")
-    until(lambda: shown("resalign-settings") and shown("f-pool") and not shown("ncd-settings"), 30,
+    assert not shown(browser, "resalign-settings")
+    choose(browser, "f-method", "ResAlign")
+    until(lambda: shown(browser, "resalign-settings") and shown(browser, "f-pool") and not shown(browser, "ncd-settings"), 30,
           "ResAlign's settings row and its pool table")
     table = text(browser, "f-pool")
     assert all(c in table for c in ("optimizer", "lr", "steps", "space", "loss", "batch"))
