@@ -127,6 +127,8 @@ def main(argv=None) -> None:
     z.add_argument("--configs", type=int, default=None, help="ResAlign's J (default: the toy tuning's 1; the paper 3)")
     z.add_argument("--iterations", type=int, default=None, help="ResAlign's K (default: the toy tuning's 3; the paper 5)")
     z.add_argument("--harm-loss", default=None, help="ResAlign's harm loss: ga, inpo (the toy tuning's) or relative")
+    z.add_argument("--harm-cap", type=float, default=None, help="ResAlign's cap of the relative harm (5)")
+    z.add_argument("--alpha-r", type=float, default=None, help="ResAlign's weight of the preservation term (toy: 35)")
     z.add_argument("--resalign-steps", type=int, default=None, help="outer steps of ResAlign and the control (default: the profile's)")
     z.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     z.add_argument("--out", default="out/bench/resilience")
@@ -170,8 +172,9 @@ def main(argv=None) -> None:
             torch.set_num_threads(a.threads)
         log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
         print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,
-                                          a.seed, a.pool, {k: getattr(a, k) for k in ("configs", "iterations", "harm_loss")
-                                                           if getattr(a, k) is not None}, log=log,
+                                          a.seed, a.pool, {k: getattr(a, k) for k in ("configs", "iterations", "harm_loss", "harm_cap")
+                                                           if getattr(a, k) is not None}
+                                          | ({"alpha_r": a.alpha_r, "alpha_r_end": a.alpha_r} if a.alpha_r else {}), log=log,
                                           resalign_steps=a.resalign_steps)))
     if a.which == "lora-roundtrip":
         from .lora import bench_lora_roundtrip
