@@ -59,10 +59,13 @@ PRESETS = {kind: dict(PAPER) for kind in ("object", "character", "style", "nsfw"
 PRESET_OF_KIND = {"object": "object", "colour": "object", "shape": "object", "character": "character",
                   "style": "style"}
 # The toy model's tuning (python -m erasekit.bench erase --method ncd; the runs are in docs/benchmarks.md):
-# a feed-forward LoRA as INPO's toy tuning, 300 steps, plus the preservation term (lambda_prior 20 and 35
-# measured alike; 20 erased a little more). It erases only part of the target so far: see the benchmarks.
+# a feed-forward LoRA as INPO's toy tuning, 300 steps, the preservation term, and a beta far below the
+# code's 2000. beta sets how far the model may move from the reference before Eq. 14's log sigma(-r_i)
+# saturates (r_i = beta / 2 times an error difference): at 2000 the harmful terms stop pulling after a tiny
+# change and the erasure stays partial. beta and lambda_prior were chosen on red circle, blue square and
+# green triangle; lambda_safe (the safe-image SFT term) lowered the erase rate there and stays off.
 TOY_TUNING = {"mode": "lora", "targets": "feed-forward", "lr": 2e-4, "steps": 300, "batch_size": 2, "grad_accum": 1,
-              "lr_scheduler": "constant", "lr_warmup_steps": 0, "beta": 2000.0, "lambda_prior": 20.0}
+              "lr_scheduler": "constant", "lr_warmup_steps": 0, "beta": 90.0, "lambda_prior": 20.0}
 
 
 @dataclass
