@@ -248,7 +248,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
             "mode": config.mode, **extraction, "last_step": last,
             "steps_trained": result.step, "train_text_encoder": train_text_encoder,
             **settings,
-            "forget_images": forget_images, **(data_extra or {}), "data_size": len(data),
+            "forget_images": forget_images, **(data_extra or {}), "data_size": len(data) if hasattr(data, "__len__") else len(data.forget),
             "preserved_concepts": list(data.preserved), "preserve_images": len(data.preserve or ()),
             "preserve_pairs": preserve_pairs,
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
