@@ -1,4 +1,4 @@
-"""The erase benchmark's counting, on hand-made judge rows."""
+"""The erase benchmark's counting, on hand-made judge rows, and its CLI's NCD-only data flags."""
 
 from erasekit.bench.erase import erase_counts, requested_labels
 
@@ -37,3 +37,15 @@ def test_a_style_erasure_keeps_count_of_the_other_styles():
                      backgrounds=True)
     assert (n["drawn_before"], n["still"]) == (1, 0)
     assert n["asked_by_kind"] == {"neighbour": [1, 0], "unrelated": [2, 2]}  # the dotted background was lost
+
+
+def test_ncd_data_flags_are_refused_for_another_method(capsys):
+    """--img2img-strength and --anchor are NCD's data settings: the CLI stops before any work for INPO."""
+    import pytest
+
+    from erasekit.bench.__main__ import main
+
+    for flag, value in (("--img2img-strength", "0.8"), ("--anchor", "green circle")):
+        with pytest.raises(SystemExit) as err:
+            main(["erase", "--method", "inpo", flag, value])
+        assert err.value.code == 2 and f"{flag} is a setting of ncd's data" in capsys.readouterr().err
