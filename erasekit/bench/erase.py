@@ -173,9 +173,9 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
         name = f"{m.name}-{'-'.join(concept.text.split())}-s{seed}-f{forget_images}{extra_tag}.safetensors"
         os.makedirs(data_cache, exist_ok=True)
         cache = os.path.join(data_cache, name.replace(" ", "_").replace("/", "_"))
-    data = m.build_data(comps, target, m.data_config(cache=cache, forget_images=forget_images, images_per_concept=images_per_concept,
-                                                     neighbours=neighbours, preserve_pairs=preserve_pairs, seed=seed,
-                                                     **(data_extra or {})),
+    data = m.build_data(comps, target, m.data_config(cache=cache, forget_images=forget_images,
+                                                     images_per_concept=images_per_concept, neighbours=neighbours,
+                                                     preserve_pairs=preserve_pairs, seed=seed, **(data_extra or {})),
                         log=log)
     row = m.preset(kind, toy=True)[0]  # the train settings of the toy preset
     steps = steps or row["steps"]
@@ -243,12 +243,14 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
         extraction = {"extraction": json.loads(load_lora(str(result.lora))[1]["erasekit.config"]).get("extraction")}
     ssr = {"ssr": ssr_after.get("ssr"), "asr": ssr_after.get("asr"), "ssr_before": ssr_before.get("ssr"),
            "asr_before": ssr_before.get("asr"), "ssr_prompts": len(ssr_texts), "ssr_seeds": ssr_seeds} if ssr_prompts else {}
-    last = {k: round(v, 4) for k, v in result.last.items() if k in ("implicit_acc", "sigma_r0", "delta_s", "r_safe", "r_harm", "safe")}
+    last = {k: round(v, 4) for k, v in result.last.items()
+            if k in ("implicit_acc", "sigma_r0", "delta_s", "r_safe", "r_harm", "safe")}
     return {"bench": "erase", "method": method, "target": concept.text, "seed": seed, "steps": steps, "lr": lr, "rank": config.rank, "targets": targets, "batch_size": batch_size,
             "mode": config.mode, **extraction, "last_step": last,
             "steps_trained": result.step, "train_text_encoder": train_text_encoder,
             **settings,
-            "forget_images": forget_images, **(data_extra or {}), "data_size": len(data) if hasattr(data, "__len__") else len(data.forget),
+            "forget_images": forget_images, **(data_extra or {}),
+            "data_size": len(data) if hasattr(data, "__len__") else len(data.forget),  # NCD: tuples; INPO: forget images
             "preserved_concepts": list(data.preserved), "preserve_images": len(data.preserve or ()),
             "preserve_pairs": preserve_pairs,
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),
