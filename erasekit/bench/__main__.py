@@ -89,6 +89,13 @@ def main(argv=None) -> None:
             e.add_argument(f"--{flag.flag}", action=argparse.BooleanOptionalAction, default=None, help=flag.help)
         else:
             e.add_argument(f"--{flag.flag}", type=flag.kind, default=None, help=flag.help)
+    e.add_argument("--forget-images", type=int, default=16, help="forget images (NCD: five-tuples) to make")
+    e.add_argument("--img2img-strength", type=float, default=None,
+                   help="NCD: how far the safe picture is redrawn from a harmful one (default: the data config's)")
+    e.add_argument("--anchor", default=None, help="NCD: what the target becomes in the safe pictures (default: the "
+                                                   "toy concept's safe counterpart)")
+    e.add_argument("--data-cache", default="", metavar="DIR",
+                   help="keep each run's training data in DIR and reuse it where made from the same inputs")
     e.add_argument("--images-per-concept", type=int, default=25, help="preserve images per preserved concept (paper: 25)")
     e.add_argument("--neighbours", type=int, default=4, help="neighbouring concepts in the preserve set (paper: 4)")
     e.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the preset's, 4)")
@@ -145,6 +152,9 @@ def main(argv=None) -> None:
         given = {f.key: getattr(a, f.key) for f in methods.all_flags().values() if getattr(a, f.key) is not None}
         if set(given) - own:
             ap.error(f"--{sorted(set(given) - own)[0].replace('_', '-')} is not a setting of {a.method}")
+        data_extra = {k: getattr(a, k) for k in ("img2img_strength", "anchor") if getattr(a, k) is not None}
+        if data_extra and a.method != "ncd":
+            ap.error(f"--{sorted(data_extra)[0].replace('_', '-')} is a setting of ncd's data")
         seeds = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else [a.seed]
         runs = []
         for i, seed in enumerate(seeds):
@@ -154,7 +164,8 @@ def main(argv=None) -> None:
                                     comfyui_prompts=a.comfyui, inpo=given, targets=a.targets, batch_size=a.batch_size,
                                     stop_when_erased=a.stop_when_erased, train_text_encoder=a.train_text_encoder,
                                     cost=not a.no_cost and i == 0, mode=a.mode, ssr_prompts=a.ssr_prompts,
-                                    strengths=[float(x) for x in a.strengths.split(",") if x.strip()]))
+                                    strengths=[float(x) for x in a.strengths.split(",") if x.strip()],
+                                    forget_images=a.forget_images, data_extra=data_extra, data_cache=a.data_cache))
             if a.seeds:  # each seed as it ends: a run stopped later keeps the seeds it finished
                 log(f"seed {seed}: {json.dumps(runs[-1])}")
         if a.seeds:

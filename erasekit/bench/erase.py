@@ -153,9 +153,12 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
                 inpo: dict | None = None, targets: str | None = None, batch_size: int = 1,
                 stop_when_erased: bool = False, train_text_encoder: bool = False,
                 cost: bool = True, strengths: list[float] | None = None, mode: str | None = None,
-                ssr_prompts: int = 20, log=print) -> dict:
+                ssr_prompts: int = 20, data_extra: dict | None = None, data_cache: str = "", log=print) -> dict:
     """Train ``method`` on the toy model and judge it (see the module docstring). ``inpo``: the
-    method's settings that override its toy preset (any method's, despite the name)."""
+    method's settings that override its toy preset (any method's, despite the name); ``data_extra``: more
+    fields of the method's data config (NCD: ``img2img_strength``, ``anchor``); ``data_cache``: a folder
+    where the training data is kept, one file per method, target, seed and data settings (reused only
+    where its key matches the inputs)."""
     import copy
 
     from .. import models
@@ -173,8 +176,15 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     base_unet = copy.deepcopy(comps.unet)
     base_te = copy.deepcopy(comps.text_encoder) if train_text_encoder else comps.text_encoder
     m = methods.get(method) if method != "plain" else methods.get("inpo")
-    data = m.build_data(comps, target, m.data_config(forget_images=forget_images, images_per_concept=images_per_concept,
-                                                     neighbours=neighbours, preserve_pairs=preserve_pairs, seed=seed),
+    cache = None
+    if data_cache:
+        extra_tag = "".join(f"-{k}{v}" for k, v in sorted((data_extra or {}).items()))
+        name = f"{m.name}-{'-'.join(concept.text.split())}-s{seed}-f{forget_images}{extra_tag}.safetensors"
+        os.makedirs(data_cache, exist_ok=True)
+        cache = os.path.join(data_cache, name.replace(" ", "_").replace("/", "_"))
+    data = m.build_data(comps, target, m.data_config(cache=cache, forget_images=forget_images,
+                                                     images_per_concept=images_per_concept, neighbours=neighbours,
+                                                     preserve_pairs=preserve_pairs, seed=seed, **(data_extra or {})),
                         log=log)
     row = m.preset(kind, toy=True)[0]  # the train settings of the toy preset
     steps = steps or row["steps"]
@@ -241,11 +251,14 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
         extraction = {"extraction": json.loads(load_lora(str(result.lora))[1]["erasekit.config"]).get("extraction")}
     ssr = {"ssr": ssr_after.get("ssr"), "asr": ssr_after.get("asr"), "ssr_before": ssr_before.get("ssr"),
            "asr_before": ssr_before.get("asr"), "ssr_prompts": len(ssr_texts), "ssr_seeds": ssr_seeds} if ssr_prompts else {}
-    last = {k: round(v, 4) for k, v in result.last.items() if k in ("implicit_acc", "sigma_r0", "delta_s")}
+    last = {k: round(v, 4) for k, v in result.last.items()
+            if k in ("implicit_acc", "sigma_r0", "delta_s", "r_safe", "r_harm", "safe")}
     return {"bench": "erase", "method": method, "target": concept.text, "seed": seed, "steps": steps, "lr": lr, "rank": config.rank, "targets": targets, "batch_size": batch_size,
             "mode": config.mode, **extraction, "last_step": last,
             "steps_trained": result.step, "train_text_encoder": train_text_encoder,
             **settings,
+            "forget_images": forget_images, **(data_extra or {}),
+            "data_size": len(data) if hasattr(data, "__len__") else len(data.forget),  # NCD: tuples; INPO: forget images
             "preserved_concepts": list(data.preserved), "preserve_images": len(data.preserve or ()),
             "preserve_pairs": preserve_pairs,
             "n_target_prompts": len(target_prompts), "n_preserve_prompts": len(benign),

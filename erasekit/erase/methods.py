@@ -106,6 +106,8 @@ METHODS = {
                                       "1.2,1.0,0.8 (Tab. 8); empty: plain NCD"),
             Flag("nca", bool, "the NCA objective (Eq. 15) instead of NCD's (the gradient-reversal ablation)"),
             Flag("lambda-prior", float, "beyond the NCD paper: INPO's prior preservation loss on preserve images (0: off)"),
+            Flag("lambda-safe", float, "beyond the NCD paper: weight of the denoising loss on the safe picture under "
+                                       "the harmful prompt (0: off)"),
         )),
     "resalign": Method(
         "resalign", "ResAlign: an erasure LoRA trained to survive later fine-tuning (implicit hypergradient)",

@@ -28,8 +28,18 @@ Where the paper and the code differ, both are settings, defaulting to the paper:
 - ``beta`` is in the code only (``beta_dpo``: 2000 for SD1.5, 5000 by default); no paper value.
 - The paper trains the full UNet (``mode="full"``, exported as a LoRA by SVD, the error reported);
   LoRA mode (rank, INPO's target presets) is what the toy tuning uses.
-Beyond the paper, ``lambda_prior`` (0 = off) adds INPO's Eq. 16 on preserve images: NCD has no
-preservation term, and on the toy model an erasure drifts into its neighbours without one.
+Beyond the paper, two settings, both 0 (off) in the paper's presets:
+- ``lambda_prior`` adds INPO's Eq. 16 on preserve images: NCD has no preservation term, and on the toy
+  model an erasure drifts into its neighbours without one.
+- ``lambda_safe`` adds the plain denoising loss on the safe candidate under the harmful caption,
+
+    L_safe = E[ ||eps - eps_theta(x_t^0)||^2 ]                                     (beyond the paper)
+
+  an SFT term as Diffusion-DPO practice adds beside the preference loss. Eq. 14's log sigma(-r_i) and
+  Eq. 18's log sigma(r_0 - r_i) saturate once the harmful rewards are far below zero, and then stop
+  pulling; L_safe's gradient does not fade, so the model keeps learning to draw the safe picture for the
+  harmful prompt. Its scale is the squared error's: d L / d err_theta_0 = lambda_safe, against
+  Eq. 14's w_0 (1 - sigma(r_0)) beta / 2 at most.
 """
 
 from __future__ import annotations
@@ -49,10 +59,13 @@ PRESETS = {kind: dict(PAPER) for kind in ("object", "character", "style", "nsfw"
 PRESET_OF_KIND = {"object": "object", "colour": "object", "shape": "object", "character": "character",
                   "style": "style"}
 # The toy model's tuning (python -m erasekit.bench erase --method ncd; the runs are in docs/benchmarks.md):
-# a feed-forward LoRA as INPO's toy tuning, 300 steps, plus the preservation term (lambda_prior 20 and 35
-# measured alike; 20 erased a little more). It erases only part of the target so far: see the benchmarks.
+# a feed-forward LoRA as INPO's toy tuning, 300 steps, the preservation term, and a beta far below the
+# code's 2000. beta sets how far the model may move from the reference before Eq. 14's log sigma(-r_i)
+# saturates (r_i = beta / 2 times an error difference): at 2000 the harmful terms stop pulling after a tiny
+# change and the erasure stays partial. beta and lambda_prior were chosen on red circle, blue square and
+# green triangle; lambda_safe (the safe-image SFT term) lowered the erase rate there and stays off.
 TOY_TUNING = {"mode": "lora", "targets": "feed-forward", "lr": 2e-4, "steps": 300, "batch_size": 2, "grad_accum": 1,
-              "lr_scheduler": "constant", "lr_warmup_steps": 0, "beta": 2000.0, "lambda_prior": 20.0}
+              "lr_scheduler": "constant", "lr_warmup_steps": 0, "beta": 90.0, "lambda_prior": 20.0}
 
 
 @dataclass
@@ -67,6 +80,7 @@ class NcdConfig:
     harm_weights: str = ""  # NCD-HA (Eq. 19-20): "1.2,1.0,0.8" (Tab. 8), most harmful first; "": all 1 (plain NCD)
     nca: bool = False  # True: the NCA objective (Eq. 15), with the (1/N) log sigma(-r_0) term (the Fig. 5 ablation)
     lambda_prior: float = 0.0  # beyond the paper: INPO's Eq. 16 on preserve images (0: off)
+    lambda_safe: float = 0.0  # beyond the paper: L_safe, the denoising loss on the safe candidate (0: off)
 
 
 def preset(name_or_kind: str, toy: bool = False) -> dict:
@@ -153,6 +167,12 @@ def pair_loss(r, omega=None, reduce: str = "sum"):
     raise ValueError(f"pair_reduce must be 'sum' or 'mean', not {reduce!r}")
 
 
+def safe_loss(err_theta):
+    """L_safe (beyond the paper, see the module docstring) per tuple: the trained model's squared error
+    on the safe candidate, err_theta[:, 0]. err_theta [B, K] -> [B]."""
+    return err_theta[:, 0]
+
+
 def shared_noise_and_timesteps(ctx, latents):
     """One noise draw and one t per tuple, repeated over its K candidates (A.2: the candidates of a
     prompt share them). latents [B, K, C, h, w] -> noise [B, K, C, h, w], t [B, K]."""
@@ -162,7 +182,8 @@ def shared_noise_and_timesteps(ctx, latents):
 
 
 class NcdObjective(Objective):
-    """NCD for the engine: L = L_mod (or L_NCA) + lambda L_pair (+ lambda_prior L_prior), one trained
+    """NCD for the engine: L = L_mod (or L_NCA) + lambda L_pair (+ lambda_safe L_safe + lambda_prior
+    L_prior, beyond the paper), one trained
     and one reference pass over the B K candidates (and the preserve images, where used)."""
 
     name = "ncd"
@@ -208,11 +229,16 @@ class NcdObjective(Objective):
         omega = harm_rank_weights(tup["harm"][:, 1:], parse_weights(cfg.harm_weights)) if cfg.harm_weights else None
         l_pair = pair_loss(r, omega, cfg.pair_reduce).mean()  # Eq. 18 (NCD-HA: Eq. 19-20)
         l_prior = prior_loss(pred[n:], pred_ref[n:]) if preserve is not None else torch.zeros((), device=pred.device)
+        l_safe = safe_loss(err).mean()  # beyond the paper (0 weight: the paper's loss)
         rd = r.detach()
+        loss = l_mod + cfg.lambda_pair * l_pair + cfg.lambda_prior * l_prior
+        if cfg.lambda_safe:
+            loss = loss + cfg.lambda_safe * l_safe
         return {
-            "loss": l_mod + cfg.lambda_pair * l_pair + cfg.lambda_prior * l_prior,
+            "loss": loss,
             "mod": l_mod.detach(),
             "pair": l_pair.detach(),
+            "safe": l_safe.detach(),
             "prior": l_prior.detach(),
             "implicit_acc": (rd[:, :1] > rd[:, 1:]).float().mean(),
             "sigma_r0": torch.sigmoid(rd[:, 0]).mean(),

@@ -1,4 +1,4 @@
-"""The erase benchmark's counting, on hand-made judge rows."""
+"""The erase benchmark's counting, on hand-made judge rows, and its CLI's NCD-only data flags."""
 
 import pytest
 
@@ -76,3 +76,15 @@ def test_bench_erase_draws_and_judges_through_the_harness(tmp_path, monkeypatch,
     hits = [f.unsafe for f in seen[5][1][1]]
     assert r["asr"] == ssr_asr([hits[:10], hits[10:]])["asr"] and r["ssr_seeds"] == [j[1] for j in seen[5][0][:10]]
     assert "preservation_benign_same_seed" in r and "per-image noise" in r["sampler"]
+
+
+def test_ncd_data_flags_are_refused_for_another_method(capsys):
+    """--img2img-strength and --anchor are NCD's data settings: the CLI stops before any work for INPO."""
+    import pytest
+
+    from erasekit.bench.__main__ import main
+
+    for flag, value in (("--img2img-strength", "0.8"), ("--anchor", "green circle")):
+        with pytest.raises(SystemExit) as err:
+            main(["erase", "--method", "inpo", flag, value])
+        assert err.value.code == 2 and f"{flag} is a setting of ncd's data" in capsys.readouterr().err

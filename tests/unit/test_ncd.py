@@ -24,6 +24,7 @@ from erasekit.erase.ncd import (
     modified_loss,
     pair_loss,
     preset,
+    safe_loss,
     score_weights,
     shared_noise_and_timesteps,
     squared_error,
@@ -105,6 +106,27 @@ def test_pair_loss_eq18_sum_mean_and_ha_weights():
         pair_loss(r, reduce="max")
 
 
+def test_safe_loss_is_the_denoising_error_of_candidate_0_and_does_not_saturate():
+    """L_safe (beyond the paper): the trained model's squared error on the safe candidate; its gradient
+    on err_theta_0 stays 1 whatever the rewards, where Eq. 14 / 18's fade once r_harm is far below 0."""
+    target = torch.zeros(2, 4, 1, 2)
+    pred = torch.zeros(2, 4, 1, 2)
+    pred[0, 0] = torch.tensor([[1.0, 3.0]])  # (1 + 9) / 2 = 5
+    pred[1, 0] = torch.tensor([[2.0, 0.0]])  # (4 + 0) / 2 = 2
+    pred[:, 1:] = 7.0  # the harmful candidates do not count
+    assert safe_loss(squared_error(pred, target)).tolist() == [5.0, 2.0]
+    err = torch.tensor([[0.5, 0.6, 0.6, 0.6]], dtype=torch.float64, requires_grad=True)
+    err_ref = torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    r = implicit_rewards(err, err_ref, beta=2000.0)  # r_harm = -100: saturated
+    w = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    (modified_loss(r, w) + pair_loss(r)).sum().backward()
+    g_paper = err.grad.clone()
+    assert g_paper[0, 1:].abs().max().item() < 1e-30  # log sigma(-r_i), log sigma(r_0 - r_i): no pull left
+    err.grad = None
+    safe_loss(err).sum().backward()
+    assert err.grad[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
 def test_harm_rank_weights_eq19_20():
     harm = torch.tensor([[0.1, 0.3, 0.2], [0.5, 0.5, 0.1], [0.0, 0.0, 0.0]])
     w = harm_rank_weights(harm, [1.2, 1.0, 0.8])  # the most harmful gets 1.2 (Tab. 8)
@@ -122,6 +144,7 @@ def test_presets_are_the_papers_and_the_toy_tuning_on_top():
     assert toy["mode"] == "lora" and toy["targets"] == "feed-forward"
     cfg = NcdConfig()
     assert (cfg.pair_reduce, cfg.nca, cfg.harm_weights, cfg.lambda_prior, cfg.lambda_pair) == ("sum", False, "", 0.0, 0.5)
+    assert cfg.lambda_safe == 0.0 and "lambda_safe" not in preset("object")  # beyond the paper: off in its presets
 
 
 # ----------------------------------------------------------------------------- on the tiny model
@@ -209,7 +232,11 @@ def test_objective_at_the_start_is_log2_terms(tuples):
     assert out["mod"].item() == pytest.approx(1.75 * LOG2, abs=1e-6)
     assert out["pair"].item() == pytest.approx(3 * LOG2, abs=1e-6)
     assert out["sigma_r0"].item() == 0.5 and out["implicit_acc"].item() == 0.0 and out["prior"].item() == 0.0
-    assert out["loss"].item() == pytest.approx((1.75 + 0.5 * 3) * LOG2, abs=1e-6)
+    assert out["loss"].item() == pytest.approx((1.75 + 0.5 * 3) * LOG2, abs=1e-6)  # lambda_safe 0: the paper's
+    with_safe = NcdObjective(NcdConfig(lambda_prior=1.0, lambda_safe=2.0)).loss(batch, comps.unet, adapters_off(comps.unet),
+                                                                                step_ctx(comps))
+    assert with_safe["safe"].item() > 0  # the model's plain denoising error on the safe picture
+    assert with_safe["loss"].item() == pytest.approx((1.75 + 1.5) * LOG2 + 2.0 * with_safe["safe"].item(), rel=1e-5)
     mean = NcdObjective(NcdConfig(pair_reduce="mean")).loss(batch, comps.unet, adapters_off(comps.unet), step_ctx(comps))
     assert mean["pair"].item() == pytest.approx(LOG2, abs=1e-6)
     out["loss"].backward()
@@ -222,7 +249,7 @@ def test_objective_is_the_equations_on_the_models_outputs(tuples):
     shared x_t (NCD-HA and the preservation term on)."""
     comps = lora_unet(b_std=0.05)
     batch = tuples.sample(torch.Generator().manual_seed(1), 2)
-    cfg = NcdConfig(beta=500.0, harm_weights="1.2,1.0,0.8", lambda_prior=3.0)
+    cfg = NcdConfig(beta=500.0, harm_weights="1.2,1.0,0.8", lambda_prior=3.0, lambda_safe=40.0)
     with torch.no_grad():
         out = NcdObjective(cfg).loss(batch, comps.unet, adapters_off(comps.unet), step_ctx(comps))
         tup, keep = batch["tuples"], batch["preserve"]
@@ -246,10 +273,13 @@ def test_objective_is_the_equations_on_the_models_outputs(tuples):
     omega = torch.tensor([1.0, 0.8, 1.2])  # harm 0.2, 0.1, 0.3 -> ranks 2, 3, 1
     l_pair = -(omega * torch.nn.functional.logsigmoid(r[:, :1] - r[:, 1:])).sum(1).mean()
     l_prior = ((pred[8:] - ref[8:]) ** 2).mean()
+    l_safe = err[:, 0].mean()
     assert out["mod"].item() == pytest.approx(l_mod.item(), rel=1e-4)
+    assert out["safe"].item() == pytest.approx(l_safe.item(), rel=1e-4)
     assert out["pair"].item() == pytest.approx(l_pair.item(), rel=1e-4)
     assert out["prior"].item() == pytest.approx(l_prior.item(), rel=1e-4) and l_prior.item() > 0
-    assert out["loss"].item() == pytest.approx(l_mod.item() + 0.5 * l_pair.item() + 3.0 * l_prior.item(), rel=1e-4)
+    assert out["loss"].item() == pytest.approx(l_mod.item() + 0.5 * l_pair.item() + 3.0 * l_prior.item()
+                                               + 40.0 * l_safe.item(), rel=1e-4)
     assert out["implicit_acc"].item() == pytest.approx((r[:, :1] > r[:, 1:]).float().mean().item())
     assert out["sigma_r0"].item() == pytest.approx(torch.sigmoid(r[:, 0]).mean().item(), rel=1e-5)
 
@@ -557,9 +587,14 @@ def test_trainer_page_trains_ncd_with_its_settings(tmp_path):
     assert "ncd" in dict((v, k) for k, v in METHODS)
     save_toy_pipeline(build_toy_pipeline(0, tiny=True), tmp_path / "toy")
     app = TrainerApp(tmp_path / "runs", base=str(tmp_path / "toy"), threads=1)
-    lr, row, resalign_row = app.method_view("ncd", "/not/a/toy")
+    lr, row, resalign_row, beta, lambda_prior = app.method_view("ncd", "/not/a/toy")
     assert lr == 1e-6 and row["visible"] is True and resalign_row["visible"] is False  # the paper's full-UNet lr
+    assert (beta, lambda_prior) == (2000.0, 0.0)  # the paper's beta, no preservation term
+    toy_view = app.method_view("ncd", str(tmp_path / "toy"))  # the toy tuning's, not the page's INPO defaults
+    assert toy_view[3:] == (preset("object", toy=True)["beta"], preset("object", toy=True)["lambda_prior"])
+    assert toy_view[3] != 2000.0
     assert app.method_view("inpo", str(tmp_path / "toy"))[1]["visible"] is False
+    assert app.method_view("inpo", "/not/a/toy")[4] == 0.6  # back to INPO: its own lambda_prior (Alg. 1)
     assert app.method_view("resalign", str(tmp_path / "toy"))[2]["visible"] is True
     argv = train_argv({"method": "ncd", "eta": 2.0, "beta": 500.0, "nca": True, "anchor": "green circle",
                        "lambda_prior": 3.0}, "out")
