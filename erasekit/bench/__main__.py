@@ -127,7 +127,8 @@ def main(argv=None) -> None:
     z = sub.add_parser("resilience", help="erasure after someone else's fine-tuning: plain (beta 0), INPO, ResAlign")
     z.add_argument("--target", default="red circle", help="an object concept of the toy world")
     z.add_argument("--quick", action="store_true", help="the quick profile: arms b and d, 50 and 200 steps, 40 prompts")
-    z.add_argument("--profile", choices=("full", "quick", "smoke"), default=None, help="overrides --quick")
+    z.add_argument("--profile", choices=("full", "arms", "quick", "smoke"), default=None,
+                   help="overrides --quick; arms: the quick profile with all four arms and the LoRA attack")
     z.add_argument("--model", default=None)
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--pool", default="", help="ResAlign's pool of simulated fine-tunes (TOML; default: the built-in one)")

@@ -1,8 +1,9 @@
 """``python -m erasekit.bench resilience``: how much erasure survives someone else's fine-tuning.
 
-1. Erase the target on the toy model on one forget / preserve set: ``inpo`` (the shipped toy
-   tuning), then from that LoRA ("harden this LoRA", ``init_lora``) the same number of further
-   steps of ``resalign`` (its toy tuning) and of ``plain``, the control: ResAlign with beta = 0, i.e.
+1. Erase the target on the toy model: ``inpo`` (the shipped toy tuning, on one forget / preserve set),
+   ``ncd`` (its toy tuning, on its five-tuples of the same target), then from INPO's LoRA ("harden this
+   LoRA", ``init_lora``) the same number of further steps of ``resalign`` (its toy tuning, on INPO's
+   data) and of ``plain``, the control: ResAlign with beta = 0, i.e.
    the same harm and preservation terms and steps without the simulated fine-tune. plain vs
    resalign isolates the hypergradient; inpo is what ships today.
 2. Merge each exported LoRA into the base UNet (``lora_io.apply_lora``): what a publisher ships.
@@ -36,6 +37,8 @@ PROFILES = {
              "attack_seeds": (0, 1, 2), "lora_attack": True, "images_per_concept": 25, "resalign_steps": 160},
     "quick": {"prompts": 40, "benign_prompts": 24, "arms": ("b", "d"), "checkpoints": (50, 200), "attack_seeds": (0,),
               "lora_attack": False, "images_per_concept": 10, "resalign_steps": 60},
+    "arms": {"prompts": 40, "benign_prompts": 24, "arms": ("a", "b", "c", "d"), "checkpoints": (50, 200),
+             "attack_seeds": (0,), "lora_attack": True, "images_per_concept": 10, "resalign_steps": 60},
     "smoke": {"prompts": 6, "benign_prompts": 4, "arms": ("d",), "checkpoints": (2,), "attack_seeds": (0,),
               "lora_attack": True, "images_per_concept": 2, "resalign_steps": 2, "inpo_steps": 2, "forget_images": 4,
               "arm_images": 8},
@@ -164,8 +167,15 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     inpo_train, inpo_method = methods.get("inpo").preset(kind, toy=True)
     if prof.get("inpo_steps"):
         inpo_train["steps"] = prof["inpo_steps"]
-    plan = {  # in this order: the other two start from INPO's LoRA
+    ncd_train, ncd_method = methods.get("ncd").preset(kind, toy=True)
+    if prof.get("inpo_steps"):
+        ncd_train["steps"] = prof["inpo_steps"]
+    ncd = methods.get("ncd")
+    ncd_data = ncd.build_data(base, target, ncd.data_config(forget_images=prof.get("forget_images", 16),
+                                                             images_per_concept=prof["images_per_concept"], seed=seed), log=log)
+    plan = {  # in this order: plain and resalign start from INPO's LoRA
         "inpo": ("inpo", inpo_train, inpo_method),
+        "ncd": ("ncd", ncd_train, ncd_method),
         "plain": ("resalign", ra_train, {**ra_method, "beta": 0.0}),
         "resalign": ("resalign", ra_train, ra_method),
     }
@@ -185,7 +195,8 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
                                                              if k in ("harm", "harm_star", "hyper_norm", "guard", "inpo", "prior")))
 
         t0 = time.time()
-        result = train(cfg, m.objective(m.config(**method_row)), data, comps, progress=progress)
+        result = train(cfg, m.objective(m.config(**method_row)), ncd_data if method == "ncd" else data, comps,
+                       progress=progress)
         runs[name] = {"lora": str(result.lora), "train_seconds": round(time.time() - t0, 1), "steps": result.step,
                       "peak_added_mb": round(peak[0] / 2**20, 1), "settings": {**train_row, **method_row}}
         log(f"{name}: trained in {runs[name]['train_seconds']}s -> {result.lora}")
@@ -260,6 +271,7 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
             "resalign_erase_rate": results["resalign"]["erase_rate"],
             "resalign_preservation": results["resalign"]["preservation"],
             "resalign_erase_after": worst["resalign"], "plain_erase_after": worst["plain"], "inpo_erase_after": worst["inpo"],
+            "ncd_erase_after": worst["ncd"],
             "erase_after_is": f"the worst of arms b and d after {last} attack steps (of the arms run)",
             "base_target_drawn": round(sum(r[0] for r in reference["target"]) / len(target_prompts), 4),
             "methods": results, "training": runs,

@@ -52,9 +52,9 @@ def test_resilience_benchmark_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("resalign_erase_rate", "resalign_preservation", "resalign_erase_after", "plain_erase_after",
-                "inpo_erase_after", "attack", "seconds", "resalign_peak_mem_ratio_vs_inpo"):
+                "inpo_erase_after", "ncd_erase_after", "attack", "seconds", "resalign_peak_mem_ratio_vs_inpo"):
         assert key in row, key
-    assert set(row["methods"]) == {"plain", "inpo", "resalign"}
+    assert set(row["methods"]) == {"plain", "inpo", "ncd", "resalign"}
     for m in row["methods"].values():
         assert 0.0 <= m["erase_rate"] <= 1.0 and m["arms"]["d"]["erase_rate"].keys() == {"0", "2"}
         assert "lora_attack" in m
