@@ -183,11 +183,11 @@ def main(argv=None) -> None:
 
             torch.set_num_threads(a.threads)
         log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+        resalign = {k: getattr(a, k) for k in ("configs", "iterations", "harm_loss", "harm_cap") if getattr(a, k) is not None}
+        if a.alpha_r is not None:  # a constant weight of R, as the toy tuning's
+            resalign.update(alpha_r=a.alpha_r, alpha_r_end=a.alpha_r)
         print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,
-                                          a.seed, a.pool, {k: getattr(a, k) for k in ("configs", "iterations", "harm_loss", "harm_cap")
-                                                           if getattr(a, k) is not None}
-                                          | ({"alpha_r": a.alpha_r, "alpha_r_end": a.alpha_r} if a.alpha_r else {}), log=log,
-                                          resalign_steps=a.resalign_steps)))
+                                          a.seed, a.pool, resalign, log=log, resalign_steps=a.resalign_steps)))
     if a.which == "lora-roundtrip":
         from .lora import bench_lora_roundtrip
 
