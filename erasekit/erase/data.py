@@ -72,6 +72,14 @@ class ImageSet:
         """What the UNet gets for these images' prompts (SDXL: with the pooled embedding and size ids)."""
         return Conditioning(self.embeds, self.pooled, self.time_ids)
 
+    @classmethod
+    def from_tensors(cls, tensors: dict, prefix: str, prompts: list) -> ImageSet | None:
+        """The set a cache file keeps as ``{prefix}.latents``, ``{prefix}.embeds``, ... (None where it has none)."""
+        if f"{prefix}.latents" not in tensors:
+            return None
+        return cls(tensors[f"{prefix}.latents"], tensors[f"{prefix}.embeds"], tensors[f"{prefix}.ids"], prompts,
+                   *(tensors.get(f"{prefix}.{k}") for k in ("masks", "pooled", "time_ids")))
+
     def take(self, idx) -> dict:
         part = {"latents": self.latents[idx], "embeds": self.embeds[idx], "ids": self.ids[idx]}
         for key in ("masks", "pooled", "time_ids"):
@@ -115,13 +123,9 @@ class EraseData:
         if "erasekit.data" not in meta:
             return None
         meta = json.loads(meta["erasekit.data"])
-        sets = {}
-        for name in ("forget", "preserve"):
-            if f"{name}.latents" in tensors:
-                sets[name] = ImageSet(tensors[f"{name}.latents"], tensors[f"{name}.embeds"], tensors[f"{name}.ids"],
-                                      meta[f"{name}_prompts"], *(tensors.get(f"{name}.{k}") for k in
-                                                                 ("masks", "pooled", "time_ids")))
-        return cls(meta["target"], sets["forget"], sets.get("preserve"), meta["preserved"], meta["key"])
+        forget = ImageSet.from_tensors(tensors, "forget", meta.get("forget_prompts"))
+        preserve = ImageSet.from_tensors(tensors, "preserve", meta.get("preserve_prompts"))
+        return cls(meta["target"], forget, preserve, meta["preserved"], meta["key"])
 
 
 def _pick(n: int, b: int, generator):

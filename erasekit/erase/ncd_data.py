@@ -103,11 +103,7 @@ class NcdData:
             return None
         meta = json.loads(meta["erasekit.ncd_data"])
         t = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("tuples.")}
-        preserve = None
-        if "preserve.latents" in tensors:
-            preserve = ImageSet(tensors["preserve.latents"], tensors["preserve.embeds"], tensors["preserve.ids"],
-                                meta["preserve_prompts"], *(tensors.get(f"preserve.{k}") for k in
-                                                            ("masks", "pooled", "time_ids")))
+        preserve = ImageSet.from_tensors(tensors, "preserve", meta.get("preserve_prompts"))
         return cls(meta["target"], t["latents"], t["embeds"], t["ids"], t["scores"], t["harm"], meta["prompts"],
                    meta["safe_prompts"], t.get("pooled"), t.get("time_ids"), preserve, meta["preserved"], meta["key"])
 

@@ -37,7 +37,7 @@ class ClipScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         try:
-            self.model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+            self.model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, TypeError) as err:
             raise _not_clip(folder, f"transformers could not load it: {str(err).splitlines()[0][:160]}") from None
