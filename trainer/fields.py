@@ -45,11 +45,13 @@ FIELDS = [
     ("iterations", "ResAlign K (1 = first order)", 3), ("configs", "ResAlign J (fine-tunes per step)", 1),
     ("pool", "ResAlign pool: the simulated fine-tunes, one a row", DEFAULT_TABLE),
     ("init_lora", "Harden this LoRA (.safetensors; empty = start fresh)", ""),
+    ("harm_loss", "ResAlign harm loss", "preset"),
 ]
+HARM_LOSSES = ("preset", "inpo", "ncd", "ga", "relative")  # "preset": the preset's (not sent); erasekit.erase.resalign
 METHOD_FIELDS = {  # the fields only one method reads: passed as its flags, shown with it
     "inpo": ("eta", "gamma", "tau", "lambda_prior"),
     "ncd": ("beta", "lambda_pair", "pair_reduce", "harm_weights", "nca", "img2img_strength", "anchor", "lambda_prior"),
-    "resalign": ("resalign_beta", "iterations", "configs", "pool", "init_lora"),
+    "resalign": ("resalign_beta", "iterations", "configs", "pool", "init_lora", "harm_loss"),
 }
 FLAG_OF = {"resalign_beta": "beta"}  # a page field whose CLI flag has another name (both methods have a --beta)
 FIELD_OF_SETTING = {("resalign", "beta"): "resalign_beta"}  # ... and the way back, from a run's [resalign] table

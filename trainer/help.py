@@ -64,7 +64,11 @@ HELP = {
             "batch pictures a step. Start trains with the table as it is and keeps it as the run's pool.toml.",
     "pool_file": "ResAlign: fill the table from a pool file (a run's pool.toml, or your own [[config]] tables); "
                  "a path under the output root, or a full path. The table is what Start uses.",
-    "init_lora": "ResAlign: an erasure LoRA to harden (e.g. one INPO made); empty starts from nothing.",
+    "init_lora": "ResAlign: an erasure LoRA to harden (e.g. one INPO or NCD made); empty starts from nothing.",
+    "harm_loss": "ResAlign: what counts as erased. preset: the preset's (INPO's loss on the toy model, gradient "
+                 "ascent elsewhere); inpo: INPO's loss; ncd: NCD's (trains on NCD's tuples: "
+                 "Generate data makes them; harden an NCD LoRA with it); ga: the paper's gradient ascent; "
+                 "relative: the error against the base model's, capped.",
 }
 
 # Over the preset's numbers (INPO): what a person asks for, not which of four numbers to move.

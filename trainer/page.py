@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from erasekit.erase.images import IMAGE_EXTENSIONS
 from trainer.convert_page import build_convert_section
-from trainer.fields import CONCEPT_TYPES, FIELDS, INT_KEYS, KEYS, METHODS, with_signature
+from trainer.fields import CONCEPT_TYPES, FIELDS, HARM_LOSSES, INT_KEYS, KEYS, METHODS, with_signature
 from trainer.help import HELP, STRENGTH_HELP, STRENGTHS
 from trainer.plots import LOSS_COLOURS, SIGNAL_COLOURS
 from trainer.pool import COLUMNS as POOL_COLUMNS
@@ -120,6 +120,8 @@ def build_page(app):
                             comps[k] = gr.Number(d[k], label=dict((a, b) for a, b, _ in FIELDS)[k],
                                                  precision=0 if k in INT_KEYS else None)
                         comps["init_lora"] = gr.Textbox(d["init_lora"], label=dict((a, b) for a, b, _ in FIELDS)["init_lora"])
+                        comps["harm_loss"] = gr.Dropdown(list(HARM_LOSSES), value=d["harm_loss"], info=HELP["harm_loss"],
+                                                         label=dict((a, b) for a, b, _ in FIELDS)["harm_loss"])
                     comps["pool"] = gr.Dataframe(d["pool"], headers=POOL_COLUMNS, datatype=POOL_TYPES, interactive=True,
                                                  label=dict((a, b) for a, b, _ in FIELDS)["pool"], row_count=None,
                                                  show_row_numbers=True, elem_id="f-pool")

@@ -119,7 +119,8 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
     out = {"components": components, "target": target, "config": config, "method_config": method_config,
            "data_config": data_config, "data": None}
     if with_data:
-        out["data"] = methods.get(args.method).build_data(components, target, data_config, log=log)
+        out["data"] = methods.get(args.method).build_data(components, target, data_config, log=log,
+                                                          method_config=method_config)
     return out
 
 
@@ -140,7 +141,8 @@ def run_training(args, *, progress=None, cancel=None, log=None, prep=None):
         raise ErasekitError(f"The folder '{prep['config'].out}' already holds a run; resume it with --resume or pick "
                             "another --out folder.")
     with writing_run(prep["config"].out, "training", log):
-        data = method.build_data(prep["components"], prep["target"], prep["data_config"], log=log)
+        data = method.build_data(prep["components"], prep["target"], prep["data_config"], log=log,
+                                 method_config=prep["method_config"])
         return train(prep["config"], method.objective(prep["method_config"]), data, prep["components"],
                      progress=progress, cancel=cancel, sections={"data": prep["data_config"]}, log=log)
 

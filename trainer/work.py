@@ -52,11 +52,13 @@ def train_argv(s: dict, out: str, resume: bool = False, config: str | None = Non
              "forget_images", "images_per_concept", "neighbours", "unrelated", "checkpoint_every", "sample_every",
              "optimizer", "mixed_precision", "targets", "name", "threads", "forget_dir", "mask_from", "guideline",
              "beta", "lambda_pair", "pair_reduce", "harm_weights", "img2img_strength", "anchor",
-             "resalign_beta", "iterations", "configs", "pool", "init_lora")
+             "resalign_beta", "iterations", "configs", "pool", "init_lora", "harm_loss")
     for key in flags:
         value = s.get(key)
         if value is None or value == "" or (any(key in f for f in METHOD_FIELDS.values()) and key not in own):
             continue  # another method's setting
+        if key == "harm_loss" and value == "preset":
+            continue  # the preset's harm loss
         if key in ("steps", "rank", "batch_size", "grad_accum", "seed", "forget_images", "images_per_concept",
                    "neighbours", "unrelated", "checkpoint_every", "sample_every", "threads", "iterations", "configs"):
             value = int(value)
@@ -131,7 +133,8 @@ def make_data(job: Job, settings: dict, run_dir: Path, prep: dict | None = None)
         _, prep = prepare_data(job, settings, run_dir)
     job.log(f"generating {method.name.upper()}'s data for '{prep['target']}'")
     data = method.build_data(prep["components"], prep["target"], prep["data_config"], log=job.log,
-                             progress=lambda done, total: job.set_progress(done, total, unit="images"))
+                             progress=lambda done, total: job.set_progress(done, total, unit="images"),
+                             method_config=prep["method_config"])
     if hasattr(data, "forget"):  # forget / preserve sets (INPO, ResAlign)
         forget = decode_latents(prep["components"], data.forget.latents)  # once: for the review and the gallery
         write_review_images(run_dir, [_uint8(img) for img in forget], data.key)

@@ -2,8 +2,8 @@
 
 1. Erase the target on the toy model: ``inpo`` (the shipped toy tuning, on one forget / preserve set),
    ``ncd`` (its toy tuning, on its five-tuples of the same target), then from INPO's LoRA ("harden this
-   LoRA", ``init_lora``) the same number of further steps of ``resalign`` (its toy tuning, on INPO's
-   data) and of ``plain``, the control: ResAlign with beta = 0, i.e.
+   LoRA", ``init_lora``; with ResAlign's ``harm_loss = "ncd"`` from NCD's, on NCD's tuples) the same number
+   of further steps of ``resalign`` (its toy tuning, on INPO's data) and of ``plain``, the control: ResAlign with beta = 0, i.e.
    the same harm and preservation terms and steps without the simulated fine-tune. plain vs
    resalign isolates the hypergradient; inpo is what ships today.
 2. Merge each exported LoRA into the base UNet (``lora_io.apply_lora``): what a publisher ships.
@@ -173,7 +173,8 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     ncd = methods.get("ncd")
     ncd_data = ncd.build_data(base, target, ncd.data_config(forget_images=prof.get("forget_images", 16),
                                                              images_per_concept=prof["images_per_concept"], seed=seed), log=log)
-    plan = {  # in this order: plain and resalign start from INPO's LoRA
+    hardened = "ncd" if ra_method.get("harm_loss") == "ncd" else "inpo"  # NCD's harm: harden NCD's LoRA on its tuples
+    plan = {  # in this order: plain and resalign start from INPO's LoRA (NCD's with harm_loss "ncd")
         "inpo": ("inpo", inpo_train, inpo_method),
         "ncd": ("ncd", ncd_train, ncd_method),
         "plain": ("resalign", ra_train, {**ra_method, "beta": 0.0}),
@@ -181,7 +182,7 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     }
     for name, (method, train_row, method_row) in plan.items():
         if method == "resalign":
-            method_row = {**method_row, "init_lora": runs["inpo"]["lora"]}
+            method_row = {**method_row, "init_lora": runs[hardened]["lora"]}
         m = methods.get(method)
         comps = models.load(model)
         cfg = TrainConfig(out=os.path.join(run_root, name), target=concept.text, seed=seed, tensorboard=False, cpu=True,
@@ -195,7 +196,8 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
                                                              if k in ("harm", "harm_star", "hyper_norm", "guard", "inpo", "prior")))
 
         t0 = time.time()
-        result = train(cfg, m.objective(m.config(**method_row)), ncd_data if method == "ncd" else data, comps,
+        tuples = method == "ncd" or (method == "resalign" and hardened == "ncd")
+        result = train(cfg, m.objective(m.config(**method_row)), ncd_data if tuples else data, comps,
                        progress=progress)
         runs[name] = {"lora": str(result.lora), "train_seconds": round(time.time() - t0, 1), "steps": result.step,
                       "peak_added_mb": round(peak[0] / 2**20, 1), "settings": {**train_row, **method_row}}
@@ -271,6 +273,7 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
             "resalign_erase_rate": results["resalign"]["erase_rate"],
             "resalign_preservation": results["resalign"]["preservation"],
             "resalign_erase_after": worst["resalign"], "plain_erase_after": worst["plain"], "inpo_erase_after": worst["inpo"],
+            "hardened": hardened,  # the LoRA plain and resalign start from
             "ncd_erase_after": worst["ncd"],
             "erase_after_is": f"the worst of arms b and d after {last} attack steps (of the arms run)",
             "base_target_drawn": round(sum(r[0] for r in reference["target"]) / len(target_prompts), 4),

@@ -6,9 +6,10 @@ A method is a module of :mod:`erasekit.erase` with
 - ``preset(name_or_kind, toy=False) -> dict``: the settings of a concept type (object, character,
   style, nsfw); keys that are :class:`~.engine.TrainConfig` fields (steps, lr, rank, targets) go to
   ``[train]``, the rest to the method's table;
-- optionally ``build_data(components, target, data_config, log=None, progress=None)``: the method's
-  training data (default: :func:`~.data.build_erase_data`, the forget / preserve sets), with
-  ``progress(images done, images to draw)`` as they are drawn, and a ``data_config_class``
+- optionally ``build_data(components, target, data_config, log=None, progress=None, method_config=None)``:
+  the method's training data (default: :func:`~.data.build_erase_data`, the forget / preserve sets), with
+  ``progress(images done, images to draw)`` as they are drawn (``method_config``: the run's method settings,
+  where they choose the data: ResAlign's NCD harm loss trains on NCD's tuples), and a ``data_config_class``
   (a :class:`~.data.DataConfig` subclass with the method's own data settings, the ``[data]`` table).
 
 Modules are imported only when a method is used, so listing the methods costs no torch import.
@@ -74,15 +75,16 @@ class Method:
         train_keys = {f.name for f in fields(TrainConfig)}
         return {k: v for k, v in row.items() if k in train_keys}, {k: v for k, v in row.items() if k not in train_keys}
 
-    def build_data(self, components, target, data_config, log=None, progress=None):
+    def build_data(self, components, target, data_config, log=None, progress=None, method_config=None):
         """The method's training data (loaded from ``data_config.cache`` where it was made from the same
-        inputs); ``progress(done, total)``: images drawn so far of those to draw (not called for a cache)."""
+        inputs); ``progress(done, total)``: images drawn so far of those to draw (not called for a cache);
+        ``method_config``: the run's settings of this method (default: its defaults)."""
         build = getattr(self._module(), "build_data", None)
         if build is None:
             from .data import build_erase_data
 
             return build_erase_data(components, target, data_config, log=log or print, progress=progress)
-        return build(components, target, data_config, log=log, progress=progress)
+        return build(components, target, data_config, log=log, progress=progress, method_config=method_config)
 
 
 METHODS = {

@@ -89,7 +89,7 @@ def preset(name_or_kind: str, toy: bool = False) -> dict:
     return {**PRESETS[PRESET_OF_KIND.get(name_or_kind, name_or_kind)], **(TOY_TUNING if toy else {})}
 
 
-def build_data(components, target, data_config, log=None, progress=None):
+def build_data(components, target, data_config, log=None, progress=None, method_config=None):
     """The five-tuples (:func:`erasekit.erase.ncd_data.build_ncd_data`)."""
     from .ncd_data import build_ncd_data
 
@@ -181,6 +181,35 @@ def shared_noise_and_timesteps(ctx, latents):
     return noise[:, None].expand(-1, k, *noise.shape[1:]), t[:, None].expand(-1, k)
 
 
+def tuple_candidates(tup: dict, ctx) -> tuple[dict, object, object]:
+    """The B K candidates of a minibatch of tuples as one batch of images, with each tuple's caption
+    repeated over its candidates and one noise draw and t per tuple (:func:`shared_noise_and_timesteps`):
+    ``(candidates, noise [B K, ...], t [B K])``."""
+    latents = tup["latents"]  # [B, K, C, h, w]
+    k = latents.shape[1]
+    noise, t = shared_noise_and_timesteps(ctx, latents)
+    cands = {"latents": latents.flatten(0, 1)}
+    for key in ("embeds", "ids", "pooled", "time_ids"):  # one caption per tuple, for each of its candidates
+        if key in tup:
+            cands[key] = tup[key].repeat_interleave(k, dim=0)
+    return cands, noise.flatten(0, 1), t.flatten()
+
+
+def tuple_terms(pred, pred_ref, target, scores, harm, cfg: NcdConfig) -> dict:
+    """Eq. 10-20 on the predictions for the B K candidates (flattened as :func:`tuple_candidates`):
+    ``r`` [B, K], ``err`` [B, K] (the trained model's squared errors), ``mod`` (Eq. 14 or 15) and ``pair``
+    (Eq. 18, NCD-HA weighted where ``cfg.harm_weights``), both means over the tuples."""
+    b, k = scores.shape
+    shape = (b, k, *target.shape[1:])
+    err = squared_error(pred.reshape(shape), target.reshape(shape))
+    err_ref = squared_error(pred_ref.reshape(shape), target.reshape(shape))
+    r = implicit_rewards(err, err_ref, cfg.beta)  # Eq. 10
+    w = score_weights(scores, cfg.score_temperature, cfg.safe_bonus)  # Eq. 11
+    omega = harm_rank_weights(harm[:, 1:], parse_weights(cfg.harm_weights)) if cfg.harm_weights else None
+    return {"r": r, "err": err, "mod": modified_loss(r, w, cfg.nca).mean(),  # Eq. 14 / 15
+            "pair": pair_loss(r, omega, cfg.pair_reduce).mean()}  # Eq. 18 (NCD-HA: Eq. 19-20)
+
+
 class NcdObjective(Objective):
     """NCD for the engine: L = L_mod (or L_NCA) + lambda L_pair (+ lambda_safe L_safe + lambda_prior
     L_prior, beyond the paper), one trained
@@ -199,14 +228,7 @@ class NcdObjective(Objective):
 
         cfg = self.config
         tup = batch["tuples"]
-        latents = tup["latents"]  # [B, K, C, h, w]
-        b, k = latents.shape[:2]
-        noise, t = shared_noise_and_timesteps(ctx, latents)
-        cands = {"latents": latents.flatten(0, 1)}
-        for key in ("embeds", "ids", "pooled", "time_ids"):  # one caption per tuple, for each of its candidates
-            if key in tup:
-                cands[key] = tup[key].repeat_interleave(k, dim=0)
-        noise, t = noise.flatten(0, 1), t.flatten()
+        cands, noise, t = tuple_candidates(tup, ctx)
         preserve = batch.get("preserve") if cfg.lambda_prior > 0 else None
         parts = [cands] + ([preserve] if preserve is not None else [])
         both = join_parts(parts)
@@ -219,17 +241,11 @@ class NcdObjective(Objective):
         with reference_ctx() as ref:
             pred_ref = ref(noisy, t, **ctx.unet_inputs(both, reference=True)).sample
 
-        n = b * k
-        shape = (b, k, *target.shape[1:])
-        err = squared_error(pred[:n].reshape(shape), target[:n].reshape(shape))
-        err_ref = squared_error(pred_ref[:n].reshape(shape), target[:n].reshape(shape))
-        r = implicit_rewards(err, err_ref, cfg.beta)  # Eq. 10, [B, K]
-        w = score_weights(tup["scores"], cfg.score_temperature, cfg.safe_bonus)  # Eq. 11
-        l_mod = modified_loss(r, w, cfg.nca).mean()  # Eq. 14 / 15
-        omega = harm_rank_weights(tup["harm"][:, 1:], parse_weights(cfg.harm_weights)) if cfg.harm_weights else None
-        l_pair = pair_loss(r, omega, cfg.pair_reduce).mean()  # Eq. 18 (NCD-HA: Eq. 19-20)
+        n = cands["latents"].shape[0]
+        terms = tuple_terms(pred[:n], pred_ref[:n], target[:n], tup["scores"], tup["harm"], cfg)
+        r, l_mod, l_pair = terms["r"], terms["mod"], terms["pair"]
         l_prior = prior_loss(pred[n:], pred_ref[n:]) if preserve is not None else torch.zeros((), device=pred.device)
-        l_safe = safe_loss(err).mean()  # beyond the paper (0 weight: the paper's loss)
+        l_safe = safe_loss(terms["err"]).mean()  # beyond the paper (0 weight: the paper's loss)
         rd = r.detach()
         loss = l_mod + cfg.lambda_pair * l_pair + cfg.lambda_prior * l_prior
         if cfg.lambda_safe:

@@ -75,6 +75,15 @@ class NcdData:
                 part[key] = getattr(self, key)[idx]
         return part
 
+    def harmful_set(self) -> ImageSet:
+        """The harmful candidates (1..K-1 of every tuple) as an image set under their prompts: the target's
+        images where a method needs them one by one (ResAlign's fine-tuning set)."""
+        k = self.latents.shape[1] - 1
+        rep = {key: None if getattr(self, key) is None else getattr(self, key).repeat_interleave(k, dim=0)
+               for key in ("embeds", "ids", "pooled", "time_ids")}
+        return ImageSet(self.latents[:, 1:].flatten(0, 1), rep["embeds"], rep["ids"],
+                        [p for p in self.prompts for _ in range(k)], None, rep["pooled"], rep["time_ids"])
+
     def sample(self, generator, batch_size: int) -> dict:
         """``{"tuples": part, "preserve": part}``: ``batch_size`` tuples and as many preserve images."""
         out = {"tuples": self.take(_pick(len(self), batch_size, generator))}

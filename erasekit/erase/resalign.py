@@ -7,10 +7,10 @@ The erasure LoRA theta is trained against what a fine-tune would make of it. Out
     grad = (1 - beta) grad L_h(theta) + alpha grad R(theta) + beta grad_theta L_h(theta*)     (Eq. 4)
 
 - L_h, the harm loss (``harm_loss``): "ga", gradient ascent -E||eps_theta - eps||^2 on the forget
-  images (the paper), or "inpo", INPO's Eq. 15 against the base model (Tab. 9: the method is
-  loss-agnostic; with ``init_lora`` this hardens an existing INPO erasure), or "relative" (beyond
-  the paper): the error relative to the base model's, capped (:func:`relative_harm`). :data:`HARM_LOSSES` is
-  where NCD's loss goes once it exists (a function of the same signature).
+  images (the paper), or "inpo", INPO's Eq. 15 against the base model, or "ncd", NCD's
+  L_mod + lambda L_pair (seed 000 Eq. 14, 18) on NCD's five-tuples (Tab. 9: the method is
+  loss-agnostic; with ``init_lora`` this hardens an existing INPO or NCD erasure), or "relative"
+  (beyond the paper): the error relative to the base model's, capped (:func:`relative_harm`).
 - R = E||eps_theta - eps_theta0||^2 on the preserve images (INPO's Eq. 16 too), weighted by alpha,
   which the official code ramps from ``alpha_r`` to ``alpha_r_end`` by a sigmoid over the second half
   of training (:meth:`ResAlignObjective.alpha_at`); beta is constant (official 0.8).
@@ -71,7 +71,7 @@ PRESETS = {
 # fine-tune of up to 10 steps and K = 3 per outer step (Tab. 7: J = 1 still works) so a run fits the
 # CPU. Chosen, not tuned: the resilience benchmark measures it (docs/benchmarks.md).
 TOY_TUNING = {"targets": "feed-forward", "lr": 2e-4, "harm_loss": "inpo", "alpha_r": 35.0, "alpha_r_end": 35.0,
-              "steps": 300, "configs": 1, "iterations": 3}
+              "steps": 300, "configs": 1, "iterations": 3, "ncd_beta": 90.0}
 PRESET_OF_KIND = {"object": "object", "colour": "object", "shape": "object", "character": "character",
                   "style": "style"}
 OPTIMIZERS, LOSSES = ("sgd", "adam"), ("plain", "prior")
@@ -104,7 +104,7 @@ class ResAlignConfig:
     alpha_r: float = 1.6  # Eq. 3: alpha, the weight of R, at the start ...
     alpha_r_end: float = 2.0  # ... ramped to this by a sigmoid after ramp_start (the official code)
     ramp_start: float = 0.5  # share of the steps before the ramp begins
-    harm_loss: str = "ga"  # ga (the paper) | inpo (Tab. 9) | relative (beyond the paper: error vs the base's, capped)
+    harm_loss: str = "ga"  # ga (the paper) | inpo | ncd (Tab. 9) | relative (beyond the paper: error vs the base's, capped)
     harm_cap: float = 5.0  # harm_loss "relative": the most (e_theta - e_0) / e_0 counts
     moreau_gamma: float = 1.0  # Eq. 5: the Moreau envelope's gamma
     iterations: int = 5  # K (Alg. 1): Richardson iterations; 1 = first order
@@ -120,6 +120,7 @@ class ResAlignConfig:
     inpo_eta: float = 1.0  # harm_loss "inpo": INPO Eq. 13-15
     inpo_gamma: float = 3.0
     inpo_tau: float = 0.1
+    ncd_beta: float = 2000.0  # harm_loss "ncd": NCD Eq. 10's reward scale (the other NCD settings: NcdConfig's defaults)
 
 
 def preset(name_or_kind: str, toy: bool = False) -> dict:
@@ -179,23 +180,23 @@ def write_pool(path, pool: list) -> None:
 # ----------------------------------------------------------------------------- harm losses
 
 
-def ga_harm(pred, target, pred_ref, mask, cfg):
+def ga_harm(pred, target, pred_ref, extra, cfg):
     """L_h of the paper: gradient ascent, -||eps_theta - eps||^2 (a mean; over the mask with ``use_mask``)."""
     from .inpo import masked_score
 
-    return -masked_score(pred, target, mask if cfg.use_mask else None).mean()
+    return -masked_score(pred, target, _mask(extra, cfg)).mean()
 
 
-def inpo_harm(pred, target, pred_ref, mask, cfg):
+def inpo_harm(pred, target, pred_ref, extra, cfg):
     """L_h = INPO's Eq. 15 (bounded): 2 alpha(dS) log(1 + exp(-eta dS)), dS against the base model."""
     from .inpo import inpo_loss, masked_score
 
-    mask = mask if cfg.use_mask else None
+    mask = _mask(extra, cfg)
     delta = masked_score(pred, target, mask) - masked_score(pred_ref, target, mask)
     return inpo_loss(delta, cfg.inpo_eta, cfg.inpo_gamma, cfg.inpo_tau).mean()
 
 
-def relative_harm(pred, target, pred_ref, mask, cfg):
+def relative_harm(pred, target, pred_ref, extra, cfg):
     """L_h = -E[min((e_theta - e_0) / e_0, cap)] (beyond the paper): the forget images' denoising error
     relative to the base model's on the same x_t. Dividing by e_0 weighs every timestep alike (the raw
     error spans orders of magnitude over t, so GA's and INPO's per-batch values are mostly timestep
@@ -204,14 +205,44 @@ def relative_harm(pred, target, pred_ref, mask, cfg):
 
     from .inpo import masked_score
 
-    mask = mask if cfg.use_mask else None
+    mask = _mask(extra, cfg)
     e, e0 = masked_score(pred, target, mask), masked_score(pred_ref, target, mask).detach()
     return -torch.clamp((e - e0) / (e0 + 1e-3), max=cfg.harm_cap).mean()
 
 
-# name -> f(pred, target, pred_ref, mask, config) -> scalar, minimised. NCD's goes here: its loss
-# needs the four candidates of a tuple, so it would also bring its own batch layout.
-HARM_LOSSES = {"ga": ga_harm, "inpo": inpo_harm, "relative": relative_harm}
+def ncd_harm(pred, target, pred_ref, extra, cfg):
+    """L_h = NCD's L_mod + lambda L_pair (seed 000 Eq. 14, 18) on the B K candidates of B five-tuples, flattened
+    as :func:`~.ncd.tuple_candidates` gives them; ``extra``: the tuples' ``scores`` and ``harm`` [B, K].
+    NCD's settings are :class:`~.ncd.NcdConfig`'s defaults (the paper's), with ``ncd_beta`` for beta."""
+    from .ncd import NcdConfig, tuple_terms
+
+    ncd = NcdConfig(beta=cfg.ncd_beta)
+    terms = tuple_terms(pred, pred_ref, target, extra["scores"], extra["harm"], ncd)
+    return terms["mod"] + ncd.lambda_pair * terms["pair"]
+
+
+def _mask(extra, cfg):
+    return extra.get("mask") if cfg.use_mask else None
+
+
+# name -> f(pred, target, pred_ref, extra, config) -> scalar, minimised; pred, target, pred_ref over the
+# harmful images (NCD: the candidates of the tuples), extra what else the loss reads ({"mask"}; NCD's
+# {"scores", "harm"}). A loss in TUPLE_LOSSES trains on NCD's five-tuples (the data follows the loss).
+HARM_LOSSES = {"ga": ga_harm, "inpo": inpo_harm, "relative": relative_harm, "ncd": ncd_harm}
+TUPLE_LOSSES = ("ncd",)
+
+
+def build_data(components, target, data_config, log=None, progress=None, method_config=None):
+    """ResAlign's data: INPO's forget and preserve sets (:func:`~.data.build_erase_data`), or with a
+    harm loss on five-tuples (``harm_loss = "ncd"``) NCD's tuples and preserve images
+    (:func:`~.ncd_data.build_ncd_data`, its data defaults for the safe pictures)."""
+    if method_config is not None and method_config.harm_loss in TUPLE_LOSSES:
+        from .ncd_data import build_ncd_data
+
+        return build_ncd_data(components, target, data_config, log=log or print, progress=progress)
+    from .data import build_erase_data
+
+    return build_erase_data(components, target, data_config, log=log or print, progress=progress)
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -263,6 +294,12 @@ class ResAlignObjective(Objective):
                 raise ErasekitError(f"ResAlign's {key} = {getattr(cfg, key)} must be at least 1.")
         if not 0.0 <= cfg.beta <= 1.0 or not cfg.moreau_gamma > 0:
             raise ErasekitError(f"ResAlign needs 0 <= beta <= 1 and moreau_gamma > 0 (got beta {cfg.beta}, moreau_gamma {cfg.moreau_gamma}).")
+        tuples = cfg.harm_loss in TUPLE_LOSSES
+        if tuples != (not hasattr(data, "forget")):
+            raise ErasekitError(f"ResAlign's harm_loss '{cfg.harm_loss}' trains on "
+                                + ("NCD's five-tuples" if tuples else "forget and preserve images")
+                                + ", but the data holds " + ("forget images" if tuples else "NCD's five-tuples")
+                                + "; make the data again for this harm loss (another data cache or run folder).")
         self.pool = read_pool(cfg.pool)
         self.total_steps = max(int(train_config.steps), 1)
         self.preserve = getattr(data, "preserve", None)
@@ -299,18 +336,29 @@ class ResAlignObjective(Objective):
 
         cfg = self.config
         harm_fn = HARM_LOSSES[cfg.harm_loss]
-        forget, preserve = batch["forget"], batch.get("preserve")
-        parts = [forget] + ([preserve] if preserve is not None else [])
+        preserve = batch.get("preserve")
+        if "tuples" in batch:  # NCD's five-tuples: the K candidates of a tuple share noise and t
+            from .ncd import tuple_candidates
+
+            tup = batch["tuples"]
+            forget, noise, t = tuple_candidates(tup, ctx)
+            extra = {"scores": tup["scores"], "harm": tup["harm"]}
+            if preserve is not None:  # the preserve images draw their own noise and t
+                pn, pt = ctx.noise_and_timesteps(preserve["latents"])
+                noise, t = torch.cat([noise, pn]), torch.cat([t, pt])
+            both = join_parts([forget] + ([preserve] if preserve is not None else []))
+        else:
+            forget = batch["forget"]
+            extra = {"mask": forget.get("masks")}
+            both = join_parts([forget] + ([preserve] if preserve is not None else []))
+            noise, t = ctx.noise_and_timesteps(both["latents"])
         nf = forget["latents"].shape[0]
-        both = join_parts(parts)
-        noise, t = ctx.noise_and_timesteps(both["latents"])
         noisy = ctx.add_noise(both["latents"], noise, t)
         target = ctx.target(both["latents"], noise, t)
         pred = unet(noisy, t, **ctx.unet_inputs(both)).sample
         with reference_ctx() as ref:
             pred_ref = ref(noisy, t, **ctx.unet_inputs(both, reference=True)).sample
-        mask = forget.get("masks")
-        harm = harm_fn(pred[:nf], target[:nf], pred_ref[:nf], mask, cfg)
+        harm = harm_fn(pred[:nf], target[:nf], pred_ref[:nf], extra, cfg)
         retain = prior_loss(pred[nf:], pred_ref[nf:]) if pred.shape[0] > nf else torch.zeros((), device=pred.device)
         alpha = self.alpha_at(ctx.step)
         terms = {"harm": harm.detach(), "retain": retain.detach(), "alpha": alpha}
@@ -318,7 +366,7 @@ class ResAlignObjective(Objective):
             terms["objective"] = (harm + alpha * retain).detach()
             return {"loss": harm + alpha * retain, **terms}
 
-        forget_call = (noisy[:nf].detach(), t[:nf], ctx.unet_inputs(forget), target[:nf], pred_ref[:nf], mask)
+        forget_call = (noisy[:nf].detach(), t[:nf], ctx.unet_inputs(forget), target[:nf], pred_ref[:nf], extra)
         hyper, stats = self.hypergradient(ctx, forget_call)
         params = [ctx.trainable[f"unet.{k}"] for k in hyper]
         surrogate = sum((p * h.to(p.dtype)).sum() for p, h in zip(params, hyper.values()))  # gradient = the hypergradient
@@ -336,7 +384,7 @@ class ResAlignObjective(Objective):
 
         cfg, g = self.config, ctx.generator
         lora = {k.removeprefix("unet."): p for k, p in ctx.trainable.items()}
-        x_f, t_f, kw_f, target_f, ref_f, mask = forget_call
+        x_f, t_f, kw_f, target_f, ref_f, extra = forget_call
         harm_fn = HARM_LOSSES[cfg.harm_loss]
         total = {k: torch.zeros_like(p) for k, p in lora.items()}
         stats = {"harm_star": 0.0, "residual": 0.0, "rho": 0.0, "guard": 0, "fallback": 0, "hvps": 0, "drift": 0.0}
@@ -348,7 +396,7 @@ class ResAlignObjective(Objective):
             ft = self._ft_batch(cfg.hvp_batch, ctx, prior=c.loss == "prior")  # one fixed batch for the K iterations
             with ctx.double_backward():
                 p = {k: v.detach().requires_grad_(True) for k, v in star.items()}
-                harm_star = harm_fn(space(p, x_f, t_f, kw_f), target_f, ref_f, mask, cfg)
+                harm_star = harm_fn(space(p, x_f, t_f, kw_f), target_f, ref_f, extra, cfg)
                 grads = torch.autograd.grad(harm_star, list(p.values()), allow_unused=True)
                 b = {k: (gr if gr is not None else torch.zeros_like(p[k])) for k, gr in zip(p, grads)}
                 solve = implicit_hypergradient(partial(self._ft_loss, space, ft=ft, ctx=ctx), star, b, cfg.moreau_gamma,

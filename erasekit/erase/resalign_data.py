@@ -7,13 +7,15 @@ from ..errors import ErasekitError
 
 
 def finetune_set(components, data, cfg, seed: int = 0):
-    """D_FT (B.4) for a ``ResAlignConfig``: benign images plus ``finetune_target_share`` of forget images. On the toy model
+    """D_FT (B.4) for a ``ResAlignConfig``: benign images plus ``finetune_target_share`` of forget images (NCD's
+    tuples: of their harmful candidates). On the toy model
     the benign ones are rendered scenes without the target (seeds far from the benchmarks'); else
     the images of ``finetune_dir`` (with .txt captions)."""
     from .data import ImageSet, make_image_set
 
     n = int(cfg.finetune_images)
-    n_target = min(int(round(n * cfg.finetune_target_share)), len(data.forget)) if n else 0
+    harmful = data.forget if hasattr(data, "forget") else data.harmful_set()  # NCD's tuples: their harmful candidates
+    n_target = min(int(round(n * cfg.finetune_target_share)), len(harmful)) if n else 0
     toy = components.architecture is not None and components.architecture.name == "toy"
     if cfg.finetune_dir:
         from .images import read_folder
@@ -28,12 +30,12 @@ def finetune_set(components, data, cfg, seed: int = 0):
     if not n_target:
         return benign
     idx = list(range(n_target))
-    target = data.forget.take(idx)
+    target = harmful.take(idx)
     keys = ("latents", "embeds", "ids", "pooled", "time_ids")
     import torch
 
     cat = {k: torch.cat([getattr(benign, k), target[k]]) for k in keys if getattr(benign, k) is not None and k in target}
-    return ImageSet(cat["latents"], cat["embeds"], cat["ids"], list(benign.prompts) + [data.forget.prompts[i] for i in idx],
+    return ImageSet(cat["latents"], cat["embeds"], cat["ids"], list(benign.prompts) + [harmful.prompts[i] for i in idx],
                     None, cat.get("pooled"), cat.get("time_ids"))
 
 

@@ -46,9 +46,13 @@ def test_the_attack_fine_tunes_every_weight():
 
 
 @pytest.mark.slow
-def test_resilience_benchmark_end_to_end(tmp_path):
+@pytest.mark.parametrize("harm_loss,hardened", [("relative", "inpo"), ("ncd", "ncd")])
+def test_resilience_benchmark_end_to_end(tmp_path, harm_loss, hardened):
+    """Every method and arm on the smoke profile; ResAlign and its control harden INPO's LoRA, or NCD's
+    (on NCD's tuples) with NCD's harm loss."""
     out = subprocess.run([sys.executable, "-m", "erasekit.bench", "resilience", "--profile", "smoke", "--threads", "1",
-                          "--harm-loss", "relative", "--resalign-steps", "3", "--out", str(tmp_path), "--json"], capture_output=True, text=True, timeout=1800)
+                          "--harm-loss", harm_loss, "--resalign-steps", "3", "--out", str(tmp_path), "--json"],
+                         capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("resalign_erase_rate", "resalign_preservation", "resalign_erase_after", "plain_erase_after",
@@ -58,6 +62,7 @@ def test_resilience_benchmark_end_to_end(tmp_path):
     for m in row["methods"].values():
         assert 0.0 <= m["erase_rate"] <= 1.0 and m["arms"]["d"]["erase_rate"].keys() == {"0", "2"}
         assert "lora_attack" in m
-    assert row["training"]["resalign"]["settings"]["init_lora"] == row["training"]["inpo"]["lora"]
+    assert row["hardened"] == hardened
     for name in ("plain", "resalign"):  # the overrides reach ResAlign and its control alike
-        assert row["training"][name]["settings"]["harm_loss"] == "relative" and row["training"][name]["steps"] == 3
+        assert row["training"][name]["settings"]["init_lora"] == row["training"][hardened]["lora"]
+        assert row["training"][name]["settings"]["harm_loss"] == harm_loss and row["training"][name]["steps"] == 3

@@ -317,8 +317,107 @@ def test_relative_harm_on_hand_computed_values():
     pred = torch.tensor([[[[1.0, 1.0]]], [[[3.0, 3.0]]]])  # e = 1, 9
     ref = torch.tensor([[[[1.0, 1.0]]], [[[1.0, 1.0]]]])  # e0 = 1, 1
     cfg = ResAlignConfig(harm_loss="relative", harm_cap=5.0)
-    got = relative_harm(pred.requires_grad_(True), target, ref, None, cfg)
+    got = relative_harm(pred.requires_grad_(True), target, ref, {}, cfg)
     want = -(0.0 + 5.0) / 2  # (1 - 1) / 1.001 = 0; (9 - 1) / 1.001 = 7.99 capped at 5
     assert abs(float(got) - want) < 1e-6
     (g,) = torch.autograd.grad(got, pred)
     assert g[1].abs().sum() == 0 and g[0].abs().sum() > 0  # past the cap the image pulls no more
+
+
+# ----------------------------------------------------------------------------- NCD's loss as the harm (Tab. 9)
+
+
+def ncd_tuples(comps, n=4):
+    """n rendered five-tuples: a green circle (safe) and three red circles under "a red circle"."""
+    from erasekit.erase.ncd_data import NcdData
+
+    safe = toy_scene_set(comps, [("green", "circle")], n, seed=0, masks=False)
+    harm = [toy_scene_set(comps, [("red", "circle")], n, seed=100 * j, masks=False) for j in (1, 2, 3)]
+    keep = toy_scene_set(comps, [("blue", "square")], n, seed=500, masks=False)
+    return NcdData("red circle", torch.stack([safe.latents] + [h.latents for h in harm], 1), harm[0].embeds,
+                   harm[0].ids, torch.tensor([[1.0, 0.0, 0.0, 0.0]] * n), torch.tensor([[0.0, 0.2, 0.1, 0.3]] * n),
+                   harm[0].prompts, safe.prompts, preserve=keep, preserved=["blue square"])
+
+
+def test_ncd_harm_is_l_mod_plus_lambda_l_pair_on_hand_computed_values():
+    """harm_loss "ncd": Eq. 10 rewards against the reference, Eq. 11 weights, Eq. 14 + 0.5 Eq. 18 (sum),
+    computed here from the formulas on per-candidate errors chosen by hand (B = 1, K = 4)."""
+    import math
+
+    from erasekit.erase.resalign import ncd_harm
+
+    target = torch.zeros(4, 1, 1, 1)
+    pred = torch.tensor([1.0, 2.0, 1.0, 3.0]).reshape(4, 1, 1, 1)  # err 1, 4, 1, 9
+    ref = torch.tensor([2.0, 1.0, 1.0, 1.0]).reshape(4, 1, 1, 1)  # err_ref 4, 1, 1, 1
+    extra = {"scores": torch.tensor([[1.0, 0.0, 0.0, 0.0]]), "harm": torch.tensor([[0.0, 0.5, 0.2, 0.9]])}
+    cfg = ResAlignConfig(harm_loss="ncd", ncd_beta=0.5)
+    got = float(ncd_harm(pred, target, ref, extra, cfg))
+    r = [0.25 * (4 - 1), 0.25 * (1 - 4), 0.0, 0.25 * (1 - 9)]  # (beta / 2)(err_ref - err)
+    ls = lambda u: -math.log1p(math.exp(-u))  # log sigma
+    e = [math.exp((1.01) / 0.1)] + [1.0] * 3  # softmax((s + 0.01 [i = 0]) / 0.1)
+    w = [x / sum(e) for x in e]
+    l_mod = -(sum(wi * ls(ri) for wi, ri in zip(w, r)) + sum(ls(-ri) for ri in r[1:]) / 4)
+    l_pair = -sum(ls(r[0] - ri) for ri in r[1:])
+    assert abs(got - (l_mod + 0.5 * l_pair)) < 1e-5
+
+
+def test_resalign_hardens_on_ncd_tuples(tmp_path, finetune_dir):
+    """harm_loss "ncd" trains on NCD's tuples: the harm and its post-fine-tune value are logged, the
+    hypergradient moves the weights, and D_FT takes its target images from the harmful candidates."""
+    from erasekit.erase.resalign_data import finetune_set
+
+    comps = tiny_components()
+    tuples = ncd_tuples(comps)
+    obj = objective(finetune_dir, small_pool(tmp_path), harm_loss="ncd", ncd_beta=90.0, finetune_target_share=0.5)
+    ft = finetune_set(comps, tuples, obj.config)
+    assert len(ft) == 6 + 3 and ft.prompts[-3:] == [tuples.prompts[0]] * 3
+    assert torch.equal(ft.latents[-3:], tuples.latents[:1, 1:].flatten(0, 1))  # tuple 0's three harmful images
+    result = train(config(tmp_path, steps=2), obj, tuples, tiny_components())
+    assert result.status == "done" and result.step == 2
+    rows = metrics(tmp_path / "run")
+    assert all(math_finite(r["harm"]) and math_finite(r["harm_star"]) and r["hyper_norm"] > 0 for r in rows)
+    control = train(config(tmp_path, "control", steps=2), objective(finetune_dir, "", harm_loss="ncd", beta=0.0), tuples,
+                    tiny_components())  # the same NCD harm without the fine-tune term
+    a, b = weights(result.checkpoint), weights(control.checkpoint)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def math_finite(x) -> bool:
+    return bool(torch.isfinite(torch.tensor(float(x))))
+
+
+def test_the_harm_loss_and_the_data_must_match(data, tmp_path, finetune_dir):
+    """NCD's loss needs tuples and the per-image losses need forget images: a mismatch (data made for
+    another harm loss) is refused with one sentence before any step."""
+    tuples = ncd_tuples(tiny_components())
+    with pytest.raises(ErasekitError, match="'inpo' trains on forget and preserve images, but the data holds NCD's"):
+        train(config(tmp_path, "a"), objective(finetune_dir, ""), tuples, tiny_components())
+    with pytest.raises(ErasekitError, match="'ncd' trains on NCD's five-tuples, but the data holds forget images"):
+        train(config(tmp_path, "b"), objective(finetune_dir, "", harm_loss="ncd"), data, tiny_components())
+
+
+def test_resalign_makes_the_data_its_harm_loss_needs(monkeypatch):
+    """The run's method settings choose ResAlign's data: NCD's tuples for harm_loss "ncd", else
+    INPO's forget and preserve sets."""
+    from erasekit.erase import data as data_mod, ncd_data
+
+    made = []
+    monkeypatch.setattr(ncd_data, "build_ncd_data", lambda *a, **k: made.append("tuples") or "T")
+    monkeypatch.setattr(data_mod, "build_erase_data", lambda *a, **k: made.append("sets") or "S")
+    m = methods.get("resalign")
+    assert m.build_data(None, "red circle", m.data_config(), method_config=ResAlignConfig(harm_loss="ncd")) == "T"
+    assert m.build_data(None, "red circle", m.data_config(), method_config=ResAlignConfig(harm_loss="inpo")) == "S"
+    assert m.build_data(None, "red circle", m.data_config()) == "S" and made == ["tuples", "sets", "sets"]
+
+
+def test_the_page_sends_the_harm_loss_only_when_chosen():
+    from trainer.arguments import build_parser
+    from trainer.runner import resolve
+    from trainer.work import train_argv
+
+    page = {"method": "resalign", "target": "red circle", "harm_loss": "preset"}
+    assert "--harm-loss" not in train_argv(page, "runs/ra")
+    argv = train_argv({**page, "harm_loss": "ncd"}, "runs/ra")
+    assert argv[argv.index("--harm-loss") + 1] == "ncd"
+    assert resolve(build_parser().parse_args(argv), "object", toy=True)["method"]["harm_loss"] == "ncd"
+    assert "--harm-loss" not in train_argv({**page, "method": "inpo", "harm_loss": "ncd"}, "runs/inpo")
