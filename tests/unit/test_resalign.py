@@ -399,7 +399,8 @@ def test_the_harm_loss_and_the_data_must_match(data, tmp_path, finetune_dir):
 def test_resalign_makes_the_data_its_harm_loss_needs(monkeypatch):
     """The run's method settings choose ResAlign's data: NCD's tuples for harm_loss "ncd", else
     INPO's forget and preserve sets."""
-    from erasekit.erase import data as data_mod, ncd_data
+    from erasekit.erase import data as data_mod
+    from erasekit.erase import ncd_data
 
     made = []
     monkeypatch.setattr(ncd_data, "build_ncd_data", lambda *a, **k: made.append("tuples") or "T")
