@@ -37,7 +37,7 @@ PROFILES = {
              "attack_seeds": (0, 1, 2), "lora_attack": True, "images_per_concept": 25, "resalign_steps": 160},
     "quick": {"prompts": 40, "benign_prompts": 24, "arms": ("b", "d"), "checkpoints": (50, 200), "attack_seeds": (0,),
               "lora_attack": False, "images_per_concept": 10, "resalign_steps": 60},
-    "arms": {"prompts": 40, "benign_prompts": 24, "arms": ("a", "b", "c", "d"), "checkpoints": (50, 200),
+    "arms": {"prompts": 40, "benign_prompts": 24, "arms": ("a", "b", "c", "d"), "checkpoints": (50, 100, 200),
              "attack_seeds": (0,), "lora_attack": True, "images_per_concept": 10, "resalign_steps": 60},
     "smoke": {"prompts": 6, "benign_prompts": 4, "arms": ("d",), "checkpoints": (2,), "attack_seeds": (0,),
               "lora_attack": True, "images_per_concept": 2, "resalign_steps": 2, "inpo_steps": 2, "forget_images": 4,
