@@ -143,8 +143,16 @@ def run_training(args, *, progress=None, cancel=None, log=None, prep=None):
     with writing_run(prep["config"].out, "training", log):
         data = method.build_data(prep["components"], prep["target"], prep["data_config"], log=log,
                                  method_config=prep["method_config"])
+        detector = None
+        if prep["config"].stop_when_erased:  # judged on drawn pictures where a detector knows the concept
+            from erasekit.erase.erase_check import detector_for
+
+            detector = detector_for(prep["components"], prep["target"])
+            cfg = prep["config"]
+            log(f"stop when erased: {cfg.erase_check_images} pictures judged by the {detector.name} every "
+                f"{cfg.erase_check_every} steps" if detector else "stop when erased: by the loss (no detector knows this concept)")
         return train(prep["config"], method.objective(prep["method_config"]), data, prep["components"],
-                     progress=progress, cancel=cancel, sections={"data": prep["data_config"]}, log=log)
+                     progress=progress, cancel=cancel, sections={"data": prep["data_config"]}, log=log, detector=detector)
 
 
 def writing_run(run_dir, what: str, log=None):

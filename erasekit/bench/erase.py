@@ -198,10 +198,12 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=rank or row.get("rank", 4), seed=seed,
                          targets=targets, batch_size=batch_size, stop_when_erased=stop_when_erased,
                          mode=mode or row.get("mode", "lora"), **extra,
-                         train_text_encoder=train_text_encoder, checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
+                         train_text_encoder=train_text_encoder, checkpoint_every=max(steps, 1), tensorboard=False, cpu=True,
+                         sample_prompts=[concept.text if kind == "character" else f"a {concept.text}"])
     t0 = time.time()
     objective = _objective(method, kind, inpo)
-    result = train(config, objective, data, comps)
+    # stop when erased: judged on drawn pictures by the toy judge (erase_check.py), as the trainer does on the toy model
+    result = train(config, objective, data, comps, detector=ToyJudge(concept) if stop_when_erased else None)
     train_seconds = time.time() - t0
     log(f"trained {result.step} steps in {train_seconds:.0f}s -> {result.lora}"
         + (f" (erased at step {result.erased_at})" if result.erased_at is not None else ""))

@@ -104,7 +104,10 @@ class TrainConfig:
     tensorboard: bool = True
     export: bool = True
     resume: bool = False
-    stop_when_erased: bool = False  # end the run once the objective says the concept is erased
+    stop_when_erased: bool = False  # end the run once the concept is erased: judged pictures, else the objective's rule
+    erase_check_every: int = 25  # stop_when_erased with a detector (erase_check.py): draw and judge every N steps ...
+    erase_check_images: int = 16  # ... this many pictures of the preview prompts ...
+    erase_check_share: float = 0.0  # ... and stop once at most this share of them shows the concept
     cpu: bool = False  # force the CPU even where an accelerator is present
 
 
@@ -143,16 +146,20 @@ def _check(config: TrainConfig) -> None:
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ErasekitError(f"Setting {key} = '{getattr(config, key)}' is not one of {', '.join(allowed)}.")
-    for key in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every", "keep_checkpoints"):
+    for key in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every", "keep_checkpoints", "erase_check_every",
+                "erase_check_images"):
         if int(getattr(config, key)) < 1:
             raise ErasekitError(f"Setting {key} = {getattr(config, key)} must be at least 1.")
+    if not 0.0 <= config.erase_check_share < 1.0:
+        raise ErasekitError(f"Setting erase_check_share = {config.erase_check_share} must be at least 0 and below 1 "
+                            "(the share of check pictures that may still show the concept).")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def train(config: TrainConfig, objective: Objective, data, components, *, progress=None, cancel=None,
-          sections: dict | None = None, log=None) -> RunResult:
+          sections: dict | None = None, log=None, detector=None) -> RunResult:
     """Fine-tune ``components`` (an :class:`erasekit.models.Components`) with ``objective`` on ``data``.
 
     Args:
@@ -161,7 +168,9 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
         cancel: a ``threading.Event`` or a callable; checked between steps. A cancelled run
             writes a checkpoint and returns with ``status == "cancelled"`` (resume continues it).
         sections: more tables for ``config.toml`` (e.g. ``{"data": DataConfig(...)}``).
-        log: where a line about the run folder goes (a stale lock taken over); default stderr.
+        log: where a line about the run folder goes (a stale lock taken over, an erasure check); default stderr.
+        detector: with ``config.stop_when_erased``, judge the concept on drawn pictures
+            (:mod:`.erase_check`) instead of the objective's loss rule.
     Raises:
         ErasekitError: a bad setting, a run folder another process writes (its ``.lock``), a
         checkpoint that does not fit, a loss that is not finite, or a write that failed (a full
@@ -177,11 +186,11 @@ def train(config: TrainConfig, objective: Objective, data, components, *, progre
                               cpu=config.cpu)
     # the main process writes the run folder: it holds the folder's lock for the whole run
     with run_lock(config.out, "training", log) if accelerator.is_main_process else nullcontext():
-        return _train(accelerator, config, objective, data, components, progress, cancel, sections, log)
+        return _train(accelerator, config, objective, data, components, progress, cancel, sections, log, detector)
 
 
 def _train(accelerator, config: TrainConfig, objective: Objective, data, components, progress, cancel, sections,
-           log) -> RunResult:
+           log, detector) -> RunResult:
     """:func:`train`'s body, with the run folder locked."""
     import numpy as np
     import torch
@@ -309,7 +318,8 @@ def _train(accelerator, config: TrainConfig, objective: Objective, data, compone
             if _on_any_process(accelerator, asked, device):  # all stop at the same step, or the rest would hang
                 status = "cancelled"
                 break
-            if config.stop_when_erased and _erased(accelerator, objective, history, device):
+            if config.stop_when_erased and _erased(accelerator, objective, history, device, detector,
+                                                   (components, config, prompts, step, log)):
                 erased_at = step
                 break
             sums = {}
@@ -418,12 +428,28 @@ def _to_device(batch, device):
     return batch.to(device) if hasattr(batch, "to") else batch
 
 
-def _erased(accelerator, objective, history, device) -> bool:
-    """The objective's verdict on the main process's history (the one metrics.jsonl keeps and a
-    resume reads back), shared with every process so that all stop at the same step."""
+def _erased(accelerator, objective, history, device, detector=None, check=None) -> bool:
+    """Whether the concept is gone, shared with every process so that all stop at the same step: with a
+    ``detector``, judged on pictures the main process draws every ``erase_check_every`` steps
+    (:mod:`.erase_check`); else the objective's verdict on the main process's history (the one
+    metrics.jsonl keeps and a resume reads back)."""
     import torch
 
-    flag = torch.tensor([int(bool(objective.erased(history)))], device=device)
+    if detector is not None:
+        components, config, prompts, step, log = check
+        gone = False
+        if step and step % config.erase_check_every == 0 and accelerator.is_main_process:
+            from .erase_check import check_erased
+
+            with accelerator.autocast():
+                found, n = check_erased(components, prompts, detector, config.erase_check_images,
+                                        config.sample_steps, config.sample_cfg)
+            gone = found <= config.erase_check_share * n
+            (log or _stderr)(f"step {step}: {found} of {n} check pictures show '{config.target}'"
+                           + (" - erased, the run ends here" if gone else ""))
+    else:
+        gone = objective.erased(history)
+    flag = torch.tensor([int(bool(gone))], device=device)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 

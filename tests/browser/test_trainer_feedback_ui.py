@@ -130,4 +130,5 @@ def test_each_method_shows_its_own_settings(browser, page_url):
     until(lambda: shown(browser, "resalign-settings") and not shown(browser, "ncd-settings"), 30, "ResAlign's settings alone")
     assert field(browser, "f-resalign_beta").get_attribute("value") == "0.8"
     assert "Harden this LoRA" in text(browser, "resalign-settings")
+    assert "ResAlign harm loss" in text(browser, "resalign-settings") and "trains on NCD's tuples" in text(browser, "resalign-settings")
     shot(browser, os.path.join(SCREENSHOTS, "trainer-feedback-resalign.png"), "resalign-settings")

@@ -22,6 +22,7 @@ from erasekit.erase.engine import (
 )
 from erasekit.erase.inpo import InpoObjective
 from erasekit.errors import ErasekitError
+from erasekit.eval.metrics import Finding
 from erasekit.tiny import toy_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -329,6 +330,59 @@ def test_stop_when_erased_ends_exports_and_stays_stopped_on_resume(data, tmp_pat
     # off (the default), the same objective trains every step
     full = train(config(tmp_path, "full", steps=5), ErasedAfter(3), data, tiny_components())
     assert full.step == 5 and full.erased_at is None
+
+
+class CleanAfter:
+    """A detector that finds the concept in every picture of its first ``n`` calls, then in none; it keeps
+    what it was shown."""
+
+    name = "test-detector"
+
+    def __init__(self, n):
+        self.n, self.calls = n, []
+
+    def __call__(self, images, metas=None):
+        self.calls.append([im.copy() for im in images])
+        return [Finding(len(self.calls) <= self.n)] * len(images)
+
+
+def test_stop_when_erased_with_a_detector_judges_drawn_pictures(data, tmp_path):
+    """With a detector the run draws erase_check_images pictures every erase_check_every steps and ends at
+    the first check where none shows the concept; the objective's loss rule is not asked (it would stop at 1)."""
+    detector, lines = CleanAfter(2), []
+    cfg = config(tmp_path, steps=20, checkpoint_every=4, stop_when_erased=True, erase_check_every=3, erase_check_images=5,
+                 sample_steps=2)
+    result = train(cfg, ErasedAfter(1), data, tiny_components(), detector=detector, log=lines.append)
+    assert result.status == "done" and result.erased_at == 9 and result.step == 9  # checks at 3, 6, 9
+    assert len(detector.calls) == 3 and all(len(c) == 5 for c in detector.calls)
+    assert all(im.dtype.name == "uint8" and im.ndim == 3 and im.shape[2] == 3 for im in detector.calls[0])
+    assert [ln for ln in lines if "check pictures" in ln] == [
+        "step 3: 5 of 5 check pictures show 'red circle'", "step 6: 5 of 5 check pictures show 'red circle'",
+        "step 9: 0 of 5 check pictures show 'red circle' - erased, the run ends here"]
+    # a share: 1 of 5 still showing it may pass
+    loose = train(config(tmp_path, "loose", steps=6, stop_when_erased=True, erase_check_every=2, erase_check_images=5,
+                         sample_steps=2, erase_check_share=0.2), InpoObjective(), data, tiny_components(),
+                  detector=lambda images, metas=None: [Finding(i == 0) for i in range(len(images))])  # 1 of 5
+    assert loose.erased_at == 2
+    with pytest.raises(ErasekitError, match="erase_check_share = 1.0 must be at least 0 and below 1"):
+        train(config(tmp_path, "bad", erase_check_share=1.0), InpoObjective(), data, tiny_components())
+
+
+def test_the_check_draws_the_same_pictures_each_time_and_knows_its_detectors():
+    from erasekit.erase.erase_check import check_erased, detector_for
+    from erasekit.eval.detectors import ToyJudge
+
+    comps = tiny_components()
+    a, b = CleanAfter(0), CleanAfter(0)
+    assert check_erased(comps, ["a red circle", "a blue square"], a, 3, 2, 3.0) == (0, 3)
+    check_erased(comps, ["a red circle", "a blue square"], b, 3, 2, 3.0)
+    assert all((x == y).all() for x, y in zip(a.calls[0], b.calls[0]))  # fixed seeds: a resumed run checks the same
+    assert isinstance(detector_for(comps, "red circle"), ToyJudge)  # the tiny model is a toy-architecture model
+    assert detector_for(comps, "a painting by someone") is None  # no detector knows it: the loss rule decides
+    import dataclasses
+
+    sd = dataclasses.replace(comps, architecture=None)  # another model: only nudity has a detector
+    assert detector_for(sd, "red circle") is None
 
 
 def test_inpo_counts_the_concept_erased_from_delta_s():

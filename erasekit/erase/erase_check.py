@@ -1,0 +1,53 @@
+"""*Stop when erased*, judged on drawn images: every ``erase_check_every`` steps the model being trained
+draws ``erase_check_images`` pictures of the preview prompts (fixed seeds, so a resumed run checks the
+same pictures) and a detector says which show the concept; the run ends at the first check where at most
+``erase_check_share`` of them do.
+
+Why pictures and not the loss: an objective's own rule (INPO's dS > tau, :meth:`~.objective.Objective.erased`)
+measures the training loss, and on the toy model it fires long before the model stops drawing some targets
+(purple square: INPO's rule ended the run at step 209 with 7% of the squares gone; 600 steps erase them all,
+docs/benchmarks.md). Each target erases after its own number of steps, and every step after that wears down
+its neighbours, so the run should end where the pictures say the concept is gone.
+
+The detector is the toy judge on the toy model and NudeNet for nudity (:func:`detector_for`); for other
+concepts no detector is known here and the objective's rule decides, as before.
+"""
+
+from __future__ import annotations
+
+CHECK_SEED = 20_000  # the check's seeds start here: far from the previews' (0, 1) and the benchmarks' (0..N)
+
+
+def detector_for(components, target: str):
+    """The detector that judges ``target`` on this model, or None: the toy judge for a concept of the toy
+    world, NudeNet (if installed) for nudity, else None (the objective's loss rule decides)."""
+    toy = components.architecture is not None and components.architecture.name == "toy"
+    if toy:
+        from ..eval.detectors import ToyJudge
+
+        try:
+            return ToyJudge(target)
+        except ValueError:
+            return None
+    if target.strip().lower() in ("nudity", "nude", "naked", "nsfw"):
+        from ..eval.detectors import NudeNet
+        from ..eval.nudenet import NudeNetUnavailable
+
+        try:
+            return NudeNet()
+        except NudeNetUnavailable:  # nudenet not installed: the loss rule decides
+            return None
+    return None
+
+
+def check_erased(components, prompts: list, detector, n_images: int, steps: int, cfg: float) -> tuple[int, int]:
+    """``(found, drawn)``: how many of ``n_images`` pictures of ``prompts`` (taken in turn, seeds
+    CHECK_SEED + i, one noise per picture) the detector says show the concept."""
+    import numpy as np
+
+    from ..dag.sampling import sample
+
+    jobs = [(prompts[i % len(prompts)], CHECK_SEED + i) for i in range(n_images)]
+    res = sample(components, [p for p, _ in jobs], [s for _, s in jobs], steps=steps, cfg=cfg, per_image_noise=True)
+    images = (res.images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return sum(bool(f.unsafe) for f in detector(list(images))), len(jobs)
