@@ -48,8 +48,11 @@ def train_command(args) -> int:
                  "residual", "guard")
         bar.set_postfix({k: f"{terms[k]:.4g}" for k in shown if k in terms}, refresh=True)
 
+    def log(line):  # above the progress bar, not through it
+        tqdm.write(line, file=sys.stderr)
+
     try:
-        result = run_training(args, progress=progress, cancel=cancel)
+        result = run_training(args, progress=progress, cancel=cancel, log=log)
     finally:
         if bar is not None:
             bar.close()
