@@ -108,6 +108,7 @@ class TrainConfig:
     erase_check_every: int = 25  # stop_when_erased with a detector (erase_check.py): draw and judge every N steps ...
     erase_check_images: int = 16  # ... this many pictures of the preview prompts ...
     erase_check_share: float = 0.0  # ... and stop once at most this share of them shows the concept
+    erase_check_prompts: list = field(default_factory=list)  # the check's prompts, in turn (default: the preview prompts)
     cpu: bool = False  # force the CPU even where an accelerator is present
 
 
@@ -442,8 +443,8 @@ def _erased(accelerator, objective, history, device, detector=None, check=None) 
             from .erase_check import check_erased
 
             with accelerator.autocast():
-                found, n = check_erased(components, prompts, detector, config.erase_check_images,
-                                        config.sample_steps, config.sample_cfg)
+                found, n = check_erased(components, config.erase_check_prompts or prompts, detector,
+                                        config.erase_check_images, config.sample_steps, config.sample_cfg)
             gone = found <= config.erase_check_share * n
             (log or _stderr)(f"step {step}: {found} of {n} check pictures show '{config.target}'"
                            + (" - erased, the run ends here" if gone else ""))

@@ -1,5 +1,6 @@
 """*Stop when erased*, judged on drawn images: every ``erase_check_every`` steps the model being trained
-draws ``erase_check_images`` pictures of the preview prompts (fixed seeds, so a resumed run checks the
+draws ``erase_check_images`` pictures of ``erase_check_prompts`` (on the toy model varied prompts of the
+concept, :func:`toy_check_prompts`; else the preview prompts; fixed seeds, so a resumed run checks the
 same pictures) and a detector says which show the concept; the run ends at the first check where at most
 ``erase_check_share`` of them do.
 
@@ -38,6 +39,16 @@ def detector_for(components, target: str):
         except NudeNetUnavailable:  # nudenet not installed: the loss rule decides
             return None
     return None
+
+
+def toy_check_prompts(target: str, n: int) -> list:
+    """n prompts of a toy concept as the benchmarks ask for it (alone, beside other objects, on other
+    backgrounds: :func:`~erasekit.toyworld.concepts.concept_prompts`), from a seed of their own. A concept
+    is often gone from "a purple square" before it is gone from "a purple square and a red star"."""
+    from ..toyworld.concepts import concept_prompts
+    from ..toyworld.vocab import parse_concept
+
+    return concept_prompts(parse_concept(target), n, 0, seed=CHECK_SEED)[0]
 
 
 def check_erased(components, prompts: list, detector, n_images: int, steps: int, cfg: float) -> tuple[int, int]:

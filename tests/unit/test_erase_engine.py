@@ -369,7 +369,7 @@ def test_stop_when_erased_with_a_detector_judges_drawn_pictures(data, tmp_path):
 
 
 def test_the_check_draws_the_same_pictures_each_time_and_knows_its_detectors():
-    from erasekit.erase.erase_check import check_erased, detector_for
+    from erasekit.erase.erase_check import check_erased, detector_for, toy_check_prompts
     from erasekit.eval.detectors import ToyJudge
 
     comps = tiny_components()
@@ -377,6 +377,9 @@ def test_the_check_draws_the_same_pictures_each_time_and_knows_its_detectors():
     assert check_erased(comps, ["a red circle", "a blue square"], a, 3, 2, 3.0) == (0, 3)
     check_erased(comps, ["a red circle", "a blue square"], b, 3, 2, 3.0)
     assert all((x == y).all() for x, y in zip(a.calls[0], b.calls[0]))  # fixed seeds: a resumed run checks the same
+    prompts = toy_check_prompts("purple square", 16)  # varied, as the benchmarks ask for the concept
+    assert len(prompts) == 16 and all("purple square" in p for p in prompts)
+    assert any(" and a " in p for p in prompts) and len(set(prompts)) > 8
     assert isinstance(detector_for(comps, "red circle"), ToyJudge)  # the tiny model is a toy-architecture model
     assert detector_for(comps, "a painting by someone") is None  # no detector knows it: the loss rule decides
     import dataclasses
