@@ -40,7 +40,7 @@ HELP = {
     "checkpoint_every": "Save progress every this many steps; Stop and Resume continue from the last save.",
     "seed": "Fixes the random choices, so the same settings give the same run.",
     "stop_when_erased": "End once the concept is gone; later steps mostly wear down what must be kept. Every 25 "
-                        "steps the model draws 16 pictures of the concept and a detector judges them (the toy "
+                        "steps (100 off the toy model) the model draws 16 pictures of the concept and a detector judges them (the toy "
                         "judge on the toy model, NudeNet for nudity); for other concepts the method's own rule "
                         "decides (INPO: Delta S above tau on a quarter of the last 20 steps). Resume: ticked turns "
                         "it on; unticked keeps the run's own setting.",

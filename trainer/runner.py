@@ -145,14 +145,15 @@ def run_training(args, *, progress=None, cancel=None, log=None, prep=None):
                                  method_config=prep["method_config"])
         detector = None
         if prep["config"].stop_when_erased:  # judged on drawn pictures where a detector knows the concept
-            from erasekit.erase.erase_check import detector_for, toy_check_prompts
+            from erasekit.erase.erase_check import check_interval, detector_for, toy_check_prompts
 
             detector = detector_for(prep["components"], prep["target"])
             cfg = prep["config"]
             if detector is not None and detector.name == "toy-judge" and not cfg.erase_check_prompts:
                 cfg.erase_check_prompts = toy_check_prompts(prep["target"], cfg.erase_check_images)
             log(f"stop when erased: {cfg.erase_check_images} pictures judged by the {detector.name} every "
-                f"{cfg.erase_check_every} steps" if detector else "stop when erased: by the loss (no detector knows this concept)")
+                f"{check_interval(cfg, prep['components'])} steps" if detector
+                else "stop when erased: by the loss (no detector knows this concept)")
         return train(prep["config"], method.objective(prep["method_config"]), data, prep["components"],
                      progress=progress, cancel=cancel, sections={"data": prep["data_config"]}, log=log, detector=detector)
 

@@ -105,7 +105,8 @@ class TrainConfig:
     export: bool = True
     resume: bool = False
     stop_when_erased: bool = False  # end the run once the concept is erased: judged pictures, else the objective's rule
-    erase_check_every: int = 25  # stop_when_erased with a detector (erase_check.py): draw and judge every N steps ...
+    erase_check_every: int = 0  # stop_when_erased with a detector (erase_check.py): draw and judge every N steps
+    # (0: 25 on the toy model; 100 elsewhere, where 16 pictures cost about as much as a hundred training steps) ...
     erase_check_images: int = 16  # ... this many pictures of the preview prompts ...
     erase_check_share: float = 0.0  # ... and stop once at most this share of them shows the concept
     erase_check_prompts: list = field(default_factory=list)  # the check's prompts, in turn (default: the preview prompts)
@@ -147,8 +148,9 @@ def _check(config: TrainConfig) -> None:
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ErasekitError(f"Setting {key} = '{getattr(config, key)}' is not one of {', '.join(allowed)}.")
-    for key in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every", "keep_checkpoints", "erase_check_every",
-                "erase_check_images"):
+    if int(config.erase_check_every) < 0:
+        raise ErasekitError(f"Setting erase_check_every = {config.erase_check_every} must be at least 0 (0: automatic).")
+    for key in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every", "keep_checkpoints", "erase_check_images"):
         if int(getattr(config, key)) < 1:
             raise ErasekitError(f"Setting {key} = {getattr(config, key)} must be at least 1.")
     if not 0.0 <= config.erase_check_share < 1.0:
@@ -439,7 +441,9 @@ def _erased(accelerator, objective, history, device, detector=None, check=None) 
     if detector is not None:
         components, config, prompts, step, log = check
         gone = False
-        if step and step % config.erase_check_every == 0 and accelerator.is_main_process:
+        from .erase_check import check_interval
+
+        if step and step % check_interval(config, components) == 0 and accelerator.is_main_process:
             from .erase_check import check_erased
 
             with accelerator.autocast():

@@ -369,7 +369,7 @@ def test_stop_when_erased_with_a_detector_judges_drawn_pictures(data, tmp_path):
 
 
 def test_the_check_draws_the_same_pictures_each_time_and_knows_its_detectors():
-    from erasekit.erase.erase_check import check_erased, detector_for, toy_check_prompts
+    from erasekit.erase.erase_check import check_erased, check_interval, detector_for, toy_check_prompts
     from erasekit.eval.detectors import ToyJudge
 
     comps = tiny_components()
@@ -386,6 +386,8 @@ def test_the_check_draws_the_same_pictures_each_time_and_knows_its_detectors():
 
     sd = dataclasses.replace(comps, architecture=None)  # another model: only nudity has a detector
     assert detector_for(sd, "red circle") is None
+    assert check_interval(TrainConfig(), comps) == 25 and check_interval(TrainConfig(), sd) == 100  # 0: automatic
+    assert check_interval(TrainConfig(erase_check_every=7), sd) == 7
 
 
 def test_inpo_counts_the_concept_erased_from_delta_s():
