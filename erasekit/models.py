@@ -40,6 +40,11 @@ class Components:
     def tokenizer(self):
         return self.tokenizers[0] if self.tokenizers else None
 
+    @property
+    def is_toy(self) -> bool:
+        """The toy world's model (its judge, rendered scenes and concept prompts apply)."""
+        return self.architecture is not None and self.architecture.name == "toy"
+
 
 def architecture_of_unet(unet, text_encoders=()) -> Architecture:
     """Architecture of a diffusers UNet in memory (the toy model is recognised by its config)."""

@@ -82,8 +82,8 @@ SIGNALS = {
     "inpo": Signal((Line("delta_s", "Delta S (how much less likely the concept became)", BLUE, ORANGE),), "Delta S",
                    "Erased looks like Delta S rising above the tau line and staying there: the LoRA now finds the "
                    "concept's images less likely than the base model did. Spikes up are the erasure working, not "
-                   "the training breaking; 'Stop when erased' ends a run once a quarter of the last 20 steps are "
-                   "above the line.", "Blue: each step; orange: smoothed; red: the tau line.",
+                   "the training breaking. 'Stop when erased' judges drawn pictures where a detector knows the "
+                   "concept; elsewhere it ends a run once a quarter of the last 20 steps are above the line.", "Blue: each step; orange: smoothed; red: the tau line.",
                    "tau", "tau (the margin)"),
     "ncd": Signal((Line("implicit_acc", "implicit accuracy (safe picture ahead)", PALE_BLUE, BLUE),
                    Line("sigma_r0", "sigma(r_0) (the safe picture's reward)", PALE_ORANGE, ORANGE)),

@@ -92,7 +92,7 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
         raise ErasekitError(f"The base model '{args.base}' does not exist; pass --base <a diffusers folder or a .safetensors "
                             "checkpoint> (the toy model is made by `python -m erasekit.toyworld train --out models/toy`).")
     components = models.load(str(args.base), config=args.model_config)
-    toy = components.architecture is not None and components.architecture.name == "toy"
+    toy = components.is_toy
 
     target = args.target or saved_setting(args, "target")
     if not target:
@@ -145,12 +145,10 @@ def run_training(args, *, progress=None, cancel=None, log=None, prep=None):
                                  method_config=prep["method_config"])
         detector = None
         if prep["config"].stop_when_erased:  # judged on drawn pictures where a detector knows the concept
-            from erasekit.erase.erase_check import check_interval, detector_for, toy_check_prompts
+            from erasekit.erase.erase_check import check_interval, detector_for
 
             detector = detector_for(prep["components"], prep["target"])
             cfg = prep["config"]
-            if detector is not None and detector.name == "toy-judge" and not cfg.erase_check_prompts:
-                cfg.erase_check_prompts = toy_check_prompts(prep["target"], cfg.erase_check_images)
             log(f"stop when erased: {cfg.erase_check_images} pictures judged by the {detector.name} every "
                 f"{check_interval(cfg, prep['components'])} steps" if detector
                 else "stop when erased: by the loss (no detector knows this concept)")
@@ -189,7 +187,7 @@ def run_guideline(args, *, progress=None, log=None):
         raise ErasekitError(f"The base model '{base}' does not exist; pass --base <a diffusers folder or a .safetensors "
                             "checkpoint>.")
     components = models.load(str(base), config=getattr(args, "model_config", None))
-    toy = components.architecture is not None and components.architecture.name == "toy"
+    toy = components.is_toy
     if not toy and not args.forget_dir:
         raise ErasekitError("Only the toy model can draw and mask its own training images; for this model pass "
                             "--forget-dir with images of the concept and their masks (name.png + name_mask.png).")

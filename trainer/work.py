@@ -378,7 +378,7 @@ def check_job(run_dir: Path, seeds: int = 4, steps: int = 20, cfg: float = 3.0, 
         target, base = train.get("target", ""), train.get("base", "")
         job.log(f"loading {base} and {made.name}")
         comps = models.load(base)
-        toy = comps.architecture is not None and comps.architecture.name == "toy"
+        toy = comps.is_toy
         prompts = check_prompts(target, toy)
         seed_list = list(range(int(seeds)))
         flat_p = [p for _, p, _ in prompts for _ in seed_list]

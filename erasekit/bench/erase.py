@@ -164,7 +164,6 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     from .. import models
     from ..erase import methods
     from ..erase.engine import TrainConfig, train
-    from ..erase.erase_check import toy_check_prompts
     from ..eval.detectors import ToyJudge
     from ..eval.draw import draw_and_judge
     from ..toyworld.concepts import concept_prompts
@@ -199,9 +198,7 @@ def bench_erase(method: str = "inpo", target: str = "red circle", n_prompts: int
     config = TrainConfig(out=run_dir, target=concept.text, steps=steps, lr=lr, rank=rank or row.get("rank", 4), seed=seed,
                          targets=targets, batch_size=batch_size, stop_when_erased=stop_when_erased,
                          mode=mode or row.get("mode", "lora"), **extra,
-                         train_text_encoder=train_text_encoder, checkpoint_every=max(steps, 1), tensorboard=False, cpu=True,
-                         sample_prompts=[concept.text if kind == "character" else f"a {concept.text}"],
-                         erase_check_prompts=toy_check_prompts(concept.text, 16) if stop_when_erased else [])
+                         train_text_encoder=train_text_encoder, checkpoint_every=max(steps, 1), tensorboard=False, cpu=True)
     t0 = time.time()
     objective = _objective(method, kind, inpo)
     # stop when erased: judged on drawn pictures by the toy judge (erase_check.py), as the trainer does on the toy model

@@ -157,7 +157,7 @@ def build_erase_data(components, target: str, config: DataConfig | None = None, 
         if data is not None and data.key == key:
             log(f"data: {len(data.forget)} forget / {len(data.preserve or ())} preserve images from {config.cache}")
             return data
-    toy = components.architecture is not None and components.architecture.name == "toy"
+    toy = components.is_toy
     concept = resolve_concept(target) if toy else None
     # The mask source is settled before any image is drawn: a missing NudeNet or a guideline of the wrong
     # width must not cost a sampling run. The toy judge's exact masks serve generated toy images, unless a

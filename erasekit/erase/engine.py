@@ -109,7 +109,7 @@ class TrainConfig:
     # (0: 25 on the toy model; 100 elsewhere, where 16 pictures cost about as much as a hundred training steps) ...
     erase_check_images: int = 16  # ... this many pictures of the preview prompts ...
     erase_check_share: float = 0.0  # ... and stop once at most this share of them shows the concept
-    erase_check_prompts: list = field(default_factory=list)  # the check's prompts, in turn (default: the preview prompts)
+    erase_check_prompts: list = field(default_factory=list)  # the check's prompts, in turn (default: erase_check.check_prompts)
     cpu: bool = False  # force the CPU even where an accelerator is present
 
 
@@ -439,15 +439,13 @@ def _erased(accelerator, objective, history, device, detector=None, check=None) 
     import torch
 
     if detector is not None:
+        from .erase_check import check_erased, check_interval, check_prompts
+
         components, config, prompts, step, log = check
         gone = False
-        from .erase_check import check_interval
-
         if step and step % check_interval(config, components) == 0 and accelerator.is_main_process:
-            from .erase_check import check_erased
-
             with accelerator.autocast():
-                found, n = check_erased(components, config.erase_check_prompts or prompts, detector,
+                found, n = check_erased(components, check_prompts(config, components, prompts), detector,
                                         config.erase_check_images, config.sample_steps, config.sample_cfg)
             gone = found <= config.erase_check_share * n
             (log or _stderr)(f"step {step}: {found} of {n} check pictures show '{config.target}'"

@@ -25,15 +25,13 @@ def check_interval(config, components) -> int:
     as a hundred training steps)."""
     if config.erase_check_every:
         return int(config.erase_check_every)
-    toy = components.architecture is not None and components.architecture.name == "toy"
-    return 25 if toy else 100
+    return 25 if components.is_toy else 100
 
 
 def detector_for(components, target: str):
     """The detector that judges ``target`` on this model, or None: the toy judge for a concept of the toy
     world, NudeNet (if installed) for nudity, else None (the objective's loss rule decides)."""
-    toy = components.architecture is not None and components.architecture.name == "toy"
-    if toy:
+    if components.is_toy:
         from ..eval.detectors import ToyJudge
 
         try:
@@ -49,6 +47,16 @@ def detector_for(components, target: str):
         except NudeNetUnavailable:  # nudenet not installed: the loss rule decides
             return None
     return None
+
+
+def check_prompts(config, components, preview_prompts: list) -> list:
+    """The check's prompts: ``config.erase_check_prompts``; where empty, on the toy model the concept in varied
+    prompts (:func:`toy_check_prompts`), elsewhere the preview prompts."""
+    if config.erase_check_prompts:
+        return list(config.erase_check_prompts)
+    if components.is_toy:  # the toy judge knows the concept, so the toy world has its prompts
+        return toy_check_prompts(config.target, config.erase_check_images)
+    return preview_prompts
 
 
 def toy_check_prompts(target: str, n: int) -> list:

@@ -195,6 +195,20 @@ def tuple_candidates(tup: dict, ctx) -> tuple[dict, object, object]:
     return cands, noise.flatten(0, 1), t.flatten()
 
 
+def tuple_batch(tup: dict, preserve: dict | None, ctx):
+    """The candidates of :func:`tuple_candidates`, then ``preserve`` images (or None) drawing their own
+    noise and t, as one batch: ``(candidates, both, noise, t)``."""
+    import torch
+
+    from .objective import join_parts
+
+    cands, noise, t = tuple_candidates(tup, ctx)
+    if preserve is None:
+        return cands, cands, noise, t
+    pn, pt = ctx.noise_and_timesteps(preserve["latents"])
+    return cands, join_parts([cands, preserve]), torch.cat([noise, pn]), torch.cat([t, pt])
+
+
 def tuple_terms(pred, pred_ref, target, scores, harm, cfg: NcdConfig) -> dict:
     """Eq. 10-20 on the predictions for the B K candidates (flattened as :func:`tuple_candidates`):
     ``r`` [B, K], ``err`` [B, K] (the trained model's squared errors), ``mod`` (Eq. 14 or 15) and ``pair``
@@ -224,17 +238,11 @@ class NcdObjective(Objective):
         import torch
 
         from .inpo import prior_loss
-        from .objective import join_parts
 
         cfg = self.config
         tup = batch["tuples"]
-        cands, noise, t = tuple_candidates(tup, ctx)
         preserve = batch.get("preserve") if cfg.lambda_prior > 0 else None
-        parts = [cands] + ([preserve] if preserve is not None else [])
-        both = join_parts(parts)
-        if preserve is not None:  # the preserve images draw their own noise and t
-            pn, pt = ctx.noise_and_timesteps(preserve["latents"])
-            noise, t = torch.cat([noise, pn]), torch.cat([t, pt])
+        cands, both, noise, t = tuple_batch(tup, preserve, ctx)
         noisy = ctx.add_noise(both["latents"], noise, t)
         target = ctx.target(both["latents"], noise, t)
         pred = unet(noisy, t, **ctx.unet_inputs(both)).sample

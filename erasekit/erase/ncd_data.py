@@ -135,7 +135,7 @@ def build_ncd_data(components, target: str, config: DataConfig | None = None, *,
         if data is not None and data.key == key:
             log(f"data: {len(data)} tuples, {len(data.preserve or ())} preserve images from {config.cache}")
             return data
-    toy = components.architecture is not None and components.architecture.name == "toy"
+    toy = components.is_toy
     concept = resolve_concept(target) if toy else None
     drawn = 0 if config.forget_dir or concept is None else config.forget_images * (HARMFUL + 1)
     total = drawn + (0 if config.preserve_dir else len(_preserve_plan(concept, config)[1]))

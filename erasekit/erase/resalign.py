@@ -338,15 +338,11 @@ class ResAlignObjective(Objective):
         harm_fn = HARM_LOSSES[cfg.harm_loss]
         preserve = batch.get("preserve")
         if "tuples" in batch:  # NCD's five-tuples: the K candidates of a tuple share noise and t
-            from .ncd import tuple_candidates
+            from .ncd import tuple_batch
 
             tup = batch["tuples"]
-            forget, noise, t = tuple_candidates(tup, ctx)
+            forget, both, noise, t = tuple_batch(tup, preserve, ctx)
             extra = {"scores": tup["scores"], "harm": tup["harm"]}
-            if preserve is not None:  # the preserve images draw their own noise and t
-                pn, pt = ctx.noise_and_timesteps(preserve["latents"])
-                noise, t = torch.cat([noise, pn]), torch.cat([t, pt])
-            both = join_parts([forget] + ([preserve] if preserve is not None else []))
         else:
             forget = batch["forget"]
             extra = {"mask": forget.get("masks")}

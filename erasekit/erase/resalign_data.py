@@ -16,7 +16,7 @@ def finetune_set(components, data, cfg, seed: int = 0):
     n = int(cfg.finetune_images)
     harmful = data.forget if hasattr(data, "forget") else data.harmful_set()  # NCD's tuples: their harmful candidates
     n_target = min(int(round(n * cfg.finetune_target_share)), len(harmful)) if n else 0
-    toy = components.architecture is not None and components.architecture.name == "toy"
+    toy = components.is_toy
     if cfg.finetune_dir:
         from .images import read_folder
 

@@ -81,7 +81,7 @@ def run(cfg: EvalConfig) -> dict:
     rows = read_prompts(cfg.prompts)[: cfg.limit or None]
     t_load = time.perf_counter()
     base, erased, emb, lora_meta = _load_models(cfg)
-    toy = base.architecture is not None and base.architecture.name == "toy"
+    toy = base.is_toy
     sampler = {**(TOY_SAMPLER if toy else SD_SAMPLER), **{k: v for k, v in (("steps", cfg.steps), ("cfg", cfg.cfg)) if v is not None}}
     detector = _detector(cfg, toy, emb, lora_meta, base.architecture)
     scorer = None

@@ -15,22 +15,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCREENSHOTS = os.path.join(REPO, "out", "screenshots")
 
 
-@pytest.fixture(scope="module")
-def trainer_url(tmp_path_factory):
-    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+def _serve(tmp, base):
+    """The trainer page on ``base``, one torch thread, runs under ``tmp/runs``: yields (url, runs folder)."""
     from trainer.app import TrainerApp
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("trainer-ui")
-    save_toy_pipeline(build_toy_pipeline(0, tiny=True), tmp / "toy")
-    demo = TrainerApp(tmp / "runs", base=str(tmp / "toy"), threads=1).build()
+    demo = TrainerApp(tmp / "runs", base=str(base), threads=1).build()
     demo.launch(prevent_thread_lock=True, quiet=True)
     try:
         yield demo.local_url, tmp / "runs"
     finally:
         demo.close()
         torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trainer_url(tmp_path_factory):
+    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+
+    tmp = tmp_path_factory.mktemp("trainer-ui")
+    save_toy_pipeline(build_toy_pipeline(0, tiny=True), tmp / "toy")
+    yield from _serve(tmp, tmp / "toy")
 
 
 def _shot(browser, name, elem_id=None):
@@ -124,19 +130,9 @@ def test_click_through_data_train_check_export(browser, trainer_url):
 def toy_trainer_url(tmp_path_factory):
     """The page on the bundled toy model: NCD keeps only the tuples whose pictures the judge confirms
     (three of the concept, one redrawn without it), which a random model does not draw."""
-    from trainer.app import TrainerApp
     from trainer.runner import DEFAULT_BASE
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("trainer-ui-ncd")
-    demo = TrainerApp(tmp / "runs", base=str(DEFAULT_BASE), threads=1).build()
-    demo.launch(prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo.local_url, tmp / "runs"
-    finally:
-        demo.close()
-        torch.set_num_threads(n)
+    yield from _serve(tmp_path_factory.mktemp("trainer-ui-ncd"), DEFAULT_BASE)
 
 
 def test_ncd_from_the_page_data_train_check_export(browser, toy_trainer_url):
