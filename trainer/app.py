@@ -206,21 +206,24 @@ class TrainerApp(ReviewHandlers):
         return inpo_preset(preset or "object")["steps"], inpo_images if n in (0, GUIDELINE_IMAGES) else n
 
     def method_view(self, method, base=None):
-        """(learning rate, NCD's settings, ResAlign's settings shown or hidden, beta, lambda_prior) for the
-        method: its preset's learning rate (NCD on a real model: the paper's 1e-6 for the full UNet), each
-        method's row only with it; NCD's beta and the method's lambda_prior from its preset (the toy tuning's
-        on the toy model, the paper's elsewhere: NCD 0), so the page sends those rather than another method's."""
+        """(learning rate, NCD's settings, ResAlign's settings shown or hidden, beta, lambda_prior, batch size,
+        stop when erased) for the method: its preset's learning rate (NCD on a real model: the paper's 1e-6 for
+        the full UNet), each method's row only with it; NCD's beta and the method's lambda_prior from its preset
+        (the toy tuning's on the toy model, the paper's elsewhere: NCD 0), so the page sends those rather than
+        another method's; the batch size and *Stop when erased* of its preset (the engine's 1 and off where
+        it names none: ResAlign's toy tuning has 4 and on)."""
         import gradio as gr
 
         from erasekit.erase import methods
 
         if method not in methods.METHODS:  # the guideline tokens keep the field as it is
-            return gr.skip(), gr.update(visible=False), gr.update(visible=False), gr.skip(), gr.skip()
+            return gr.skip(), gr.update(visible=False), gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         train_row, method_row = methods.get(method).preset("object", toy=self._is_toy(base or self.base))
         ncd = method == "ncd"
         return (train_row.get("lr", 1e-4), gr.update(visible=ncd), gr.update(visible=method == "resalign"),
                 method_row.get("beta", gr.skip()) if ncd else gr.skip(),
-                method_row.get("lambda_prior", 0.0 if ncd else gr.skip()))
+                method_row.get("lambda_prior", 0.0 if ncd else gr.skip()), train_row.get("batch_size", 1),
+                train_row.get("stop_when_erased", False))
 
     def suggest_preserve(self, target, neighbours, unrelated):
         import gradio as gr

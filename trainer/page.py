@@ -228,8 +228,9 @@ def build_page(app):
             api_name="concept_type")
         comps["method"].input(app.method_changed, [comps["method"], comps["forget_images"], comps["preset"]],
                               [comps["steps"], comps["forget_images"]], api_name="method")
-        comps["method"].input(app.method_view, [comps["method"], comps["base"]], [comps["lr"], ncd_row, resalign_row, comps["beta"],
-                                                                                 comps["lambda_prior"]], api_name=False)
+        comps["method"].input(app.method_view, [comps["method"], comps["base"]],
+                              [comps["lr"], ncd_row, resalign_row, comps["beta"], comps["lambda_prior"], comps["batch_size"],
+                               comps["stop_when_erased"]], api_name=False)
         comps["preset"].input(app.preset_changed, [comps["preset"], comps["base"]],
                               [comps[k] for k in ("steps", "rank", "eta", "gamma", "tau", "lambda_prior")],
                               api_name="preset")

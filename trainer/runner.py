@@ -44,6 +44,7 @@ def resolve(args, kind: str | None, toy: bool = False) -> dict:
     train_row, method_row = method.preset(args.preset or kind or "object", toy=toy)
     tables["train"].update(train_row)
     tables["method"].update(method_row)
+    explicit = set()  # train settings a file or a flag gave (not the preset)
     files = ([os.path.join(args.out, "config.toml")] if args.resume and os.path.isfile(os.path.join(args.out, "config.toml")) else [])
     files += [args.config] if args.config else []
     for path in files:
@@ -55,9 +56,11 @@ def resolve(args, kind: str | None, toy: bool = False) -> dict:
             if table not in tables:
                 raise ErasekitError(f"Unknown table [{name}] in '{path}'; expected [train], [{args.method}] and [data].")
             tables[table].update(values)
+            explicit.update(values if table == "train" else ())
     for attr, (table, key) in FLAGS.items():
         if getattr(args, attr, None) is not None:
             tables[table][key] = getattr(args, attr)
+            explicit.update([key] if table == "train" else [])
     for flag in methods.all_flags().values():
         if getattr(args, flag.key, None) is None:
             continue
@@ -66,6 +69,12 @@ def resolve(args, kind: str | None, toy: bool = False) -> dict:
             raise ErasekitError(f"--{flag.flag} is a setting of {owners}, not of {args.method.upper()}; leave it out or "
                                 f"pick --method {methods.methods_with_flag(flag.flag)[0]}.")
         tables["method"][flag.key] = getattr(args, flag.key)
+    if tables["method"].get("init_lora"):  # harden this LoRA: the layers and rank it has, HARDEN's steps, unless told otherwise
+        from erasekit.erase.resalign import HARDEN
+        from erasekit.erase.resalign_data import lora_layout
+
+        layout = lora_layout(tables["method"]["init_lora"]) if os.path.isfile(tables["method"]["init_lora"]) else {}
+        tables["train"].update({k: v for k, v in {**HARDEN, **layout}.items() if k not in explicit})
     if getattr(args, "seed", None) is not None:  # --seed also draws the data (which prompts, which seeds)
         tables["data"]["seed"] = args.seed
     tables["train"].update(out=args.out, base=str(args.base), resume=bool(args.resume))

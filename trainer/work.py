@@ -66,6 +66,8 @@ def train_argv(s: dict, out: str, resume: bool = False, config: str | None = Non
     for key in ("gradient_checkpointing", "cpu", "stop_when_erased") + (("nca",) if "nca" in own else ()):
         if s.get(key):
             argv.append(f"--{key.replace('_', '-')}")
+    if s.get("stop_when_erased") is False and not resume:  # unticked: off, even where the preset has it on
+        argv.append("--no-stop-when-erased")
     return argv
 
 

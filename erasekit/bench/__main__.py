@@ -134,11 +134,14 @@ def main(argv=None) -> None:
     z.add_argument("--pool", default="", help="ResAlign's pool of simulated fine-tunes (TOML; default: the built-in one)")
     z.add_argument("--configs", type=int, default=None, help="ResAlign's J (default: the toy tuning's 1; the paper 3)")
     z.add_argument("--iterations", type=int, default=None, help="ResAlign's K (default: the toy tuning's 3; the paper 5)")
-    z.add_argument("--harm-loss", default=None, help="ResAlign's harm loss: ga, inpo (the toy tuning's), relative, or "
+    z.add_argument("--harm-loss", default=None, help="ResAlign's harm loss: ga, inpo, relative (the toy tuning's), or "
                    "ncd (then plain and ResAlign harden NCD's LoRA on NCD's tuples)")
     z.add_argument("--harm-cap", type=float, default=None, help="ResAlign's cap of the relative harm (5)")
     z.add_argument("--alpha-r", type=float, default=None, help="ResAlign's weight of the preservation term (toy: 35)")
-    z.add_argument("--resalign-steps", type=int, default=None, help="outer steps of ResAlign and the control (default: the profile's)")
+    z.add_argument("--resalign-steps", type=int, default=None,
+                   help="outer steps of ResAlign and the control (default: the toy tuning's; hardening: the profile's)")
+    z.add_argument("--harden", choices=("inpo", "ncd", "none"), default=None,
+                   help="ResAlign and the control start from this method's LoRA (default: ncd with --harm-loss ncd, else none)")
     z.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     z.add_argument("--out", default="out/bench/resilience")
     z.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
@@ -188,7 +191,8 @@ def main(argv=None) -> None:
         if a.alpha_r is not None:  # a constant weight of R, as the toy tuning's
             resalign.update(alpha_r=a.alpha_r, alpha_r_end=a.alpha_r)
         print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,
-                                          a.seed, a.pool, resalign, log=log, resalign_steps=a.resalign_steps)))
+                                          a.seed, a.pool, resalign, log=log, resalign_steps=a.resalign_steps,
+                                          harden={None: "auto", "none": None}.get(a.harden, a.harden))))
     if a.which == "lora-roundtrip":
         from .lora import bench_lora_roundtrip
 

@@ -66,12 +66,17 @@ PRESETS = {
     "style": {"steps": 160, "lr": 2e-4, "rank": 4},
     "nsfw": {"steps": 160, "lr": 2e-4, "rank": 4},
 }
-# The toy model: the LoRA where INPO's toy tuning puts it, INPO's bounded harm loss, learning rate,
-# steps and prior weight (inpo.TOY_TUNING: what keeps the neighbours on this model), one simulated
-# fine-tune of up to 10 steps and K = 3 per outer step (Tab. 7: J = 1 still works) so a run fits the
-# CPU. Chosen, not tuned: the resilience benchmark measures it (docs/benchmarks.md).
-TOY_TUNING = {"targets": "feed-forward", "lr": 2e-4, "harm_loss": "inpo", "alpha_r": 35.0, "alpha_r_end": 35.0,
-              "steps": 300, "configs": 1, "iterations": 3, "ncd_beta": 90.0}
+# The toy model: a LoRA on the cross-attention layers from the base model, the relative harm capped
+# at 100 with a heavy preservation weight, batch 4, and the run ends at the first check (every 25 steps)
+# whose 16 drawn pictures show no target (stop when erased: the erasure takes off after a number of
+# steps that varies with target and seed); one simulated fine-tune of up to 10 steps and K = 3 per
+# outer step (Tab. 7: J = 1 still works) so a run fits the CPU. Measured: docs/benchmarks.md.
+TOY_TUNING = {"targets": "cross-attention", "lr": 3e-4, "batch_size": 4, "harm_loss": "relative", "harm_cap": 100.0,
+              "alpha_r": 1000.0, "alpha_r_end": 1000.0, "steps": 900, "stop_when_erased": True, "configs": 1,
+              "iterations": 3, "ncd_beta": 90.0}
+# Hardening an existing erasure LoRA (``init_lora``) starts erased: the paper's number of outer steps,
+# without the check (its first would end the run), on the layers and rank of the file (trainer.runner).
+HARDEN = {"steps": 160, "stop_when_erased": False}
 PRESET_OF_KIND = {"object": "object", "colour": "object", "shape": "object", "character": "character",
                   "style": "style"}
 OPTIMIZERS, LOSSES = ("sgd", "adam"), ("plain", "prior")

@@ -59,6 +59,25 @@ def _rendered_benign(components, target: str, n: int, seed: int):
     return make_image_set(components, images, [s.caption for s in scenes])
 
 
+def lora_layout(path: str) -> dict:
+    """The ``targets`` and ``rank`` a run needs to continue an erasure LoRA file ("harden this LoRA"):
+    its UNet layers as peft module-name suffixes (the part after ``transformer_blocks.<i>.``, else the
+    whole name) and its rank. Refused with one sentence when the file has no UNet layers or mixes ranks."""
+    import re
+
+    from ..lora_io import load_lora
+
+    lora, _ = load_lora(path)
+    layers = {k.removeprefix("unet."): w for k, w in lora.items() if k.startswith("unet.")}
+    if not layers:
+        raise ErasekitError(f"The LoRA '{path}' changes no UNet layer; ResAlign hardens UNet erasure LoRAs.")
+    ranks = sorted({w.rank for w in layers.values()})
+    if len(ranks) > 1:
+        raise ErasekitError(f"The LoRA '{path}' mixes ranks {ranks}; ResAlign continues a LoRA of one rank.")
+    suffixes = sorted({re.split(r"transformer_blocks\.\d+\.", name)[-1] for name in layers})
+    return {"targets": ",".join(suffixes), "rank": ranks[0]}
+
+
 def load_into(path: str, trainable: dict, train_config) -> int:
     """Copy an erasure LoRA file (kohya or PEFT) into the trainable adapter, as the same weight
     change at this run's scale (alpha / rank); the ranks and layers must be the run's own."""

@@ -45,11 +45,37 @@ def test_the_attack_fine_tunes_every_weight():
     assert len(moved) > 0.9 * len(before)
 
 
+def test_deviation_is_the_mean_squared_change_of_the_noise_prediction():
+    import copy
+
+    from diffusers import DDPMScheduler
+
+    from erasekit import models
+    from erasekit.bench.resilience import deviation, encode_scenes
+    from erasekit.toyworld.model import build_toy_pipeline
+
+    pipe = build_toy_pipeline(0, tiny=True)
+    comps = models.from_modules(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler)
+    data = encode_scenes(comps, arm_scenes(parse_concept("red circle"), "a", 4))
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    base = pipe.unet.eval()
+    assert deviation(copy.deepcopy(base), base, data, sched, n=8) == 0.0
+    shifted = copy.deepcopy(base)
+    with torch.no_grad():
+        shifted.conv_out.bias += 0.1  # every predicted value moves by exactly 0.1
+    assert deviation(shifted, base, data, sched, n=8) == pytest.approx(0.01, rel=1e-4)
+    moved = copy.deepcopy(base)
+    with torch.no_grad():
+        moved.conv_in.weight.mul_(1.5)
+    first = deviation(moved, base, data, sched, n=8)
+    assert first > 0 and deviation(moved, base, data, sched, n=8) == first  # the same images, noise and t each time
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("harm_loss,hardened", [("relative", "inpo"), ("ncd", "ncd")])
+@pytest.mark.parametrize("harm_loss,hardened", [("relative", None), ("ncd", "ncd")])
 def test_resilience_benchmark_end_to_end(tmp_path, harm_loss, hardened):
-    """Every method and arm on the smoke profile; ResAlign and its control harden INPO's LoRA, or NCD's
-    (on NCD's tuples) with NCD's harm loss."""
+    """Every method and arm on the smoke profile; ResAlign and its control erase from the base model with
+    the toy tuning, or with NCD's harm loss harden NCD's LoRA (on NCD's tuples, its layers and rank)."""
     out = subprocess.run([sys.executable, "-m", "erasekit.bench", "resilience", "--profile", "smoke", "--threads", "1",
                           "--harm-loss", harm_loss, "--resalign-steps", "3", "--out", str(tmp_path), "--json"],
                          capture_output=True, text=True, timeout=1800)
@@ -62,7 +88,13 @@ def test_resilience_benchmark_end_to_end(tmp_path, harm_loss, hardened):
     for m in row["methods"].values():
         assert 0.0 <= m["erase_rate"] <= 1.0 and m["arms"]["d"]["erase_rate"].keys() == {"0", "2"}
         assert "lora_attack" in m
+        assert m["deviation"].keys() == {"target", "d"} and min(m["deviation"].values()) >= 0  # on the target and arm d
     assert row["hardened"] == hardened
     for name in ("plain", "resalign"):  # the overrides reach ResAlign and its control alike
-        assert row["training"][name]["settings"]["init_lora"] == row["training"][hardened]["lora"]
-        assert row["training"][name]["settings"]["harm_loss"] == harm_loss and row["training"][name]["steps"] == 3
+        settings = row["training"][name]["settings"]
+        assert settings["harm_loss"] == harm_loss and row["training"][name]["steps"] == 3
+        if hardened:
+            assert settings["init_lora"] == row["training"][hardened]["lora"]
+            assert settings["targets"] == "ff.net.0.proj,ff.net.2" and settings["stop_when_erased"] is False
+        else:
+            assert "init_lora" not in settings and settings["targets"] == "cross-attention"

@@ -587,15 +587,19 @@ def test_trainer_page_trains_ncd_with_its_settings(tmp_path):
     assert "ncd" in dict((v, k) for k, v in METHODS)
     save_toy_pipeline(build_toy_pipeline(0, tiny=True), tmp_path / "toy")
     app = TrainerApp(tmp_path / "runs", base=str(tmp_path / "toy"), threads=1)
-    lr, row, resalign_row, beta, lambda_prior = app.method_view("ncd", "/not/a/toy")
+    lr, row, resalign_row, beta, lambda_prior, batch, stop = app.method_view("ncd", "/not/a/toy")
+    from erasekit.erase import methods
+
+    assert (batch, stop) == (methods.get("ncd").preset("object")[0]["batch_size"], False)  # the paper's batch, no check
     assert lr == 1e-6 and row["visible"] is True and resalign_row["visible"] is False  # the paper's full-UNet lr
     assert (beta, lambda_prior) == (2000.0, 0.0)  # the paper's beta, no preservation term
     toy_view = app.method_view("ncd", str(tmp_path / "toy"))  # the toy tuning's, not the page's INPO defaults
-    assert toy_view[3:] == (preset("object", toy=True)["beta"], preset("object", toy=True)["lambda_prior"])
+    assert toy_view[3:5] == (preset("object", toy=True)["beta"], preset("object", toy=True)["lambda_prior"])
     assert toy_view[3] != 2000.0
     assert app.method_view("inpo", str(tmp_path / "toy"))[1]["visible"] is False
     assert app.method_view("inpo", "/not/a/toy")[4] == 0.6  # back to INPO: its own lambda_prior (Alg. 1)
-    assert app.method_view("resalign", str(tmp_path / "toy"))[2]["visible"] is True
+    resalign_view = app.method_view("resalign", str(tmp_path / "toy"))
+    assert resalign_view[2]["visible"] is True and resalign_view[5:] == (4, True)  # ResAlign's toy tuning
     argv = train_argv({"method": "ncd", "eta": 2.0, "beta": 500.0, "nca": True, "anchor": "green circle",
                        "lambda_prior": 3.0}, "out")
     assert "--eta" not in argv and argv[argv.index("--beta") + 1] == "500.0" and "--nca" in argv

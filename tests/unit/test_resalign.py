@@ -255,7 +255,8 @@ def test_what_v1_does_not_do_is_refused_with_one_sentence(data, tmp_path, finetu
 def test_resalign_is_a_registered_method():
     m = methods.get("resalign")
     train_row, method_row = m.preset("colour", toy=True)
-    assert train_row["targets"] == "feed-forward" and method_row["harm_loss"] == "inpo"
+    assert train_row["targets"] == "cross-attention" and method_row["harm_loss"] == "relative"
+    assert train_row["stop_when_erased"] is True and "stop_when_erased" not in method_row  # a TrainConfig setting
     assert isinstance(m.objective(), ResAlignObjective)
     assert {"beta", "iterations", "configs", "init-lora", "pool"} <= {f.flag for f in m.flags}
 
@@ -283,9 +284,40 @@ def test_the_trainer_page_and_cli_pass_resalign_settings_only_to_resalign():
     assert argv[argv.index("--beta") + 1] == "0.5" and argv[argv.index("--init-lora") + 1] == "runs/x/erase.safetensors"
     tables = resolve(build_parser().parse_args(argv), "object", toy=True)
     assert tables["method"]["beta"] == 0.5 and tables["method"]["iterations"] == 2
-    assert tables["method"]["init_lora"] == "runs/x/erase.safetensors" and tables["train"]["targets"] == "feed-forward"
+    assert tables["method"]["init_lora"] == "runs/x/erase.safetensors"
+    assert tables["train"]["steps"] == 5 and tables["train"]["stop_when_erased"] is False  # hardening: no check; the page's steps
     inpo = train_argv({**page, "method": "inpo"}, "runs/inpo")
     assert "--beta" not in inpo and "--init-lora" not in inpo and "--eta" in inpo
+
+
+def test_harden_this_lora_trains_the_layers_and_rank_the_file_has(tmp_path):
+    """--init-lora: the run takes its targets and rank from the LoRA file (whatever layers made it),
+    unless a flag or the config file says otherwise; a file of mixed ranks is refused in one sentence."""
+    from peft import LoraConfig
+
+    from erasekit import checkpoints
+    from erasekit.erase.resalign_data import lora_layout
+    from trainer.arguments import build_parser
+    from trainer.runner import resolve
+
+    unet = tiny_components().unet
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_k", "ff.net.2"]))
+    path = lora_io.save_lora(lora_io.lora_from_peft(unet), str(tmp_path / "e.safetensors"),
+                             checkpoints.toy(unet.config.cross_attention_dim), model_card=False)
+    layout = lora_layout(path)
+    assert layout == {"targets": "attn1.to_k,attn2.to_k,ff.net.2", "rank": 2}
+    argv = ["train", "--method", "resalign", "--target", "red circle", "--init-lora", path]
+    tables = resolve(build_parser().parse_args(argv), "object", toy=True)
+    assert tables["train"]["targets"] == layout["targets"] and tables["train"]["rank"] == 2
+    told = resolve(build_parser().parse_args([*argv, "--targets", "attention", "--rank", "4"]), "object", toy=True)
+    assert told["train"]["targets"] == "attention" and told["train"]["rank"] == 4  # the flags win (load_into then refuses)
+    lora = lora_io.load_lora(path)[0]
+    first = next(iter(lora))
+    lora[first] = lora_io.LoraWeights(lora[first].down.repeat(2, 1), lora[first].up.repeat(1, 2), lora[first].alpha)
+    mixed = lora_io.save_lora(lora, str(tmp_path / "m.safetensors"), checkpoints.toy(unet.config.cross_attention_dim),
+                              model_card=False)
+    with pytest.raises(ErasekitError, match="mixes ranks \\[2, 4\\]"):
+        lora_layout(mixed)
 
 
 @pytest.mark.slow  # ~1 min: the toy model draws its own forget and preserve images
