@@ -116,6 +116,10 @@ def prepare(args, *, log=None, with_data: bool = True, check_fresh: bool = True)
     data_config = config_from_dict(methods.get(args.method).data_config, tables["data"], "[data]")
     if not config.sample_prompts:
         config.sample_prompts = [target] if not toy else [f"a {target}" if kind != "character" else target]
+    if getattr(method_config, "init_lora", "") and config.stop_when_erased:  # its first check would end the run
+        config.stop_when_erased = False
+        log("Hardening a LoRA starts erased, so this run trains its steps without the erasure check "
+            "(stop when erased is off).")
 
     if check_fresh and not config.resume and latest_checkpoint(config.out) is not None:  # before the data is made
         raise ErasekitError(f"The folder '{config.out}' already holds a run; resume it with --resume or pick another --out folder.")

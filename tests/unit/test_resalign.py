@@ -311,6 +311,14 @@ def test_harden_this_lora_trains_the_layers_and_rank_the_file_has(tmp_path):
     assert tables["train"]["targets"] == layout["targets"] and tables["train"]["rank"] == 2
     told = resolve(build_parser().parse_args([*argv, "--targets", "attention", "--rank", "4"]), "object", toy=True)
     assert told["train"]["targets"] == "attention" and told["train"]["rank"] == 4  # the flags win (load_into then refuses)
+    from erasekit.toyworld.model import build_toy_pipeline, save_toy_pipeline
+    from trainer.runner import prepare
+
+    save_toy_pipeline(build_toy_pipeline(0, tiny=True), tmp_path / "toy")
+    said = []  # the page always sends its checkbox: a hardening run is told, and trains its steps
+    run = prepare(build_parser().parse_args([*argv, "--base", str(tmp_path / "toy"), "--out", str(tmp_path / "run"),
+                                             "--stop-when-erased"]), log=said.append, with_data=False)
+    assert run["config"].stop_when_erased is False and any("starts erased" in m for m in said)
     lora = lora_io.load_lora(path)[0]
     first = next(iter(lora))
     lora[first] = lora_io.LoraWeights(lora[first].down.repeat(2, 1), lora[first].up.repeat(1, 2), lora[first].alpha)
