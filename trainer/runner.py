@@ -163,7 +163,8 @@ def run_training(args, *, progress=None, cancel=None, log=None, prep=None):
             detector = detector_for(prep["components"], prep["target"])
             cfg = prep["config"]
             log(f"stop when erased: {cfg.erase_check_images} pictures judged by the {detector.name} every "
-                f"{check_interval(cfg, prep['components'])} steps" if detector
+                f"{check_interval(cfg, prep['components'])} steps"
+                + (f", {cfg.erase_check_clean} clean checks in a row" if cfg.erase_check_clean > 1 else "") if detector
                 else "stop when erased: by the loss (no detector knows this concept)")
         return train(prep["config"], method.objective(prep["method_config"]), data, prep["components"],
                      progress=progress, cancel=cancel, sections={"data": prep["data_config"]}, log=log, detector=detector)

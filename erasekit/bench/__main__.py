@@ -136,8 +136,8 @@ def main(argv=None) -> None:
     z.add_argument("--iterations", type=int, default=None, help="ResAlign's K (default: the toy tuning's 3; the paper 5)")
     z.add_argument("--harm-loss", default=None, help="ResAlign's harm loss: ga, inpo, relative (the toy tuning's), or "
                    "ncd (then plain and ResAlign harden NCD's LoRA on NCD's tuples)")
-    z.add_argument("--harm-cap", type=float, default=None, help="ResAlign's cap of the relative harm (5)")
-    z.add_argument("--alpha-r", type=float, default=None, help="ResAlign's weight of the preservation term (toy: 35)")
+    z.add_argument("--harm-cap", type=float, default=None, help="ResAlign's cap of the relative harm (5; toy 100)")
+    z.add_argument("--alpha-r", type=float, default=None, help="ResAlign's weight of the preservation term (toy: 1000)")
     z.add_argument("--resalign-steps", type=int, default=None,
                    help="outer steps of ResAlign and the control (default: the toy tuning's; hardening: the profile's)")
     z.add_argument("--harden", choices=("inpo", "ncd", "none"), default=None,

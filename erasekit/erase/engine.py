@@ -108,7 +108,8 @@ class TrainConfig:
     erase_check_every: int = 0  # stop_when_erased with a detector (erase_check.py): draw and judge every N steps
     # (0: 25 on the toy model; 100 elsewhere, where 16 pictures cost about as much as a hundred training steps) ...
     erase_check_images: int = 16  # ... this many pictures of the preview prompts ...
-    erase_check_share: float = 0.0  # ... and stop once at most this share of them shows the concept
+    erase_check_share: float = 0.0  # ... and stop once at most this share of them shows the concept ...
+    erase_check_clean: int = 1  # ... in this many checks in a row (more: fewer early verdicts, a deeper erasure)
     erase_check_prompts: list = field(default_factory=list)  # the check's prompts, in turn (default: erase_check.check_prompts)
     cpu: bool = False  # force the CPU even where an accelerator is present
 
@@ -150,7 +151,8 @@ def _check(config: TrainConfig) -> None:
             raise ErasekitError(f"Setting {key} = '{getattr(config, key)}' is not one of {', '.join(allowed)}.")
     if int(config.erase_check_every) < 0:
         raise ErasekitError(f"Setting erase_check_every = {config.erase_check_every} must be at least 0 (0: automatic).")
-    for key in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every", "keep_checkpoints", "erase_check_images"):
+    for key in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every", "keep_checkpoints", "erase_check_images",
+                "erase_check_clean"):
         if int(getattr(config, key)) < 1:
             raise ErasekitError(f"Setting {key} = {getattr(config, key)} must be at least 1.")
     if not 0.0 <= config.erase_check_share < 1.0:
@@ -304,6 +306,7 @@ def _train(accelerator, config: TrainConfig, objective: Objective, data, compone
     metrics = None
     prompts = config.sample_prompts or ([config.target] if config.target else [])
     status, terms, last_ckpt, erased_at = "done", {}, resume_from, None
+    checked = {}  # the last erasure check's counts, written with the next step's metrics (a resume reads them back)
     try:
         if main:
             try:
@@ -322,7 +325,7 @@ def _train(accelerator, config: TrainConfig, objective: Objective, data, compone
                 status = "cancelled"
                 break
             if config.stop_when_erased and _erased(accelerator, objective, history, device, detector,
-                                                   (components, config, prompts, step, log)):
+                                                   (components, config, prompts, step, log), checked):
                 erased_at = step
                 break
             sums = {}
@@ -351,7 +354,8 @@ def _train(accelerator, config: TrainConfig, objective: Objective, data, compone
             lr = lr_scheduler.get_last_lr()[0]
             lr_scheduler.step()
             step += 1
-            terms = sums
+            terms = {**sums, **checked}
+            checked.clear()
             history.append(terms)
             if main:
                 _append_metrics(metrics, {"step": step, "lr": lr, "seconds": round(time.time() - t_start, 3),
@@ -431,11 +435,13 @@ def _to_device(batch, device):
     return batch.to(device) if hasattr(batch, "to") else batch
 
 
-def _erased(accelerator, objective, history, device, detector=None, check=None) -> bool:
+def _erased(accelerator, objective, history, device, detector=None, check=None, checked=None) -> bool:
     """Whether the concept is gone, shared with every process so that all stop at the same step: with a
     ``detector``, judged on pictures the main process draws every ``erase_check_every`` steps
-    (:mod:`.erase_check`); else the objective's verdict on the main process's history (the one
-    metrics.jsonl keeps and a resume reads back)."""
+    (:mod:`.erase_check`), gone once ``erase_check_clean`` checks in a row find it in at most
+    ``erase_check_share`` of them (the earlier checks' counts are in the history, ``check_found`` and
+    ``check_pictures``; this one's go into ``checked`` for the next metrics row); else the objective's
+    verdict on the main process's history (the one metrics.jsonl keeps and a resume reads back)."""
     import torch
 
     if detector is not None:
@@ -447,8 +453,17 @@ def _erased(accelerator, objective, history, device, detector=None, check=None) 
             with accelerator.autocast():
                 found, n = check_erased(components, check_prompts(config, components, prompts), detector,
                                         config.erase_check_images, config.sample_steps, config.sample_cfg)
-            gone = found <= config.erase_check_share * n
-            (log or _stderr)(f"step {step}: {found} of {n} check pictures show '{config.target}'"
+            if checked is not None:
+                checked.update(check_found=found, check_pictures=n)
+            counts = [(r["check_found"], r["check_pictures"]) for r in history if "check_found" in r] + [(found, n)]
+            in_a_row, need = 0, int(config.erase_check_clean)
+            for f, m in reversed(counts):  # the clean checks that end the history
+                if f > config.erase_check_share * m:
+                    break
+                in_a_row += 1
+            gone = in_a_row >= need
+            note = f" ({min(in_a_row, need)} of {need} clean checks in a row)" if need > 1 else ""
+            (log or _stderr)(f"step {step}: {found} of {n} check pictures show '{config.target}'" + note
                            + (" - erased, the run ends here" if gone else ""))
     else:
         gone = objective.erased(history)

@@ -1,8 +1,8 @@
 """*Stop when erased*, judged on drawn images: every ``erase_check_every`` steps the model being trained
 draws ``erase_check_images`` pictures of ``erase_check_prompts`` (on the toy model varied prompts of the
 concept, :func:`toy_check_prompts`; else the preview prompts; fixed seeds, so a resumed run checks the
-same pictures) and a detector says which show the concept; the run ends at the first check where at most
-``erase_check_share`` of them do.
+same pictures) and a detector says which show the concept; the run ends once ``erase_check_clean`` checks
+in a row find it in at most ``erase_check_share`` of them (the engine's ``_erased``).
 
 Why pictures and not the loss: an objective's own rule (INPO's dS > tau, :meth:`~.objective.Objective.erased`)
 measures the training loss, and on the toy model it fires long before the model stops drawing some targets

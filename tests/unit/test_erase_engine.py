@@ -368,6 +368,49 @@ def test_stop_when_erased_with_a_detector_judges_drawn_pictures(data, tmp_path):
         train(config(tmp_path, "bad", erase_check_share=1.0), InpoObjective(), data, tiny_components())
 
 
+class Verdicts:
+    """A detector that finds the concept in the first ``k`` pictures of call i, ``k`` from a list."""
+
+    name = "test-detector"
+
+    def __init__(self, found):
+        self.found, self.calls = list(found), 0
+
+    def __call__(self, images, metas=None):
+        k = self.found[min(self.calls, len(self.found) - 1)]
+        self.calls += 1
+        return [Finding(i < k) for i in range(len(images))]
+
+
+def test_several_clean_checks_in_a_row_end_the_run_and_a_resume_counts_the_earlier_ones(data, tmp_path):
+    """erase_check_clean = 2: a clean check followed by a dirty one starts the count again; the counts go to
+    metrics.jsonl with the next step, so a run killed between two clean checks ends at the same step."""
+    from erasekit.erase.state import read_metrics
+
+    kw = dict(stop_when_erased=True, erase_check_every=2, erase_check_images=4, sample_steps=2, erase_check_clean=2)
+    lines = []
+    straight = train(config(tmp_path, "a", steps=20, checkpoint_every=2, **kw), InpoObjective(), data, tiny_components(),
+                     detector=Verdicts([3, 0, 2, 0, 0, 0]), log=lines.append)
+    assert straight.erased_at == 10 and straight.step == 10  # checks at 2, 4 (clean), 6 (not), 8, 10 (clean, clean)
+    assert [ln for ln in lines if "check pictures" in ln][-2:] == [
+        "step 8: 0 of 4 check pictures show 'red circle' (1 of 2 clean checks in a row)",
+        "step 10: 0 of 4 check pictures show 'red circle' (2 of 2 clean checks in a row) - erased, the run ends here"]
+    rows = read_metrics(tmp_path / "a")
+    assert [(r["step"], r["check_found"]) for r in rows if "check_found" in r] == [(3, 3), (5, 0), (7, 2), (9, 0)]
+    # the same run stopped after step 8 (its clean check at 8 not yet written), then resumed: it still ends at 10
+    first = train(config(tmp_path, "b", steps=8, checkpoint_every=2, **kw), InpoObjective(), data, tiny_components(),
+                  detector=Verdicts([3, 0, 2, 0, 0, 0]))
+    assert first.erased_at is None and first.step == 8
+    resumed = train(config(tmp_path, "b", steps=20, checkpoint_every=2, resume=True, **kw), InpoObjective(), data,
+                    tiny_components(), detector=Verdicts([0, 0]))  # the check at 8 again, then 10
+    assert resumed.erased_at == 10
+    again = train(config(tmp_path, "c", steps=9, checkpoint_every=9, **kw), InpoObjective(), data, tiny_components(),
+                  detector=Verdicts([0, 3]))  # clean at 2, then dirty: a single clean check does not end it
+    assert again.erased_at is None and again.step == 9
+    with pytest.raises(ErasekitError, match="erase_check_clean = 0 must be at least 1"):
+        train(config(tmp_path, "bad", erase_check_clean=0), InpoObjective(), data, tiny_components())
+
+
 def test_the_check_draws_the_same_pictures_each_time_and_knows_its_detectors():
     from erasekit.erase.erase_check import check_erased, check_interval, detector_for, toy_check_prompts
     from erasekit.eval.detectors import ToyJudge
