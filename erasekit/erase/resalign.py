@@ -67,13 +67,14 @@ PRESETS = {
     "nsfw": {"steps": 160, "lr": 2e-4, "rank": 4},
 }
 # The toy model: a LoRA on the cross-attention layers from the base model, the relative harm capped
-# at 100 with a heavy preservation weight, batch 4, and the run ends at the first check (every 25 steps)
-# whose 16 drawn pictures show no target (stop when erased: the erasure takes off after a number of
-# steps that varies with target and seed); one simulated fine-tune of up to 10 steps and K = 3 per
-# outer step (Tab. 7: J = 1 still works) so a run fits the CPU. Measured: docs/benchmarks.md.
+# at 100 with a heavy preservation weight, batch 4, and the run ends once three checks in a row (every 25
+# steps) find the target in none of 16 drawn pictures (stop when erased: the erasure takes off after a
+# number of steps that varies with target and seed, and one that was just erased comes back sooner);
+# one simulated fine-tune of up to 10 steps and K = 3 per outer step (Tab. 7: J = 1 still works) so a
+# run fits the CPU. Measured: docs/benchmarks.md.
 TOY_TUNING = {"targets": "cross-attention", "lr": 3e-4, "batch_size": 4, "harm_loss": "relative", "harm_cap": 100.0,
-              "alpha_r": 1000.0, "alpha_r_end": 1000.0, "steps": 900, "stop_when_erased": True, "configs": 1,
-              "iterations": 3, "ncd_beta": 90.0}
+              "alpha_r": 1000.0, "alpha_r_end": 1000.0, "steps": 900, "stop_when_erased": True, "erase_check_clean": 3,
+              "configs": 1, "iterations": 3, "ncd_beta": 90.0}
 # Hardening an existing erasure LoRA (``init_lora``) starts erased: the paper's number of outer steps,
 # without the check (its first would end the run), on the layers and rank of the file (trainer.runner).
 HARDEN = {"steps": 160, "stop_when_erased": False}

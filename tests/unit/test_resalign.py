@@ -256,7 +256,8 @@ def test_resalign_is_a_registered_method():
     m = methods.get("resalign")
     train_row, method_row = m.preset("colour", toy=True)
     assert train_row["targets"] == "cross-attention" and method_row["harm_loss"] == "relative"
-    assert train_row["stop_when_erased"] is True and "stop_when_erased" not in method_row  # a TrainConfig setting
+    assert train_row["stop_when_erased"] is True and train_row["erase_check_clean"] == 3  # TrainConfig settings
+    assert "stop_when_erased" not in method_row
     assert isinstance(m.objective(), ResAlignObjective)
     assert {"beta", "iterations", "configs", "init-lora", "pool"} <= {f.flag for f in m.flags}
 
