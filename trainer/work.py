@@ -63,11 +63,12 @@ def train_argv(s: dict, out: str, resume: bool = False, config: str | None = Non
                    "neighbours", "unrelated", "checkpoint_every", "sample_every", "threads", "iterations", "configs"):
             value = int(value)
         argv += [f"--{FLAG_OF.get(key, key).replace('_', '-')}", str(value)]
-    for key in ("gradient_checkpointing", "cpu", "stop_when_erased") + (("nca",) if "nca" in own else ()):
+    for key in ("gradient_checkpointing", "cpu") + (("nca",) if "nca" in own else ()):
         if s.get(key):
             argv.append(f"--{key.replace('_', '-')}")
-    if s.get("stop_when_erased") is False and not resume:  # unticked: off, even where the preset has it on
-        argv.append("--no-stop-when-erased")
+    stop = s.get("stop_when_erased")  # unticked is sent too: off, even where the preset has it on
+    if stop or (stop is False and not resume):
+        argv.append("--stop-when-erased" if stop else "--no-stop-when-erased")
     return argv
 
 
