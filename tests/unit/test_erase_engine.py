@@ -272,6 +272,24 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
         assert sched2.get_last_lr() == sched.get_last_lr()
 
 
+def test_rotation_leaves_no_half_deleted_checkpoint(tmp_path):
+    """Old checkpoints are renamed before they are removed, so a kill in the middle of a removal
+    leaves no ``checkpoint-N`` folder without its files; what an earlier killed removal left is cleared."""
+    from diffusers.optimization import get_scheduler
+
+    from erasekit.erase.engine import _make_optimizer
+
+    params = {"w": torch.nn.Parameter(torch.randn(4, 3))}
+    opt = _make_optimizer(TrainConfig(optimizer="adamw", lr=1e-2), list(params.values()))
+    sched = get_scheduler("constant", opt)
+    stale = tmp_path / "checkpoints" / "checkpoint-000001.old-999"
+    stale.mkdir(parents=True)
+    (stale / "state.safetensors").write_bytes(b"half")
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, params, opt, sched, keep=2)
+    assert sorted(d.name for d in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-000003", "checkpoint-000004"]
+
+
 def test_same_seed_same_weights_other_seed_other_weights(data, tmp_path):
     runs = [train(config(tmp_path, f"s{i}", steps=2, grad_accum=2, seed=seed), InpoObjective(), data, tiny_components())
             for i, seed in enumerate((3, 3, 4))]
