@@ -142,6 +142,8 @@ def main(argv=None) -> None:
                    help="outer steps of ResAlign and the control (default: the toy tuning's; hardening: the profile's)")
     z.add_argument("--harden", choices=("inpo", "ncd", "none"), default=None,
                    help="ResAlign and the control start from this method's LoRA (default: ncd with --harm-loss ncd, else none)")
+    z.add_argument("--preserve-pairs", type=float, default=0.0,
+                   help="share of preserve images that show two preserved objects (the erase data of every method)")
     z.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     z.add_argument("--out", default="out/bench/resilience")
     z.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
@@ -192,7 +194,8 @@ def main(argv=None) -> None:
             resalign.update(alpha_r=a.alpha_r, alpha_r_end=a.alpha_r)
         print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,
                                           a.seed, a.pool, resalign, log=log, resalign_steps=a.resalign_steps,
-                                          harden={None: "auto", "none": None}.get(a.harden, a.harden))))
+                                          harden={None: "auto", "none": None}.get(a.harden, a.harden),
+                                          preserve_pairs=a.preserve_pairs)))
     if a.which == "lora-roundtrip":
         from .lora import bench_lora_roundtrip
 

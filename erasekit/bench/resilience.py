@@ -151,7 +151,8 @@ def deviation(unet, base_unet, data, noise_scheduler, n: int = 64, seed: int = 1
 
 def bench_resilience(target: str = "red circle", profile: str = "quick", model: str | None = None,
                      out_dir: str = "out/bench/resilience", seed: int = 0, pool: str = "", resalign: dict | None = None,
-                     log=print, resalign_steps: int | None = None, harden: str | None = "auto") -> dict:
+                     log=print, resalign_steps: int | None = None, harden: str | None = "auto",
+                     preserve_pairs: float = 0.0) -> dict:
     import psutil
     import torch
     from diffusers import DDPMScheduler
@@ -175,7 +176,7 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     base = models.load(model)
     base_unet = copy.deepcopy(base.unet).eval()
     run_root = os.path.join(out_dir, f"{'-'.join(concept.text.split())}-{profile}-{int(time.time())}")
-    data = build_erase_data(base, target, DataConfig(forget_images=prof.get("forget_images", 16),
+    data = build_erase_data(base, target, DataConfig(forget_images=prof.get("forget_images", 16), preserve_pairs=preserve_pairs,
                                                      images_per_concept=prof["images_per_concept"], seed=seed), log=log)
 
     # 1. Erase with each method on the same data; 2. merge each LoRA into the base UNet.
@@ -194,7 +195,8 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
         ncd_train["steps"] = prof["inpo_steps"]
     ncd = methods.get("ncd")
     ncd_data = ncd.build_data(base, target, ncd.data_config(forget_images=prof.get("forget_images", 16),
-                                                             images_per_concept=prof["images_per_concept"], seed=seed), log=log)
+                                                             images_per_concept=prof["images_per_concept"],
+                                                             preserve_pairs=preserve_pairs, seed=seed), log=log)
     tuples = ra_method.get("harm_loss") == "ncd"  # ResAlign's data: NCD's tuples for NCD's harm, else INPO's
     hardened = ("ncd" if tuples else None) if harden == "auto" else harden
     if hardened not in (None, "inpo", "ncd"):
@@ -307,7 +309,7 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     last = str(max(prof["checkpoints"]))
     worst = {name: min(r["arms"][a]["erase_rate"][last] for a in ("b", "d") if a in r["arms"]) for name, r in results.items()}
     peak = {k: v["peak_added_mb"] for k, v in runs.items()}
-    return {"bench": "resilience", "target": concept.text, "profile": profile, "seed": seed,
+    return {"bench": "resilience", "target": concept.text, "profile": profile, "seed": seed, "preserve_pairs": preserve_pairs,
             "resalign_erase_rate": results["resalign"]["erase_rate"],
             "resalign_preservation": results["resalign"]["preservation"],
             "resalign_erase_after": worst["resalign"], "plain_erase_after": worst["plain"], "inpo_erase_after": worst["inpo"],
