@@ -115,10 +115,12 @@ METHODS = {
         "resalign", "ResAlign: an erasure LoRA trained to survive later fine-tuning (implicit hypergradient)",
         "resalign", "ResAlignConfig", "ResAlignObjective", flags=(
             Flag("beta", float, "ResAlign Eq. 3: weight of the harm after a simulated fine-tune (0.8; 0: plain control)"),
-            Flag("alpha-r", float, "ResAlign Eq. 3: weight of the preservation term R at the start (1.6; toy 35)"),
-            Flag("alpha-r-end", float, "ResAlign: R's weight after the sigmoid ramp of the second half (2.0; toy 35)"),
+            Flag("alpha-r", float, "ResAlign Eq. 3: weight of the preservation term R at the start (1.6; toy 1000)"),
+            Flag("alpha-r-end", float, "ResAlign: R's weight after the sigmoid ramp of the second half (2.0; toy 1000)"),
             Flag("harm-loss", str, "ResAlign: the harm loss, ga (the paper), inpo (INPO Eq. 15) or relative (error vs the base model's, capped)"),
             Flag("harm-cap", float, "ResAlign: with --harm-loss relative, the most (e - e0) / e0 counts (5)"),
+            Flag("text-retain", float, "ResAlign (beyond the paper): weight of the cross-attention keys' and values' "
+                 "change on benign prompts (0: off; needs a LoRA on the cross-attention)"),
             Flag("moreau-gamma", float, "ResAlign Eq. 5: the Moreau envelope's gamma (1)"),
             Flag("iterations", int, "ResAlign Alg. 1: K Richardson iterations (5; 1 = first order)"),
             Flag("configs", int, "ResAlign Alg. 2: J simulated fine-tunes per step (3)"),

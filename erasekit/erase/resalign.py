@@ -123,6 +123,8 @@ class ResAlignConfig:
     hvp_batch: int = 4  # images of the fixed batch whose Hessian the K iterations use
     init_lora: str = ""  # start from this erasure LoRA (kohya or PEFT file): "harden this LoRA"
     use_mask: bool = False  # the harm loss over the concept's mask only (beyond the paper)
+    text_retain: float = 0.0  # beyond the paper: weight of R_text, the keys' and values' change on benign prompts (text_retain.py)
+    text_prompts: int = 256  # toy model: rendered scenes' captions R_text holds (with the preserve images' prompts)
     inpo_eta: float = 1.0  # harm_loss "inpo": INPO Eq. 13-15
     inpo_gamma: float = 3.0
     inpo_tau: float = 0.1
@@ -272,6 +274,7 @@ class ResAlignObjective(Objective):
         self.pool = None
         self.finetune = None  # D_FT, an ImageSet (CPU)
         self.preserve = None  # DreamBooth prior images for "prior" rows
+        self.text = None  # R_text (text_retain.TextRetain) when text_retain > 0
         self.total_steps = 1
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -316,6 +319,10 @@ class ResAlignObjective(Objective):
             self.finetune = finetune_set(components, data, cfg, train_config.seed)
         if cfg.init_lora:
             load_into(cfg.init_lora, trainable, train_config)
+        if cfg.text_retain > 0:
+            from .text_retain import TextRetain, benign_prompts
+
+            self.text = TextRetain(components.unet, components, benign_prompts(components, data, cfg.text_prompts, train_config.seed))
         from pathlib import Path
 
         Path(train_config.out).mkdir(parents=True, exist_ok=True)
@@ -364,17 +371,22 @@ class ResAlignObjective(Objective):
         retain = prior_loss(pred[nf:], pred_ref[nf:]) if pred.shape[0] > nf else torch.zeros((), device=pred.device)
         alpha = self.alpha_at(ctx.step)
         terms = {"harm": harm.detach(), "retain": retain.detach(), "alpha": alpha}
+        keep = alpha * retain  # the preservation terms: alpha R, and lambda_text R_text beyond the paper
+        if self.text is not None:
+            text = self.text()
+            keep = keep + cfg.text_retain * text
+            terms["text_retain"] = text.detach()
         if cfg.beta == 0:  # the plain control: Eq. 3 without the fine-tune term
-            terms["objective"] = (harm + alpha * retain).detach()
-            return {"loss": harm + alpha * retain, **terms}
+            terms["objective"] = (harm + keep).detach()
+            return {"loss": harm + keep, **terms}
 
         forget_call = (noisy[:nf].detach(), t[:nf], ctx.unet_inputs(forget), target[:nf], pred_ref[:nf], extra)
         hyper, stats = self.hypergradient(ctx, forget_call)
         params = [ctx.trainable[f"unet.{k}"] for k in hyper]
         surrogate = sum((p * h.to(p.dtype)).sum() for p, h in zip(params, hyper.values()))  # gradient = the hypergradient
-        loss = (1 - cfg.beta) * harm + alpha * retain + cfg.beta * surrogate  # Eq. 4
+        loss = (1 - cfg.beta) * harm + keep + cfg.beta * surrogate  # Eq. 4
         terms.update(stats)
-        terms["objective"] = (harm + alpha * retain + cfg.beta * (stats["harm_star"] - harm)).detach()  # Eq. 3
+        terms["objective"] = (harm + keep + cfg.beta * (stats["harm_star"] - harm)).detach()  # Eq. 3
         return {"loss": loss, **terms}
 
     def hypergradient(self, ctx, forget_call) -> tuple[dict, dict]:

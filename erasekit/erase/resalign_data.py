@@ -41,22 +41,32 @@ def finetune_set(components, data, cfg, seed: int = 0):
 
 def _rendered_benign(components, target: str, n: int, seed: int):
     """n rendered toy scenes in which ``target`` does not appear (exact labels: no judge needed)."""
-    import numpy as np
     import torch
 
+    from ..toyworld.scenes import upscale_for_display
+    from .data import make_image_set
+
+    scenes = benign_scenes(target, n, 7_000_000 + seed)  # the benchmarks draw from other seeds
+    images = torch.stack([torch.from_numpy(upscale_for_display(s.image)).permute(2, 0, 1).float() / 255 for s in scenes])
+    return make_image_set(components, images, [s.caption for s in scenes])
+
+
+def benign_scenes(target: str, n: int, seed: int) -> list:
+    """n toy scenes (``toyworld.scenes.Scene``) drawn from ``seed`` in which ``target`` does not appear."""
+    import numpy as np
+
     from ..toyworld.concepts import concept_mask
-    from ..toyworld.scenes import SceneSampler, upscale_for_display
-    from .data import make_image_set, resolve_concept
+    from ..toyworld.scenes import SceneSampler
+    from .data import resolve_concept
 
     concept = resolve_concept(target)
-    rng, scenes = np.random.default_rng(7_000_000 + seed), []  # the benchmarks draw from other seeds
+    rng, scenes = np.random.default_rng(seed), []
     sampler = SceneSampler()
     while len(scenes) < n:
         s = sampler.sample(rng)
         if not concept_mask(s, concept).any():
             scenes.append(s)
-    images = torch.stack([torch.from_numpy(upscale_for_display(s.image)).permute(2, 0, 1).float() / 255 for s in scenes])
-    return make_image_set(components, images, [s.caption for s in scenes])
+    return scenes
 
 
 def lora_layout(path: str) -> dict:

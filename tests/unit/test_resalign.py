@@ -463,3 +463,56 @@ def test_the_page_sends_the_harm_loss_only_when_chosen():
     assert argv[argv.index("--harm-loss") + 1] == "ncd"
     assert resolve(build_parser().parse_args(argv), "object", toy=True)["method"]["harm_loss"] == "ncd"
     assert "--harm-loss" not in train_argv({**page, "method": "inpo", "harm_loss": "ncd"}, "runs/inpo")
+
+
+def _cross_attention_lora(unet):
+    from peft import LoraConfig
+
+    from erasekit.erase.engine import TARGET_PRESETS
+
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=TARGET_PRESETS["cross-attention"]))
+    return unet
+
+
+def test_text_retain_is_the_relative_change_of_the_keys_and_values():
+    """R_text = mean over the to_k / to_v LoRA layers of E||dW c||^2 / E||W c||^2 on the prompts' tokens:
+    0 for a fresh LoRA (B = 0), the hand-computed value once B moves; a LoRA without such layers is
+    refused with one sentence."""
+    from erasekit.dag.conditioning import encode
+    from erasekit.erase.text_retain import TextRetain
+
+    comps = tiny_components()
+    unet = _cross_attention_lora(comps.unet)
+    prompts = ["a blue square", "a green ring and a red star"]
+    term = TextRetain(unet, comps, prompts)
+    assert {n.rsplit(".", 1)[-1] for n, _ in term.layers} == {"to_k", "to_v"}
+    assert float(term(8)) == 0.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, m in term.layers:
+            m.lora_B["default"].weight.normal_()
+    c = encode(comps, prompts).states.float()
+    want = []
+    for _, m in term.layers:
+        w, a, b = m.base_layer.weight, m.lora_A["default"].weight, m.lora_B["default"].weight
+        want.append(((c @ (b @ a).T * m.scaling["default"]) ** 2).sum(-1).mean() / ((c @ w.T) ** 2).sum(-1).mean())
+    assert torch.allclose(term(8), torch.stack(want).mean(), rtol=1e-4)
+
+    ff = tiny_components().unet
+    from peft import LoraConfig
+
+    ff.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["ff.net.2"]))
+    with pytest.raises(ErasekitError, match="no attn2.to_k / attn2.to_v layer"):
+        TextRetain(ff, comps, prompts)
+
+
+def test_text_retain_holds_the_keys_and_values_of_benign_prompts(data, tmp_path):
+    """The control (beta 0) on the cross-attention layers: with a large text_retain weight the LoRA
+    changes the benign prompts' keys and values far less than with a negligible one."""
+    def run(name, weight):
+        cfg = ResAlignConfig(beta=0.0, harm_loss="ga", alpha_r=0.0, alpha_r_end=0.0, text_retain=weight)
+        train(config(tmp_path, name, steps=6, lr=2e-2, targets="cross-attention"), ResAlignObjective(cfg), data,
+              tiny_components())
+        return metrics(tmp_path / name)[-1]["text_retain"]
+
+    assert run("held", 1e4) < 0.1 * run("free", 1e-9)
