@@ -13,7 +13,9 @@ The erasure LoRA theta is trained against what a fine-tune would make of it. Out
   (beyond the paper): the error relative to the base model's, capped (:func:`relative_harm`).
 - R = E||eps_theta - eps_theta0||^2 on the preserve images (INPO's Eq. 16 too), weighted by alpha,
   which the official code ramps from ``alpha_r`` to ``alpha_r_end`` by a sigmoid over the second half
-  of training (:meth:`ResAlignObjective.alpha_at`); beta is constant (official 0.8).
+  of training (:meth:`ResAlignObjective.alpha_at`); beta is constant (official 0.8). Beyond the paper,
+  ``text_retain`` adds lambda_text R_text, the LoRA's change of the cross-attention keys and values
+  on benign prompts (:mod:`erasekit.erase.text_retain`), to alpha R in Eq. 3-4.
 - grad_theta L_h(theta*) is the Moreau-envelope implicit hypergradient (Eq. 5-7, Alg. 1;
   :mod:`erasekit.erase.hypergrad`): K Richardson iterations with Hessian-vector products of the
   fine-tune loss at theta*, by double backward through :func:`torch.func.functional_call` of the

@@ -10,7 +10,8 @@ benign prompts (two objects side by side included, which the preserve images rar
 
 over the LoRA's layers l that read the text (the cross-attention's ``to_k`` and ``to_v``), c the text
 encoder's output at each token of a benign prompt, dW_l = s B A the LoRA's change of W_l. Divided
-by the layer's own output, so one weight suits every layer and model.
+by the layer's own output, so one weight suits every layer and model. A LoRA without such layers (a
+feed-forward one) leaves every key and value as it was: R_text = 0.
 """
 
 from __future__ import annotations
@@ -49,24 +50,21 @@ class TextRetain:
 
         from ..dag.conditioning import encode
 
-        self.layers = text_layers(unet)
-        if not self.layers:
-            raise ErasekitError("text_retain holds the cross-attention keys and values, but the LoRA has no "
-                                "attn2.to_k / attn2.to_v layer; train with --targets cross-attention (or attention), "
-                                "or set text_retain to 0.")
+        self.layers = text_layers(unet)  # none (a feed-forward LoRA): the keys and values cannot change, R_text = 0
         if not prompts:
             raise ErasekitError("text_retain needs benign prompts: give preserve images (their prompts count) or set it to 0.")
-        with torch.no_grad():
+        with torch.no_grad():  # [N, L, D]
             self.states = torch.cat([encode(components, prompts[i:i + 64]).states.float().cpu()
-                                     for i in range(0, len(prompts), 64)])  # [N, L, D]
+                                     for i in range(0, len(prompts), 64)]) if self.layers else None
         self._base = None  # per layer: E_c ||W_l c||^2 over all the prompts, computed once
 
     def __call__(self, n: int = 32):
         """R_text on ``n`` prompts drawn from the set (all of them when it holds fewer)."""
         import torch
 
-        first = self.layers[0][1]
-        device = first.base_layer.weight.device
+        if not self.layers:
+            return torch.zeros(())
+        device = self.layers[0][1].base_layer.weight.device
         if self._base is None:
             with torch.no_grad():
                 c = self.states.to(device)
