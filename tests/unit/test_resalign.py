@@ -6,6 +6,7 @@ refused with one sentence."""
 
 import json
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -191,13 +192,16 @@ def test_a_run_logs_the_outer_step_terms_and_the_hypergradient_moves_the_weights
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_killed_run_resumes_identically(data, tmp_path, finetune_dir):
+@pytest.mark.parametrize("text", [False, True], ids=["", "with-r-text"])
+def test_a_killed_run_resumes_identically(data, tmp_path, finetune_dir, text):
+    """Also with R_text on the cross-attention layers: its prompts are drawn from the checkpointed generator."""
     pool = small_pool(tmp_path)
-    straight = train(config(tmp_path, "a", steps=4, checkpoint_every=2), objective(finetune_dir, pool), data,
-                     tiny_components())
+    layers = {"targets": "cross-attention"} if text else {}
+    objective_ = partial(objective, finetune_dir, pool, **({"text_retain": 10.0} if text else {}))
+    straight = train(config(tmp_path, "a", steps=4, checkpoint_every=2, **layers), objective_(), data, tiny_components())
     stopper = []
-    cfg = config(tmp_path, "b", steps=4, checkpoint_every=2)
-    first = train(cfg, objective(finetune_dir, pool), data, tiny_components(),
+    cfg = config(tmp_path, "b", steps=4, checkpoint_every=2, **layers)
+    first = train(cfg, objective_(), data, tiny_components(),
                   progress=lambda step, total, terms: step == 3 and stopper.append(1), cancel=lambda: bool(stopper))
     assert first.status == "cancelled" and first.step == 3
     # a kill -9 after step 3's log line but before any checkpoint of it: the run restarts from step 2's
@@ -207,13 +211,14 @@ def test_a_killed_run_resumes_identically(data, tmp_path, finetune_dir):
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "gone")
     assert latest_checkpoint(tmp_path / "b").name == "checkpoint-000002"
     cfg.resume = True
-    second = train(cfg, objective(finetune_dir, pool), data, tiny_components())
+    second = train(cfg, objective_(), data, tiny_components())
     assert second.status == "done" and second.step == 4
     a, b = weights(straight.checkpoint), weights(second.checkpoint)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows_a, rows_b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     assert [r["hyper_norm"] for r in rows_b] == [r["hyper_norm"] for r in rows_a]
+    assert all(("text_retain" in r) == text for r in rows_b)
 
 
 def test_harden_this_lora_starts_from_the_file(data, tmp_path, finetune_dir):
