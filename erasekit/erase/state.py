@@ -180,13 +180,10 @@ def save_checkpoint(run_dir, step: int, trainable: dict, optimizer, lr_scheduler
             os.fsync(fh.fileno())
     os.replace(tmp, final)
     steps = sorted(d for d in root.iterdir() if _CHECKPOINT.match(d.name))
-    for old in steps[:-keep]:
-        # Renamed first, so a kill in the middle of the removal leaves no half-deleted checkpoint folder.
-        trash = root / f"{old.name}.old-{os.getpid()}"
-        os.replace(old, trash)
+    for old in steps[:-keep]:  # renamed first: a kill mid-removal leaves no half-deleted checkpoint folder
+        os.replace(old, root / f"{old.name}.old-{os.getpid()}")
+    for trash in root.glob("checkpoint-*.old-*"):  # these, and what an earlier killed run left
         shutil.rmtree(trash, ignore_errors=True)
-    for stale in root.glob("checkpoint-*.old-*"):  # left by an earlier killed run
-        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
