@@ -140,6 +140,8 @@ def main(argv=None) -> None:
     z.add_argument("--alpha-r", type=float, default=None, help="ResAlign's weight of the preservation term (toy: 1000)")
     z.add_argument("--text-retain", type=float, default=None,
                    help="ResAlign's weight of the keys' and values' change on benign prompts (beyond the paper)")
+    z.add_argument("--net-of-damage", action="store_true", default=None,
+                   help="ResAlign's harm after the simulated fine-tune net of its damage to benign images (beyond the paper)")
     z.add_argument("--resalign-steps", type=int, default=None,
                    help="outer steps of ResAlign and the control (default: the toy tuning's; hardening: the profile's)")
     z.add_argument("--harden", choices=("inpo", "ncd", "none"), default=None,
@@ -191,7 +193,7 @@ def main(argv=None) -> None:
 
             torch.set_num_threads(a.threads)
         log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-        resalign = {k: getattr(a, k) for k in ("configs", "iterations", "harm_loss", "harm_cap", "text_retain") if getattr(a, k) is not None}
+        resalign = {k: getattr(a, k) for k in ("configs", "iterations", "harm_loss", "harm_cap", "text_retain", "net_of_damage") if getattr(a, k) is not None}
         if a.alpha_r is not None:  # a constant weight of R, as the toy tuning's
             resalign.update(alpha_r=a.alpha_r, alpha_r_end=a.alpha_r)
         print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,

@@ -121,6 +121,8 @@ METHODS = {
             Flag("harm-cap", float, "ResAlign: with --harm-loss relative, the most (e - e0) / e0 counts (5)"),
             Flag("text-retain", float, "ResAlign (beyond the paper): weight of the cross-attention keys' and values' "
                  "change on benign prompts (0: off; needs a LoRA on the cross-attention)"),
+            Flag("net-of-damage", bool, "ResAlign (beyond the paper): the harm after a simulated fine-tune net of its "
+                 "damage to the preserve images (a fine-tune that blurs everything is no kept erasure)"),
             Flag("moreau-gamma", float, "ResAlign Eq. 5: the Moreau envelope's gamma (1)"),
             Flag("iterations", int, "ResAlign Alg. 1: K Richardson iterations (5; 1 = first order)"),
             Flag("configs", int, "ResAlign Alg. 2: J simulated fine-tunes per step (3)"),

@@ -16,6 +16,10 @@ The erasure LoRA theta is trained against what a fine-tune would make of it. Out
   of training (:meth:`ResAlignObjective.alpha_at`); beta is constant (official 0.8). Beyond the paper,
   ``text_retain`` adds lambda_text R_text, the LoRA's change of the cross-attention keys and values
   on benign prompts (:mod:`erasekit.erase.text_retain`), to alpha R in Eq. 3-4.
+- ``net_of_damage`` (beyond the paper): the harm after the simulated fine-tune is taken net of the
+  fine-tune's damage to benign images, L_h(theta*) - L_h^benign(theta*) (:meth:`ResAlignObjective.harm_star`,
+  Eq. 3n): a fine-tune that degrades every image raises the forget images' error too, which the
+  plain L_h(theta*) reads as erasure, so the hypergradient would favour weights a fine-tune damages.
 - grad_theta L_h(theta*) is the Moreau-envelope implicit hypergradient (Eq. 5-7, Alg. 1;
   :mod:`erasekit.erase.hypergrad`): K Richardson iterations with Hessian-vector products of the
   fine-tune loss at theta*, by double backward through :func:`torch.func.functional_call` of the
@@ -127,6 +131,7 @@ class ResAlignConfig:
     init_lora: str = ""  # start from this erasure LoRA (kohya or PEFT file): "harden this LoRA"
     use_mask: bool = False  # the harm loss over the concept's mask only (beyond the paper)
     text_retain: float = 0.0  # beyond the paper: weight of R_text, the keys' and values' change on benign prompts (text_retain.py)
+    net_of_damage: bool = False  # beyond the paper: L_h(theta*) net of the fine-tune's damage to the preserve images (Eq. 3n)
     text_prompts: int = 256  # toy model: rendered scenes' captions R_text holds (with the preserve images' prompts)
     inpo_eta: float = 1.0  # harm_loss "inpo": INPO Eq. 13-15
     inpo_gamma: float = 3.0
@@ -312,12 +317,18 @@ class ResAlignObjective(Objective):
                                 + ("NCD's five-tuples" if tuples else "forget and preserve images")
                                 + ", but the data holds " + ("forget images" if tuples else "NCD's five-tuples")
                                 + "; make the data again for this harm loss (another data cache or run folder).")
+        if cfg.net_of_damage and tuples:
+            raise ErasekitError("ResAlign's net_of_damage compares the harm of forget and preserve images; NCD's "
+                                "five-tuples have no preserve part in the harm: use harm_loss ga, inpo or relative, or turn it off.")
         self.pool = read_pool(cfg.pool)
         self.total_steps = max(int(train_config.steps), 1)
         self.preserve = getattr(data, "preserve", None)
         if any(c.loss == "prior" for c in self.pool) and (self.preserve is None or not len(self.preserve)):
             raise ErasekitError("The ResAlign pool has prior-preservation rows but the data has no preserve images; "
                                 "drop those rows or give preserve images.")
+        if cfg.net_of_damage and (self.preserve is None or not len(self.preserve)):
+            raise ErasekitError("ResAlign's net_of_damage measures a fine-tune's damage on the preserve images, but the "
+                                "data has none; give preserve images or turn net_of_damage off.")
         if cfg.beta > 0:
             self.finetune = finetune_set(components, data, cfg, train_config.seed)
         if cfg.init_lora:
@@ -383,7 +394,10 @@ class ResAlignObjective(Objective):
             terms["objective"] = (harm + keep).detach()
             return {"loss": harm + keep, **terms}
 
-        forget_call = (noisy[:nf].detach(), t[:nf], ctx.unet_inputs(forget), target[:nf], pred_ref[:nf], extra)
+        # theta*'s harm is judged on the forget images' x_t, and with net_of_damage the preserve images' too (Eq. 3n)
+        n = noisy.shape[0] if cfg.net_of_damage else nf
+        forget_call = (noisy[:n].detach(), t[:n], ctx.unet_inputs(both if cfg.net_of_damage else forget), target[:n],
+                       pred_ref[:n], extra, nf)
         hyper, stats = self.hypergradient(ctx, forget_call)
         params = [ctx.trainable[f"unet.{k}"] for k in hyper]
         surrogate = sum((p * h.to(p.dtype)).sum() for p, h in zip(params, hyper.values()))  # gradient = the hypergradient
@@ -393,18 +407,18 @@ class ResAlignObjective(Objective):
         return {"loss": loss, **terms}
 
     def hypergradient(self, ctx, forget_call) -> tuple[dict, dict]:
-        """The mean over J sampled fine-tunes of grad_theta L_h(theta*) (Eq. 6-7), keyed by the
-        LoRA's peft names, and the step's statistics."""
+        """The mean over J sampled fine-tunes of grad_theta L_h(theta*) (Eq. 6-7; with
+        ``net_of_damage`` of the net harm, Eq. 3n), keyed by the LoRA's peft names, and the step's statistics."""
         import torch
 
         from .hypergrad import implicit_hypergradient, norm
 
         cfg, g = self.config, ctx.generator
         lora = {k.removeprefix("unet."): p for k, p in ctx.trainable.items()}
-        x_f, t_f, kw_f, target_f, ref_f, extra = forget_call
-        harm_fn = HARM_LOSSES[cfg.harm_loss]
         total = {k: torch.zeros_like(p) for k, p in lora.items()}
         stats = {"harm_star": 0.0, "residual": 0.0, "rho": 0.0, "guard": 0, "fallback": 0, "hvps": 0, "drift": 0.0}
+        if cfg.net_of_damage:
+            stats["damage"] = 0.0
         for _ in range(cfg.configs):
             c = self.pool[int(torch.randint(len(self.pool), (1,), generator=g))]
             space = WeightSpace(ctx.base_unet, lora, c.space)
@@ -413,7 +427,7 @@ class ResAlignObjective(Objective):
             ft = self._ft_batch(cfg.hvp_batch, ctx, prior=c.loss == "prior")  # one fixed batch for the K iterations
             with ctx.double_backward():
                 p = {k: v.detach().requires_grad_(True) for k, v in star.items()}
-                harm_star = harm_fn(space(p, x_f, t_f, kw_f), target_f, ref_f, extra, cfg)
+                harm_star, damage = self.harm_star(space, p, forget_call)
                 grads = torch.autograd.grad(harm_star, list(p.values()), allow_unused=True)
                 b = {k: (gr if gr is not None else torch.zeros_like(p[k])) for k, gr in zip(p, grads)}
                 solve = implicit_hypergradient(partial(self._ft_loss, space, ft=ft, ctx=ctx), star, b, cfg.moreau_gamma,
@@ -421,6 +435,8 @@ class ResAlignObjective(Objective):
             for k, v in space.pull_back(solve.z).items():
                 total[k] += v.detach() / cfg.configs
             stats["harm_star"] += float(harm_star.detach()) / cfg.configs
+            if damage is not None:
+                stats["damage"] += float(damage.detach()) / cfg.configs
             stats["residual"] += solve.residual / cfg.configs
             stats["rho"] = max(stats["rho"], solve.rho)
             stats["guard"] += solve.guard
@@ -428,6 +444,26 @@ class ResAlignObjective(Objective):
             stats["hvps"] += solve.products
         stats["hyper_norm"] = norm(total)
         return total, stats
+
+    def harm_star(self, space, params, call):
+        """L_h at the fine-tuned weights ``params`` on the step's forget images, and with
+        ``net_of_damage`` net of the fine-tune's damage (beyond the paper):
+
+            L_h^net(theta*) = L_h(theta*; forget) - L_h(theta*; preserve)                      (Eq. 3n)
+
+        the same harm loss on the preserve images' x_t (the base model's predictions as reference).
+        A fine-tune that raises the error of every image alike leaves it unchanged; only the forget
+        images' error above the benign ones' counts as erasure that survived. ``call``: x_t, t, the
+        UNet's keyword arguments, targets, reference predictions, the loss's extras and the number of
+        forget images, which come first. Returns (harm, damage), damage = -L_h(theta*; preserve) or None."""
+        harm_fn, cfg = HARM_LOSSES[self.config.harm_loss], self.config
+        x, t, kw, target, ref, extra, nf = call
+        pred = space(params, x, t, kw)
+        forget = harm_fn(pred[:nf], target[:nf], ref[:nf], extra, cfg)
+        if not cfg.net_of_damage:
+            return forget, None
+        benign = harm_fn(pred[nf:], target[nf:], ref[nf:], {}, cfg)
+        return forget - benign, -benign
 
     def adapt(self, space: WeightSpace, c: InnerConfig, ctx) -> dict:
         """ADAPT(theta, D_FT, c) of Alg. 2: ``c.steps`` of SGD or Adam (fresh moments, PyTorch's

@@ -519,3 +519,61 @@ def test_text_retain_holds_the_keys_and_values_of_benign_prompts(data, tmp_path)
         return metrics(tmp_path / name)[-1]["text_retain"]
 
     assert run("held", 1e4) < 0.1 * run("free", 1e-9)
+
+
+# ----------------------------------------------------------------------------- net of the fine-tune's damage (Eq. 3n)
+
+
+@pytest.mark.parametrize("loss", ["ga", "inpo", "relative"])
+def test_net_harm_star_is_the_forget_harm_less_the_benign_harm(loss):
+    """Eq. 3n: with net_of_damage, L_h(theta*) on the forget images less the same loss on the preserve
+    images' x_t; a fine-tune that hurts forget and benign images alike (here: the same images twice)
+    gives 0 and no gradient, where the plain harm reads it as erasure."""
+    unet, lora, (x, t, kw) = lora_unet()
+    space = WeightSpace(unet, lora, "merged")
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    with torch.no_grad():
+        ref = space(space.start, x, t, kw) + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in space.start.items()}
+    plain = ResAlignObjective(ResAlignConfig(harm_loss=loss))
+    net = ResAlignObjective(ResAlignConfig(harm_loss=loss, net_of_damage=True))
+
+    harm, damage = plain.harm_star(space, params, (x, t, kw, target, ref, {}, 2))
+    assert damage is None
+    twice = {"encoder_hidden_states": kw["encoder_hidden_states"].repeat(2, 1, 1)}
+    same = (x.repeat(2, 1, 1, 1), t.repeat(2), twice, target.repeat(2, 1, 1, 1), ref.repeat(2, 1, 1, 1), {}, 2)
+    zero, damage = net.harm_star(space, params, same)
+    assert abs(float(zero)) < 1e-12 and abs(float(damage) + float(harm)) < 1e-9  # damage = -L_h(preserve)
+    grads = torch.autograd.grad(zero, list(params.values()), allow_unused=True)
+    assert all(gr is None or gr.abs().max() < 1e-12 for gr in grads)
+    # other preserve images: exactly the difference of the two plain harms
+    xb, targetb, refb = x.flip(0) * 0.5, target * 0.3, ref.flip(0)
+    both = (torch.cat([x, xb]), torch.cat([t, t.flip(0)]), twice, torch.cat([target, targetb]), torch.cat([ref, refb]), {}, 2)
+    got, damage = net.harm_star(space, params, both)
+    benign, _ = plain.harm_star(space, params, (xb, t.flip(0), kw, targetb, refb, {}, 2))
+    assert abs(float(got) - (float(harm) - float(benign))) < 1e-9 and abs(float(damage) + float(benign)) < 1e-9
+    assert abs(float(benign) - float(harm)) > 1e-4  # the two differ: the check above can fail
+
+
+def test_a_run_net_of_damage_logs_the_damage_and_takes_another_path(data, tmp_path, finetune_dir):
+    pool = small_pool(tmp_path)
+    plain = train(config(tmp_path, "plain", steps=2), objective(finetune_dir, pool), data, tiny_components())
+    net = train(config(tmp_path, "net", steps=2), objective(finetune_dir, pool, net_of_damage=True), data,
+                tiny_components())
+    rows = metrics(tmp_path / "net")
+    assert all(math_finite(r["damage"]) and math_finite(r["harm_star"]) for r in rows)
+    assert "damage" not in metrics(tmp_path / "plain")[0]
+    a, b = weights(plain.checkpoint), weights(net.checkpoint)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_net_of_damage_needs_preserve_images_and_image_harm(data, tmp_path, finetune_dir):
+    bare = type(data)(data.target, data.forget, None, [])
+    with pytest.raises(ErasekitError, match="net_of_damage measures a fine-tune's damage on the preserve images"):
+        train(config(tmp_path, "a"), objective(finetune_dir, small_pool(tmp_path), net_of_damage=True), bare,
+              tiny_components())
+    tuples = ncd_tuples(tiny_components())
+    with pytest.raises(ErasekitError, match="net_of_damage compares the harm of forget and preserve images"):
+        train(config(tmp_path, "b"), objective(finetune_dir, "", harm_loss="ncd", net_of_damage=True), tuples,
+              tiny_components())
