@@ -78,7 +78,7 @@ PRESETS = {
 # number of steps that varies with target and seed, and one that was just erased comes back sooner);
 # one simulated fine-tune of up to 10 steps and K = 3 per outer step (Tab. 7: J = 1 still works) so a
 # run fits the CPU. R_text (text_retain) stays off: it lifts the control's preservation but costs
-# ResAlign's erasure survival. Measured: docs/benchmarks.md.
+# ResAlign's erasure survival; net_of_damage stays off: no measurable change. Measured: docs/benchmarks.md.
 TOY_TUNING = {"targets": "cross-attention", "lr": 3e-4, "batch_size": 4, "harm_loss": "relative", "harm_cap": 100.0,
               "alpha_r": 1000.0, "alpha_r_end": 1000.0, "steps": 900, "stop_when_erased": True, "erase_check_clean": 3,
               "configs": 1, "iterations": 3, "ncd_beta": 90.0}
