@@ -17,7 +17,7 @@ The erasure LoRA theta is trained against what a fine-tune would make of it. Out
   ``text_retain`` adds lambda_text R_text, the LoRA's change of the cross-attention keys and values
   on benign prompts (:mod:`erasekit.erase.text_retain`), to alpha R in Eq. 3-4.
 - ``net_of_damage`` (beyond the paper): the harm after the simulated fine-tune is taken net of the
-  fine-tune's damage to benign images, L_h(theta*) - L_h^benign(theta*) (:meth:`ResAlignObjective.harm_star`,
+  fine-tune's damage to benign images, L_h(theta*; forget) - L_h(theta*; preserve) (:meth:`ResAlignObjective.harm_star`,
   Eq. 3n): a fine-tune that degrades every image raises the forget images' error too, which the
   plain L_h(theta*) reads as erasure, so the hypergradient would favour weights a fine-tune damages.
 - grad_theta L_h(theta*) is the Moreau-envelope implicit hypergradient (Eq. 5-7, Alg. 1;
@@ -396,9 +396,9 @@ class ResAlignObjective(Objective):
 
         # theta*'s harm is judged on the forget images' x_t, and with net_of_damage the preserve images' too (Eq. 3n)
         n = noisy.shape[0] if cfg.net_of_damage else nf
-        forget_call = (noisy[:n].detach(), t[:n], ctx.unet_inputs(both if cfg.net_of_damage else forget), target[:n],
+        harm_call = (noisy[:n].detach(), t[:n], ctx.unet_inputs(both if cfg.net_of_damage else forget), target[:n],
                        pred_ref[:n], extra, nf)
-        hyper, stats = self.hypergradient(ctx, forget_call)
+        hyper, stats = self.hypergradient(ctx, harm_call)
         params = [ctx.trainable[f"unet.{k}"] for k in hyper]
         surrogate = sum((p * h.to(p.dtype)).sum() for p, h in zip(params, hyper.values()))  # gradient = the hypergradient
         loss = (1 - cfg.beta) * harm + keep + cfg.beta * surrogate  # Eq. 4
@@ -406,7 +406,7 @@ class ResAlignObjective(Objective):
         terms["objective"] = (harm + keep + cfg.beta * (stats["harm_star"] - harm)).detach()  # Eq. 3
         return {"loss": loss, **terms}
 
-    def hypergradient(self, ctx, forget_call) -> tuple[dict, dict]:
+    def hypergradient(self, ctx, harm_call) -> tuple[dict, dict]:
         """The mean over J sampled fine-tunes of grad_theta L_h(theta*) (Eq. 6-7; with
         ``net_of_damage`` of the net harm, Eq. 3n), keyed by the LoRA's peft names, and the step's statistics."""
         import torch
@@ -427,7 +427,7 @@ class ResAlignObjective(Objective):
             ft = self._ft_batch(cfg.hvp_batch, ctx, prior=c.loss == "prior")  # one fixed batch for the K iterations
             with ctx.double_backward():
                 p = {k: v.detach().requires_grad_(True) for k, v in star.items()}
-                harm_star, damage = self.harm_star(space, p, forget_call)
+                harm_star, damage = self.harm_star(space, p, harm_call)
                 grads = torch.autograd.grad(harm_star, list(p.values()), allow_unused=True)
                 b = {k: (gr if gr is not None else torch.zeros_like(p[k])) for k, gr in zip(p, grads)}
                 solve = implicit_hypergradient(partial(self._ft_loss, space, ft=ft, ctx=ctx), star, b, cfg.moreau_gamma,
