@@ -314,6 +314,9 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
             "resalign_preservation": results["resalign"]["preservation"],
             "resalign_erase_after": worst["resalign"], "plain_erase_after": worst["plain"], "inpo_erase_after": worst["inpo"],
             "hardened": hardened,  # the LoRA plain and resalign start from (None: from the base model)
+            # what this run changed of ResAlign's (and its control's) toy tuning, so a result line says what it measured
+            "resalign_overrides": {**(resalign or {}), **({"pool": pool} if pool else {}),
+                                   **({"steps": resalign_steps} if resalign_steps else {})},
             "ncd_erase_after": worst["ncd"],
             "collateral": {name: r["collateral"] for name, r in results.items() if "collateral" in r},
             "erase_after_is": f"the worst of arms b and d after {last} attack steps (of the arms run)",

@@ -90,6 +90,7 @@ def test_resilience_benchmark_end_to_end(tmp_path, harm_loss, hardened):
         assert "lora_attack" in m
         assert m["deviation"].keys() == {"target", "d"} and min(m["deviation"].values()) >= 0  # on the target and arm d
     assert row["hardened"] == hardened
+    assert row["resalign_overrides"] == {"harm_loss": harm_loss, "steps": 3}
     for name in ("plain", "resalign"):  # the overrides reach ResAlign and its control alike
         settings = row["training"][name]["settings"]
         assert settings["harm_loss"] == harm_loss and row["training"][name]["steps"] == 3
