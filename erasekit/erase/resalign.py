@@ -323,10 +323,11 @@ class ResAlignObjective(Objective):
         self.pool = read_pool(cfg.pool)
         self.total_steps = max(int(train_config.steps), 1)
         self.preserve = getattr(data, "preserve", None)
-        if any(c.loss == "prior" for c in self.pool) and (self.preserve is None or not len(self.preserve)):
+        no_preserve = self.preserve is None or not len(self.preserve)
+        if any(c.loss == "prior" for c in self.pool) and no_preserve:
             raise ErasekitError("The ResAlign pool has prior-preservation rows but the data has no preserve images; "
                                 "drop those rows or give preserve images.")
-        if cfg.net_of_damage and (self.preserve is None or not len(self.preserve)):
+        if cfg.net_of_damage and no_preserve:
             raise ErasekitError("ResAlign's net_of_damage measures a fine-tune's damage on the preserve images, but the "
                                 "data has none; give preserve images or turn net_of_damage off.")
         if cfg.beta > 0:
@@ -378,7 +379,8 @@ class ResAlignObjective(Objective):
         nf = forget["latents"].shape[0]
         noisy = ctx.add_noise(both["latents"], noise, t)
         target = ctx.target(both["latents"], noise, t)
-        pred = unet(noisy, t, **ctx.unet_inputs(both)).sample
+        kw = ctx.unet_inputs(both)
+        pred = unet(noisy, t, **kw).sample
         with reference_ctx() as ref:
             pred_ref = ref(noisy, t, **ctx.unet_inputs(both, reference=True)).sample
         harm = harm_fn(pred[:nf], target[:nf], pred_ref[:nf], extra, cfg)
@@ -396,8 +398,8 @@ class ResAlignObjective(Objective):
 
         # theta*'s harm is judged on the forget images' x_t, and with net_of_damage the preserve images' too (Eq. 3n)
         n = noisy.shape[0] if cfg.net_of_damage else nf
-        harm_call = (noisy[:n].detach(), t[:n], ctx.unet_inputs(both if cfg.net_of_damage else forget), target[:n],
-                       pred_ref[:n], extra, nf)
+        harm_call = (noisy[:n].detach(), t[:n], kw if cfg.net_of_damage else ctx.unet_inputs(forget), target[:n],
+                     pred_ref[:n], extra, nf)
         hyper, stats = self.hypergradient(ctx, harm_call)
         params = [ctx.trainable[f"unet.{k}"] for k in hyper]
         surrogate = sum((p * h.to(p.dtype)).sum() for p, h in zip(params, hyper.values()))  # gradient = the hypergradient
@@ -456,7 +458,8 @@ class ResAlignObjective(Objective):
         images' error above the benign ones' counts as erasure that survived. ``call``: x_t, t, the
         UNet's keyword arguments, targets, reference predictions, the loss's extras and the number of
         forget images, which come first. Returns (harm, damage), damage = -L_h(theta*; preserve) or None."""
-        harm_fn, cfg = HARM_LOSSES[self.config.harm_loss], self.config
+        cfg = self.config
+        harm_fn = HARM_LOSSES[cfg.harm_loss]
         x, t, kw, target, ref, extra, nf = call
         pred = space(params, x, t, kw)
         forget = harm_fn(pred[:nf], target[:nf], ref[:nf], extra, cfg)
