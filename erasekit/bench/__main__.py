@@ -144,8 +144,9 @@ def main(argv=None) -> None:
                    help="ResAlign's harm after the simulated fine-tune net of its damage to benign images (beyond the paper)")
     z.add_argument("--resalign-steps", type=int, default=None,
                    help="outer steps of ResAlign and the control (default: the toy tuning's; hardening: the profile's)")
-    z.add_argument("--harden", choices=("inpo", "ncd", "none"), default=None,
-                   help="ResAlign and the control start from this method's LoRA (default: ncd with --harm-loss ncd, else none)")
+    z.add_argument("--harden", choices=("inpo", "ncd", "plain", "none"), default=None,
+                   help="ResAlign and the control start from this method's LoRA; plain: the control erases, ResAlign "
+                   "hardens its LoRA (default: ncd with --harm-loss ncd, else none)")
     z.add_argument("--preserve-pairs", type=float, default=0.0,
                    help="share of preserve images that show two preserved objects (the erase data of every method)")
     z.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -6,7 +6,9 @@
    beta = 0, i.e. the same harm and preservation terms and steps without the simulated fine-tune.
    plain vs resalign isolates the hypergradient; inpo is what ships today. With ``harden`` ("inpo",
    "ncd"; the default with the NCD harm loss) plain and resalign start from that method's LoRA
-   ("harden this LoRA", ``init_lora``, on its layers and rank) for ``harden_steps`` further steps.
+   ("harden this LoRA", ``init_lora``, on its layers and rank) for ``harden_steps`` further steps;
+   with ``harden = "plain"`` the control erases from the base model and ResAlign hardens its LoRA
+   (erase first, then harden: the hypergradient's steps come after the erasure, not before it).
 2. Merge each exported LoRA into the base UNet (``lora_io.apply_lora``): what a publisher ships.
 3. Attack each merged UNet by fine-tuning *all* its weights (AdamW, weight decay, batch 4, the
    denoising loss; settings not in ResAlign's pool) on rendered scenes (exact labels), per arm:
@@ -199,20 +201,21 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
                                                              preserve_pairs=preserve_pairs, seed=seed), log=log)
     tuples = ra_method.get("harm_loss") == "ncd"  # ResAlign's data: NCD's tuples for NCD's harm, else INPO's
     hardened = ("ncd" if tuples else None) if harden == "auto" else harden
-    if hardened not in (None, "inpo", "ncd"):
-        raise SystemExit(f"--harden takes inpo, ncd or none, not '{harden}'")
+    if hardened not in (None, "inpo", "ncd", "plain"):
+        raise SystemExit(f"--harden takes inpo, ncd, plain or none, not '{harden}'")
+    plain_train = dict(ra_train)  # "plain": the control erases from the base model, ResAlign hardens its LoRA
     if hardened:  # from an erased LoRA: a fixed number of steps (a check would end the run at once)
         ra_train.update(steps=prof.get("harden_steps", ra_train["steps"]), stop_when_erased=False)
     if resalign_steps or prof.get("resalign_steps"):
-        ra_train["steps"] = resalign_steps or prof["resalign_steps"]
-    plan = {  # in this order: plain and resalign may start from INPO's or NCD's LoRA (``hardened``)
+        ra_train["steps"] = plain_train["steps"] = resalign_steps or prof["resalign_steps"]
+    plan = {  # in this order: plain and resalign may start from INPO's, NCD's or (resalign) plain's LoRA
         "inpo": ("inpo", inpo_train, inpo_method),
         "ncd": ("ncd", ncd_train, ncd_method),
-        "plain": ("resalign", ra_train, {**ra_method, "beta": 0.0}),
+        "plain": ("resalign", plain_train if hardened == "plain" else ra_train, {**ra_method, "beta": 0.0}),
         "resalign": ("resalign", ra_train, ra_method),
     }
     for name, (method, train_row, method_row) in plan.items():
-        if method == "resalign" and hardened:
+        if method == "resalign" and hardened and name != hardened:
             from ..erase.resalign_data import lora_layout
 
             method_row = {**method_row, "init_lora": runs[hardened]["lora"]}
