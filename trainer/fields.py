@@ -47,7 +47,7 @@ FIELDS = [
     ("init_lora", "Harden this LoRA (.safetensors; empty = start fresh)", ""),
     ("harm_loss", "ResAlign harm loss", "preset"),
 ]
-HARM_LOSSES = ("preset", "inpo", "ncd", "ga", "relative")  # "preset": the preset's (not sent); erasekit.erase.resalign
+HARM_LOSSES = ("preset", "inpo", "ncd", "ga", "relative")  # "preset": the preset's (not sent); erasekit.erase.harm_losses
 METHOD_FIELDS = {  # the fields only one method reads: passed as its flags, shown with it
     "inpo": ("eta", "gamma", "tau", "lambda_prior"),
     "ncd": ("beta", "lambda_pair", "pair_reduce", "harm_weights", "nca", "img2img_strength", "anchor", "lambda_prior"),

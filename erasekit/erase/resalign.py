@@ -10,7 +10,7 @@ The erasure LoRA theta is trained against what a fine-tune would make of it. Out
   images (the paper), or "inpo", INPO's Eq. 15 against the base model, or "ncd", NCD's
   L_mod + lambda L_pair (seed 000 Eq. 14, 18) on NCD's five-tuples (Tab. 9: the method is
   loss-agnostic; with ``init_lora`` this hardens an existing INPO or NCD erasure), or "relative"
-  (beyond the paper): the error relative to the base model's, capped (:func:`relative_harm`).
+  (beyond the paper): the error relative to the base model's, capped (:mod:`erasekit.erase.harm_losses`).
 - R = E||eps_theta - eps_theta0||^2 on the preserve images (INPO's Eq. 16 too), weighted by alpha,
   which the official code ramps from ``alpha_r`` to ``alpha_r_end`` by a sigmoid over the second half
   of training (:meth:`ResAlignObjective.alpha_at`); beta is constant (official 0.8). Beyond the paper,
@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 from ..errors import ErasekitError
+from .harm_losses import HARM_LOSSES, TUPLE_LOSSES
 from .objective import Objective, join_parts
 from .resalign_data import finetune_set, load_into
 from .weight_space import SPACES, WeightSpace
@@ -191,61 +192,6 @@ def write_pool(path, pool: list) -> None:
     from .state import write_toml
 
     write_toml(path, {"config": [asdict(c) for c in pool]})
-
-
-# ----------------------------------------------------------------------------- harm losses
-
-
-def ga_harm(pred, target, pred_ref, extra, cfg):
-    """L_h of the paper: gradient ascent, -||eps_theta - eps||^2 (a mean; over the mask with ``use_mask``)."""
-    from .inpo import masked_score
-
-    return -masked_score(pred, target, _mask(extra, cfg)).mean()
-
-
-def inpo_harm(pred, target, pred_ref, extra, cfg):
-    """L_h = INPO's Eq. 15 (bounded): 2 alpha(dS) log(1 + exp(-eta dS)), dS against the base model."""
-    from .inpo import inpo_loss, masked_score
-
-    mask = _mask(extra, cfg)
-    delta = masked_score(pred, target, mask) - masked_score(pred_ref, target, mask)
-    return inpo_loss(delta, cfg.inpo_eta, cfg.inpo_gamma, cfg.inpo_tau).mean()
-
-
-def relative_harm(pred, target, pred_ref, extra, cfg):
-    """L_h = -E[min((e_theta - e_0) / e_0, cap)] (beyond the paper): the forget images' denoising error
-    relative to the base model's on the same x_t. Dividing by e_0 weighs every timestep alike (the raw
-    error spans orders of magnitude over t, so GA's and INPO's per-batch values are mostly timestep
-    noise); the cap ``harm_cap`` bounds the ascent, which GA's loss does not."""
-    import torch
-
-    from .inpo import masked_score
-
-    mask = _mask(extra, cfg)
-    e, e0 = masked_score(pred, target, mask), masked_score(pred_ref, target, mask).detach()
-    return -torch.clamp((e - e0) / (e0 + 1e-3), max=cfg.harm_cap).mean()
-
-
-def ncd_harm(pred, target, pred_ref, extra, cfg):
-    """L_h = NCD's L_mod + lambda L_pair (seed 000 Eq. 14, 18) on the B K candidates of B five-tuples, flattened
-    as :func:`~.ncd.tuple_candidates` gives them; ``extra``: the tuples' ``scores`` and ``harm`` [B, K].
-    NCD's settings are :class:`~.ncd.NcdConfig`'s defaults (the paper's), with ``ncd_beta`` for beta."""
-    from .ncd import NcdConfig, tuple_terms
-
-    ncd = NcdConfig(beta=cfg.ncd_beta)
-    terms = tuple_terms(pred, pred_ref, target, extra["scores"], extra["harm"], ncd)
-    return terms["mod"] + ncd.lambda_pair * terms["pair"]
-
-
-def _mask(extra, cfg):
-    return extra.get("mask") if cfg.use_mask else None
-
-
-# name -> f(pred, target, pred_ref, extra, config) -> scalar, minimised; pred, target, pred_ref over the
-# harmful images (NCD: the candidates of the tuples), extra what else the loss reads ({"mask"}; NCD's
-# {"scores", "harm"}). A loss in TUPLE_LOSSES trains on NCD's five-tuples (the data follows the loss).
-HARM_LOSSES = {"ga": ga_harm, "inpo": inpo_harm, "relative": relative_harm, "ncd": ncd_harm}
-TUPLE_LOSSES = ("ncd",)
 
 
 def build_data(components, target, data_config, log=None, progress=None, method_config=None):

@@ -72,12 +72,14 @@ def test_deviation_is_the_mean_squared_change_of_the_noise_prediction():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("harm_loss,hardened", [("relative", None), ("ncd", "ncd")])
+@pytest.mark.parametrize("harm_loss,hardened", [("relative", None), ("ncd", "ncd"), ("relative", "plain")])
 def test_resilience_benchmark_end_to_end(tmp_path, harm_loss, hardened):
     """Every method and arm on the smoke profile; ResAlign and its control erase from the base model with
-    the toy tuning, or with NCD's harm loss harden NCD's LoRA (on NCD's tuples, its layers and rank)."""
+    the toy tuning, or with NCD's harm loss harden NCD's LoRA (on NCD's tuples, its layers and rank), or
+    (``--harden plain``) the control erases and ResAlign hardens the control's LoRA."""
+    harden = ["--harden", hardened] if hardened == "plain" else []
     out = subprocess.run([sys.executable, "-m", "erasekit.bench", "resilience", "--profile", "smoke", "--threads", "1",
-                          "--harm-loss", harm_loss, "--resalign-steps", "3", "--out", str(tmp_path), "--json"],
+                          "--harm-loss", harm_loss, "--resalign-steps", "3", "--out", str(tmp_path), "--json", *harden],
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -94,7 +96,12 @@ def test_resilience_benchmark_end_to_end(tmp_path, harm_loss, hardened):
     for name in ("plain", "resalign"):  # the overrides reach ResAlign and its control alike
         settings = row["training"][name]["settings"]
         assert settings["harm_loss"] == harm_loss and row["training"][name]["steps"] == 3
-        if hardened:
+        if hardened == "plain":  # the control from the base model, checked as the toy tuning; ResAlign from its LoRA
+            lora = row["training"]["plain"]["lora"]
+            assert settings.get("init_lora") == (lora if name == "resalign" else None)
+            assert settings["stop_when_erased"] is (name == "plain")
+            assert settings["targets"] == ("cross-attention" if name == "plain" else "attn2.to_k,attn2.to_out.0,attn2.to_q,attn2.to_v")
+        elif hardened:
             assert settings["init_lora"] == row["training"][hardened]["lora"]
             assert settings["targets"] == "ff.net.0.proj,ff.net.2" and settings["stop_when_erased"] is False
         else:

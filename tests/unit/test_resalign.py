@@ -357,7 +357,8 @@ def test_relative_harm_on_hand_computed_values():
     """relative: -mean(min((e - e0) / (e0 + 1e-3), cap)), e and e0 the per-image squared errors."""
     import torch
 
-    from erasekit.erase.resalign import ResAlignConfig, relative_harm
+    from erasekit.erase.harm_losses import relative_harm
+    from erasekit.erase.resalign import ResAlignConfig
 
     target = torch.zeros(2, 1, 1, 2)
     pred = torch.tensor([[[[1.0, 1.0]]], [[[3.0, 3.0]]]])  # e = 1, 9
@@ -390,7 +391,7 @@ def test_ncd_harm_is_l_mod_plus_lambda_l_pair_on_hand_computed_values():
     computed here from the formulas on per-candidate errors chosen by hand (B = 1, K = 4)."""
     import math
 
-    from erasekit.erase.resalign import ncd_harm
+    from erasekit.erase.harm_losses import ncd_harm
 
     target = torch.zeros(4, 1, 1, 1)
     pred = torch.tensor([1.0, 2.0, 1.0, 3.0]).reshape(4, 1, 1, 1)  # err 1, 4, 1, 9
