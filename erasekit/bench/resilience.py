@@ -177,7 +177,7 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     model = model or os.path.join(REPO, "models", "toy")
     base = models.load(model)
     base_unet = copy.deepcopy(base.unet).eval()
-    run_root = os.path.join(out_dir, f"{'-'.join(concept.text.split())}-{profile}-seed{seed}-{int(time.time())}")  # two seeds at once: two folders
+    run_root = os.path.join(out_dir, f"{'-'.join(concept.text.split())}-{profile}-seed{seed}-{int(time.time())}-{os.getpid()}")  # two runs at once: two folders
     data = build_erase_data(base, target, DataConfig(forget_images=prof.get("forget_images", 16), preserve_pairs=preserve_pairs,
                                                      images_per_concept=prof["images_per_concept"], seed=seed), log=log)
 
