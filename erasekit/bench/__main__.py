@@ -138,6 +138,8 @@ def main(argv=None) -> None:
                    "ncd (then plain and ResAlign harden NCD's LoRA on NCD's tuples)")
     z.add_argument("--harm-cap", type=float, default=None, help="ResAlign's cap of the relative harm (5; toy 100)")
     z.add_argument("--alpha-r", type=float, default=None, help="ResAlign's weight of the preservation term (toy: 1000)")
+    z.add_argument("--beta", type=float, default=None, help="ResAlign's beta (0.8; the control keeps 0); with --harden plain, "
+                   "--beta 0 trains the control's further steps without the hypergradient")
     z.add_argument("--text-retain", type=float, default=None,
                    help="ResAlign's weight of the keys' and values' change on benign prompts (beyond the paper)")
     z.add_argument("--net-of-damage", action="store_true", default=None,
@@ -194,7 +196,7 @@ def main(argv=None) -> None:
 
             torch.set_num_threads(a.threads)
         log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-        resalign = {k: getattr(a, k) for k in ("configs", "iterations", "harm_loss", "harm_cap", "text_retain", "net_of_damage") if getattr(a, k) is not None}
+        resalign = {k: getattr(a, k) for k in ("configs", "iterations", "harm_loss", "harm_cap", "text_retain", "net_of_damage", "beta") if getattr(a, k) is not None}
         if a.alpha_r is not None:  # a constant weight of R, as the toy tuning's
             resalign.update(alpha_r=a.alpha_r, alpha_r_end=a.alpha_r)
         print(json.dumps(bench_resilience(a.target, a.profile or ("quick" if a.quick else "full"), a.model, a.out,

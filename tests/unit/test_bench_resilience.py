@@ -77,7 +77,7 @@ def test_resilience_benchmark_end_to_end(tmp_path, harm_loss, hardened):
     """Every method and arm on the smoke profile; ResAlign and its control erase from the base model with
     the toy tuning, or with NCD's harm loss harden NCD's LoRA (on NCD's tuples, its layers and rank), or
     (``--harden plain``) the control erases and ResAlign hardens the control's LoRA."""
-    harden = ["--harden", hardened] if hardened == "plain" else []
+    harden = ["--harden", hardened, "--beta", "0.5"] if hardened == "plain" else []
     out = subprocess.run([sys.executable, "-m", "erasekit.bench", "resilience", "--profile", "smoke", "--threads", "1",
                           "--harm-loss", harm_loss, "--resalign-steps", "3", "--out", str(tmp_path), "--json", *harden],
                          capture_output=True, text=True, timeout=1800)
@@ -92,14 +92,14 @@ def test_resilience_benchmark_end_to_end(tmp_path, harm_loss, hardened):
         assert "lora_attack" in m
         assert m["deviation"].keys() == {"target", "d"} and min(m["deviation"].values()) >= 0  # on the target and arm d
     assert row["hardened"] == hardened
-    assert row["resalign_overrides"] == {"harm_loss": harm_loss, "steps": 3}
+    assert row["resalign_overrides"] == {"harm_loss": harm_loss, "steps": 3, **({"beta": 0.5} if harden else {})}
     for name in ("plain", "resalign"):  # the overrides reach ResAlign and its control alike
         settings = row["training"][name]["settings"]
         assert settings["harm_loss"] == harm_loss and row["training"][name]["steps"] == 3
         if hardened == "plain":  # the control from the base model, checked as the toy tuning; ResAlign from its LoRA
             lora = row["training"]["plain"]["lora"]
             assert settings.get("init_lora") == (lora if name == "resalign" else None)
-            assert settings["stop_when_erased"] is (name == "plain")
+            assert settings["stop_when_erased"] is (name == "plain") and settings["beta"] == (0.0 if name == "plain" else 0.5)
             assert settings["targets"] == ("cross-attention" if name == "plain" else "attn2.to_k,attn2.to_out.0,attn2.to_q,attn2.to_v")
         elif hardened:
             assert settings["init_lora"] == row["training"][hardened]["lora"]
