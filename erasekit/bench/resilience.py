@@ -316,7 +316,7 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
             "resalign_erase_rate": results["resalign"]["erase_rate"],
             "resalign_preservation": results["resalign"]["preservation"],
             "resalign_erase_after": worst["resalign"], "plain_erase_after": worst["plain"], "inpo_erase_after": worst["inpo"],
-            "hardened": hardened,  # the LoRA plain and resalign start from (None: from the base model)
+            "hardened": hardened,  # the LoRA resalign (and, but for "plain", plain) starts from; None: the base model
             # what this run changed of ResAlign's (and its control's) toy tuning, so a result line says what it measured
             "resalign_overrides": {**(resalign or {}), **({"pool": pool} if pool else {}),
                                    **({"steps": resalign_steps} if resalign_steps else {})},
