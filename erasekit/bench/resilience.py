@@ -203,23 +203,25 @@ def bench_resilience(target: str = "red circle", profile: str = "quick", model: 
     hardened = ("ncd" if tuples else None) if harden == "auto" else harden
     if hardened not in (None, "inpo", "ncd", "plain"):
         raise SystemExit(f"--harden takes inpo, ncd, plain or none, not '{harden}'")
-    plain_train = dict(ra_train)  # "plain": the control erases from the base model, ResAlign hardens its LoRA
-    if hardened:  # from an erased LoRA: a fixed number of steps (a check would end the run at once)
-        ra_train.update(steps=prof.get("harden_steps", ra_train["steps"]), stop_when_erased=False)
+    # the LoRA each of plain and resalign starts from (None: the base model); "plain": ResAlign hardens the control's
+    start = {"plain": None if hardened == "plain" else hardened, "resalign": hardened}
+    # from an erased LoRA: a fixed number of steps (a check would end the run at once)
+    harden_train = {**ra_train, "steps": prof.get("harden_steps", ra_train["steps"]), "stop_when_erased": False}
     if resalign_steps or prof.get("resalign_steps"):
-        ra_train["steps"] = plain_train["steps"] = resalign_steps or prof["resalign_steps"]
-    plan = {  # in this order: plain and resalign may start from INPO's, NCD's or (resalign) plain's LoRA
+        ra_train["steps"] = harden_train["steps"] = resalign_steps or prof["resalign_steps"]
+    plan = {  # in this order: a LoRA is trained before the runs that start from it
         "inpo": ("inpo", inpo_train, inpo_method),
         "ncd": ("ncd", ncd_train, ncd_method),
-        "plain": ("resalign", plain_train if hardened == "plain" else ra_train, {**ra_method, "beta": 0.0}),
+        "plain": ("resalign", ra_train, {**ra_method, "beta": 0.0}),
         "resalign": ("resalign", ra_train, ra_method),
     }
     for name, (method, train_row, method_row) in plan.items():
-        if method == "resalign" and hardened and name != hardened:
+        if start.get(name):
             from ..erase.resalign_data import lora_layout
 
-            method_row = {**method_row, "init_lora": runs[hardened]["lora"]}
-            train_row = {**train_row, **lora_layout(runs[hardened]["lora"])}
+            lora = runs[start[name]]["lora"]
+            method_row = {**method_row, "init_lora": lora}
+            train_row = {**harden_train, **lora_layout(lora)}
         m = methods.get(method)
         comps = models.load(model)
         cfg = TrainConfig(out=os.path.join(run_root, name), target=concept.text, seed=seed, tensorboard=False, cpu=True,
